@@ -1,0 +1,280 @@
+"""From a layout to the work a kernel does: segments, index maps and tile tables.
+
+Legend: n sequence length, H heads (TH: heads in a table, 1 when all heads share it), BM/BN query/key tile, L stride,
+C chunk (transposed) or group (gathered summary) size, p a position in a segment's own ("virtual") order.
+
+A layout's attention is split into at most three disjoint *segments*; the output is their union, merged through the
+log-sum-exp (each segment is a partial softmax over a disjoint key set):
+
+    natural     dense / local band / fixed block / custom tiles, in the sequence's own order.
+    transposed  the strided part (i - j) % L == 0. Viewing the sequence as a [C, L] matrix (C = ceil(n / L)) and reading
+                it column by column (p = (i % L) * C + i // L) turns every column into a contiguous chunk of C, and the
+                strided part into causal attention inside each chunk: block-diagonal, hence block-sparse. This is the
+                paper's transpose (section 5.5); kernels do it with an index map, never with a copy.
+    gather      fixed summary cells. Keys are read in the order p -> (p // C) * L + lo + p % C, which packs the summary
+                cells of all blocks next to each other, so a tile of BN keys is BN summary cells and the summary part is
+                a few dense tiles instead of many thin ones.
+
+Where two parts of one head overlap, the later segment excludes the overlap: the strided chunk drops its diagonal
+(i - j >= L: the band has it) and the gathered summary drops the query's own block (the block part has it).
+
+Tiles are classified EMPTY / PARTIAL / FULL by interval arithmetic on tile ranges (conservative: a tile may be called
+partial when it is full, never the reverse); `Layout.blocks()` uses the exact count-based classification below.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..layouts import (EMPTY, FULL, NUM_PARAMS, P_ALL, P_BLK, P_CUSTOM, P_STR, P_SUM_HI, P_SUM_L, P_SUM_LO, P_WIN,
+                       PARTIAL, Layout, element_rule)
+
+# Extra per-head columns of a segment's rule, after the layout's NUM_PARAMS.
+P_STR_MIN = NUM_PARAMS  # stride part only counts i - j >= P_STR_MIN (drops what the band already holds)
+P_SUM_EXCL = NUM_PARAMS + 1  # summary part skips the query's own block
+NUM_SEG_PARAMS = NUM_PARAMS + 2
+
+NATURAL, TRANSPOSED, GATHER = "natural", "transposed", "gather"
+
+
+@dataclass(frozen=True, eq=False)
+class Segment:
+    kind: str  # NATURAL | TRANSPOSED | GATHER
+    params: torch.Tensor  # int64 [TH, NUM_SEG_PARAMS]: the per-head element rule restricted to this segment
+    n: int
+    L: int = 0  # transposed: the stride; gather: the block length
+    C: int = 0  # transposed: chunk length ceil(n / L); gather: summary cells per block
+
+    @property
+    def nq(self) -> int:  # length of the query order
+        return self.L * self.C if self.kind == TRANSPOSED else self.n
+
+    @property
+    def nk(self) -> int:  # length of the key order
+        if self.kind == TRANSPOSED:
+            return self.L * self.C
+        if self.kind == GATHER:
+            return -(-self.n // self.L) * self.C
+        return self.n
+
+    def query_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(orig [nq], valid [nq]): the sequence position of each query slot of this segment."""
+        p = torch.arange(self.nq)
+        orig = (p % self.C) * self.L + p // self.C if self.kind == TRANSPOSED else p
+        return orig, orig < self.n
+
+    def key_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(orig [TH, nk], valid [TH, nk]): the sequence position of each key slot, per table head."""
+        p = torch.arange(self.nk)[None]
+        if self.kind == TRANSPOSED:
+            orig = (p % self.C) * self.L + p // self.C
+        elif self.kind == GATHER:
+            orig = (p // self.C) * self.L + self.params[:, P_SUM_LO, None] + p % self.C
+        else:
+            orig = p
+        orig = orig.expand(self.params.shape[0], -1)
+        return orig, orig < self.n
+
+
+def segment_rule(p, i, j, tile_on=None):
+    """A segment's element rule on sequence positions: the layout rule plus the segment's exclusions (p: P_* columns
+    on its first axis, as `element_rule`)."""
+    vis = element_rule(p, i, j, tile_on)
+    vis = vis & (i - j >= p[P_STR_MIN])
+    L = torch.clamp(p[P_SUM_L], min=1)
+    return vis & ~((p[P_SUM_EXCL] > 0) & (i // L == j // L))
+
+
+def make_segments(layout: Layout) -> list[Segment]:
+    """Split a layout into its natural / transposed / gather segments (only the non-empty ones)."""
+    P = layout.params()
+    TH = P.shape[0]
+    nat = torch.zeros(TH, NUM_SEG_PARAMS, dtype=torch.int64)
+    tra, gat = nat.clone(), nat.clone()
+    for col in (P_ALL, P_WIN, P_BLK, P_CUSTOM):
+        nat[:, col] = P[:, col]
+    tra[:, P_STR] = P[:, P_STR]
+    tra[:, P_STR_MIN] = P[:, P_WIN]
+    for col in (P_SUM_L, P_SUM_LO, P_SUM_HI):
+        gat[:, col] = P[:, col]
+    gat[:, P_SUM_EXCL] = (P[:, P_BLK] > 0).long()
+    segs = []
+    n = layout.n
+    if (nat[:, [P_ALL, P_WIN, P_BLK, P_CUSTOM]] > 0).any():
+        segs.append(Segment(NATURAL, nat, n))
+    if (tra[:, P_STR] > 0).any():
+        strides = set(P[P[:, P_STR] > 0, P_STR].tolist())
+        if len(strides) > 1:
+            raise ValueError(f"all strided heads of one layout must share the stride, got {sorted(strides)}")
+        L = strides.pop()
+        segs.append(Segment(TRANSPOSED, tra, n, L=L, C=-(-n // L)))
+    if (gat[:, P_SUM_L] > 0).any():
+        on = P[:, P_SUM_L] > 0
+        Ls = set(P[on, P_SUM_L].tolist())
+        cs = set((P[on, P_SUM_HI] - P[on, P_SUM_LO]).tolist())
+        if len(Ls) > 1 or len(cs) > 1:
+            raise ValueError(f"all fixed heads of one layout must share stride and summary, got strides {sorted(Ls)}"
+                             f" and summaries {sorted(cs)}")
+        segs.append(Segment(GATHER, gat, n, L=Ls.pop(), C=cs.pop()))
+    return segs
+
+
+# ---- tile classification ----------------------------------------------------------------------------------------------
+def _tile_ranges(count: int, size: int, limit: int):
+    start = np.arange(-(-limit // size), dtype=np.int64) * size
+    return start, np.minimum(start + size, limit) - 1
+
+
+def classify_segment(seg: Segment, layout: Layout, h: int, bm: int, bn: int) -> np.ndarray:
+    """int8 [ceil(nq/BM), ceil(nk/BN)] tile classes of table head h of a segment (interval arithmetic, conservative)."""
+    p = seg.params[h].numpy()
+    q0, q1 = _tile_ranges(seg.nq, bm, seg.nq)
+    k0, k1 = _tile_ranges(seg.nk, bn, seg.nk)
+    q0, q1, k0, k1 = q0[:, None], q1[:, None], k0[None], k1[None]
+    shape = (len(q0), k0.shape[1])
+    active, full = np.zeros(shape, bool), np.zeros(shape, bool)
+    n = seg.n
+    if seg.kind == NATURAL:
+        q1c, k1c = np.minimum(q1, n - 1), np.minimum(k1, n - 1)
+        if p[P_ALL]:
+            active |= k0 <= q1c
+            full |= k1 <= q0
+        if p[P_WIN]:
+            w = p[P_WIN]
+            active |= (q1c - k0 >= 0) & (q0 - k1c <= w - 1)
+            full |= (q0 - k1 >= 0) & (q1 - k0 <= w - 1)
+        if p[P_BLK]:
+            L = p[P_BLK]
+            active |= (k0 <= q1c) & (np.maximum(q0 // L, k0 // L) <= np.minimum(q1c // L, k1c // L))
+            full |= (q0 // L == q1 // L) & (q1 // L == k0 // L) & (k0 // L == k1 // L) & (k1 <= q0)
+        if p[P_CUSTOM]:
+            b = layout.custom_block
+            if b % bm or b % bn:
+                raise ValueError(f"custom block size {b} must be a multiple of the kernel tiles ({bm}, {bn})")
+            t = layout.custom_tiles[h][(q0 // b)[:, 0]][:, (k0 // b)[0]]
+            active |= t & (k0 <= q1c)
+            full |= t & (k1 <= q0)
+        full &= k1 < n
+    elif seg.kind == TRANSPOSED:
+        C, s = seg.C, int(p[P_STR_MIN] > 0)
+        b_lo, b_hi = np.maximum(q0 // C, k0 // C), np.minimum(q1 // C, k1 // C)
+        for b in (b_lo, b_hi, np.minimum(b_lo + 1, b_hi)):
+            active |= (b_lo <= b_hi) & (np.maximum(k0, b * C) + s <= np.minimum(q1, b * C + C - 1))
+        full |= (q0 // C == q1 // C) & (q1 // C == k0 // C) & (k0 // C == k1 // C) & (k1 + s <= q0)
+        orig = (np.arange(seg.nk) % C) * seg.L + np.arange(seg.nk) // C
+        tile_valid = np.ones(k0.shape[1], bool)
+        np.logical_and.at(tile_valid, np.arange(seg.nk) // bn, orig < n)
+        full &= tile_valid[None]
+        active &= p[P_STR] > 0
+    else:  # GATHER
+        L, c, lo = seg.L, seg.C, p[P_SUM_LO]
+        j0 = (k0 // c) * L + lo + k0 % c
+        j1 = (k1 // c) * L + lo + k1 % c
+        if p[P_SUM_EXCL]:
+            active |= (j0 // L) < (q1 // L)
+            full |= (j1 // L) < (q0 // L)
+        else:
+            active |= j0 <= np.minimum(q1, n - 1)
+            full |= j1 <= q0
+        active &= j0 < n
+        full &= j1 < n
+        active &= p[P_SUM_L] > 0
+    full &= active
+    return np.where(full, FULL, np.where(active, PARTIAL, EMPTY)).astype(np.int8)
+
+
+def classify_natural(layout: Layout, h: int, bm: int, bn: int, whole_layout: bool = True) -> np.ndarray:
+    """Exact tile classes of head h of the whole layout in natural order, by counting visible pairs per tile."""
+    n = layout.n
+    nqb, nkb = -(-n // bm), -(-n // bn)
+    if layout.heads[h].custom:
+        m = layout.head(h).element_mask().numpy()
+        counts = np.add.reduceat(np.add.reduceat(m, np.arange(0, n, bm), 0), np.arange(0, n, bn), 1)
+    else:
+        if n * (nkb + 1) > 4e8:
+            raise ValueError(f"blocks() at n={n} with key block {bn} is too large to count exactly")
+        x = np.minimum(np.arange(nkb + 1) * bn, n)[None]  # key boundaries
+        i = np.arange(n)[:, None]
+        R = _visible_before(layout.params()[h].numpy(), i, x)  # [n, nkb + 1]
+        per_row = np.diff(R, axis=1)
+        counts = np.add.reduceat(per_row, np.arange(0, n, bm), 0)
+    rows = np.diff(np.minimum(np.arange(nqb + 1) * bm, n))[:, None]
+    cols = np.diff(np.minimum(np.arange(nkb + 1) * bn, n))[None]
+    return np.where(counts == 0, EMPTY, np.where(counts == rows * cols, FULL, PARTIAL)).astype(np.int8)
+
+
+def _visible_before(p, i, x):
+    """Number of keys j < x that query i sees (j <= i), for one head's parameter row (no custom part)."""
+    m = np.minimum(x, i + 1)
+    if p[P_ALL]:
+        return m
+    R = np.zeros(np.broadcast_shapes(i.shape, x.shape), dtype=np.int64)
+    if p[P_WIN]:
+        R += np.clip(m - np.maximum(0, i - p[P_WIN] + 1), 0, None)
+    if p[P_STR]:
+        L = p[P_STR]
+        R += i // L - (i - m) // L
+        if p[P_WIN]:
+            R -= (x > i)  # the diagonal is in both parts
+    if p[P_BLK]:
+        R += np.clip(m - (i // p[P_BLK]) * p[P_BLK], 0, None)
+    if p[P_SUM_L]:
+        L, lo, hi = p[P_SUM_L], p[P_SUM_LO], p[P_SUM_HI]
+        mm = np.minimum(m, (i // L) * L) if p[P_BLK] else m
+        R += (mm // L) * (hi - lo) + np.clip(mm % L - lo, 0, hi - lo)
+    return R
+
+
+# ---- tables ------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class Tables:
+    """Tile lists of one segment for tiles (BM, BN), per table head. Entries are packed as (tile << 1) | partial."""
+
+    bm: int
+    bn: int
+    nqb: int
+    nkb: int
+    q_ptr: torch.Tensor  # int32 [TH * nqb + 1]: row h * nqb + qb lists key tiles q_idx[q_ptr[r]:q_ptr[r + 1]]
+    q_idx: torch.Tensor  # int32 [nnz]
+    k_ptr: torch.Tensor  # int32 [TH * nkb + 1]: column h * nkb + kb lists query tiles
+    k_idx: torch.Tensor  # int32 [nnz]
+    max_row: int  # longest row (key tiles of one query tile)
+    max_col: int
+
+    def to(self, device) -> "Tables":
+        f = lambda t: t.to(device)  # noqa: E731
+        return Tables(self.bm, self.bn, self.nqb, self.nkb, f(self.q_ptr), f(self.q_idx), f(self.k_ptr), f(self.k_idx),
+                      self.max_row, self.max_col)
+
+
+def build_tables(seg: Segment, layout: Layout, bm: int, bn: int) -> Tables:
+    TH = seg.params.shape[0]
+    cls = np.stack([classify_segment(seg, layout, h, bm, bn) for h in range(TH)])  # [TH, nqb, nkb]
+    nqb, nkb = cls.shape[1:]
+    h, r, c = np.nonzero(cls)
+    part = (cls[h, r, c] == PARTIAL).astype(np.int64)
+    q_idx = (c << 1) | part  # np.nonzero order is row-major: already sorted by (h, r)
+    q_ptr = np.zeros(TH * nqb + 1, np.int64)
+    np.add.at(q_ptr, h * nqb + r + 1, 1)
+    order = np.lexsort((r, c, h))  # sort by (h, c, r)
+    k_idx = (r[order] << 1) | part[order]
+    k_ptr = np.zeros(TH * nkb + 1, np.int64)
+    np.add.at(k_ptr, h * nkb + c + 1, 1)
+    q_ptr, k_ptr = np.cumsum(q_ptr), np.cumsum(k_ptr)
+    i32 = lambda a: torch.from_numpy(np.ascontiguousarray(a).astype(np.int32))  # noqa: E731
+    return Tables(bm, bn, nqb, nkb, i32(q_ptr), i32(q_idx), i32(k_ptr), i32(k_idx),
+                  int(np.diff(q_ptr).max(initial=0)), int(np.diff(k_ptr).max(initial=0)))
+
+
+_CACHE: dict = {}
+
+
+def get_plan(layout: Layout, bm: int, bn: int, device) -> list[tuple[Segment, Tables]]:
+    """Segments and their tables for tiles (BM, BN) on a device; built once per (layout, tiles, device) and cached."""
+    key = (layout.key, bm, bn, str(device))
+    if key not in _CACHE:
+        segs = make_segments(layout)
+        _CACHE[key] = [(s, build_tables(s, layout, bm, bn).to(device)) for s in segs]
+    return _CACHE[key]
