@@ -122,16 +122,17 @@ def make_segments(layout: Layout) -> list[Segment]:
 
 
 # ---- tile classification ----------------------------------------------------------------------------------------------
-def _tile_ranges(count: int, size: int, limit: int):
+def _tile_ranges(limit: int, size: int):
+    """First and last slot of each tile (the last tile may run past `limit`: those slots are invalid)."""
     start = np.arange(-(-limit // size), dtype=np.int64) * size
-    return start, np.minimum(start + size, limit) - 1
+    return start, start + size - 1
 
 
 def classify_segment(seg: Segment, layout: Layout, h: int, bm: int, bn: int) -> np.ndarray:
     """int8 [ceil(nq/BM), ceil(nk/BN)] tile classes of table head h of a segment (interval arithmetic, conservative)."""
     p = seg.params[h].numpy()
-    q0, q1 = _tile_ranges(seg.nq, bm, seg.nq)
-    k0, k1 = _tile_ranges(seg.nk, bn, seg.nk)
+    q0, q1 = _tile_ranges(seg.nq, bm)
+    k0, k1 = _tile_ranges(seg.nk, bn)
     q0, q1, k0, k1 = q0[:, None], q1[:, None], k0[None], k1[None]
     shape = (len(q0), k0.shape[1])
     active, full = np.zeros(shape, bool), np.zeros(shape, bool)
@@ -166,7 +167,7 @@ def classify_segment(seg: Segment, layout: Layout, h: int, bm: int, bn: int) -> 
         orig = (np.arange(seg.nk) % C) * seg.L + np.arange(seg.nk) // C
         tile_valid = np.ones(k0.shape[1], bool)
         np.logical_and.at(tile_valid, np.arange(seg.nk) // bn, orig < n)
-        full &= tile_valid[None]
+        full &= tile_valid[None] & (k1 < seg.nk)
         active &= p[P_STR] > 0
     else:  # GATHER
         L, c, lo = seg.L, seg.C, p[P_SUM_LO]
@@ -268,13 +269,25 @@ def build_tables(seg: Segment, layout: Layout, bm: int, bn: int) -> Tables:
                   int(np.diff(q_ptr).max(initial=0)), int(np.diff(k_ptr).max(initial=0)))
 
 
-_CACHE: dict = {}
+_SEGMENTS: dict = {}
+_TABLES: dict = {}
+
+
+def get_segments(layout: Layout) -> list[Segment]:
+    """The layout's segments, built once per layout."""
+    if layout.key not in _SEGMENTS:
+        _SEGMENTS[layout.key] = make_segments(layout)
+    return _SEGMENTS[layout.key]
+
+
+def get_tables(layout: Layout, index: int, bm: int, bn: int, device) -> Tables:
+    """Tables of segment `index` for tiles (BM, BN) on a device; built once per (layout, segment, tiles, device)."""
+    key = (layout.key, index, bm, bn, str(device))
+    if key not in _TABLES:
+        _TABLES[key] = build_tables(get_segments(layout)[index], layout, bm, bn).to(device)
+    return _TABLES[key]
 
 
 def get_plan(layout: Layout, bm: int, bn: int, device) -> list[tuple[Segment, Tables]]:
-    """Segments and their tables for tiles (BM, BN) on a device; built once per (layout, tiles, device) and cached."""
-    key = (layout.key, bm, bn, str(device))
-    if key not in _CACHE:
-        segs = make_segments(layout)
-        _CACHE[key] = [(s, build_tables(s, layout, bm, bn).to(device)) for s in segs]
-    return _CACHE[key]
+    """Every segment with its tables for one tile shape."""
+    return [(s, get_tables(layout, k, bm, bn, device)) for k, s in enumerate(get_segments(layout))]

@@ -26,7 +26,8 @@ def attention_torch(q, k, v, layout: Layout, scale: float | None = None, block: 
     if layout.custom_block:
         block = math.gcd(block, layout.custom_block)  # kernel tiles must nest inside the user's tiles
     parts = [_segment(q, k, v, layout, seg, tab, scale) for seg, tab in get_plan(layout, block, block, q.device)]
-    return merge(parts)
+    out, lse = merge(parts)
+    return out, lse.float()
 
 
 def merge(parts):
@@ -39,7 +40,8 @@ def merge(parts):
     w = torch.exp(lses - m)  # 0 where a segment has no key
     tot = w.sum(0)
     safe = torch.where(tot > 0, tot, torch.ones_like(tot))
-    out = sum(o.float() * (wi / safe)[..., None] for (o, _), wi in zip(parts, w))
+    acc = torch.float64 if parts[0][0].dtype == torch.float64 else torch.float32
+    out = sum(o.to(acc) * (wi / safe).to(acc)[..., None] for (o, _), wi in zip(parts, w))
     lse = torch.where(tot > 0, m + torch.log(safe), torch.full_like(tot, -math.inf))
     return out.to(parts[0][0].dtype), lse
 
@@ -97,7 +99,8 @@ def _chunk(qs, ks, vs, cols, slot_ok, qi, kj, kv_ok, params, tiles, r0, r1, tab,
     qt = qs[:, :, r0 * bm : r1 * bm].reshape(B, H, nr, bm, D)
     kt = ks[:, torch.arange(H, device=qs.device)[:, None, None], key_slots_h]  # (B, H, nr, R*BN, D)
     vt = vs[:, torch.arange(H, device=qs.device)[:, None, None], key_slots_h]
-    s = torch.matmul(qt.float(), kt.float().transpose(-1, -2)) * scale  # (B, H, nr, BM, R*BN)
+    acc = torch.float64 if qs.dtype == torch.float64 else torch.float32  # softmax precision
+    s = torch.matmul(qt.to(acc), kt.to(acc).transpose(-1, -2)) * scale  # (B, H, nr, BM, R*BN)
     i = qi[r0 * bm : r1 * bm].reshape(1, nr, bm, 1)
     head_rows = torch.arange(TH, device=qs.device)
     j = torch.gather(kj.expand(TH, -1), 1, key_slots.reshape(TH, -1)).reshape(TH, nr, 1, R * bn)
@@ -116,7 +119,7 @@ def _chunk(qs, ks, vs, cols, slot_ok, qi, kj, kv_ok, params, tiles, r0, r1, tab,
     p = torch.exp(s - m)
     l = p.sum(-1, keepdim=True)
     safe = torch.where(l > 0, l, torch.ones_like(l))
-    o = torch.matmul(p, vt.float()) / safe  # (B, H, nr, BM, D)
+    o = torch.matmul(p, vt.to(acc)) / safe  # (B, H, nr, BM, D)
     lse = torch.where(l > 0, m + torch.log(safe), torch.full_like(l, -math.inf))[..., 0]
     return o.reshape(B, H, nr * bm, D).to(qs.dtype), lse.reshape(B, H, nr * bm)
 

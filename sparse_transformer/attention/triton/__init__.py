@@ -1,0 +1,1 @@
+"""Fused Triton kernels for block-sparse attention (forward, backward)."""

@@ -1,0 +1,167 @@
+"""Backward kernels: dQ over each query tile's key tiles, dK / dV over each key tile's query tiles (no N^2 buffer).
+
+Legend: B batch, H heads, N sequence, D head dim, BM/BN query/key tile, TH heads in the table (1 = shared).
+
+Algorithm (FlashAttention-2, section 3.2): P is recomputed from Q, K and the saved log-sum-exp of the *whole* layout
+(all segments merged), so each segment's pass is exactly its share of the gradient: with Delta = rowsum(dO * O),
+dS = P * (dO V^T - Delta), dQ = scale * dS K, dK = scale * dS^T Q, dV = P^T dO. The dK/dV kernel walks the CSC copy of
+the tile table (query tiles per key tile), so every program owns its key rows and needs no atomics; a later segment
+adds (ACCUM) into the rows an earlier one wrote. Rows with LSE = -inf (no key) contribute nothing.
+"""
+import triton
+import triton.language as tl
+
+from .common import NUM_SEG_PARAMS, P_SUM_LO, _key_positions, _query_positions, _visible
+from .forward import _KINDS, _fp32, _rule_flags
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, row_ptr, idx_ptr, prm_ptr,
+    qk_scale, sm_scale,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,  # shared by do and dq
+    H, N, NQ, NK, TH, NQB, SEG_L, SEG_C,
+    KIND: tl.constexpr, ACCUM: tl.constexpr, IEEE: tl.constexpr,
+    HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr,
+    HAS_SUM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    qb = NQB - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    th = h % TH
+    prm = prm_ptr + th * NUM_SEG_PARAMS
+    lo = tl.load(prm + P_SUM_LO)
+    offs_d = tl.arange(0, HEAD_DIM)
+    p_q = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    i, q_ok = _query_positions(p_q, N, NQ, SEG_L, SEG_C, KIND)
+    row_off = b * stride_qb + h * stride_qh + i[:, None] * stride_qn + offs_d[None, :]
+    q = tl.load(q_ptr + row_off, mask=q_ok[:, None], other=0.0)
+    g_off = b * stride_ob + h * stride_oh + i[:, None] * stride_on + offs_d[None, :]
+    do = tl.load(do_ptr + g_off, mask=q_ok[:, None], other=0.0)
+    lse = tl.load(lse_ptr + bh * N + i, mask=q_ok, other=float("-inf")) * 1.4426950408889634
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: P = 0
+    delta = tl.load(delta_ptr + bh * N + i, mask=q_ok, other=0.0)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    row = th * NQB + qb
+    for t in range(tl.load(row_ptr + row), tl.load(row_ptr + row + 1)):
+        e = tl.load(idx_ptr + t)
+        p_k = (e >> 1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        j, k_ok = _key_positions(p_k, N, NK, SEG_L, SEG_C, lo, KIND)
+        k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        v = tl.load(v_base + j[:, None] * stride_vn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        if (e & 1) != 0:
+            vis = _visible(i[:, None], j[None, :], prm, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM)
+            p = tl.where(vis & k_ok[None, :], p, 0.0)
+        if IEEE:
+            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        else:
+            dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        if IEEE:
+            dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+        else:
+            dq += tl.dot(ds.to(k.dtype), k)
+    dq = dq * sm_scale
+    dq_ptrs = dq_ptr + g_off
+    if ACCUM:
+        dq += tl.load(dq_ptrs, mask=q_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(dq_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=q_ok[:, None])
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr, col_ptr, idx_ptr, prm_ptr,
+    qk_scale, sm_scale,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,  # k's strides are shared by dk and dv
+    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,  # o's strides: do
+    H, N, NQ, NK, TH, NKB, SEG_L, SEG_C,
+    KIND: tl.constexpr, ACCUM: tl.constexpr, IEEE: tl.constexpr,
+    HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr,
+    HAS_SUM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    kb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    th = h % TH
+    prm = prm_ptr + th * NUM_SEG_PARAMS
+    lo = tl.load(prm + P_SUM_LO)
+    offs_d = tl.arange(0, HEAD_DIM)
+    p_k = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    j, k_ok = _key_positions(p_k, N, NK, SEG_L, SEG_C, lo, KIND)
+    k_off = b * stride_kb + h * stride_kh + j[:, None] * stride_kn + offs_d[None, :]
+    k = tl.load(k_ptr + k_off, mask=k_ok[:, None], other=0.0)
+    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + j[:, None] * stride_vn + offs_d[None, :],
+                mask=k_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    col = th * NKB + kb
+    for t in range(tl.load(col_ptr + col), tl.load(col_ptr + col + 1)):
+        e = tl.load(idx_ptr + t)
+        p_q = (e >> 1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        i, q_ok = _query_positions(p_q, N, NQ, SEG_L, SEG_C, KIND)
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + i[:, None] * stride_qn + offs_d[None, :],
+                    mask=q_ok[:, None], other=0.0)
+        do = tl.load(do_ptr + b * stride_ob + h * stride_oh + i[:, None] * stride_on + offs_d[None, :],
+                     mask=q_ok[:, None], other=0.0)
+        lse = tl.load(lse_ptr + bh * N + i, mask=q_ok, other=float("-inf")) * 1.4426950408889634
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+        delta = tl.load(delta_ptr + bh * N + i, mask=q_ok, other=0.0)
+        if IEEE:
+            st = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale  # (BN, BM)
+        else:
+            st = tl.dot(k, tl.trans(q)) * qk_scale
+        pt = tl.math.exp2(st - lse[None, :])
+        if (e & 1) != 0:
+            vis = _visible(i[None, :], j[:, None], prm, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM)
+            pt = tl.where(vis & k_ok[:, None] & q_ok[None, :], pt, 0.0)
+        if IEEE:
+            dv += tl.dot(pt.to(do.dtype), do, input_precision="ieee")
+            dpt = tl.dot(v, tl.trans(do), input_precision="ieee")
+        else:
+            dv += tl.dot(pt.to(do.dtype), do)
+            dpt = tl.dot(v, tl.trans(do))
+        dst = pt * (dpt - delta[None, :])
+        if IEEE:
+            dk += tl.dot(dst.to(q.dtype), q, input_precision="ieee")
+        else:
+            dk += tl.dot(dst.to(q.dtype), q)
+    dk = dk * sm_scale
+    dv_off = b * stride_kb + h * stride_kh + j[:, None] * stride_kn + offs_d[None, :]
+    if ACCUM:
+        dk += tl.load(dk_ptr + k_off, mask=k_ok[:, None], other=0.0).to(tl.float32)
+        dv += tl.load(dv_ptr + dv_off, mask=k_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(dk_ptr + k_off, dk.to(dk_ptr.dtype.element_ty), mask=k_ok[:, None])
+    tl.store(dv_ptr + dv_off, dv.to(dv_ptr.dtype.element_ty), mask=k_ok[:, None])
+
+
+def attn_backward(q, k, v, do, dq, dk, dv, lse, delta, seg, tab, prm, scale, accum, accum_kv, num_warps=4,
+                  num_stages=2):
+    """Launch dQ and dK/dV for one segment. q, k, v, do: [B, H, N, D]; dq, dk, dv: outputs with q's / k's strides
+    (dq with do's strides, dk and dv with k's; accum / accum_kv: add to what
+    an earlier segment wrote into dq / dk and dv); lse, delta: fp32 [B, H, N] of the whole layout."""
+    B, H, N, D = q.shape
+    common = dict(KIND=_KINDS[seg.kind], IEEE=q.dtype == _fp32(), **_rule_flags(seg),
+                  BLOCK_M=tab.bm, BLOCK_N=tab.bn, HEAD_DIM=D, num_warps=num_warps, num_stages=num_stages)
+    assert dq.stride() == do.stride() and dk.stride() == k.stride() and dv.stride() == k.stride()
+    _attn_bwd_dq_kernel[(tab.nqb, B * H)](
+        q, k, v, do, dq, lse, delta, tab.q_ptr, tab.q_idx, prm, scale * 1.4426950408889634, scale,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        H, N, seg.nq, seg.nk, prm.shape[0], tab.nqb, seg.L, seg.C, ACCUM=accum, **common)
+    _attn_bwd_dkdv_kernel[(tab.nkb, B * H)](
+        q, k, v, do, dk, dv, lse, delta, tab.k_ptr, tab.k_idx, prm, scale * 1.4426950408889634, scale,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        H, N, seg.nq, seg.nk, prm.shape[0], tab.nkb, seg.L, seg.C, ACCUM=accum_kv, **common)

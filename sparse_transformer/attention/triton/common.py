@@ -1,0 +1,61 @@
+"""Device helpers shared by the forward and backward kernels: index maps and the element rule.
+
+Legend: p a slot in a segment's order, i / j sequence positions of queries / keys, L stride, C chunk or group size.
+KIND 0 natural (p = i), 1 transposed (i = (p % C) * L + p // C, the paper's column-major view of a [C, L] matrix),
+2 gather (keys only: j = (p // C) * L + lo + p % C, the summary cells of every block packed together).
+"""
+import triton
+import triton.language as tl
+
+# Column indices of the per-head rule table (see layouts.P_* and plan.P_STR_MIN / P_SUM_EXCL).
+P_ALL, P_WIN, P_BLK, P_STR, P_SUM_L, P_SUM_LO, P_SUM_HI, P_CUSTOM, P_STR_MIN, P_SUM_EXCL = range(10)
+NUM_SEG_PARAMS = 10
+
+
+@triton.jit
+def _query_positions(p, N, NQ, SEG_L, SEG_C, KIND: tl.constexpr):
+    if KIND == 1:
+        i = (p % SEG_C) * SEG_L + p // SEG_C
+    else:
+        i = p
+    return i, (p < NQ) & (i < N)
+
+
+@triton.jit
+def _key_positions(p, N, NK, SEG_L, SEG_C, lo, KIND: tl.constexpr):
+    if KIND == 1:
+        j = (p % SEG_C) * SEG_L + p // SEG_C
+    elif KIND == 2:
+        j = (p // SEG_C) * SEG_L + lo + p % SEG_C
+    else:
+        j = p
+    return j, (p < NK) & (j < N)
+
+
+@triton.jit
+def _visible(i, j, prm_ptr, HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr,
+             HAS_STR: tl.constexpr, HAS_SUM: tl.constexpr):
+    """The segment's element rule for query positions i (column vector) and key positions j (row vector)."""
+    d = i - j
+    vis = d < 0  # all False, with the broadcast shape
+    if HAS_DENSE:  # dense causal and custom tiles: inside a tile that is on, only causality remains
+        dense = (tl.load(prm_ptr + P_ALL) + tl.load(prm_ptr + P_CUSTOM)) > 0
+        vis = vis | dense
+    if HAS_WIN:
+        win = tl.load(prm_ptr + P_WIN)
+        vis = vis | ((win > 0) & (d < win))
+    if HAS_BLK:
+        blk = tl.load(prm_ptr + P_BLK)
+        blk1 = tl.maximum(blk, 1)
+        vis = vis | ((blk > 0) & (i // blk1 == j // blk1))
+    if HAS_STR:
+        st = tl.load(prm_ptr + P_STR)
+        vis = vis | ((st > 0) & (d % tl.maximum(st, 1) == 0))
+    if HAS_SUM:
+        sl = tl.load(prm_ptr + P_SUM_L)
+        sl1 = tl.maximum(sl, 1)
+        r = j % sl1
+        insum = (sl > 0) & (r >= tl.load(prm_ptr + P_SUM_LO)) & (r < tl.load(prm_ptr + P_SUM_HI))
+        excl = (tl.load(prm_ptr + P_SUM_EXCL) > 0) & (i // sl1 == j // sl1)
+        vis = vis | (insum & ~excl)
+    return vis & (d >= tl.load(prm_ptr + P_STR_MIN))

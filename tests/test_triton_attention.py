@@ -1,0 +1,106 @@
+"""Triton kernels against the float64 reference: tiny shapes in the interpreter (CI), the full matrix on a GPU."""
+import os
+
+import pytest
+import torch
+
+from conftest import check_against_reference, make_qkv
+from sparse_transformer import layouts
+
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
+triton = pytest.importorskip("triton")
+from sparse_transformer.attention.triton.function import sparse_attention_triton  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _run(block_m=None, block_n=None):
+    return lambda q, k, v, lay: sparse_attention_triton(q, k, v, lay, block_m=block_m, block_n=block_n)
+
+
+def _empty_row_blocks(nb):
+    m = torch.tril(torch.ones(nb, nb, dtype=torch.bool))
+    if nb > 1:
+        m[1] = False  # block row 1 sees no key at all
+    return m
+
+
+SMALL = [
+    ("dense-n33", lambda: layouts.dense(33)),
+    ("local-n50-w7", lambda: layouts.local(50, 7)),
+    ("strided-both-n97-l10", lambda: layouts.strided(97, 10)),
+    ("strided-a2-n100-l10", lambda: layouts.strided(100, 10, "strided")),
+    ("fixed-both-n97-l16-c4", lambda: layouts.fixed(97, 16, 4)),
+    ("fixed-summary-n97-l16-c4", lambda: layouts.fixed(97, 16, 4, "summary")),
+    ("fixed-verts4-n130-l32-c8", lambda: layouts.fixed(130, 32, 8, heads=4, num_verts=4)),
+    ("split-heads-n97-l10", lambda: layouts.stack([layouts.strided(97, 10, "local"), layouts.strided(97, 10, "strided")])),
+    ("custom-empty-row-n100", lambda: layouts.from_blocks(_empty_row_blocks(4), 32, n=100)),
+    ("single-key-rows-n1", lambda: layouts.fixed(1, 4, 1)),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("name,make", SMALL, ids=[c[0] for c in SMALL])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_interpreter_matches_reference(name, make, dtype):
+    lay = make()
+    H = 2 if lay.num_heads == 1 else lay.num_heads
+    q, k, v = make_qkv(1, H, lay.n, 16, dtype)
+    check_against_reference(_run(16, 16), q, k, v, lay, floor=1e-5 if dtype == torch.float32 else 2e-3)
+
+
+@pytest.mark.interpreter
+def test_interpreter_rectangular_tiles_and_head_dim_32():
+    lay = layouts.fixed(70, 16, 8)
+    q, k, v = make_qkv(2, 1, 70, 32, torch.float32)
+    check_against_reference(_run(32, 16), q, k, v, lay, floor=1e-5)
+
+
+# ---- GPU: the full matrix (run on the device with `pytest -m gpu`) ----------------------------------------------------
+GPU_LAYOUTS = [
+    ("dense", lambda n: layouts.dense(n)),
+    ("strided-both-l32", lambda n: layouts.strided(n, 32)),
+    ("strided-a2-l48", lambda n: layouts.strided(n, 48, "strided")),
+    ("strided-a1-l64", lambda n: layouts.strided(n, 64, "local")),
+    ("fixed-both-l64-c16", lambda n: layouts.fixed(n, 64, 16)),
+    ("fixed-summary-l128-c32", lambda n: layouts.fixed(n, 128, 32, "summary")),
+    ("fixed-verts-l64-c16", lambda n: layouts.fixed(n, 64, 16, heads=4, num_verts=4)),
+    ("split", lambda n: layouts.stack([layouts.strided(n, 32, "local")] * 2 + [layouts.strided(n, 32, "strided")] * 2)),
+    ("custom-empty-row", lambda n: layouts.from_blocks(_empty_row_blocks(-(-n // 128)), 128, n=n)),
+]
+FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 255, 1025])
+@pytest.mark.parametrize("name,make", GPU_LAYOUTS, ids=[c[0] for c in GPU_LAYOUTS])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("D", [32, 64, 128])
+def test_gpu_matches_reference(n, name, make, dtype, D):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    lay = make(n)
+    H = 4
+    q, k, v = make_qkv(2, H, n, D, dtype, device="cuda")
+    check_against_reference(_run(), q, k, v, lay, floor=FLOOR[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tiles", [(32, 32), (64, 64), (128, 64), (64, 32), (128, 128)])
+@pytest.mark.parametrize("name,make", GPU_LAYOUTS[1:6], ids=[c[0] for c in GPU_LAYOUTS[1:6]])
+def test_gpu_tile_sizes(tiles, name, make):
+    lay = make(777)
+    q, k, v = make_qkv(1, 2, 777, 64, torch.bfloat16, device="cuda")
+    check_against_reference(_run(*tiles), q, k, v, lay, floor=FLOOR[torch.bfloat16])
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic():
+    lay = layouts.fixed(2048, 128, 32)
+    q, k, v = make_qkv(2, 4, 2048, 64, torch.bfloat16, device="cuda")
+    outs = []
+    for _ in range(2):
+        o, _ = sparse_attention_triton(q, k, v, lay)
+        outs.append((o, *torch.autograd.grad(o.float().sum(), (q, k, v))))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
