@@ -117,11 +117,16 @@ class Layout:
 
     # ---- element level --------------------------------------------------------------------------------------------
     def mask_mod(self, device=None):
-        """`mask_mod(b, h, q_idx, kv_idx) -> bool` for FlexAttention (works under vmap and on plain broadcast tensors)."""
+        """`mask_mod(b, h, q_idx, kv_idx) -> bool` for FlexAttention (works under vmap and on plain broadcast tensors).
+
+        One shared pattern gives a closure over Python ints (what a user would write, and what compiles best);
+        per-head and custom layouts look their parameters up in small tensors indexed by h.
+        """
+        if self.num_heads == 1 and self.custom_tiles is None:
+            return _constant_mask_mod(self.heads[0])
         params = self.params().to(device)
         tiles = None if self.custom_tiles is None else torch.as_tensor(self.custom_tiles, device=device)
         nh = self.num_heads
-
         b_ = max(self.custom_block, 1)
 
         def mod(b, h, q_idx, kv_idx):
@@ -217,6 +222,27 @@ def element_rule(p, i, j, tile_on=None):
     if tile_on is not None:
         vis = vis | ((p[P_CUSTOM] > 0) & tile_on)
     return vis & (d >= 0)
+
+
+def _constant_mask_mod(hp: HeadPattern):
+    def mod(b, h, q_idx, kv_idx):
+        d = q_idx - kv_idx
+        if hp.all:
+            return d >= 0
+        vis = d < 0  # all False
+        if hp.window:
+            vis = vis | (d < hp.window)
+        if hp.block:
+            vis = vis | (q_idx // hp.block == kv_idx // hp.block)
+        if hp.stride:
+            vis = vis | (d % hp.stride == 0)
+        if hp.summary:
+            L, lo, hi = hp.summary
+            r = kv_idx % L
+            vis = vis | ((r >= lo) & (r < hi))
+        return vis & (d >= 0)
+
+    return mod
 
 
 # ---- factories --------------------------------------------------------------------------------------------------------

@@ -139,3 +139,24 @@ def test_errors_name_the_values():
         layouts.from_blocks(torch.ones(2, 2, dtype=torch.bool), 8, n=20)
     with pytest.raises(ValueError, match="O\\(n\\^2\\)"):
         layouts.dense(20000).element_mask()
+
+
+@pytest.mark.parametrize("lay", LAYOUTS, ids=lambda lay: lay.name)
+def test_mask_mod_matches_element_mask(lay):
+    m = lay.element_mask()
+    m = m[None] if m.dim() == 2 else m
+    i = torch.arange(lay.n)
+    mod = lay.mask_mod()
+    for h in range(m.shape[0]):
+        assert torch.equal(mod(0, torch.tensor(h), i[:, None], i[None, :]), m[h])
+
+
+def test_kernel_constants_match_python_ones():
+    pytest.importorskip("triton")
+    from sparse_transformer.attention import plan
+    from sparse_transformer.attention.triton import common
+
+    names = ["P_ALL", "P_WIN", "P_BLK", "P_STR", "P_SUM_L", "P_SUM_LO", "P_SUM_HI", "P_CUSTOM", "P_STR_MIN",
+             "P_SUM_EXCL", "NUM_SEG_PARAMS"]
+    for name in names:
+        assert getattr(common, name).value == getattr(plan, name), name

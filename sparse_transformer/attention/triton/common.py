@@ -7,9 +7,11 @@ KIND 0 natural (p = i), 1 transposed (i = (p % C) * L + p // C, the paper's colu
 import triton
 import triton.language as tl
 
-# Column indices of the per-head rule table (see layouts.P_* and plan.P_STR_MIN / P_SUM_EXCL).
-P_ALL, P_WIN, P_BLK, P_STR, P_SUM_L, P_SUM_LO, P_SUM_HI, P_CUSTOM, P_STR_MIN, P_SUM_EXCL = range(10)
-NUM_SEG_PARAMS = 10
+# Column indices of the per-head rule table (see layouts.P_* and plan.P_STR_MIN / P_SUM_EXCL); constexpr globals so
+# that jit functions can read them.
+P_ALL, P_WIN, P_BLK, P_STR, P_SUM_L, P_SUM_LO, P_SUM_HI, P_CUSTOM, P_STR_MIN, P_SUM_EXCL = (tl.constexpr(c) for c in
+                                                                                          range(10))
+NUM_SEG_PARAMS = tl.constexpr(10)
 
 
 @triton.jit

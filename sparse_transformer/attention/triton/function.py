@@ -20,33 +20,39 @@ from .forward import attn_forward
 _PARAMS: dict = {}
 
 
-def choose_tiles(seg: Segment, head_dim: int) -> tuple[int, int]:
-    """Tile shape (BM, BN) per segment kind: chunk-aligned tiles for the transposed strided part."""
-    if seg.kind == TRANSPOSED:
-        C = seg.C
-        if C % 64 == 0 or C > 192:
-            return 64, 64
-        return (32, 32) if C % 32 == 0 or C > 48 else (16, 16)
-    bm = 128 if head_dim <= 64 else 64
-    return bm, 64
+# Launch settings per (segment kind, head-dim bucket): (BM, BN, num_warps, num_stages). Measured on an H100 with
+# bench/dev_kernels.py; experiments may edit TUNING before the first call with a layout.
+TUNING = {
+    ("natural", 64): (128, 64, 8, 3), ("natural", 128): (64, 64, 4, 3),
+    ("gather", 64): (128, 64, 8, 3), ("gather", 128): (64, 64, 4, 3),
+    ("transposed", 64): (64, 64, 4, 3), ("transposed", 128): (64, 64, 4, 3),
+}
+
+
+def choose_tiles(seg: Segment, head_dim: int) -> tuple[int, int, int, int]:
+    """(BM, BN, num_warps, num_stages) for a segment; the transposed strided part gets chunk-aligned tiles."""
+    bm, bn, warps, stages = TUNING[(seg.kind, 64 if head_dim <= 64 else 128)]
+    if seg.kind == TRANSPOSED and seg.C % 64 and seg.C <= 192:  # short chunks: tiles that divide them
+        t = 32 if seg.C % 32 == 0 or seg.C > 48 else 16
+        bm, bn = t, t
+    return bm, bn, warps, stages
 
 
 def _segment_launches(layout, head_dim, device, block_m=None, block_n=None):
+    """[(segment, tables, params, (num_warps, num_stages))] for a layout, in launch order."""
     out = []
     for idx, seg in enumerate(get_segments(layout)):
-        bm, bn = choose_tiles(seg, head_dim)
+        bm, bn, warps, stages = choose_tiles(seg, head_dim)
         bm, bn = block_m or bm, block_n or bn
         if layout.custom_block:
             bm, bn = math.gcd(bm, layout.custom_block), math.gcd(bn, layout.custom_block)
+        if bm * bn < 128 * 64:
+            warps = min(warps, 4)
         key = (layout.key, idx, str(device))
         if key not in _PARAMS:
             _PARAMS[key] = seg.params.to(device=device, dtype=torch.int32).contiguous()
-        out.append((seg, get_tables(layout, idx, bm, bn, device), _PARAMS[key]))
+        out.append((seg, get_tables(layout, idx, bm, bn, device), _PARAMS[key], (warps, stages)))
     return out
-
-
-def _num_warps(tab):
-    return 8 if tab.bm * tab.bn >= 128 * 64 else 4
 
 
 class SparseAttentionFunction(torch.autograd.Function):
@@ -57,8 +63,8 @@ class SparseAttentionFunction(torch.autograd.Function):
         launches = _segment_launches(layout, D, q.device, block_m, block_n)
         o = torch.empty_like(q)
         lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
-        for idx, (seg, tab, prm) in enumerate(launches):
-            attn_forward(q, k, v, o, lse, seg, tab, prm, scale, merge=idx > 0, num_warps=_num_warps(tab))
+        for idx, (seg, tab, prm, (warps, stages)) in enumerate(launches):
+            attn_forward(q, k, v, o, lse, seg, tab, prm, scale, merge=idx > 0, num_warps=warps, num_stages=stages)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.launches, ctx.scale = launches, scale
         ctx.mark_non_differentiable(lse)
@@ -75,9 +81,9 @@ class SparseAttentionFunction(torch.autograd.Function):
         alloc = torch.zeros_like if gather_only else torch.empty_like
         dk = alloc(k)
         dv = alloc(k, dtype=v.dtype)
-        for idx, (seg, tab, prm) in enumerate(ctx.launches):
+        for idx, (seg, tab, prm, (warps, stages)) in enumerate(ctx.launches):
             attn_backward(q, k, v, do, dq, dk, dv, lse, delta, seg, tab, prm, ctx.scale, accum=idx > 0,
-                          accum_kv=idx > 0 or gather_only, num_warps=_num_warps(tab))
+                          accum_kv=idx > 0 or gather_only, num_warps=warps, num_stages=stages)
         return dq, dk, dv, None, None, None, None
 
 

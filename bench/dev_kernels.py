@@ -1,0 +1,60 @@
+"""Kernel tuning sweep on the device: times our Triton kernels (fwd, fwd+bwd, bf16) on the issue's setups for a few
+launch settings, next to cuDNN in the same process. Usage: python bench/dev_kernels.py [setup ...] (prints a table,
+writes $OUT/dev_kernels.json)."""
+import json
+import os
+import sys
+
+import torch
+import triton.testing as tt
+
+from sparse_transformer import sparse_attention
+from sparse_transformer.attention.triton import function as fn_mod
+from sparse_transformer.bench import SETUPS
+
+VARIANTS = {
+    "128x64w8s3": (128, 64, 8, 3),
+    "128x64w4s3": (128, 64, 4, 3),
+    "64x64w4s3": (64, 64, 4, 3),
+    "128x128w8s2": (128, 128, 8, 2),
+}
+
+
+def bench(f, go):
+    fwd = tt.do_bench(f, warmup=25, rep=150, return_mode="median")
+    fb = tt.do_bench(lambda: f().backward(go), warmup=25, rep=150, return_mode="median")
+    return fwd, fb
+
+
+rows = []
+names = sys.argv[1:] or list(SETUPS)
+for name in names:
+    B, H, n, D, make, pattern = SETUPS[name]
+    lay = make()
+    q, k, v = (torch.randn(B, H, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    go = torch.randn_like(q)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def dense():
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    c_f, c_fb = bench(dense, go)
+    for vname, cfg in VARIANTS.items():
+        for kind in ("natural", "gather", "transposed"):
+            fn_mod.TUNING[(kind, 64 if D <= 64 else 128)] = cfg
+        try:
+            f = lambda: sparse_attention(q, k, v, lay, backend="triton")  # noqa: E731
+            f().backward(go)
+            t_f, t_fb = bench(f, go)
+        except Exception as e:
+            print(name, vname, "ERROR", str(e)[:300])
+            continue
+        r = dict(setup=name, variant=vname, density=lay.density(), fwd_ms=t_f, fwdbwd_ms=t_fb, cudnn_fwd_ms=c_f,
+                 cudnn_fwdbwd_ms=c_fb, ideal_fwdbwd_ms=c_fb * lay.density() / 0.5)
+        rows.append(r)
+        print(f"{name:12s} {vname:12s} fwd {t_f:7.3f} ms  fwd+bwd {t_fb:7.3f} ms | cuDNN {c_f:6.3f} / {c_fb:6.3f} ms |"
+              f" ideal {r['ideal_fwdbwd_ms']:6.3f} ms", flush=True)
+    del q, k, v, go
+    torch.cuda.empty_cache()
+json.dump(rows, open(os.path.join(os.environ.get("OUT", "."), "dev_kernels.json"), "w"), indent=1)
