@@ -50,11 +50,18 @@ for name in names:
         except Exception as e:
             print(name, vname, "ERROR", str(e)[:300])
             continue
-        r = dict(setup=name, variant=vname, density=lay.density(), fwd_ms=t_f, fwdbwd_ms=t_fb, cudnn_fwd_ms=c_f,
+        import time
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(50):
+            f()
+        cpu_us = (time.perf_counter() - t0) / 50 * 1e6  # host time per forward call (launch overhead bound)
+        torch.cuda.synchronize()
+        r = dict(setup=name, cpu_fwd_us=cpu_us, variant=vname, density=lay.density(), fwd_ms=t_f, fwdbwd_ms=t_fb, cudnn_fwd_ms=c_f,
                  cudnn_fwdbwd_ms=c_fb, ideal_fwdbwd_ms=c_fb * lay.density() / 0.5)
         rows.append(r)
         print(f"{name:12s} {vname:12s} fwd {t_f:7.3f} ms  fwd+bwd {t_fb:7.3f} ms | cuDNN {c_f:6.3f} / {c_fb:6.3f} ms |"
-              f" ideal {r['ideal_fwdbwd_ms']:6.3f} ms", flush=True)
+              f" ideal {r['ideal_fwdbwd_ms']:6.3f} ms | host {cpu_us:5.0f} us/fwd", flush=True)
     del q, k, v, go
     torch.cuda.empty_cache()
 json.dump(rows, open(os.path.join(os.environ.get("OUT", "."), "dev_kernels.json"), "w"), indent=1)

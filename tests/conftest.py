@@ -53,7 +53,8 @@ def check_against_reference(fn, q, k, v, layout, floor):
         assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e}"
     fin = torch.isfinite(ref_lse)
     assert torch.equal(torch.isinf(lse), ~fin), "lse: rows with no key must be -inf, and only those"
-    assert (lse[fin].double() - ref_lse[fin]).abs().max().item() <= 1e-2 + floor, "lse mismatch"
+    if fin.any():
+        assert (lse[fin].double() - ref_lse[fin]).abs().max().item() <= 1e-2 + floor, "lse mismatch"
     empty = ~fin
     if empty.any():
         assert (out[empty] == 0).all(), "rows with no key must give zero"

@@ -19,7 +19,8 @@ Where two parts of one head overlap, the later segment excludes the overlap: the
 (i - j >= L: the band has it) and the gathered summary drops the query's own block (the block part has it).
 
 Tiles are classified EMPTY / PARTIAL / FULL by interval arithmetic on tile ranges (conservative: a tile may be called
-partial when it is full, never the reverse); `Layout.blocks()` uses the exact count-based classification below.
+partial when it is full, never the reverse; a full tile also has every query and key slot valid, so kernels load it
+without bounds masks); `Layout.blocks()` uses the exact count-based classification below.
 """
 from __future__ import annotations
 
@@ -157,7 +158,7 @@ def classify_segment(seg: Segment, layout: Layout, h: int, bm: int, bn: int) -> 
             t = layout.custom_tiles[h][(q0 // b)[:, 0]][:, (k0 // b)[0]]
             active |= t & (k0 <= q1c)
             full |= t & (k1 <= q0)
-        full &= k1 < n
+        full &= (k1 < n) & (q1 < n)
     elif seg.kind == TRANSPOSED:
         C, s = seg.C, int(p[P_STR_MIN] > 0)
         b_lo, b_hi = np.maximum(q0 // C, k0 // C), np.minimum(q1 // C, k1 // C)
@@ -165,9 +166,10 @@ def classify_segment(seg: Segment, layout: Layout, h: int, bm: int, bn: int) -> 
             active |= (b_lo <= b_hi) & (np.maximum(k0, b * C) + s <= np.minimum(q1, b * C + C - 1))
         full |= (q0 // C == q1 // C) & (q1 // C == k0 // C) & (k0 // C == k1 // C) & (k1 + s <= q0)
         orig = (np.arange(seg.nk) % C) * seg.L + np.arange(seg.nk) // C
-        tile_valid = np.ones(k0.shape[1], bool)
-        np.logical_and.at(tile_valid, np.arange(seg.nk) // bn, orig < n)
-        full &= tile_valid[None] & (k1 < seg.nk)
+        k_valid, q_valid = np.ones(k0.shape[1], bool), np.ones(len(q0), bool)
+        np.logical_and.at(k_valid, np.arange(seg.nk) // bn, orig < n)
+        np.logical_and.at(q_valid, np.arange(seg.nq) // bm, orig < n)
+        full &= k_valid[None] & (k1 < seg.nk) & q_valid[:, None] & (q1 < seg.nq)
         active &= p[P_STR] > 0
     else:  # GATHER
         L, c, lo = seg.L, seg.C, p[P_SUM_LO]
@@ -180,7 +182,7 @@ def classify_segment(seg: Segment, layout: Layout, h: int, bm: int, bn: int) -> 
             active |= j0 <= np.minimum(q1, n - 1)
             full |= j1 <= q0
         active &= j0 < n
-        full &= j1 < n
+        full &= (j1 < n) & (q1 < n)
         active &= p[P_SUM_L] > 0
     full &= active
     return np.where(full, FULL, np.where(active, PARTIAL, EMPTY)).astype(np.int8)
@@ -231,23 +233,36 @@ def _visible_before(p, i, x):
 # ---- tables ------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True, eq=False)
 class Tables:
-    """Tile lists of one segment for tiles (BM, BN), per table head. Entries are packed as (tile << 1) | partial."""
+    """Tile lists of one segment for tiles (BM, BN), per table head. Each row lists its full tiles first, then its
+    partial ones (from q_mid on), so kernels run an unmasked loop and a masked loop."""
 
     bm: int
     bn: int
     nqb: int
     nkb: int
     q_ptr: torch.Tensor  # int32 [TH * nqb + 1]: row h * nqb + qb lists key tiles q_idx[q_ptr[r]:q_ptr[r + 1]]
-    q_idx: torch.Tensor  # int32 [nnz]
-    k_ptr: torch.Tensor  # int32 [TH * nkb + 1]: column h * nkb + kb lists query tiles
-    k_idx: torch.Tensor  # int32 [nnz]
-    max_row: int  # longest row (key tiles of one query tile)
+    q_mid: torch.Tensor  # int32 [TH * nqb]: first partial entry of each row
+    q_idx: torch.Tensor  # int32 [nnz]: key tile numbers
+    k_ptr: torch.Tensor  # int32 [TH * nkb + 1]: column h * nkb + kb lists query tiles k_idx[k_ptr[c]:k_ptr[c + 1]]
+    k_mid: torch.Tensor  # int32 [TH * nkb]
+    k_idx: torch.Tensor  # int32 [nnz]: query tile numbers
+    max_row: int  # most key tiles of one query tile
     max_col: int
 
     def to(self, device) -> "Tables":
-        f = lambda t: t.to(device)  # noqa: E731
-        return Tables(self.bm, self.bn, self.nqb, self.nkb, f(self.q_ptr), f(self.q_idx), f(self.k_ptr), f(self.k_idx),
-                      self.max_row, self.max_col)
+        t = [getattr(self, f).to(device) for f in ("q_ptr", "q_mid", "q_idx", "k_ptr", "k_mid", "k_idx")]
+        return Tables(self.bm, self.bn, self.nqb, self.nkb, *t, self.max_row, self.max_col)
+
+
+def _csr(major, minor, part, n_major):
+    """Entries grouped by `major` (full before partial, then by `minor`): (ptr, mid, idx)."""
+    order = np.lexsort((minor, part, major))
+    ptr = np.zeros(n_major + 1, np.int64)
+    np.add.at(ptr, major + 1, 1)
+    ptr = np.cumsum(ptr)
+    n_full = np.zeros(n_major, np.int64)
+    np.add.at(n_full, major[part == 0], 1)
+    return ptr, ptr[:-1] + n_full, minor[order]
 
 
 def build_tables(seg: Segment, layout: Layout, bm: int, bn: int) -> Tables:
@@ -256,16 +271,10 @@ def build_tables(seg: Segment, layout: Layout, bm: int, bn: int) -> Tables:
     nqb, nkb = cls.shape[1:]
     h, r, c = np.nonzero(cls)
     part = (cls[h, r, c] == PARTIAL).astype(np.int64)
-    q_idx = (c << 1) | part  # np.nonzero order is row-major: already sorted by (h, r)
-    q_ptr = np.zeros(TH * nqb + 1, np.int64)
-    np.add.at(q_ptr, h * nqb + r + 1, 1)
-    order = np.lexsort((r, c, h))  # sort by (h, c, r)
-    k_idx = (r[order] << 1) | part[order]
-    k_ptr = np.zeros(TH * nkb + 1, np.int64)
-    np.add.at(k_ptr, h * nkb + c + 1, 1)
-    q_ptr, k_ptr = np.cumsum(q_ptr), np.cumsum(k_ptr)
+    q_ptr, q_mid, q_idx = _csr(h * nqb + r, c, part, TH * nqb)
+    k_ptr, k_mid, k_idx = _csr(h * nkb + c, r, part, TH * nkb)
     i32 = lambda a: torch.from_numpy(np.ascontiguousarray(a).astype(np.int32))  # noqa: E731
-    return Tables(bm, bn, nqb, nkb, i32(q_ptr), i32(q_idx), i32(k_ptr), i32(k_idx),
+    return Tables(bm, bn, nqb, nkb, i32(q_ptr), i32(q_mid), i32(q_idx), i32(k_ptr), i32(k_mid), i32(k_idx),
                   int(np.diff(q_ptr).max(initial=0)), int(np.diff(k_ptr).max(initial=0)))
 
 

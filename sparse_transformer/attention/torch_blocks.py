@@ -136,7 +136,7 @@ def _padded_rows(tab: Tables, TH: int):
     """Key tiles of each query tile as a padded [TH, nqb, R] array and a validity mask (cached per table)."""
     key = id(tab)
     if key not in _ROWS:
-        ptr, idx = tab.q_ptr.cpu().long(), tab.q_idx.cpu().long() >> 1
+        ptr, idx = tab.q_ptr.cpu().long(), tab.q_idx.cpu().long()
         counts = ptr[1:] - ptr[:-1]
         R = max(1, int(counts.max()) if len(counts) else 1)
         slot = torch.arange(R)

@@ -6,18 +6,70 @@ Algorithm (FlashAttention-2, section 3.2): P is recomputed from Q, K and the sav
 (all segments merged), so each segment's pass is exactly its share of the gradient: with Delta = rowsum(dO * O),
 dS = P * (dO V^T - Delta), dQ = scale * dS K, dK = scale * dS^T Q, dV = P^T dO. The dK/dV kernel walks the CSC copy of
 the tile table (query tiles per key tile), so every program owns its key rows and needs no atomics; a later segment
-adds (ACCUM) into the rows an earlier one wrote. Rows with LSE = -inf (no key) contribute nothing.
+adds (ACCUM) into the rows an earlier one wrote. As in the forward, full tiles run unmasked, partial ones masked.
+Rows with LSE = -inf (no key) contribute nothing.
 """
 import triton
 import triton.language as tl
 
-from .common import NUM_SEG_PARAMS, P_SUM_LO, _key_positions, _query_positions, _visible
-from .forward import _KINDS, _fp32, _rule_flags
+from .common import NUM_SEG_PARAMS, P_SUM_LO, _key_positions, _query_positions, _tile_mask
+from .forward import _dot
+
+
+@triton.jit
+def _dq_tile(q, do, lse, delta, dq, e, i, p_q, k_base, v_base, stride_kn, stride_vn, offs_d, prm, lo, qk_scale,
+             N, NK, SEG_L, SEG_C, MASKED: tl.constexpr, KIND: tl.constexpr, IEEE: tl.constexpr,
+             HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr,
+             HAS_SUM: tl.constexpr, BLOCK_N: tl.constexpr):
+    p_k = e * BLOCK_N + tl.arange(0, BLOCK_N)
+    j, k_ok = _key_positions(p_k, N, NK, SEG_L, SEG_C, lo, KIND)
+    if MASKED:
+        k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        v = tl.load(v_base + j[:, None] * stride_vn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :])
+        v = tl.load(v_base + j[:, None] * stride_vn + offs_d[None, :])
+    p = tl.math.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])
+    if MASKED:
+        vis = _tile_mask(i[:, None], j[None, :], p_q[:, None], p_k[None, :], k_ok[None, :], prm, SEG_C, KIND,
+                         HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM)
+        p = tl.where(vis, p, 0.0)
+    ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+    return dq + _dot(ds.to(k.dtype), k, IEEE)
+
+
+@triton.jit
+def _dkdv_tile(k, v, dk, dv, e, j, p_k, k_ok, q_base, do_base, lse_base, delta_base, stride_qn, stride_on, offs_d,
+               prm, qk_scale, N, NQ, SEG_L, SEG_C, MASKED: tl.constexpr, KIND: tl.constexpr, IEEE: tl.constexpr,
+               HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr,
+               HAS_SUM: tl.constexpr, BLOCK_M: tl.constexpr):
+    p_q = e * BLOCK_M + tl.arange(0, BLOCK_M)
+    i, q_ok = _query_positions(p_q, N, NQ, SEG_L, SEG_C, KIND)
+    if MASKED:
+        q = tl.load(q_base + i[:, None] * stride_qn + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+        do = tl.load(do_base + i[:, None] * stride_on + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+        lse = tl.load(lse_base + i, mask=q_ok, other=float("-inf")) * 1.4426950408889634
+        delta = tl.load(delta_base + i, mask=q_ok, other=0.0)
+    else:  # a full tile's queries are all valid
+        q = tl.load(q_base + i[:, None] * stride_qn + offs_d[None, :])
+        do = tl.load(do_base + i[:, None] * stride_on + offs_d[None, :])
+        lse = tl.load(lse_base + i) * 1.4426950408889634
+        delta = tl.load(delta_base + i)
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: P = 0
+    pt = tl.math.exp2(_dot(k, tl.trans(q), IEEE) * qk_scale - lse[None, :])  # (BN, BM)
+    if MASKED:
+        vis = _tile_mask(i[None, :], j[:, None], p_q[None, :], p_k[:, None], k_ok[:, None], prm, SEG_C, KIND,
+                         HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM)
+        pt = tl.where(vis & q_ok[None, :], pt, 0.0)
+    dv += _dot(pt.to(do.dtype), do, IEEE)
+    dst = pt * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
+    dk += _dot(dst.to(q.dtype), q, IEEE)
+    return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, row_ptr, idx_ptr, prm_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, row_ptr, mid_ptr, idx_ptr, prm_ptr,
     qk_scale, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,  # shared by do and dq
@@ -37,8 +89,8 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     p_q = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     i, q_ok = _query_positions(p_q, N, NQ, SEG_L, SEG_C, KIND)
-    row_off = b * stride_qb + h * stride_qh + i[:, None] * stride_qn + offs_d[None, :]
-    q = tl.load(q_ptr + row_off, mask=q_ok[:, None], other=0.0)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + i[:, None] * stride_qn + offs_d[None, :],
+                mask=q_ok[:, None], other=0.0)
     g_off = b * stride_ob + h * stride_oh + i[:, None] * stride_on + offs_d[None, :]
     do = tl.load(do_ptr + g_off, mask=q_ok[:, None], other=0.0)
     lse = tl.load(lse_ptr + bh * N + i, mask=q_ok, other=float("-inf")) * 1.4426950408889634
@@ -48,29 +100,15 @@ def _attn_bwd_dq_kernel(
     v_base = v_ptr + b * stride_vb + h * stride_vh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     row = th * NQB + qb
-    for t in range(tl.load(row_ptr + row), tl.load(row_ptr + row + 1)):
-        e = tl.load(idx_ptr + t)
-        p_k = (e >> 1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        j, k_ok = _key_positions(p_k, N, NK, SEG_L, SEG_C, lo, KIND)
-        k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-        v = tl.load(v_base + j[:, None] * stride_vn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-        else:
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-        p = tl.math.exp2(s - lse[:, None])
-        if (e & 1) != 0:
-            vis = _visible(i[:, None], j[None, :], prm, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM)
-            p = tl.where(vis & k_ok[None, :], p, 0.0)
-        if IEEE:
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        else:
-            dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        if IEEE:
-            dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-        else:
-            dq += tl.dot(ds.to(k.dtype), k)
+    mid = tl.load(mid_ptr + row)
+    for t in range(tl.load(row_ptr + row), mid):
+        dq = _dq_tile(q, do, lse, delta, dq, tl.load(idx_ptr + t), i, p_q, k_base, v_base, stride_kn, stride_vn,
+                      offs_d, prm, lo, qk_scale, N, NK, SEG_L, SEG_C, False, KIND, IEEE, HAS_DENSE, HAS_WIN,
+                      HAS_BLK, HAS_STR, HAS_SUM, BLOCK_N)
+    for t in range(mid, tl.load(row_ptr + row + 1)):
+        dq = _dq_tile(q, do, lse, delta, dq, tl.load(idx_ptr + t), i, p_q, k_base, v_base, stride_kn, stride_vn,
+                      offs_d, prm, lo, qk_scale, N, NK, SEG_L, SEG_C, True, KIND, IEEE, HAS_DENSE, HAS_WIN,
+                      HAS_BLK, HAS_STR, HAS_SUM, BLOCK_N)
     dq = dq * sm_scale
     dq_ptrs = dq_ptr + g_off
     if ACCUM:
@@ -80,7 +118,7 @@ def _attn_bwd_dq_kernel(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr, col_ptr, idx_ptr, prm_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr, col_ptr, mid_ptr, idx_ptr, prm_ptr,
     qk_scale, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,  # k's strides are shared by dk and dv
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,  # o's strides: do
@@ -104,64 +142,41 @@ def _attn_bwd_dkdv_kernel(
     k = tl.load(k_ptr + k_off, mask=k_ok[:, None], other=0.0)
     v = tl.load(v_ptr + b * stride_vb + h * stride_vh + j[:, None] * stride_vn + offs_d[None, :],
                 mask=k_ok[:, None], other=0.0)
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    do_base = do_ptr + b * stride_ob + h * stride_oh
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     col = th * NKB + kb
-    for t in range(tl.load(col_ptr + col), tl.load(col_ptr + col + 1)):
-        e = tl.load(idx_ptr + t)
-        p_q = (e >> 1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        i, q_ok = _query_positions(p_q, N, NQ, SEG_L, SEG_C, KIND)
-        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + i[:, None] * stride_qn + offs_d[None, :],
-                    mask=q_ok[:, None], other=0.0)
-        do = tl.load(do_ptr + b * stride_ob + h * stride_oh + i[:, None] * stride_on + offs_d[None, :],
-                     mask=q_ok[:, None], other=0.0)
-        lse = tl.load(lse_ptr + bh * N + i, mask=q_ok, other=float("-inf")) * 1.4426950408889634
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)
-        delta = tl.load(delta_ptr + bh * N + i, mask=q_ok, other=0.0)
-        if IEEE:
-            st = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale  # (BN, BM)
-        else:
-            st = tl.dot(k, tl.trans(q)) * qk_scale
-        pt = tl.math.exp2(st - lse[None, :])
-        if (e & 1) != 0:
-            vis = _visible(i[None, :], j[:, None], prm, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM)
-            pt = tl.where(vis & k_ok[:, None] & q_ok[None, :], pt, 0.0)
-        if IEEE:
-            dv += tl.dot(pt.to(do.dtype), do, input_precision="ieee")
-            dpt = tl.dot(v, tl.trans(do), input_precision="ieee")
-        else:
-            dv += tl.dot(pt.to(do.dtype), do)
-            dpt = tl.dot(v, tl.trans(do))
-        dst = pt * (dpt - delta[None, :])
-        if IEEE:
-            dk += tl.dot(dst.to(q.dtype), q, input_precision="ieee")
-        else:
-            dk += tl.dot(dst.to(q.dtype), q)
+    mid = tl.load(mid_ptr + col)
+    for t in range(tl.load(col_ptr + col), mid):
+        dk, dv = _dkdv_tile(k, v, dk, dv, tl.load(idx_ptr + t), j, p_k, k_ok, q_base, do_base, lse_ptr + bh * N,
+                            delta_ptr + bh * N, stride_qn, stride_on, offs_d, prm, qk_scale, N, NQ, SEG_L, SEG_C,
+                            False, KIND, IEEE, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, BLOCK_M)
+    for t in range(mid, tl.load(col_ptr + col + 1)):
+        dk, dv = _dkdv_tile(k, v, dk, dv, tl.load(idx_ptr + t), j, p_k, k_ok, q_base, do_base, lse_ptr + bh * N,
+                            delta_ptr + bh * N, stride_qn, stride_on, offs_d, prm, qk_scale, N, NQ, SEG_L, SEG_C,
+                            True, KIND, IEEE, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, BLOCK_M)
     dk = dk * sm_scale
-    dv_off = b * stride_kb + h * stride_kh + j[:, None] * stride_kn + offs_d[None, :]
     if ACCUM:
         dk += tl.load(dk_ptr + k_off, mask=k_ok[:, None], other=0.0).to(tl.float32)
-        dv += tl.load(dv_ptr + dv_off, mask=k_ok[:, None], other=0.0).to(tl.float32)
+        dv += tl.load(dv_ptr + k_off, mask=k_ok[:, None], other=0.0).to(tl.float32)
     tl.store(dk_ptr + k_off, dk.to(dk_ptr.dtype.element_ty), mask=k_ok[:, None])
-    tl.store(dv_ptr + dv_off, dv.to(dv_ptr.dtype.element_ty), mask=k_ok[:, None])
+    tl.store(dv_ptr + k_off, dv.to(dv_ptr.dtype.element_ty), mask=k_ok[:, None])
 
 
-def attn_backward(q, k, v, do, dq, dk, dv, lse, delta, seg, tab, prm, scale, accum, accum_kv, num_warps=4,
-                  num_stages=2):
-    """Launch dQ and dK/dV for one segment. q, k, v, do: [B, H, N, D]; dq, dk, dv: outputs with q's / k's strides
-    (dq with do's strides, dk and dv with k's; accum / accum_kv: add to what
-    an earlier segment wrote into dq / dk and dv); lse, delta: fp32 [B, H, N] of the whole layout."""
+def attn_backward(q, k, v, do, dq, dk, dv, lse, delta, launch, scale, accum, accum_kv):
+    """Launch dQ and dK/dV for one segment. q, k, v, do: [B, H, N, D]; dq with do's strides, dk and dv with k's;
+    lse, delta: fp32 [B, H, N] of the whole layout; accum / accum_kv: add to what an earlier segment wrote."""
     B, H, N, D = q.shape
-    common = dict(KIND=_KINDS[seg.kind], IEEE=q.dtype == _fp32(), **_rule_flags(seg),
-                  BLOCK_M=tab.bm, BLOCK_N=tab.bn, HEAD_DIM=D, num_warps=num_warps, num_stages=num_stages)
+    seg, tab = launch.seg, launch.tab
     assert dq.stride() == do.stride() and dk.stride() == k.stride() and dv.stride() == k.stride()
+    common = dict(**launch.constexprs(q), num_warps=launch.warps, num_stages=launch.stages)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
+    qk_scale = scale * 1.4426950408889634
     _attn_bwd_dq_kernel[(tab.nqb, B * H)](
-        q, k, v, do, dq, lse, delta, tab.q_ptr, tab.q_idx, prm, scale * 1.4426950408889634, scale,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        H, N, seg.nq, seg.nk, prm.shape[0], tab.nqb, seg.L, seg.C, ACCUM=accum, **common)
+        q, k, v, do, dq, lse, delta, tab.q_ptr, tab.q_mid, tab.q_idx, launch.prm, qk_scale, scale, *strides,
+        H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C, ACCUM=accum, **common)
     _attn_bwd_dkdv_kernel[(tab.nkb, B * H)](
-        q, k, v, do, dk, dv, lse, delta, tab.k_ptr, tab.k_idx, prm, scale * 1.4426950408889634, scale,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        H, N, seg.nq, seg.nk, prm.shape[0], tab.nkb, seg.L, seg.C, ACCUM=accum_kv, **common)
+        q, k, v, do, dk, dv, lse, delta, tab.k_ptr, tab.k_mid, tab.k_idx, launch.prm, qk_scale, scale, *strides,
+        H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nkb, seg.L, seg.C, ACCUM=accum_kv, **common)

@@ -35,29 +35,32 @@ def _key_positions(p, N, NK, SEG_L, SEG_C, lo, KIND: tl.constexpr):
 
 
 @triton.jit
-def _visible(i, j, prm_ptr, HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr,
-             HAS_STR: tl.constexpr, HAS_SUM: tl.constexpr):
-    """The segment's element rule for query positions i (column vector) and key positions j (row vector)."""
-    d = i - j
-    vis = d < 0  # all False, with the broadcast shape
-    if HAS_DENSE:  # dense causal and custom tiles: inside a tile that is on, only causality remains
-        dense = (tl.load(prm_ptr + P_ALL) + tl.load(prm_ptr + P_CUSTOM)) > 0
-        vis = vis | dense
-    if HAS_WIN:
-        win = tl.load(prm_ptr + P_WIN)
-        vis = vis | ((win > 0) & (d < win))
-    if HAS_BLK:
-        blk = tl.load(prm_ptr + P_BLK)
-        blk1 = tl.maximum(blk, 1)
-        vis = vis | ((blk > 0) & (i // blk1 == j // blk1))
-    if HAS_STR:
-        st = tl.load(prm_ptr + P_STR)
-        vis = vis | ((st > 0) & (d % tl.maximum(st, 1) == 0))
-    if HAS_SUM:
-        sl = tl.load(prm_ptr + P_SUM_L)
-        sl1 = tl.maximum(sl, 1)
-        r = j % sl1
-        insum = (sl > 0) & (r >= tl.load(prm_ptr + P_SUM_LO)) & (r < tl.load(prm_ptr + P_SUM_HI))
-        excl = (tl.load(prm_ptr + P_SUM_EXCL) > 0) & (i // sl1 == j // sl1)
-        vis = vis | (insum & ~excl)
-    return vis & (d >= tl.load(prm_ptr + P_STR_MIN))
+def _tile_mask(i, j, pq, pk, k_ok, prm, SEG_C, KIND: tl.constexpr, HAS_DENSE: tl.constexpr,
+               HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr, HAS_SUM: tl.constexpr):
+    """The segment's element rule on a partial tile. i, pq: query positions / slots as a column [BM, 1]; j, pk, k_ok:
+    key positions / slots / validity as a row [1, BN]. Per-element work is compares only: divisions act on vectors."""
+    if KIND == 1:  # transposed strided part: causal inside a chunk, in slot order (the diagonal is dropped when the
+        # band holds it: P_STR_MIN > 0)
+        strict = (tl.load(prm + P_STR_MIN) > 0).to(tl.int32)
+        vis = ((pq // SEG_C) == (pk // SEG_C)) & (pk + strict <= pq) & (tl.load(prm + P_STR) > 0)
+    else:
+        d = i - j
+        vis = d < 0  # all False, with the broadcast shape
+        if HAS_DENSE:  # dense causal and custom tiles: inside a tile that is on, only causality remains
+            vis = vis | ((tl.load(prm + P_ALL) + tl.load(prm + P_CUSTOM)) > 0)
+        if HAS_WIN:
+            win = tl.load(prm + P_WIN)
+            vis = vis | ((win > 0) & (d < win))
+        if HAS_BLK:
+            blk = tl.load(prm + P_BLK)
+            blk1 = tl.maximum(blk, 1)
+            vis = vis | ((blk > 0) & (i // blk1 == j // blk1))
+        if HAS_SUM:
+            sl = tl.load(prm + P_SUM_L)
+            sl1 = tl.maximum(sl, 1)
+            r = j % sl1
+            insum = (sl > 0) & (r >= tl.load(prm + P_SUM_LO)) & (r < tl.load(prm + P_SUM_HI))
+            excl = (tl.load(prm + P_SUM_EXCL) > 0) & (i // sl1 == j // sl1)
+            vis = vis | (insum & ~excl)
+        vis = vis & (d >= 0)
+    return vis & k_ok

@@ -10,15 +10,14 @@ Tables are built once per (layout, tiles, device) and cached (plan.get_tables).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from ..plan import GATHER, TRANSPOSED, Segment, get_segments, get_tables
+from ..plan import (GATHER, P_ALL, P_BLK, P_CUSTOM, P_STR, P_SUM_L, P_WIN, TRANSPOSED, Segment, Tables, get_segments,
+                    get_tables)
 from .backward import attn_backward
 from .forward import attn_forward
-
-_PARAMS: dict = {}
-
 
 # Launch settings per (segment kind, head-dim bucket): (BM, BN, num_warps, num_stages). Measured on an H100 with
 # bench/dev_kernels.py; experiments may edit TUNING before the first call with a layout.
@@ -38,8 +37,31 @@ def choose_tiles(seg: Segment, head_dim: int) -> tuple[int, int, int, int]:
     return bm, bn, warps, stages
 
 
-def _segment_launches(layout, head_dim, device, block_m=None, block_n=None):
-    """[(segment, tables, params, (num_warps, num_stages))] for a layout, in launch order."""
+@dataclass(frozen=True, eq=False)
+class Launch:
+    """Everything one segment's kernels need besides the tensors, computed once per (layout, head dim, device)."""
+
+    seg: Segment
+    tab: Tables
+    prm: torch.Tensor  # int32 [TH, NUM_SEG_PARAMS] on the device
+    warps: int
+    stages: int
+    flags: dict  # constexpr switches: segment kind and which rule parts exist
+
+    def constexprs(self, q) -> dict:
+        return dict(self.flags, IEEE=q.dtype == torch.float32, BLOCK_M=self.tab.bm, BLOCK_N=self.tab.bn,
+                    HEAD_DIM=q.shape[-1])
+
+
+_LAUNCHES: dict = {}
+_KINDS = {"natural": 0, "transposed": 1, "gather": 2}
+
+
+def get_launches(layout, head_dim, device, block_m=None, block_n=None) -> list[Launch]:
+    """The layout's segments as launches, in order (cached: the hot path does no table or parameter work)."""
+    key = (layout.key, head_dim, str(device), block_m, block_n)
+    if key in _LAUNCHES:
+        return _LAUNCHES[key]
     out = []
     for idx, seg in enumerate(get_segments(layout)):
         bm, bn, warps, stages = choose_tiles(seg, head_dim)
@@ -48,10 +70,13 @@ def _segment_launches(layout, head_dim, device, block_m=None, block_n=None):
             bm, bn = math.gcd(bm, layout.custom_block), math.gcd(bn, layout.custom_block)
         if bm * bn < 128 * 64:
             warps = min(warps, 4)
-        key = (layout.key, idx, str(device))
-        if key not in _PARAMS:
-            _PARAMS[key] = seg.params.to(device=device, dtype=torch.int32).contiguous()
-        out.append((seg, get_tables(layout, idx, bm, bn, device), _PARAMS[key], (warps, stages)))
+        p = seg.params
+        on = lambda *cols: bool((p[:, list(cols)] > 0).any())  # noqa: E731
+        flags = dict(KIND=_KINDS[seg.kind], HAS_DENSE=on(P_ALL, P_CUSTOM), HAS_WIN=on(P_WIN), HAS_BLK=on(P_BLK),
+                     HAS_STR=on(P_STR), HAS_SUM=on(P_SUM_L))
+        prm = p.to(device=device, dtype=torch.int32).contiguous()
+        out.append(Launch(seg, get_tables(layout, idx, bm, bn, device), prm, warps, stages, flags))
+    _LAUNCHES[key] = out
     return out
 
 
@@ -60,11 +85,11 @@ class SparseAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, layout, scale, block_m, block_n):
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         B, H, N, D = q.shape
-        launches = _segment_launches(layout, D, q.device, block_m, block_n)
+        launches = get_launches(layout, D, q.device, block_m, block_n)
         o = torch.empty_like(q)
         lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
-        for idx, (seg, tab, prm, (warps, stages)) in enumerate(launches):
-            attn_forward(q, k, v, o, lse, seg, tab, prm, scale, merge=idx > 0, num_warps=warps, num_stages=stages)
+        for idx, launch in enumerate(launches):
+            attn_forward(q, k, v, o, lse, launch, scale, merge=idx > 0)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.launches, ctx.scale = launches, scale
         ctx.mark_non_differentiable(lse)
@@ -77,13 +102,13 @@ class SparseAttentionFunction(torch.autograd.Function):
         delta = (do.float() * o.float()).sum(-1)  # (B, H, N)
         dq = torch.empty_like(do)
         # the gathered summary keys do not cover every key: when it runs alone, keys outside it get zero gradient
-        gather_only = ctx.launches[0][0].kind == GATHER
+        gather_only = ctx.launches[0].seg.kind == GATHER
         alloc = torch.zeros_like if gather_only else torch.empty_like
         dk = alloc(k)
         dv = alloc(k, dtype=v.dtype)
-        for idx, (seg, tab, prm, (warps, stages)) in enumerate(ctx.launches):
-            attn_backward(q, k, v, do, dq, dk, dv, lse, delta, seg, tab, prm, ctx.scale, accum=idx > 0,
-                          accum_kv=idx > 0 or gather_only, num_warps=warps, num_stages=stages)
+        for idx, launch in enumerate(ctx.launches):
+            attn_backward(q, k, v, do, dq, dk, dv, lse, delta, launch, ctx.scale, accum=idx > 0,
+                          accum_kv=idx > 0 or gather_only)
         return dq, dk, dv, None, None, None, None
 
 
