@@ -168,15 +168,18 @@ def attn_backward(q, k, v, do, dq, dk, dv, lse, delta, launch, scale, accum, acc
     """Launch dQ and dK/dV for one segment. q, k, v, do: [B, H, N, D]; dq with do's strides, dk and dv with k's;
     lse, delta: fp32 [B, H, N] of the whole layout; accum / accum_kv: add to what an earlier segment wrote."""
     B, H, N, D = q.shape
-    seg, tab = launch.seg, launch.tab
+    seg = launch.seg
     assert dq.stride() == do.stride() and dk.stride() == k.stride() and dv.stride() == k.stride()
-    common = dict(**launch.constexprs(q), num_warps=launch.warps, num_stages=launch.stages)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     qk_scale = scale * 1.4426950408889634
+    tab = launch.dq.tab
     _attn_bwd_dq_kernel[(tab.nqb, B * H)](
         q, k, v, do, dq, lse, delta, tab.q_ptr, tab.q_mid, tab.q_idx, launch.prm, qk_scale, scale, *strides,
-        H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C, ACCUM=accum, **common)
+        H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C, ACCUM=accum,
+        **launch.constexprs(q, launch.dq))
+    tab = launch.dkdv.tab
     _attn_bwd_dkdv_kernel[(tab.nkb, B * H)](
         q, k, v, do, dk, dv, lse, delta, tab.k_ptr, tab.k_mid, tab.k_idx, launch.prm, qk_scale, scale, *strides,
-        H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nkb, seg.L, seg.C, ACCUM=accum_kv, **common)
+        H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nkb, seg.L, seg.C, ACCUM=accum_kv,
+        **launch.constexprs(q, launch.dkdv))
