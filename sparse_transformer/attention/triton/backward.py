@@ -9,11 +9,40 @@ the tile table (query tiles per key tile), so every program owns its key rows an
 adds (ACCUM) into the rows an earlier one wrote. As in the forward, full tiles run unmasked, partial ones masked.
 Rows with LSE = -inf (no key) contribute nothing.
 """
+import torch
 import triton
 import triton.language as tl
 
 from .common import NUM_SEG_PARAMS, P_SUM_LO, _key_positions, _query_positions, _tile_mask
 from .forward import _dot
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, stride_ob, stride_oh, stride_on, stride_gb, stride_gh,
+                           stride_gn, H, N, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Delta = rowsum(dO * O) in fp32, one read of each (FlashAttention-2's preprocessing step)."""
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = rows < N
+    o = tl.load(o_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :],
+                mask=ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + b * stride_gb + h * stride_gh + rows[:, None] * stride_gn + offs_d[None, :],
+                 mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(delta_ptr + bh * N + rows, tl.sum(o * do, 1), mask=ok)
+
+
+def attn_delta(o, do):
+    """fp32 [B, H, N] = rowsum(dO * O)."""
+    B, H, N, D = o.shape
+    delta = torch.empty(B, H, N, device=o.device, dtype=torch.float32)
+    block = 64
+    _attn_bwd_delta_kernel[(triton.cdiv(N, block), B * H)](
+        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), H, N,
+        BLOCK=block, HEAD_DIM=D, num_warps=4)
+    return delta
 
 
 @triton.jit

@@ -16,7 +16,7 @@ import torch
 
 from ..plan import (GATHER, P_ALL, P_BLK, P_CUSTOM, P_STR, P_SUM_L, P_WIN, TRANSPOSED, Segment, Tables, get_segments,
                     get_tables)
-from .backward import attn_backward
+from .backward import attn_backward, attn_delta
 from .forward import attn_forward
 
 # Launch settings per (segment kind, head-dim bucket) and kernel: (BM, BN, num_warps, num_stages). Measured on an H100
@@ -111,7 +111,7 @@ class SparseAttentionFunction(torch.autograd.Function):
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
         do = do if do.stride(-1) == 1 else do.contiguous()
-        delta = (do.float() * o.float()).sum(-1)  # (B, H, N)
+        delta = attn_delta(o, do)  # (B, H, N) fp32
         dq = torch.empty_like(do)
         # the gathered summary keys do not cover every key: when it runs alone, keys outside it get zero gradient
         gather_only = ctx.launches[0].seg.kind == GATHER
