@@ -340,6 +340,8 @@ def main(args: argparse.Namespace) -> int:
     if step >= tc.max_steps:
         if d.main:
             print(f"{out} already holds a finished run of {tc.max_steps} steps (raise --max-steps to go on)")
+        if d.world > 1:
+            dist.destroy_process_group()
         return 0
     if d.main:
         print(model.summary(), flush=True)
