@@ -12,12 +12,15 @@ from sparse_transformer import sparse_attention
 from sparse_transformer.attention.triton import function as fn_mod
 from sparse_transformer.bench import SETUPS
 
-VARIANTS = {  # name: (fwd, dq, dkdv) as (BM, BN, num_warps, num_stages)
-    "f128x64w4|64x64w4|64x64w4": ((128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 3)),
-    "f128x64w8|128x64w8|64x128w8": ((128, 64, 8, 3), (128, 64, 8, 3), (64, 128, 8, 3)),
-    "f64x64w4|128x32w4|32x128w4": ((64, 64, 4, 3), (128, 32, 4, 3), (32, 128, 4, 3)),
-    "f128x128w8|64x64w4s2|64x64w4s2": ((128, 128, 8, 2), (64, 64, 4, 2), (64, 64, 4, 2)),
+VARIANTS = {  # name: {kind: (fwd, dq, dkdv)} as (BM, BN, num_warps, num_stages); kinds not named keep their TUNING
+    "current": {},
+    "band64": {"natural": ((64, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 2))},
+    "trans32": {"transposed": ((32, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 2))},
+    "trans64": {"transposed": ((64, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 2))},
+    "trans128": {"transposed": ((128, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2))},
+    "gather128": {"gather": ((128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 8, 3))},
 }
+BASE = {k: dict(v) for k, v in fn_mod.TUNING.items()}
 
 
 def bench(f, go):
@@ -41,8 +44,9 @@ for name in names:
 
     c_f, c_fb = bench(dense, go)
     for vname, cfg in VARIANTS.items():
-        for kind in ("natural", "gather", "transposed"):
-            fn_mod.TUNING[(kind, 64 if D <= 64 else 128)] = dict(fwd=cfg[0], dq=cfg[1], dkdv=cfg[2])
+        fn_mod.TUNING.update({k: dict(v) for k, v in BASE.items()})
+        for kind, c in cfg.items():
+            fn_mod.TUNING[(kind, 64 if D <= 64 else 128)] = dict(fwd=c[0], dq=c[1], dkdv=c[2])
         fn_mod.clear_cache()
         try:
             f = lambda: sparse_attention(q, k, v, lay, backend="triton")  # noqa: E731
@@ -67,20 +71,3 @@ for name in names:
     torch.cuda.empty_cache()
 json.dump(rows, open(os.path.join(os.environ.get("OUT", "."), "dev_kernels.json"), "w"), indent=1)
 
-# where the host time of one forward call goes (launch overhead decides the short strided rows)
-import cProfile  # noqa: E402
-import pstats  # noqa: E402
-
-B, H, n, D, make, _ = SETUPS["strided-3k"]
-lay = make()
-q, k, v = (torch.randn(B, H, n, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-for _ in range(5):
-    sparse_attention(q, k, v, lay, backend="triton")
-torch.cuda.synchronize()
-prof = cProfile.Profile()
-prof.enable()
-for _ in range(200):
-    sparse_attention(q, k, v, lay, backend="triton")
-prof.disable()
-torch.cuda.synchronize()
-pstats.Stats(prof).sort_stats("tottime").print_stats(14)
