@@ -77,8 +77,8 @@ class TrainConfig:
 # Training settings per model preset (presets.py holds the model side). Epoch counts are the paper's; batch sizes are
 # not stated in the paper (UNVERIFIED choices), and max_steps follows from epochs * examples / batch.
 TRAIN_PRESETS: dict[str, dict] = {
-    "demo": dict(data="python-stdlib", batch_size=16, max_steps=300, lr=2e-3, warmup_steps=30, eval_every=100,
-                 eval_batches=4, ckpt_every=100, log_every=10),
+    "demo": dict(data="python-stdlib", batch_size=16, max_steps=800, lr=2e-3, warmup_steps=50, eval_every=200,
+                 eval_batches=4, ckpt_every=200, log_every=10),
     "fashion-mnist": dict(data="fashion-mnist", batch_size=64, max_steps=5000, lr=1e-3, warmup_steps=500,
                           eval_every=500, ckpt_every=1000),
     "cifar10": dict(data="cifar10", batch_size=16, max_steps=120 * 48_000 // 16, lr=3.5e-4, warmup_steps=5000,

@@ -161,3 +161,12 @@ def test_two_processes_equal_one(tmp_path, corpus, parallel):
     for step in a:  # the same global batch split the same way: equal up to the order of float sums
         assert math.isclose(a[step], b[step], rel_tol=2e-5), (step, a[step], b[step])
     assert math.isclose(va[steps], vb[steps], rel_tol=2e-5)
+
+
+def test_demo_sampling_and_layout_picture(tmp_path, reference):
+    from sparse_transformer.demo import draw_layout, sample_bytes
+
+    model, _ = load_model(reference, "cpu")
+    a = sample_bytes(model, b"def ", 80, temperature=1.0, seed=3)  # 80 > n_ctx=64: the context slides
+    assert len(a) == 84 and a.startswith(b"def ") and a == sample_bytes(model, b"def ", 80, seed=3)
+    assert draw_layout(model, tmp_path / "layout.png").stat().st_size > 100
