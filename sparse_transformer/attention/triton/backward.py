@@ -7,42 +7,14 @@ Algorithm (FlashAttention-2, section 3.2): P is recomputed from Q, K and the sav
 dS = P * (dO V^T - Delta), dQ = scale * dS K, dK = scale * dS^T Q, dV = P^T dO. The dK/dV kernel walks the CSC copy of
 the tile table (query tiles per key tile), so every program owns its key rows and needs no atomics; a later segment
 adds (ACCUM) into the rows an earlier one wrote. As in the forward, full tiles run unmasked, partial ones masked.
-Rows with LSE = -inf (no key) contribute nothing.
+Rows with LSE = -inf (no key) contribute nothing. Delta is computed by the first segment's dQ kernel (FA2's
+preprocessing step, fused: one launch fewer).
 """
-import torch
 import triton
 import triton.language as tl
 
 from .common import NUM_SEG_PARAMS, P_SUM_LO, _key_positions, _query_positions, _tile_mask
 from .forward import _dot
-
-
-@triton.jit
-def _attn_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, stride_ob, stride_oh, stride_on, stride_gb, stride_gh,
-                           stride_gn, H, N, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Delta = rowsum(dO * O) in fp32, one read of each (FlashAttention-2's preprocessing step)."""
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, HEAD_DIM)
-    ok = rows < N
-    o = tl.load(o_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :],
-                mask=ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + b * stride_gb + h * stride_gh + rows[:, None] * stride_gn + offs_d[None, :],
-                 mask=ok[:, None], other=0.0).to(tl.float32)
-    tl.store(delta_ptr + bh * N + rows, tl.sum(o * do, 1), mask=ok)
-
-
-def attn_delta(o, do):
-    """fp32 [B, H, N] = rowsum(dO * O)."""
-    B, H, N, D = o.shape
-    delta = torch.empty(B, H, N, device=o.device, dtype=torch.float32)
-    block = 64
-    _attn_bwd_delta_kernel[(triton.cdiv(N, block), B * H)](
-        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), H, N,
-        BLOCK=block, HEAD_DIM=D, num_warps=4)
-    return delta
 
 
 @triton.jit
@@ -98,12 +70,12 @@ def _dkdv_tile(k, v, dk, dv, e, j, p_k, k_ok, q_base, do_base, lse_base, delta_b
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, row_ptr, mid_ptr, idx_ptr, prm_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, row_ptr, mid_ptr, idx_ptr, prm_ptr,
     qk_scale, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,  # shared by do and dq
+    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,  # shared by o, do and dq
     H, N, NQ, NK, TH, NQB, SEG_L, SEG_C,
-    KIND: tl.constexpr, ACCUM: tl.constexpr, IEEE: tl.constexpr,
+    KIND: tl.constexpr, ACCUM: tl.constexpr, DELTA: tl.constexpr, IEEE: tl.constexpr,
     HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr,
     HAS_SUM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -124,7 +96,12 @@ def _attn_bwd_dq_kernel(
     do = tl.load(do_ptr + g_off, mask=q_ok[:, None], other=0.0)
     lse = tl.load(lse_ptr + bh * N + i, mask=q_ok, other=float("-inf")) * 1.4426950408889634
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: P = 0
-    delta = tl.load(delta_ptr + bh * N + i, mask=q_ok, other=0.0)
+    if DELTA:  # the first segment computes Delta = rowsum(dO * O) for its rows (every row) and stores it for the rest
+        o = tl.load(o_ptr + g_off, mask=q_ok[:, None], other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(delta_ptr + bh * N + i, delta, mask=q_ok)
+    else:
+        delta = tl.load(delta_ptr + bh * N + i, mask=q_ok, other=0.0)
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -193,19 +170,20 @@ def _attn_bwd_dkdv_kernel(
     tl.store(dv_ptr + k_off, dv.to(dv_ptr.dtype.element_ty), mask=k_ok[:, None])
 
 
-def attn_backward(q, k, v, do, dq, dk, dv, lse, delta, launch, scale, accum, accum_kv):
-    """Launch dQ and dK/dV for one segment. q, k, v, do: [B, H, N, D]; dq with do's strides, dk and dv with k's;
-    lse, delta: fp32 [B, H, N] of the whole layout; accum / accum_kv: add to what an earlier segment wrote."""
+def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, accum, accum_kv):
+    """Launch dQ and dK/dV for one segment. q, k, v, o, do: [B, H, N, D]; o, do and dq share strides, dk and dv have
+    k's; lse: fp32 [B, H, N] of the whole layout; delta: fp32 [B, H, N], written by the first segment (accum=False),
+    read by the others; accum / accum_kv: add to what an earlier segment wrote."""
     B, H, N, D = q.shape
     seg = launch.seg
-    assert dq.stride() == do.stride() and dk.stride() == k.stride() and dv.stride() == k.stride()
+    assert dq.stride() == do.stride() == o.stride() and dk.stride() == k.stride() == dv.stride()
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     qk_scale = scale * 1.4426950408889634
     tab = launch.dq.tab
     _attn_bwd_dq_kernel[(tab.nqb, B * H)](
-        q, k, v, do, dq, lse, delta, tab.q_ptr, tab.q_mid, tab.q_idx, launch.prm, qk_scale, scale, *strides,
-        H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C, ACCUM=accum,
+        q, k, v, o, do, dq, lse, delta, tab.q_ptr, tab.q_mid, tab.q_idx, launch.prm, qk_scale, scale, *strides,
+        H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C, ACCUM=accum, DELTA=not accum,
         **launch.constexprs(q, launch.dq))
     tab = launch.dkdv.tab
     _attn_bwd_dkdv_kernel[(tab.nkb, B * H)](

@@ -4,7 +4,7 @@ Legend: B batch, H heads, N sequence, D head dim, BM/BN query/key tile.
 
 Forward launches one kernel per segment of the layout's plan (natural, transposed strided, gathered summary); the
 second and third fold their result into the first through the log-sum-exp inside the kernel. Backward computes
-Delta = rowsum(dO * O) once and launches dQ and dK/dV per segment, each adding to the rows the earlier ones wrote.
+Delta = rowsum(dO * O) in the first dQ launch and launches dQ and dK/dV per segment, each adding to the rows the earlier ones wrote.
 Tables are built once per (layout, tiles, device) and cached (plan.get_tables).
 """
 from __future__ import annotations
@@ -16,16 +16,18 @@ import torch
 
 from ..plan import (GATHER, P_ALL, P_BLK, P_CUSTOM, P_STR, P_SUM_L, P_WIN, TRANSPOSED, Segment, Tables, get_segments,
                     get_tables)
-from .backward import attn_backward, attn_delta
+from .backward import attn_backward
 from .forward import attn_forward
 
 # Launch settings per (segment kind, head-dim bucket) and kernel: (BM, BN, num_warps, num_stages). Measured on an H100
 # with bench/dev_kernels.py; experiments may edit TUNING and call clear_cache().
 TUNING = {
-    (kind, d): dict(fwd=(128, 64, 4, 3) if d == 64 else (64, 64, 4, 3), dq=(64, 64, 4, 3), dkdv=(64, 64, 4, 3))
+    (kind, d): dict(fwd=(64, 64, 4, 2), dq=(64, 64, 4, 2), dkdv=(64, 64, 4, 2))
     for kind in ("natural", "gather", "transposed") for d in (64, 128)
 }
-TUNING[("natural", 64)].update(dq=(128, 64, 8, 3), dkdv=(64, 128, 8, 3))  # local bands: strided-12k 1.16 -> 0.90 ms
+# gathered summary tiles are full and long rows: deeper pipelines and a wider forward tile pay (fixed-12k fwd
+# 0.36 -> 0.37 ms is flat, fixed-64k fwd+bwd 8.8 -> 8.1 ms with the 128-row forward)
+TUNING[("gather", 64)] = dict(fwd=(128, 64, 4, 3), dq=(64, 64, 4, 3), dkdv=(64, 64, 4, 3))
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,8 +65,8 @@ def clear_cache():
 
 def _pass(layout, idx, seg, cfg, head_dim, device, block_m, block_n) -> Pass:
     bm, bn, warps, stages = cfg
-    if seg.kind == TRANSPOSED and seg.C % 64 and seg.C <= 192:  # short chunks: tiles that divide them
-        bm = bn = 32 if seg.C % 32 == 0 or seg.C > 48 else 16
+    if seg.kind == TRANSPOSED and seg.C < max(bm, bn):  # chunks shorter than a tile: shrink the tile to fit
+        bm = bn = max(16, 1 << (seg.C.bit_length() - 1))
     bm, bn = block_m or bm, block_n or bn
     if layout.custom_block:  # kernel tiles nest inside the user's tiles
         bm, bn = math.gcd(bm, layout.custom_block), math.gcd(bn, layout.custom_block)
@@ -98,7 +100,7 @@ class SparseAttentionFunction(torch.autograd.Function):
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         B, H, N, D = q.shape
         launches = get_launches(layout, D, q.device, block_m, block_n)
-        o = torch.empty_like(q)
+        o = torch.empty(q.shape, device=q.device, dtype=q.dtype)  # contiguous: the backward gives dO its strides
         lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
         for idx, launch in enumerate(launches):
             attn_forward(q, k, v, o, lse, launch, scale, merge=idx > 0)
@@ -110,8 +112,8 @@ class SparseAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
-        do = do if do.stride(-1) == 1 else do.contiguous()
-        delta = attn_delta(o, do)  # (B, H, N) fp32
+        do = do.contiguous()
+        delta = torch.empty_like(lse)  # (B, H, N) fp32, written by the first segment's dQ kernel
         dq = torch.empty_like(do)
         # the gathered summary keys do not cover every key: when it runs alone, keys outside it get zero gradient
         gather_only = ctx.launches[0].seg.kind == GATHER
@@ -119,7 +121,7 @@ class SparseAttentionFunction(torch.autograd.Function):
         dk = alloc(k)
         dv = alloc(k, dtype=v.dtype)
         for idx, launch in enumerate(ctx.launches):
-            attn_backward(q, k, v, do, dq, dk, dv, lse, delta, launch, ctx.scale, accum=idx > 0,
+            attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, ctx.scale, accum=idx > 0,
                           accum_kv=idx > 0 or gather_only)
         return dq, dk, dv, None, None, None, None
 
