@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import evaluate as evaluation
@@ -46,18 +45,11 @@ def sample_bytes(model, prompt: bytes, length: int, temperature: float = 1.0, se
     return bytes(out)
 
 
-def draw_layout(model, path: Path, max_side: int = 512) -> Path:
-    """The first layer's element mask (query rows, key columns; dark = attended) as a PNG."""
-    from PIL import Image
+def draw_layout(model, path: Path) -> Path:
+    """The first layer's layout, head 0, drawn like the paper's Figure 3 (pictures.draw_layout)."""
+    from .pictures import draw_layout as draw
 
-    layout = model.layer_layouts(model.cfg.n_ctx)[0]
-    mask = layout.element_mask().cpu().numpy()
-    if mask.ndim == 3:  # one pattern per head: show them side by side
-        mask = np.concatenate(list(mask), axis=1)
-    img = Image.fromarray(np.where(mask, 30, 245).astype(np.uint8), mode="L")
-    scale = max(1, max_side // mask.shape[0])
-    img.resize((mask.shape[1] * scale, mask.shape[0] * scale), Image.NEAREST).save(path)
-    return path
+    return Path(draw(model.layer_layouts(model.cfg.n_ctx)[0], str(path)))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,7 +94,7 @@ def main(args: argparse.Namespace) -> int:
         f"(non-overlapping windows of {cfg.n_ctx}); a byte-uniform model scores 8",
         "",
         "loss.png: train and validation bits/byte per step. layout.png: which keys (columns) each query (row) of the "
-        f"first layer attends to ({cfg.pattern}, stride {cfg.stride}, summary {cfg.summary}).",
+        f"first layer's first head attends to ({cfg.pattern}, stride {cfg.stride}, summary {cfg.summary}).",
         "",
         f"## Sample (temperature {args.temperature}, prompt {PROMPT.decode()!r})",
         "",
