@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from ..layouts import P_CUSTOM, Layout
 from .plan import Segment, Tables, get_plan, segment_rule
 
-CHUNK_ELEMENTS = 1 << 22  # score entries per chunk (B * H * rows * BM * R * BN), about 16 MB in fp32
+CHUNK_ELEMENTS = 1 << 20  # score entries per chunk (B * H * rows * BM * R * BN): 4 MB in fp32, ~100 MB of mask temporaries
 
 
 def attention_torch(q, k, v, layout: Layout, scale: float | None = None, block: int = 64):
