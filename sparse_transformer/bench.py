@@ -1,5 +1,8 @@
 """Benchmarks against dense attention (SDPA: cuDNN and flash) and FlexAttention, side by side in one process.
 
+`sparse-transformer bench model [--preset enwik8]`: training-step time, tokens/s and peak memory of a preset with our
+attention and with dense SDPA, each with and without recomputation; JSON to bench/results/model-<date>.json.
+
 `sparse-transformer bench attention [--setups NAME ...] [--out DIR]`: for each setup of the paper's patterns, times
 forward and forward+backward (median of triton.testing.do_bench, random bf16 inputs) of our Triton kernels, dense
 causal SDPA (cuDNN, flash), FlexAttention (compiled, the layout's element rule, default 128 blocks) and our torch
@@ -139,17 +142,94 @@ def format_table(rows):
     return "\n".join(lines)
 
 
+def bench_model(preset, n=None, batch=1, attentions=("ours", "dense"), recompute=(True, False), steps=5,
+                out_dir="bench/results"):
+    """Training-step time (forward + backward + AdamW step, bf16 autocast), tokens/s and peak memory of a preset,
+    with our attention and with dense SDPA, side by side in one process. Writes bench/results/model-<date>.json."""
+    from . import SparseTransformer, load_preset
+
+    dev, tv, trv = _versions()
+    rows = []
+    for attention in attentions:
+        for rc in recompute:
+            cfg = load_preset(preset, **({"n_ctx": n} if n else {}), recompute=rc, dropout=0.0,
+                              backend="dense" if attention == "dense" else "auto")
+            row = dict(preset=preset, n=cfg.n_ctx, batch=batch, attention=attention, recompute=rc, device=dev,
+                       torch=tv, triton=trv)
+            try:
+                torch.manual_seed(0)
+                model = SparseTransformer(cfg).cuda()
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+                x = torch.randint(0, 256, (batch, cfg.n_ctx), device="cuda")
+
+                def step():
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        loss = model.loss(x)
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    return loss
+
+                step()  # build tables / compile kernels outside the timing
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                times = []
+                for _ in range(steps):
+                    t0 = torch.cuda.Event(enable_timing=True)
+                    t1 = torch.cuda.Event(enable_timing=True)
+                    t0.record()
+                    step()
+                    t1.record()
+                    torch.cuda.synchronize()
+                    times.append(t0.elapsed_time(t1))
+                times.sort()
+                row.update(step_ms=times[len(times) // 2], tokens_per_s=batch * cfg.n_ctx / times[len(times) // 2] * 1e3,
+                           peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30, params=model.num_params())
+            except torch.OutOfMemoryError as e:
+                row["error"] = f"OOM: {str(e)[:120]}"
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            model = opt = None
+            torch.cuda.empty_cache()
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"model-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1)
+    print(f"{'preset':10s} {'n':>6s} {'B':>2s} {'attention':9s} {'recompute':9s} {'step ms':>9s} {'tok/s':>9s} "
+          f"{'peak GB':>8s}")
+    for r in rows:
+        if "step_ms" in r:
+            print(f"{r['preset']:10s} {r['n']:6d} {r['batch']:2d} {r['attention']:9s} {str(r['recompute']):9s} "
+                  f"{r['step_ms']:9.1f} {r['tokens_per_s']:9.0f} {r['peak_mem_gb']:8.2f}")
+        else:
+            print(f"{r['preset']:10s} {r['n']:6d} {r['batch']:2d} {r['attention']:9s} {str(r['recompute']):9s} "
+                  f"{r['error'][:60]}")
+    print(f"wrote {path}")
+    return rows
+
+
 def add_arguments(p: argparse.ArgumentParser):
     sub = p.add_subparsers(dest="what", required=True)
     a = sub.add_parser("attention", help="our kernels vs SDPA (cuDNN, flash) and FlexAttention on the paper's patterns")
     a.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS), help="which setups to run")
     a.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="which methods to time")
     a.add_argument("--out", default="bench/results", help="folder for the JSON results")
+    m = sub.add_parser("model", help="training-step time and peak memory of a preset, ours vs dense attention")
+    m.add_argument("--preset", default="enwik8", help="preset name")
+    m.add_argument("--n", type=int, default=None, help="sequence length (default: the preset's n_ctx)")
+    m.add_argument("--batch", type=int, default=1, help="sequences per step")
+    m.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    m.add_argument("--out", default="bench/results", help="folder for the JSON results")
 
 
 def main(args) -> int:
     if not torch.cuda.is_available():
         print("bench attention needs a CUDA GPU (it times GPU kernels against cuDNN and FlexAttention)")
         return 2
-    bench_attention(args.setups, args.methods, args.out)
+    if args.what == "model":
+        bench_model(args.preset, args.n, args.batch, steps=args.steps, out_dir=args.out)
+    else:
+        bench_attention(args.setups, args.methods, args.out)
     return 0
