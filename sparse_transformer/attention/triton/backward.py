@@ -126,8 +126,9 @@ def _attn_bwd_dq_kernel(
 def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr, col_ptr, mid_ptr, idx_ptr, prm_ptr,
     qk_scale, sm_scale,
-    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,  # k's strides are shared by dk and dv
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,  # o's strides: do
+    stride_gb, stride_gh, stride_gn,  # dk's and dv's (contiguous) strides
     H, N, NQ, NK, TH, NKB, SEG_L, SEG_C,
     KIND: tl.constexpr, ACCUM: tl.constexpr, IEEE: tl.constexpr,
     HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr,
@@ -163,20 +164,21 @@ def _attn_bwd_dkdv_kernel(
                             delta_ptr + bh * N, stride_qn, stride_on, offs_d, prm, qk_scale, N, NQ, SEG_L, SEG_C,
                             True, KIND, IEEE, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, BLOCK_M)
     dk = dk * sm_scale
+    g_off = b * stride_gb + h * stride_gh + j[:, None] * stride_gn + offs_d[None, :]
     if ACCUM:
-        dk += tl.load(dk_ptr + k_off, mask=k_ok[:, None], other=0.0).to(tl.float32)
-        dv += tl.load(dv_ptr + k_off, mask=k_ok[:, None], other=0.0).to(tl.float32)
-    tl.store(dk_ptr + k_off, dk.to(dk_ptr.dtype.element_ty), mask=k_ok[:, None])
-    tl.store(dv_ptr + k_off, dv.to(dv_ptr.dtype.element_ty), mask=k_ok[:, None])
+        dk += tl.load(dk_ptr + g_off, mask=k_ok[:, None], other=0.0).to(tl.float32)
+        dv += tl.load(dv_ptr + g_off, mask=k_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(dk_ptr + g_off, dk.to(dk_ptr.dtype.element_ty), mask=k_ok[:, None])
+    tl.store(dv_ptr + g_off, dv.to(dv_ptr.dtype.element_ty), mask=k_ok[:, None])
 
 
 def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, accum, accum_kv):
-    """Launch dQ and dK/dV for one segment. q, k, v, o, do: [B, H, N, D]; o, do and dq share strides, dk and dv have
-    k's; lse: fp32 [B, H, N] of the whole layout; delta: fp32 [B, H, N], written by the first segment (accum=False),
+    """Launch dQ and dK/dV for one segment. q, k, v, o, do: [B, H, N, D]; o, do and dq share strides, dk and dv share
+    theirs; lse: fp32 [B, H, N] of the whole layout; delta: fp32 [B, H, N], written by the first segment (accum=False),
     read by the others; accum / accum_kv: add to what an earlier segment wrote."""
     B, H, N, D = q.shape
     seg = launch.seg
-    assert dq.stride() == do.stride() == o.stride() and dk.stride() == k.stride() == dv.stride()
+    assert dq.stride() == do.stride() == o.stride() and dk.stride() == dv.stride()
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     qk_scale = scale * 1.4426950408889634
@@ -188,5 +190,5 @@ def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, accum, 
     tab = launch.dkdv.tab
     _attn_bwd_dkdv_kernel[(tab.nkb, B * H)](
         q, k, v, do, dk, dv, lse, delta, tab.k_ptr, tab.k_mid, tab.k_idx, launch.prm, qk_scale, scale, *strides,
-        H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nkb, seg.L, seg.C, ACCUM=accum_kv,
+        dk.stride(0), dk.stride(1), dk.stride(2), H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nkb, seg.L, seg.C, ACCUM=accum_kv,
         **launch.constexprs(q, launch.dkdv))

@@ -117,9 +117,9 @@ class SparseAttentionFunction(torch.autograd.Function):
         dq = torch.empty_like(do)
         # the gathered summary keys do not cover every key: when it runs alone, keys outside it get zero gradient
         gather_only = ctx.launches[0].seg.kind == GATHER
-        alloc = torch.zeros_like if gather_only else torch.empty_like
-        dk = alloc(k)
-        dv = alloc(k, dtype=v.dtype)
+        alloc = torch.zeros if gather_only else torch.empty
+        dk = alloc(k.shape, device=k.device, dtype=k.dtype)  # contiguous, whatever views k and v are
+        dv = alloc(v.shape, device=v.device, dtype=v.dtype)
         for idx, launch in enumerate(ctx.launches):
             attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, ctx.scale, accum=idx > 0,
                           accum_kv=idx > 0 or gather_only)
