@@ -141,3 +141,13 @@ def test_auto_is_torch_on_cpu():
     lay = layouts.strided(40, 5)
     q, k, v = make_qkv(1, 1, 40, 8, torch.float32, requires_grad=False)
     assert torch.equal(sparse_attention(q, k, v, lay), sparse_attention(q, k, v, lay, backend="torch"))
+
+
+def test_plan_caches_are_bounded():
+    from sparse_transformer.attention.plan import LRUCache
+
+    c = LRUCache(size=3)
+    for n in range(10):
+        c.get(n, lambda: n * n)
+    assert list(c.data) == [7, 8, 9]
+    assert c.get(8, lambda: -1) == 64  # a hit does not rebuild

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..layouts import Layout
+from .plan import LRUCache
 from .reference import attention_ref
 from .torch_blocks import attention_torch
 
@@ -60,16 +61,16 @@ def _flex(q, k, v, layout, scale):
     if not q.is_cuda:
         raise ValueError("backend='flex' needs CUDA tensors")
     key = (layout.key, q.shape[1], str(q.device))
-    if key not in _FLEX_MASKS:
-        _FLEX_MASKS[key] = layout.to_block_mask(None, q.shape[1] if layout.num_heads > 1 else None, device=q.device)
+    mask = _FLEX_MASKS.get(key, lambda: layout.to_block_mask(None, q.shape[1] if layout.num_heads > 1 else None,
+                                                             device=q.device))
     global _FLEX_FN
     if _FLEX_FN is None:
         _FLEX_FN = torch.compile(flex_attention, dynamic=False)
-    out, lse = _FLEX_FN(q, k, v, block_mask=_FLEX_MASKS[key], scale=scale, return_lse=True)
+    out, lse = _FLEX_FN(q, k, v, block_mask=mask, scale=scale, return_lse=True)
     return out, lse
 
 
-_FLEX_MASKS: dict = {}
+_FLEX_MASKS = LRUCache(32)
 _FLEX_FN = None
 
 

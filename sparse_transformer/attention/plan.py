@@ -24,6 +24,7 @@ without bounds masks); `Layout.blocks()` uses the exact count-based classificati
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -278,23 +279,39 @@ def build_tables(seg: Segment, layout: Layout, bm: int, bn: int) -> Tables:
                   int(np.diff(q_ptr).max(initial=0)), int(np.diff(k_ptr).max(initial=0)))
 
 
-_SEGMENTS: dict = {}
-_TABLES: dict = {}
+class LRUCache:
+    """A small least-recently-used cache: layouts for many lengths (e.g. decoding by growing prefixes) must not grow
+    memory without bound."""
+
+    def __init__(self, size: int = 256):
+        self.size, self.data = size, OrderedDict()
+
+    def get(self, key, build):
+        if key in self.data:
+            self.data.move_to_end(key)
+            return self.data[key]
+        value = self.data[key] = build()
+        if len(self.data) > self.size:
+            self.data.popitem(last=False)
+        return value
+
+    def clear(self):
+        self.data.clear()
+
+
+_SEGMENTS = LRUCache()
+_TABLES = LRUCache()
 
 
 def get_segments(layout: Layout) -> list[Segment]:
     """The layout's segments, built once per layout."""
-    if layout.key not in _SEGMENTS:
-        _SEGMENTS[layout.key] = make_segments(layout)
-    return _SEGMENTS[layout.key]
+    return _SEGMENTS.get(layout.key, lambda: make_segments(layout))
 
 
 def get_tables(layout: Layout, index: int, bm: int, bn: int, device) -> Tables:
     """Tables of segment `index` for tiles (BM, BN) on a device; built once per (layout, segment, tiles, device)."""
-    key = (layout.key, index, bm, bn, str(device))
-    if key not in _TABLES:
-        _TABLES[key] = build_tables(get_segments(layout)[index], layout, bm, bn).to(device)
-    return _TABLES[key]
+    return _TABLES.get((layout.key, index, bm, bn, str(device)),
+                       lambda: build_tables(get_segments(layout)[index], layout, bm, bn).to(device))
 
 
 def get_plan(layout: Layout, bm: int, bn: int, device) -> list[tuple[Segment, Tables]]:

@@ -15,7 +15,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..layouts import P_CUSTOM, Layout
-from .plan import Segment, Tables, get_plan, segment_rule
+from .plan import LRUCache, Segment, Tables, get_plan, segment_rule
 
 CHUNK_ELEMENTS = 1 << 20  # score entries per chunk (B * H * rows * BM * R * BN): 4 MB in fp32, ~100 MB of mask temporaries
 
@@ -129,13 +129,13 @@ def _take(x, idx):
     return x[:, torch.arange(x.shape[1], device=x.device)[:, None], idx]
 
 
-_ROWS: dict = {}
+_ROWS = LRUCache()
 
 
 def _padded_rows(tab: Tables, TH: int):
     """Key tiles of each query tile as a padded [TH, nqb, R] array and a validity mask (cached per table)."""
-    key = id(tab)
-    if key not in _ROWS:
+
+    def build():
         ptr, idx = tab.q_ptr.cpu().long(), tab.q_idx.cpu().long()
         counts = ptr[1:] - ptr[:-1]
         R = max(1, int(counts.max()) if len(counts) else 1)
@@ -143,5 +143,7 @@ def _padded_rows(tab: Tables, TH: int):
         ok = slot[None] < counts[:, None]
         pos = (ptr[:-1, None] + slot[None]).clamp(max=max(0, len(idx) - 1))
         cols = torch.where(ok, idx[pos] if len(idx) else torch.zeros_like(pos), torch.zeros_like(pos))
-        _ROWS[key] = (tab, cols.reshape(TH, tab.nqb, R), ok.reshape(TH, tab.nqb, R))
-    return _ROWS[key][1], _ROWS[key][2]
+        return tab, cols.reshape(TH, tab.nqb, R), ok.reshape(TH, tab.nqb, R)  # tab: keeps id(tab) unique
+
+    _, cols, ok = _ROWS.get(id(tab), build)
+    return cols, ok

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..plan import (GATHER, P_ALL, P_BLK, P_CUSTOM, P_STR, P_SUM_L, P_WIN, TRANSPOSED, Segment, Tables, get_segments,
+from ..plan import (GATHER, LRUCache, P_ALL, P_BLK, P_CUSTOM, P_STR, P_SUM_L, P_WIN, TRANSPOSED, Segment, Tables, get_segments,
                     get_tables)
 from .backward import attn_backward
 from .forward import attn_forward
@@ -55,7 +55,7 @@ class Launch:
                     HEAD_DIM=q.shape[-1], num_warps=p.warps, num_stages=p.stages)
 
 
-_LAUNCHES: dict = {}
+_LAUNCHES = LRUCache()
 _KINDS = {"natural": 0, "transposed": 1, "gather": 2}
 
 
@@ -78,8 +78,10 @@ def _pass(layout, idx, seg, cfg, head_dim, device, block_m, block_n) -> Pass:
 def get_launches(layout, head_dim, device, block_m=None, block_n=None) -> list[Launch]:
     """The layout's segments as launches, in order (cached: the hot path does no table or parameter work)."""
     key = (layout.key, head_dim, str(device), block_m, block_n)
-    if key in _LAUNCHES:
-        return _LAUNCHES[key]
+    return _LAUNCHES.get(key, lambda: _build_launches(layout, head_dim, device, block_m, block_n))
+
+
+def _build_launches(layout, head_dim, device, block_m, block_n) -> list[Launch]:
     out = []
     for idx, seg in enumerate(get_segments(layout)):
         cfg = TUNING[(seg.kind, 64 if head_dim <= 64 else 128)]
@@ -90,7 +92,6 @@ def get_launches(layout, head_dim, device, block_m=None, block_n=None) -> list[L
         prm = p.to(device=device, dtype=torch.int32).contiguous()
         passes = [_pass(layout, idx, seg, cfg[k], head_dim, device, block_m, block_n) for k in ("fwd", "dq", "dkdv")]
         out.append(Launch(seg, prm, flags, *passes))
-    _LAUNCHES[key] = out
     return out
 
 
