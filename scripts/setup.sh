@@ -8,9 +8,9 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 if ! python -c "import torch" 2>/dev/null; then
-  # a CPU wheel from the configured local wheel folder if there is one, else PyTorch's CPU index (a plain
+  # a CPU build: "+cpu" wheels come from a configured local wheel folder or from PyTorch's CPU index (a plain
   # "pip install torch" on Linux would download the multi-GB CUDA build)
-  python -m pip install -q --no-index "torch==2.13.0" 2>/dev/null \
-    || python -m pip install -q "torch>=2.6" --index-url https://download.pytorch.org/whl/cpu
+  python -m pip install -q "torch==2.13.0+cpu" 2>/dev/null \
+    || python -m pip install -q "torch>=2.6" --extra-index-url https://download.pytorch.org/whl/cpu
 fi
 python -m pip install -q -e ".[test,plots]" "triton==3.9.0"
