@@ -72,7 +72,6 @@ def load_preset(name: str, **overrides) -> SparseTransformerConfig:
 
 
 # ---- dict / JSON / TOML --------------------------------------------------------------------------------------------
-_FIELDS = {f.name: f for f in dataclasses.fields(SparseTransformerConfig)}
 
 
 def config_to_dict(cfg: SparseTransformerConfig) -> dict:
@@ -80,14 +79,16 @@ def config_to_dict(cfg: SparseTransformerConfig) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
-def config_from_dict(values: dict) -> SparseTransformerConfig:
-    """Strict: every key must be a field of SparseTransformerConfig and every value of that field's type."""
-    unknown = sorted(set(values) - set(_FIELDS))
+def dataclass_from_dict(cls, values: dict, label: str = "config"):
+    """Strict: every key must be a field of the dataclass `cls` and every value of that field's type (ints are
+    accepted for floats, lists of ints for tuples). Errors name the key, the value and the expected type."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(f"unknown config keys {unknown}; known keys are {sorted(_FIELDS)}")
+        raise ValueError(f"unknown {label} keys {unknown}; known keys are {sorted(fields)}")
     kwargs = {}
     for key, value in values.items():
-        default = _FIELDS[key].default
+        default = fields[key].default
         if isinstance(default, bool):
             ok = isinstance(value, bool)
         elif isinstance(default, int):
@@ -102,11 +103,16 @@ def config_from_dict(values: dict) -> SparseTransformerConfig:
         else:
             ok = isinstance(value, type(default))
         if not ok:
-            raise ValueError(f"config key {key}={value!r} has type {type(value).__name__}; expected "
+            raise ValueError(f"{label} key {key}={value!r} has type {type(value).__name__}; expected "
                              f"{type(default).__name__}" + (f" of {len(default)} ints" if isinstance(default, tuple)
                                                             else ""))
         kwargs[key] = value
-    return SparseTransformerConfig(**kwargs)
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict) -> SparseTransformerConfig:
+    """Strict: every key must be a field of SparseTransformerConfig and every value of that field's type."""
+    return dataclass_from_dict(SparseTransformerConfig, values, "config")
 
 
 def config_to_json(cfg: SparseTransformerConfig) -> str:

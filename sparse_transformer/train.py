@@ -33,7 +33,7 @@ import torch.nn as nn
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import get_dataset
 from .model import SparseTransformer
-from .presets import PRESETS, config_from_dict, config_to_dict, load_preset
+from .presets import PRESETS, config_from_dict, config_to_dict, dataclass_from_dict, load_preset
 
 
 @dataclass
@@ -147,27 +147,7 @@ def _parse_value(text: str, current):
 
 
 def _train_from_dict(values: dict) -> TrainConfig:
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ValueError(f"unknown train keys {unknown}; known keys are {sorted(fields)}")
-    out = {}
-    for key, value in values.items():
-        default = fields[key].default
-        if isinstance(default, bool):
-            ok = isinstance(value, bool)
-        elif isinstance(default, int):
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif isinstance(default, float):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            value = float(value) if ok else value
-        else:
-            ok = isinstance(value, str)
-        if not ok:
-            raise ValueError(f"train key {key}={value!r} has type {type(value).__name__}; expected "
-                             f"{type(default).__name__}")
-        out[key] = value
-    return TrainConfig(**out)
+    return dataclass_from_dict(TrainConfig, values, "train")
 
 
 # ---- distribution (outside the model; torchtitan's order: recompute (model config) -> compile -> DDP / FSDP2) ---------
