@@ -25,11 +25,11 @@ def _dq_tile(q, do, lse, delta, dq, e, i, p_q, k_base, v_base, stride_kn, stride
     p_k = e * BLOCK_N + tl.arange(0, BLOCK_N)
     j, k_ok = _key_positions(p_k, N, NK, SEG_L, SEG_C, lo, KIND)
     if MASKED:
-        k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-        v = tl.load(v_base + j[:, None] * stride_vn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        k = tl.load(k_base + j.to(tl.int64)[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        v = tl.load(v_base + j.to(tl.int64)[:, None] * stride_vn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
     else:
-        k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :])
-        v = tl.load(v_base + j[:, None] * stride_vn + offs_d[None, :])
+        k = tl.load(k_base + j.to(tl.int64)[:, None] * stride_kn + offs_d[None, :])
+        v = tl.load(v_base + j.to(tl.int64)[:, None] * stride_vn + offs_d[None, :])
     p = tl.math.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])
     if MASKED:
         vis = _tile_mask(i[:, None], j[None, :], p_q[:, None], p_k[None, :], k_ok[None, :], prm, SEG_C, KIND,
@@ -47,13 +47,13 @@ def _dkdv_tile(k, v, dk, dv, e, j, p_k, k_ok, q_base, do_base, lse_base, delta_b
     p_q = e * BLOCK_M + tl.arange(0, BLOCK_M)
     i, q_ok = _query_positions(p_q, N, NQ, SEG_L, SEG_C, KIND)
     if MASKED:
-        q = tl.load(q_base + i[:, None] * stride_qn + offs_d[None, :], mask=q_ok[:, None], other=0.0)
-        do = tl.load(do_base + i[:, None] * stride_on + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+        q = tl.load(q_base + i.to(tl.int64)[:, None] * stride_qn + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+        do = tl.load(do_base + i.to(tl.int64)[:, None] * stride_on + offs_d[None, :], mask=q_ok[:, None], other=0.0)
         lse = tl.load(lse_base + i, mask=q_ok, other=float("-inf")) * 1.4426950408889634
         delta = tl.load(delta_base + i, mask=q_ok, other=0.0)
     else:  # a full tile's queries are all valid
-        q = tl.load(q_base + i[:, None] * stride_qn + offs_d[None, :])
-        do = tl.load(do_base + i[:, None] * stride_on + offs_d[None, :])
+        q = tl.load(q_base + i.to(tl.int64)[:, None] * stride_qn + offs_d[None, :])
+        do = tl.load(do_base + i.to(tl.int64)[:, None] * stride_on + offs_d[None, :])
         lse = tl.load(lse_base + i) * 1.4426950408889634
         delta = tl.load(delta_base + i)
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: P = 0
@@ -82,17 +82,17 @@ def _attn_bwd_dq_kernel(
 ):
     qb = NQB - 1 - tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(tl.int64)  # 64-bit offsets: B * H * N * D may pass 2^31
+    h = (bh % H).to(tl.int64)
     th = h % TH
     prm = prm_ptr + th * NUM_SEG_PARAMS
     lo = tl.load(prm + P_SUM_LO)
     offs_d = tl.arange(0, HEAD_DIM)
     p_q = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     i, q_ok = _query_positions(p_q, N, NQ, SEG_L, SEG_C, KIND)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + i[:, None] * stride_qn + offs_d[None, :],
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + i.to(tl.int64)[:, None] * stride_qn + offs_d[None, :],
                 mask=q_ok[:, None], other=0.0)
-    g_off = b * stride_ob + h * stride_oh + i[:, None] * stride_on + offs_d[None, :]
+    g_off = b * stride_ob + h * stride_oh + i.to(tl.int64)[:, None] * stride_on + offs_d[None, :]
     do = tl.load(do_ptr + g_off, mask=q_ok[:, None], other=0.0)
     lse = tl.load(lse_ptr + bh * N + i, mask=q_ok, other=float("-inf")) * 1.4426950408889634
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: P = 0
@@ -137,17 +137,17 @@ def _attn_bwd_dkdv_kernel(
 ):
     kb = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(tl.int64)  # 64-bit offsets: B * H * N * D may pass 2^31
+    h = (bh % H).to(tl.int64)
     th = h % TH
     prm = prm_ptr + th * NUM_SEG_PARAMS
     lo = tl.load(prm + P_SUM_LO)
     offs_d = tl.arange(0, HEAD_DIM)
     p_k = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     j, k_ok = _key_positions(p_k, N, NK, SEG_L, SEG_C, lo, KIND)
-    k_off = b * stride_kb + h * stride_kh + j[:, None] * stride_kn + offs_d[None, :]
+    k_off = b * stride_kb + h * stride_kh + j.to(tl.int64)[:, None] * stride_kn + offs_d[None, :]
     k = tl.load(k_ptr + k_off, mask=k_ok[:, None], other=0.0)
-    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + j[:, None] * stride_vn + offs_d[None, :],
+    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + j.to(tl.int64)[:, None] * stride_vn + offs_d[None, :],
                 mask=k_ok[:, None], other=0.0)
     q_base = q_ptr + b * stride_qb + h * stride_qh
     do_base = do_ptr + b * stride_ob + h * stride_oh
@@ -164,7 +164,7 @@ def _attn_bwd_dkdv_kernel(
                             delta_ptr + bh * N, stride_qn, stride_on, offs_d, prm, qk_scale, N, NQ, SEG_L, SEG_C,
                             True, KIND, IEEE, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, BLOCK_M)
     dk = dk * sm_scale
-    g_off = b * stride_gb + h * stride_gh + j[:, None] * stride_gn + offs_d[None, :]
+    g_off = b * stride_gb + h * stride_gh + j.to(tl.int64)[:, None] * stride_gn + offs_d[None, :]
     if ACCUM:
         dk += tl.load(dk_ptr + g_off, mask=k_ok[:, None], other=0.0).to(tl.float32)
         dv += tl.load(dv_ptr + g_off, mask=k_ok[:, None], other=0.0).to(tl.float32)

@@ -33,11 +33,11 @@ def _fwd_tile(q, acc, m_i, l_i, e, i, p_q, k_base, v_base, stride_kn, stride_vn,
     p_k = e * BLOCK_N + tl.arange(0, BLOCK_N)
     j, k_ok = _key_positions(p_k, N, NK, SEG_L, SEG_C, lo, KIND)
     if MASKED:
-        k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-        v = tl.load(v_base + j[:, None] * stride_vn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        k = tl.load(k_base + j.to(tl.int64)[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        v = tl.load(v_base + j.to(tl.int64)[:, None] * stride_vn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
     else:  # a full tile: every key is valid and visible
-        k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :])
-        v = tl.load(v_base + j[:, None] * stride_vn + offs_d[None, :])
+        k = tl.load(k_base + j.to(tl.int64)[:, None] * stride_kn + offs_d[None, :])
+        v = tl.load(v_base + j.to(tl.int64)[:, None] * stride_vn + offs_d[None, :])
     s = _dot(q, tl.trans(k), IEEE) * qk_scale
     if MASKED:
         vis = _tile_mask(i[:, None], j[None, :], p_q[:, None], p_k[None, :], k_ok[None, :], prm, SEG_C, KIND,
@@ -66,15 +66,15 @@ def _attn_fwd_kernel(
 ):
     qb = NQB - 1 - tl.program_id(0)  # long rows (late query tiles) first
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(tl.int64)  # 64-bit offsets: B * H * N * D may pass 2^31
+    h = (bh % H).to(tl.int64)
     th = h % TH
     prm = prm_ptr + th * NUM_SEG_PARAMS
     lo = tl.load(prm + P_SUM_LO)
     offs_d = tl.arange(0, HEAD_DIM)
     p_q = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     i, q_ok = _query_positions(p_q, N, NQ, SEG_L, SEG_C, KIND)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + i[:, None] * stride_qn + offs_d[None, :],
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + i.to(tl.int64)[:, None] * stride_qn + offs_d[None, :],
                 mask=q_ok[:, None], other=0.0)
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
@@ -99,7 +99,7 @@ def _attn_fwd_kernel(
     l_safe = tl.where(has, l_i, 1.0)
     o = acc / l_safe[:, None]
     lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    o_ptrs = o_ptr + b * stride_ob + h * stride_oh + i[:, None] * stride_on + offs_d[None, :]
+    o_ptrs = o_ptr + b * stride_ob + h * stride_oh + i.to(tl.int64)[:, None] * stride_on + offs_d[None, :]
     lse_ptrs = lse_ptr + bh * N + i
     if MERGE:  # fold into the earlier segments' result for the same rows
         lse_prev = tl.load(lse_ptrs, mask=q_ok, other=float("-inf"))
