@@ -4,7 +4,8 @@ Legend: B batch, H heads, N sequence, D head dim, BM/BN query/key tile.
 
 Forward launches one kernel per segment of the layout's plan (natural, transposed strided, gathered summary); the
 second and third fold their result into the first through the log-sum-exp inside the kernel. Backward computes
-Delta = rowsum(dO * O) in the first dQ launch and launches dQ and dK/dV per segment, each adding to the rows the earlier ones wrote.
+Delta = rowsum(dO * O) in the first dQ launch and launches dQ and dK/dV per segment, each adding to the rows the
+earlier ones wrote.
 Tables are built once per (layout, tiles, device) and cached (plan.get_tables).
 """
 from __future__ import annotations
@@ -14,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..plan import (GATHER, LRUCache, P_ALL, P_BLK, P_CUSTOM, P_STR, P_SUM_L, P_WIN, TRANSPOSED, Segment, Tables, get_segments,
-                    get_tables)
+from ..plan import (GATHER, P_ALL, P_BLK, P_CUSTOM, P_STR, P_SUM_L, P_WIN, TRANSPOSED, LRUCache, Segment, Tables,
+                    get_segments, get_tables)
 from .backward import attn_backward
 from .forward import attn_forward
 
@@ -25,8 +26,8 @@ TUNING = {
     (kind, d): dict(fwd=(64, 64, 4, 2), dq=(64, 64, 4, 2), dkdv=(64, 64, 4, 2))
     for kind in ("natural", "gather", "transposed") for d in (64, 128)
 }
-# gathered summary tiles are full and long rows: deeper pipelines and a wider forward tile pay (fixed-12k fwd
-# 0.36 -> 0.37 ms is flat, fixed-64k fwd+bwd 8.8 -> 8.1 ms with the 128-row forward)
+# gathered summary rows are long runs of full tiles: a 128-row forward tile and 3 stages (sweep of 2026-11-23 on an
+# H100: fixed-64k fwd+bwd 8.1 ms, against 8.8 ms with 64x64 tiles and 2 stages everywhere)
 TUNING[("gather", 64)] = dict(fwd=(128, 64, 4, 3), dq=(64, 64, 4, 3), dkdv=(64, 64, 4, 3))
 
 
