@@ -13,7 +13,7 @@ preprocessing step, fused: one launch fewer).
 import triton
 import triton.language as tl
 
-from .common import NUM_SEG_PARAMS, P_SUM_LO, _key_positions, _query_positions, _tile_mask
+from .common import _key_positions, _program_head, _query_positions, _tile_mask
 from .forward import _dot
 
 
@@ -82,11 +82,7 @@ def _attn_bwd_dq_kernel(
 ):
     qb = NQB - 1 - tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)  # 64-bit offsets: B * H * N * D may pass 2^31
-    h = (bh % H).to(tl.int64)
-    th = h % TH
-    prm = prm_ptr + th * NUM_SEG_PARAMS
-    lo = tl.load(prm + P_SUM_LO)
+    b, h, th, prm, lo = _program_head(bh, H, TH, prm_ptr)
     offs_d = tl.arange(0, HEAD_DIM)
     p_q = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     i, q_ok = _query_positions(p_q, N, NQ, SEG_L, SEG_C, KIND)
@@ -137,11 +133,7 @@ def _attn_bwd_dkdv_kernel(
 ):
     kb = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)  # 64-bit offsets: B * H * N * D may pass 2^31
-    h = (bh % H).to(tl.int64)
-    th = h % TH
-    prm = prm_ptr + th * NUM_SEG_PARAMS
-    lo = tl.load(prm + P_SUM_LO)
+    b, h, th, prm, lo = _program_head(bh, H, TH, prm_ptr)
     offs_d = tl.arange(0, HEAD_DIM)
     p_k = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     j, k_ok = _key_positions(p_k, N, NK, SEG_L, SEG_C, lo, KIND)

@@ -15,6 +15,16 @@ NUM_SEG_PARAMS = tl.constexpr(10)
 
 
 @triton.jit
+def _program_head(bh, H, TH, prm_ptr):
+    """Batch and head of a program (64-bit: B * H * N * D may pass 2^31), its table head, rule row and summary offset."""
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    th = h % TH
+    prm = prm_ptr + th * NUM_SEG_PARAMS
+    return b, h, th, prm, tl.load(prm + P_SUM_LO)
+
+
+@triton.jit
 def _query_positions(p, N, NQ, SEG_L, SEG_C, KIND: tl.constexpr):
     if KIND == 1:
         i = (p % SEG_C) * SEG_L + p // SEG_C

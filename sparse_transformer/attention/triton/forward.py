@@ -14,7 +14,7 @@ Rows that see no key get O = 0 and LSE = -inf.
 import triton
 import triton.language as tl
 
-from .common import NUM_SEG_PARAMS, P_SUM_LO, _key_positions, _query_positions, _tile_mask
+from .common import _key_positions, _program_head, _query_positions, _tile_mask
 
 
 @triton.jit
@@ -66,11 +66,7 @@ def _attn_fwd_kernel(
 ):
     qb = NQB - 1 - tl.program_id(0)  # long rows (late query tiles) first
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)  # 64-bit offsets: B * H * N * D may pass 2^31
-    h = (bh % H).to(tl.int64)
-    th = h % TH
-    prm = prm_ptr + th * NUM_SEG_PARAMS
-    lo = tl.load(prm + P_SUM_LO)
+    b, h, th, prm, lo = _program_head(bh, H, TH, prm_ptr)
     offs_d = tl.arange(0, HEAD_DIM)
     p_q = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     i, q_ok = _query_positions(p_q, N, NQ, SEG_L, SEG_C, KIND)
