@@ -7,6 +7,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from sparse_transformer import SparseTransformer, load_preset
+from sparse_transformer.bench import make_train_step
 
 preset = sys.argv[1] if len(sys.argv) > 1 else "enwik8"
 for backend in ("auto", "dense"):
@@ -15,13 +16,7 @@ for backend in ("auto", "dense"):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randint(0, 256, (1, cfg.n_ctx), device="cuda")
 
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model.loss(x)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step = make_train_step(model, opt, x)
     for _ in range(2):
         step()
     torch.cuda.synchronize()

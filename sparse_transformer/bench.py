@@ -142,6 +142,20 @@ def format_table(rows):
     return "\n".join(lines)
 
 
+def make_train_step(model, opt, x):
+    """One training step as the benchmarks time it: bf16 autocast loss, backward, optimizer step."""
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model.loss(x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
 def bench_model(preset, n=None, batch=1, attentions=("ours", "dense"), recompute=(True, False), steps=5,
                 out_dir="bench/results"):
     """Training-step time (forward + backward + AdamW step, bf16 autocast), tokens/s and peak memory of a preset,
@@ -162,14 +176,7 @@ def bench_model(preset, n=None, batch=1, attentions=("ours", "dense"), recompute
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
                 x = torch.randint(0, 256, (batch, cfg.n_ctx), device="cuda")
 
-                def step():
-                    with torch.autocast("cuda", dtype=torch.bfloat16):
-                        loss = model.loss(x)
-                    loss.backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    return loss
-
+                step = make_train_step(model, opt, x)
                 step()  # build tables / compile kernels outside the timing
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()

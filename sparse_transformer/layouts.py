@@ -190,7 +190,7 @@ class Layout:
         from .attention.plan import classify_natural
 
         bm, bn = _pair(block_size)
-        out = [classify_natural(self, h, bm, bn, whole_layout=True) for h in range(self.num_heads)]
+        out = [classify_natural(self, h, bm, bn) for h in range(self.num_heads)]
         return torch.from_numpy(np.stack(out).astype(np.int8))
 
     def to_block_mask(self, batch=None, heads=None, block_size=128, device="cuda"):

@@ -189,7 +189,7 @@ def classify_segment(seg: Segment, layout: Layout, h: int, bm: int, bn: int) -> 
     return np.where(full, FULL, np.where(active, PARTIAL, EMPTY)).astype(np.int8)
 
 
-def classify_natural(layout: Layout, h: int, bm: int, bn: int, whole_layout: bool = True) -> np.ndarray:
+def classify_natural(layout: Layout, h: int, bm: int, bn: int) -> np.ndarray:
     """Exact tile classes of head h of the whole layout in natural order, by counting visible pairs per tile."""
     n = layout.n
     nqb, nkb = -(-n // bm), -(-n // bn)
@@ -247,12 +247,10 @@ class Tables:
     k_ptr: torch.Tensor  # int32 [TH * nkb + 1]: column h * nkb + kb lists query tiles k_idx[k_ptr[c]:k_ptr[c + 1]]
     k_mid: torch.Tensor  # int32 [TH * nkb]
     k_idx: torch.Tensor  # int32 [nnz]: query tile numbers
-    max_row: int  # most key tiles of one query tile
-    max_col: int
 
     def to(self, device) -> "Tables":
         t = [getattr(self, f).to(device) for f in ("q_ptr", "q_mid", "q_idx", "k_ptr", "k_mid", "k_idx")]
-        return Tables(self.bm, self.bn, self.nqb, self.nkb, *t, self.max_row, self.max_col)
+        return Tables(self.bm, self.bn, self.nqb, self.nkb, *t)
 
 
 def _csr(major, minor, part, n_major):
@@ -275,8 +273,7 @@ def build_tables(seg: Segment, layout: Layout, bm: int, bn: int) -> Tables:
     q_ptr, q_mid, q_idx = _csr(h * nqb + r, c, part, TH * nqb)
     k_ptr, k_mid, k_idx = _csr(h * nkb + c, r, part, TH * nkb)
     i32 = lambda a: torch.from_numpy(np.ascontiguousarray(a).astype(np.int32))  # noqa: E731
-    return Tables(bm, bn, nqb, nkb, i32(q_ptr), i32(q_mid), i32(q_idx), i32(k_ptr), i32(k_mid), i32(k_idx),
-                  int(np.diff(q_ptr).max(initial=0)), int(np.diff(k_ptr).max(initial=0)))
+    return Tables(bm, bn, nqb, nkb, i32(q_ptr), i32(q_mid), i32(q_idx), i32(k_ptr), i32(k_mid), i32(k_idx))
 
 
 class LRUCache:

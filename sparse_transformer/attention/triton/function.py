@@ -26,8 +26,9 @@ TUNING = {
     (kind, d): dict(fwd=(64, 64, 4, 2), dq=(64, 64, 4, 2), dkdv=(64, 64, 4, 2))
     for kind in ("natural", "gather", "transposed") for d in (64, 128)
 }
-# gathered summary rows are long runs of full tiles: a 128-row forward tile and 3 stages (sweep of 2026-11-23 on an
-# H100: fixed-64k fwd+bwd 8.1 ms, against 8.8 ms with 64x64 tiles and 2 stages everywhere)
+# gathered summary rows are long runs of full tiles: a 128x64 forward tile and 3 stages (sweep of 2026-11-23 on an
+# H100, bench/dev_kernels.py: fixed-64k fwd+bwd 8.1 ms, against 8.8 ms with a 128x128 forward tile and 2-stage
+# 64x64 backward tiles, and 10.0 ms with a 64x64 forward and 128x32 / 32x128 backward tiles)
 TUNING[("gather", 64)] = dict(fwd=(128, 64, 4, 3), dq=(64, 64, 4, 3), dkdv=(64, 64, 4, 3))
 
 
