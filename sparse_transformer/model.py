@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import layouts
 from .attention import sparse_attention
+from .attention.decode import decode_attention
 
 PATTERNS = ("dense", "local", "strided", "fixed")
 ARRANGEMENTS = ("interleaved", "merged", "split")
@@ -142,17 +143,41 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 2 * cfg.d_qk + cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)  # W_p: scaled by 1/sqrt(2N) at init
 
-    def forward(self, x, layout: layouts.Layout):
+    def _heads(self, x):
+        """x [B, N, D] -> q, k [B, H, N, Dk] and v [B, H, N, Dv] (views of one projection)."""
         B, N, D = x.shape
         H, dk, dv = self.cfg.n_head, self.cfg.d_qk // self.cfg.n_head, D // self.cfg.n_head
         q, k, v = self.qkv(x).split([self.cfg.d_qk, self.cfg.d_qk, D], dim=-1)
-        q = q.view(B, N, H, dk).transpose(1, 2)  # (B, H, N, Dk)
-        k = k.view(B, N, H, dk).transpose(1, 2)  # (B, H, N, Dk)
-        v = v.view(B, N, H, dv).transpose(1, 2)  # (B, H, N, Dv)
+        return (q.view(B, N, H, dk).transpose(1, 2), k.view(B, N, H, dk).transpose(1, 2),
+                v.view(B, N, H, dv).transpose(1, 2))
+
+    def forward(self, x, layout: layouts.Layout, kv: tuple | None = None):
+        """kv: optional (k_cache, v_cache) [B, H, T, Dk|Dv] whose rows 0..N-1 receive this call's keys and values
+        (the prefill of cached decoding)."""
+        B, N, D = x.shape
+        dk, dv = self.cfg.d_qk // self.cfg.n_head, D // self.cfg.n_head
+        q, k, v = self._heads(x)  # (B, H, N, Dk), (B, H, N, Dk), (B, H, N, Dv)
+        if kv is not None:
+            kv[0][:, :, :N] = k
+            kv[1][:, :, :N] = v
         if dk < dv:  # the kernels take one head width: zero columns leave q.k unchanged
             q, k = F.pad(q, (0, dv - dk)), F.pad(k, (0, dv - dk))
         y = attend(q, k, v, layout, 1.0 / math.sqrt(dk), self.cfg.backend, self.cfg.block_size)  # (B, H, N, Dv)
         return self.proj(y.transpose(1, 2).reshape(B, N, D))
+
+    def step(self, x, layout: layouts.Layout, kv: tuple, pos):
+        """One new position: x [B, 1, D] at position pos (int, or an int64 tensor [1] on x's device); writes its key and
+        value into row pos of the caches and attends over the rows its layout row allows."""
+        B, _, D = x.shape
+        q, k, v = self._heads(x)  # (B, H, 1, Dk | Dv)
+        if isinstance(pos, int):
+            kv[0][:, :, pos], kv[1][:, :, pos] = k[:, :, 0], v[:, :, 0]
+        else:  # a device position: no host sync, so the step can be captured in a CUDA graph
+            kv[0].index_copy_(2, pos, k)
+            kv[1].index_copy_(2, pos, v)
+        backend = {"dense": "sdpa", "auto": "auto", "triton": "triton"}.get(self.cfg.backend, "torch")
+        y = decode_attention(q[:, :, 0], kv[0], kv[1], layout, pos, 1.0 / math.sqrt(q.shape[-1]), backend)
+        return self.proj(y.reshape(B, 1, D))
 
 
 def attend(q, k, v, layout, scale, backend, block_size=0):
@@ -196,8 +221,12 @@ class Block(nn.Module):
         self.mlp = FeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, layout: layouts.Layout):
-        x = x + self.drop(self.attn(self.ln_1(x), layout))  # (B, N, D)
+    def forward(self, x, layout: layouts.Layout, kv: tuple | None = None):
+        x = x + self.drop(self.attn(self.ln_1(x), layout, kv))  # (B, N, D)
+        return x + self.drop(self.mlp(self.ln_2(x)))
+
+    def step(self, x, layout: layouts.Layout, kv: tuple, pos):
+        x = x + self.drop(self.attn.step(self.ln_1(x), layout, kv, pos))  # (B, 1, D)
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
@@ -217,7 +246,10 @@ class PositionEmbedding(nn.Module):
         self.tables = nn.ParameterList(nn.Parameter(torch.empty(s, cfg.d_model)) for s in sizes)
 
     def coordinates(self, n: int, device) -> list[torch.Tensor]:
-        i = torch.arange(n, device=device)
+        return self.coordinates_of(torch.arange(n, device=device))
+
+    def coordinates_of(self, i: torch.Tensor) -> list[torch.Tensor]:
+        """Each table's index for positions i (any integer tensor)."""
         if self.kind == "image":
             _, w, c = self.sizes
             return [i // (w * c), (i // c) % w, i % c]
@@ -226,7 +258,11 @@ class PositionEmbedding(nn.Module):
         return [i]
 
     def forward(self, n: int, device) -> torch.Tensor:
-        return sum(t[idx] for t, idx in zip(self.tables, self.coordinates(n, device)))  # (N, D)
+        return self.at(torch.arange(n, device=device))  # (N, D)
+
+    def at(self, i: torch.Tensor) -> torch.Tensor:
+        """The embeddings of positions i: [*i.shape, D]."""
+        return sum(t[idx] for t, idx in zip(self.tables, self.coordinates_of(i)))
 
 
 # ---- the model -------------------------------------------------------------------------------------------------------
@@ -285,8 +321,9 @@ class SparseTransformer(nn.Module):
         return self._layouts[n]
 
     # ---- forward ---------------------------------------------------------------------------------------------------
-    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, N] -> the final-normed residual stream [B, N, D] (what W_out reads)."""
+    def hidden(self, tokens: torch.Tensor, cache: "KVCache | None" = None) -> torch.Tensor:
+        """tokens [B, N] -> the final-normed residual stream [B, N, D] (what W_out reads). With a cache, every layer's
+        keys and values of slots 0..N-1 are written into it (the prefill of cached decoding)."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, n], got shape {tuple(tokens.shape)}")
         B, N = tokens.shape
@@ -296,9 +333,49 @@ class SparseTransformer(nn.Module):
         x = torch.cat([self.start.expand(B, 1, -1).to(x.dtype), x], dim=1)  # (B, N, D)
         x = x + self.pos_emb(N, tokens.device)
         recompute = self.cfg.recompute and torch.is_grad_enabled()
-        for block, layout in zip(self.blocks, self.layer_layouts(N)):
-            x = checkpoint(block, x, layout, use_reentrant=False) if recompute else block(x, layout)
+        for r, (block, layout) in enumerate(zip(self.blocks, self.layer_layouts(N))):
+            if cache is not None:
+                x = block(x, layout, cache.layer(r))
+            else:
+                x = checkpoint(block, x, layout, use_reentrant=False) if recompute else block(x, layout)
         return self.ln_f(x)
+
+    # ---- cached decoding (sample.py drives it) ---------------------------------------------------------------------
+    def new_cache(self, batch: int, length: int | None = None, dtype=None, device=None) -> "KVCache":
+        """Empty key/value caches for `batch` sequences of up to `length` (default n_ctx) positions."""
+        length = length or self.cfg.n_ctx
+        if not 1 <= length <= self.cfg.n_ctx:
+            raise ValueError(f"cache length {length} must be in 1..n_ctx={self.cfg.n_ctx}")
+        p = self.head.weight
+        return KVCache.empty(self.cfg, batch, length, dtype or p.dtype, device or p.device)
+
+    def decode_step(self, prev: torch.Tensor, pos, cache: "KVCache") -> torch.Tensor:
+        """Logits [B, V] (fp32) of slot pos, whose input is byte pos - 1 (prev [B]; ignored at pos 0, which reads the
+        start vector). Rows 0..pos-1 of the cache must hold the earlier slots; row pos is written. pos: int, or an
+        int64 tensor [1] on the model's device (then the step does no host sync and can be captured in a CUDA graph)."""
+        x = self.tok_emb(prev.long())  # (B, D)
+        start = self.start.to(x.dtype).expand_as(x)
+        if isinstance(pos, int):
+            if not 0 <= pos < cache.length:
+                raise ValueError(f"position {pos} is outside the cache (length {cache.length})")
+            x = start if pos == 0 else x
+            x = x + self.pos_emb.at(torch.tensor(pos, device=x.device))
+        else:
+            x = torch.where(pos.view(1, 1) == 0, start, x) + self.pos_emb.at(pos)
+        x = x[:, None]  # (B, 1, D)
+        lays = self.layer_layouts(self.cfg.n_ctx)  # the head patterns do not depend on n
+        for r, (block, layout) in enumerate(zip(self.blocks, lays)):
+            x = block.step(x, layout, cache.layer(r), pos)
+        return self.logits(self.ln_f(x))[:, 0]
+
+    def generate(self, prefix: torch.Tensor, num_new: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, use_cache: bool = True, generator: torch.Generator | None = None,
+                 progress: bool = False, cuda_graph: bool | None = None) -> torch.Tensor:
+        """Sample num_new bytes after prefix [B, t] (t may be 0) -> [B, t + num_new] int64. See sample.generate."""
+        from .decoding import generate
+
+        return generate(self, prefix, num_new, temperature=temperature, top_k=top_k, top_p=top_p,
+                        use_cache=use_cache, generator=generator, progress=progress, cuda_graph=cuda_graph)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """[..., D] -> logits [..., V] in the weights' dtype (fp32): W_out runs outside autocast (bf16 logits lose
@@ -363,6 +440,28 @@ class SparseTransformer(nn.Module):
                 + (f" c={cfg.summary}" if cfg.pattern == "fixed" else "")
                 + f", density {density:.2%} at n={n}, backend {cfg.backend} | "
                   f"{self.flops_per_token(n) / 1e9:.3f} GFLOPs/token (fwd+bwd)")
+
+
+@dataclass
+class KVCache:
+    """Per-layer key and value caches: k[r] [B, H, T, Dk], v[r] [B, H, T, Dv]."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+
+    @classmethod
+    def empty(cls, cfg: SparseTransformerConfig, batch: int, length: int, dtype, device) -> "KVCache":
+        H = cfg.n_head
+        shape_k, shape_v = (batch, H, length, cfg.d_qk // H), (batch, H, length, cfg.d_model // H)
+        return cls([torch.zeros(shape_k, dtype=dtype, device=device) for _ in range(cfg.n_layer)],
+                   [torch.zeros(shape_v, dtype=dtype, device=device) for _ in range(cfg.n_layer)])
+
+    @property
+    def length(self) -> int:
+        return self.k[0].shape[2]
+
+    def layer(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[r], self.v[r]
 
 
 def build_layer_layouts(cfg: SparseTransformerConfig, n: int) -> list[layouts.Layout]:
