@@ -49,8 +49,8 @@ def generate(model: SparseTransformer, prefix: torch.Tensor, num_new: int, tempe
              cuda_graph: bool | None = None) -> torch.Tensor:
     """Sample num_new bytes after prefix [B, t] -> [B, t + num_new] int64 on the model's device.
 
-    t may be 0 (a [B, 0] tensor: unconditional samples). t + num_new must be <= n_ctx. On CUDA the model runs under bf16
-    autocast and the cached step is replayed from a CUDA graph (cuda_graph=None: on CUDA when use_cache).
+    t may be 0 (a [B, 0] tensor: unconditional samples). t + num_new must be <= n_ctx. On CUDA an fp32 model runs under
+    bf16 autocast (a bf16 model as it is), and the cached step is replayed from a CUDA graph (cuda_graph=None: on CUDA).
     """
     if prefix.dim() != 2:
         raise ValueError(f"prefix must be [batch, t] (t may be 0), got shape {tuple(prefix.shape)}")
@@ -64,8 +64,9 @@ def generate(model: SparseTransformer, prefix: torch.Tensor, num_new: int, tempe
     device = model.head.weight.device
     out = torch.zeros(B, t + num_new, dtype=torch.long, device=device)
     out[:, :t] = prefix.to(device)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if device.type == "cuda" \
-        else contextlib.nullcontext()
+    fp32_on_cuda = device.type == "cuda" and model.head.weight.dtype == torch.float32
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if fp32_on_cuda \
+        else contextlib.nullcontext()  # a bf16 / fp16 model runs in its own dtype
     positions = range(t, t + num_new)
     if progress:
         from tqdm import tqdm
@@ -92,7 +93,8 @@ class _Stepper:
     """model.decode_step, eager or replayed from a CUDA graph with static token / position buffers."""
 
     def __init__(self, model: SparseTransformer, batch: int, length: int, device, cuda_graph: bool | None):
-        dtype = torch.bfloat16 if device.type == "cuda" else model.head.weight.dtype
+        dtype = model.head.weight.dtype
+        dtype = torch.bfloat16 if device.type == "cuda" and dtype == torch.float32 else dtype
         self.model, self.cache = model, model.new_cache(batch, length, dtype=dtype, device=device)
         self.graph = None
         if cuda_graph if cuda_graph is not None else device.type == "cuda":

@@ -10,10 +10,10 @@ sees. For every pattern of the paper that row is a contiguous *range* plus a reg
     grid    stride L:  j = t % L + m L           (one key per earlier block)
             summary (L, lo, hi):  j = m L + lo + r, 0 <= r < hi - lo   (the summary cells of every block)
 
-with grid keys inside the range dropped (they are counted once). A row of the strided or fixed pattern holds O(sqrt(n))
-keys, so a decode step reads O(sqrt(n)) cache rows per head instead of O(n). `decode_params` writes each head's range and
-grid as six integers; the Triton kernel (triton/decode.py) and the torch path below both enumerate keys from them, so
-they need no per-step index tables. Custom (block-mask) heads are enumerated from their tiles on the torch path.
+with grid keys inside the range dropped (they are counted once). A row of the strided or fixed pattern holds
+O(sqrt(n)) keys, so a decode step reads O(sqrt(n)) cache rows per head instead of O(n). `decode_params` writes each
+head's range and grid as six integers; the Triton kernel (triton/decode.py) and the torch path below both enumerate
+keys from them, so they need no per-step index tables. Custom (block-mask) heads are enumerated from their tiles on the torch path.
 """
 from __future__ import annotations
 
@@ -153,7 +153,7 @@ def decode_torch(q, k_cache, v_cache, layout: Layout, pos: int, scale: float):
 
 
 def dense_decode(q, k_cache, v_cache, pos, scale: float):
-    """Dense causal decode through SDPA: the query sees cache rows 0..pos (an int slices; a tensor masks, for graphs)."""
+    """Dense causal decode through SDPA: the query sees cache rows 0..pos (an int slices; a tensor masks: graphs)."""
     if isinstance(pos, int):
         k, v, mask = k_cache[:, :, :pos + 1], v_cache[:, :, :pos + 1], None
     else:
@@ -169,10 +169,13 @@ def _device_params(layout: Layout, device) -> torch.Tensor:
     return _PARAMS.get((layout.key, str(device)), lambda: decode_params(layout).to(device))
 
 
+_POSITIONS = LRUCache(4)  # one host-to-device copy per step, shared by every layer
+
+
 def _pos_tensor(pos, q) -> torch.Tensor:
     if isinstance(pos, torch.Tensor):
         return pos
-    return torch.tensor([int(pos)], dtype=torch.int64, device=q.device)
+    return _POSITIONS.get((int(pos), str(q.device)), lambda: torch.tensor([int(pos)], device=q.device))
 
 
 def _check(q, k_cache, v_cache, layout):
@@ -181,6 +184,7 @@ def _check(q, k_cache, v_cache, layout):
                          f"k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
     B, H, Dk = q.shape
     if k_cache.shape[:2] != (B, H) or v_cache.shape[:3] != k_cache.shape[:3] or k_cache.shape[3] != Dk:
-        raise ValueError(f"cache shapes k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)} do not fit q {tuple(q.shape)}")
+        raise ValueError(f"cache shapes k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)} do not fit "
+                         f"q {tuple(q.shape)}")
     if layout.num_heads not in (1, H):
         raise ValueError(f"layout has {layout.num_heads} head patterns but q has {H} heads")

@@ -1,0 +1,176 @@
+"""Decode benchmarks (GPU): one cached decode step of a preset's model, ours against a dense KV-cache step (SDPA).
+
+`sparse-transformer bench decode [--preset audio-65k] [--contexts 4096 16384 65536] [--batch 1 4]`: the time of one
+decode step (all layers, the logits included) at the last position of a cache of each context length, for our
+attention (the layout's row only) and for the same model with dense attention (SDPA over every cached row), each eager
+and replayed from a CUDA graph. The model runs in bf16 with random weights, the caches hold random values. Median of
+triton.testing.do_bench. JSON rows (preset, context, batch, attention, mode, step_ms, keys_per_query, device, torch,
+triton) to bench/results/decode-<date>.json.
+
+`--images N` instead times sampling N whole sequences of the preset (e.g. 64 CIFAR-10 images with the cifar10 preset),
+from an empty prefix, with generate() as a user calls it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import time
+
+import torch
+
+from .model import SparseTransformer
+from .presets import load_preset
+
+
+def _model(preset: str, attention: str, n_ctx: int | None = None) -> SparseTransformer:
+    overrides = dict(dropout=0.0, backend="dense" if attention == "dense" else "auto")
+    if n_ctx:
+        overrides["n_ctx"] = n_ctx
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = SparseTransformer(load_preset(preset, **overrides))
+    with torch.no_grad():
+        model.head.weight.normal_(0.0, 0.02)  # zero at init: give the logits some spread
+    return model.to(torch.bfloat16).eval()
+
+
+def _keys_per_query(model: SparseTransformer, pos: int) -> float:
+    from .attention.decode import row_keys
+
+    lays = model.layer_layouts(model.cfg.n_ctx)
+    if model.cfg.backend == "dense":
+        return float(pos + 1)
+    return sum(len(row_keys(lay, h, pos)) for lay in lays for h in range(model.cfg.n_head)) / (
+        len(lays) * model.cfg.n_head)
+
+
+@torch.no_grad()
+def time_step(model: SparseTransformer, batch: int, context: int, graph: bool) -> float:
+    """Median ms of one decode step at position context - 1 over a cache of `context` random rows."""
+    import triton.testing as tt
+
+    cache = model.new_cache(batch, context)
+    for t in cache.k + cache.v:
+        t.normal_()
+    prev = torch.randint(0, 256, (batch,), device="cuda")
+    pos = torch.tensor([context - 1], device="cuda")
+    if not graph:
+        return tt.do_bench(lambda: model.decode_step(prev, context - 1, cache), warmup=25, rep=200,
+                           return_mode="median")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        model.decode_step(prev, pos, cache)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        model.decode_step(prev, pos, cache)
+    ms = tt.do_bench(g.replay, warmup=25, rep=200, return_mode="median")
+    del g, cache
+    return ms
+
+
+def bench_decode(preset, contexts, batches, out_dir="bench/results"):
+    from .bench import _versions
+
+    dev, tv, trv = _versions()
+    rows = []
+    for attention in ("ours", "dense"):
+        model = _model(preset, attention, max(contexts))
+        for context in contexts:
+            for batch in batches:
+                for graph in (False, True):
+                    try:
+                        ms = time_step(model, batch, context, graph)
+                    except torch.cuda.OutOfMemoryError:
+                        ms = None
+                    torch.cuda.empty_cache()
+                    rows.append(dict(preset=preset, context=context, batch=batch, attention=attention,
+                                     mode="cuda-graph" if graph else "eager", step_ms=ms,
+                                     keys_per_query=_keys_per_query(model, context - 1), device=dev, torch=tv,
+                                     triton=trv))
+                    print(_row_line(rows[-1]), flush=True)
+        del model
+        torch.cuda.empty_cache()
+    print(format_table(rows))
+    return _write(rows, out_dir, "decode")
+
+
+def bench_sampling(preset, num, out_dir="bench/results"):
+    """Seconds to sample `num` whole sequences of the preset from an empty prefix (generate, CUDA graph, bf16)."""
+    from .bench import _versions
+
+    dev, tv, trv = _versions()
+    model = _model(preset, "ours")
+    n = model.cfg.n_ctx
+    g = torch.Generator("cuda").manual_seed(0)
+    model.generate(torch.zeros(num, 0, dtype=torch.long, device="cuda"), 8, generator=g)  # compile, capture
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = model.generate(torch.zeros(num, 0, dtype=torch.long, device="cuda"), n, generator=g, progress=True)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    row = dict(preset=preset, num=num, n=n, seconds=seconds, ms_per_position=1e3 * seconds / n,
+               params=model.num_params(), distinct_bytes=int(out.unique().numel()), device=dev, torch=tv, triton=trv)
+    print(f"sampled {num} x {n} positions of {preset} ({row['params'] / 1e6:.1f}M params) in {seconds:.1f} s "
+          f"({row['ms_per_position']:.2f} ms per position, all {num} sequences at once)")
+    return _write([row], out_dir, "sampling")
+
+
+def _row_line(r):
+    ms = "OOM" if r["step_ms"] is None else f"{r['step_ms']:.3f}"
+    return (f"{r['attention']:>5} {r['mode']:>10} context {r['context']:>7} batch {r['batch']:>3}: {ms} ms "
+            f"({r['keys_per_query']:.0f} keys per query)")
+
+
+def format_table(rows):
+    out = ["| context | batch | mode | ours ms | dense ms | speed-up | keys per query (ours / dense) |",
+           "|---|---|---|---|---|---|---|"]
+    ours = {(r["context"], r["batch"], r["mode"]): r for r in rows if r["attention"] == "ours"}
+    for r in rows:
+        if r["attention"] != "dense":
+            continue
+        o = ours.get((r["context"], r["batch"], r["mode"]))
+        if o is None:
+            continue
+        a, d = o["step_ms"], r["step_ms"]
+        ratio = f"{d / a:.1f}x" if a and d else "-"
+        out.append(f"| {r['context']} | {r['batch']} | {r['mode']} | {a if a is None else f'{a:.3f}'} | "
+                   f"{d if d is None else f'{d:.3f}'} | {ratio} | {o['keys_per_query']:.0f} / "
+                   f"{r['keys_per_query']:.0f} |")
+    return "\n".join(out)
+
+
+def _write(rows, out_dir, kind):
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{kind}-{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1)
+    print(f"wrote {path}")
+    return path
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    p.add_argument("--preset", default="audio-65k", help="model preset (its shape; weights are random)")
+    p.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 65536], help="cache lengths")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="sequences decoded together")
+    p.add_argument("--images", type=int, default=0, help="instead: time sampling this many whole sequences")
+    p.add_argument("--out", default="bench/results", help="folder for the JSON results")
+
+
+def main(args) -> int:
+    if not torch.cuda.is_available():
+        raise ValueError("bench decode needs a CUDA GPU")
+    if args.images:
+        bench_sampling(args.preset, args.images, args.out)
+    else:
+        bench_decode(args.preset, args.contexts, args.batch, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    _p = argparse.ArgumentParser(prog="python -m sparse_transformer.bench_decode", description=__doc__.split("\n")[0])
+    add_arguments(_p)
+    raise SystemExit(main(_p.parse_args()))
