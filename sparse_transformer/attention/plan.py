@@ -130,13 +130,42 @@ def _tile_ranges(limit: int, size: int):
     return start, start + size - 1
 
 
-def classify_segment(seg: Segment, layout: Layout, h: int, bm: int, bn: int) -> np.ndarray:
-    """int8 [ceil(nq/BM), ceil(nk/BN)] tile classes of table head h of a segment (interval arithmetic, conservative)."""
+def _key_band(seg: Segment, p: np.ndarray, q0: np.ndarray, q1: np.ndarray, bn: int):
+    """First candidate key tile of each query tile and the band width W, or None when a row may reach any key tile.
+
+    Window, block and transposed-chunk parts only reach back a bounded distance, so their tiles lie in a band of a few
+    key tiles per row: classifying only the band keeps table building O(active tiles), not O((n / tile)^2) (at
+    n = 2^20 with 64-wide tiles the full grid is 2^28 tiles: tens of seconds and >10 GB of temporaries)."""
+    if seg.kind == NATURAL and not (p[P_ALL] or p[P_CUSTOM]):
+        first = q0.copy()  # a head with no natural part: an empty row, any band will do
+        if p[P_WIN]:
+            first = np.minimum(first, q0 - p[P_WIN] + 1)
+        if p[P_BLK]:
+            first = np.minimum(first, (q0 // p[P_BLK]) * p[P_BLK])
+    elif seg.kind == TRANSPOSED:
+        first = (q0 // seg.C) * seg.C  # the chunk of the tile's first query
+    else:
+        return None
+    lo = np.maximum(first, 0) // bn
+    hi = np.minimum(q1, seg.nk - 1) // bn
+    return lo, int(max(1, (hi - lo).max() + 1)) if len(lo) else 1
+
+
+def classify_segment_sparse(seg: Segment, layout: Layout, h: int, bm: int, bn: int):
+    """(rows, cols, classes) of the non-empty tiles of table head h of a segment (interval arithmetic,
+    conservative), in row-major order; `classify_segment` is the same as a dense grid."""
     p = seg.params[h].numpy()
     q0, q1 = _tile_ranges(seg.nq, bm)
-    k0, k1 = _tile_ranges(seg.nk, bn)
-    q0, q1, k0, k1 = q0[:, None], q1[:, None], k0[None], k1[None]
-    shape = (len(q0), k0.shape[1])
+    nkb = -(-seg.nk // bn)
+    band = _key_band(seg, p, q0, q1, bn)
+    if band is None or band[1] >= nkb:
+        kt = np.arange(nkb, dtype=np.int64)[None]  # (1, nkb): every key tile
+    else:
+        kt = band[0][:, None] + np.arange(band[1], dtype=np.int64)[None]  # (nqb, W): the band of each row
+    k0 = kt * bn
+    k1 = k0 + bn - 1
+    q0, q1 = q0[:, None], q1[:, None]
+    shape = np.broadcast_shapes(q0.shape, k0.shape)
     active, full = np.zeros(shape, bool), np.zeros(shape, bool)
     n = seg.n
     if seg.kind == NATURAL:
@@ -152,7 +181,7 @@ def classify_segment(seg: Segment, layout: Layout, h: int, bm: int, bn: int) -> 
             L = p[P_BLK]
             active |= (k0 <= q1c) & (np.maximum(q0 // L, k0 // L) <= np.minimum(q1c // L, k1c // L))
             full |= (q0 // L == q1 // L) & (q1 // L == k0 // L) & (k0 // L == k1 // L) & (k1 <= q0)
-        if p[P_CUSTOM]:
+        if p[P_CUSTOM]:  # only on the full grid (no band): k0 is one row
             b = layout.custom_block
             if b % bm or b % bn:
                 raise ValueError(f"custom block size {b} must be a multiple of the kernel tiles ({bm}, {bn})")
@@ -167,10 +196,10 @@ def classify_segment(seg: Segment, layout: Layout, h: int, bm: int, bn: int) -> 
             active |= (b_lo <= b_hi) & (np.maximum(k0, b * C) + s <= np.minimum(q1, b * C + C - 1))
         full |= (q0 // C == q1 // C) & (q1 // C == k0 // C) & (k0 // C == k1 // C) & (k1 + s <= q0)
         orig = (np.arange(seg.nk) % C) * seg.L + np.arange(seg.nk) // C
-        k_valid, q_valid = np.ones(k0.shape[1], bool), np.ones(len(q0), bool)
+        k_valid, q_valid = np.ones(nkb, bool), np.ones(len(q0), bool)
         np.logical_and.at(k_valid, np.arange(seg.nk) // bn, orig < n)
         np.logical_and.at(q_valid, np.arange(seg.nq) // bm, orig < n)
-        full &= k_valid[None] & (k1 < seg.nk) & q_valid[:, None] & (q1 < seg.nq)
+        full &= k_valid[np.minimum(kt, nkb - 1)] & (k1 < seg.nk) & q_valid[:, None] & (q1 < seg.nq)
         active &= p[P_STR] > 0
     else:  # GATHER
         L, c, lo = seg.L, seg.C, p[P_SUM_LO]
@@ -185,8 +214,19 @@ def classify_segment(seg: Segment, layout: Layout, h: int, bm: int, bn: int) -> 
         active &= j0 < n
         full &= (j1 < n) & (q1 < n)
         active &= p[P_SUM_L] > 0
+    active &= kt < nkb  # the band of the last rows may run past the last key tile
     full &= active
-    return np.where(full, FULL, np.where(active, PARTIAL, EMPTY)).astype(np.int8)
+    rows, w = np.nonzero(active)
+    cols = np.broadcast_to(kt, shape)[rows, w]
+    return rows, cols, np.where(full[rows, w], FULL, PARTIAL).astype(np.int8)
+
+
+def classify_segment(seg: Segment, layout: Layout, h: int, bm: int, bn: int) -> np.ndarray:
+    """int8 [ceil(nq/BM), ceil(nk/BN)] tile classes of table head h of a segment (interval arithmetic, conservative)."""
+    rows, cols, cls = classify_segment_sparse(seg, layout, h, bm, bn)
+    out = np.zeros((-(-seg.nq // bm), -(-seg.nk // bn)), np.int8)
+    out[rows, cols] = cls
+    return out
 
 
 def classify_natural(layout: Layout, h: int, bm: int, bn: int) -> np.ndarray:
@@ -266,10 +306,12 @@ def _csr(major, minor, part, n_major):
 
 def build_tables(seg: Segment, layout: Layout, bm: int, bn: int) -> Tables:
     TH = seg.params.shape[0]
-    cls = np.stack([classify_segment(seg, layout, h, bm, bn) for h in range(TH)])  # [TH, nqb, nkb]
-    nqb, nkb = cls.shape[1:]
-    h, r, c = np.nonzero(cls)
-    part = (cls[h, r, c] == PARTIAL).astype(np.int64)
+    nqb, nkb = -(-seg.nq // bm), -(-seg.nk // bn)
+    per_head = [classify_segment_sparse(seg, layout, h, bm, bn) for h in range(TH)]  # non-empty tiles only
+    h = np.concatenate([np.full(len(r), k, np.int64) for k, (r, _, _) in enumerate(per_head)])
+    r = np.concatenate([r for r, _, _ in per_head]).astype(np.int64)
+    c = np.concatenate([c for _, c, _ in per_head]).astype(np.int64)
+    part = (np.concatenate([x for _, _, x in per_head]) == PARTIAL).astype(np.int64)
     q_ptr, q_mid, q_idx = _csr(h * nqb + r, c, part, TH * nqb)
     k_ptr, k_mid, k_idx = _csr(h * nkb + c, r, part, TH * nkb)
     i32 = lambda a: torch.from_numpy(np.ascontiguousarray(a).astype(np.int32))  # noqa: E731
