@@ -29,3 +29,19 @@ print(f"{sys.argv[3]}: steps {rows[-1]['step']}, median tokens/s {statistics.med
       f"test {ev['bits_per_dim']:.4f} bits/dim over {ev['tokens_scored']:,} bytes")
 EOF
 done
+# a slim copy of each run's last checkpoint (weights, config; no optimizer state) for sampling elsewhere
+for attn in strided dense; do
+  python - "$OUT/$attn" "$OUT/slim-$attn" <<'EOF2'
+import shutil, sys
+from pathlib import Path
+from sparse_transformer.checkpoint import load_checkpoint, save_checkpoint
+ck = load_checkpoint(sys.argv[1])
+tmp = Path(sys.argv[2] + ".tmp")
+shutil.rmtree(tmp, ignore_errors=True)
+folder = save_checkpoint(tmp, ck.step, ck.model, {"note": "weights only"}, ck.config)
+shutil.rmtree(sys.argv[2], ignore_errors=True)
+shutil.move(str(folder), sys.argv[2])
+shutil.rmtree(tmp)
+print("slim checkpoint", sys.argv[2], "step", ck.step)
+EOF2
+done
