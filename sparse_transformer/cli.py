@@ -1,4 +1,4 @@
-"""`sparse-transformer` command line: demo, train, eval, layout, bench, model.
+"""`sparse-transformer` command line: demo, train, eval, sample, layout, bench, model.
 
 Each subcommand lives in its own module with `add_arguments(parser)` and `main(args) -> int`; this file only wires
 them. Run `sparse-transformer <command> --help` for the flags.
@@ -66,7 +66,7 @@ def _model_main(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, demo, evaluate, train
+    from . import bench, demo, evaluate, sample, train
 
     parser = argparse.ArgumentParser(prog="sparse-transformer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("demo", "train, evaluate and sample the demo preset on CPU (no download)", demo.add_arguments, demo.main),
         ("train", "train a preset (rerun the same command to resume from --out)", train.add_arguments, train.main),
         ("eval", "bits per dim of a checkpoint on a split", evaluate.add_arguments, evaluate.main),
+        ("sample", "sample images (PNG), image completions, audio (WAV) or text from a checkpoint",
+         sample.add_arguments, sample.main),
         ("layout", "print a layout's density and tiles, draw it (--png)", _layout_arguments, _layout_main),
         ("bench", "benchmarks against SDPA and FlexAttention (GPU)", bench.add_arguments, bench.main),
         ("model", "print a preset's shape, parameters, density and FLOPs", _model_arguments, _model_main),
