@@ -18,31 +18,17 @@ import torch
 from . import evaluate as evaluation
 from . import train
 from .data import get_dataset
+from .sample import generate_long
 
 PROMPT = b"def "
 
 
-@torch.no_grad()
 def sample_bytes(model, prompt: bytes, length: int, temperature: float = 1.0, seed: int = 0) -> bytes:
-    """Sample `length` bytes after `prompt` by repeated full forward passes (no cache; cached decoding is sample.py's).
-
-    Slot t of the model predicts byte t from bytes < t, so the next byte's distribution is read at the slot after the
-    context, whose own input byte is never used (a placeholder 0). Beyond n_ctx the context slides.
-    """
-    model.eval()
-    device = next(model.parameters()).device
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    out = list(prompt)
-    for _ in range(length):
-        context = out[-(model.cfg.n_ctx - 1):]
-        tokens = torch.tensor([context + [0]], dtype=torch.long, device=device)  # (1, N)
-        logits = model(tokens)[0, -1].float().cpu()  # (V,)
-        if temperature == 0:
-            out.append(int(logits.argmax()))
-        else:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            out.append(int(torch.multinomial(probs, 1, generator=generator)))
-    return bytes(out)
+    """Sample `length` bytes after `prompt` with model.generate (KV cache); past n_ctx the context slides, one full
+    forward pass per byte (sample.generate_long)."""
+    generator = torch.Generator(device=model.head.weight.device).manual_seed(seed)
+    prefix = torch.tensor([list(prompt)], dtype=torch.long)  # (1, t)
+    return bytes(generate_long(model, prefix, length, temperature, generator=generator)[0].tolist())
 
 
 def draw_layout(model, path: Path) -> Path:
