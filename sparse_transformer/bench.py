@@ -1,7 +1,15 @@
 """Benchmarks against dense attention (SDPA: cuDNN and flash) and FlexAttention, side by side in one process.
 
-`sparse-transformer bench model [--preset enwik8]`: training-step time, tokens/s and peak memory of a preset with our
-attention and with dense SDPA, each with and without recomputation; JSON to bench/results/model-<date>.json.
+`sparse-transformer bench model [--preset enwik8] [--n N ...] [--recompute both|on|off]`: training-step time
+(forward + backward + AdamW step, bf16 autocast), tokens/s and peak memory of a preset at each n, with our attention
+and with dense SDPA; rows (preset, n, batch, attention, recompute, step_ms, tokens_per_s, peak_mem_gb, params, device)
+to bench/results/model-<date>.json, and with several n a log-log plot of time and memory vs n (model-<date>.png).
+
+`sparse-transformer bench max-length --preset NAME [--start N] [--max N] [--dense-scale]`: the longest sequence the
+preset trains on (one step, batch 1, recomputation on) on this GPU: doubling from --start until out of memory, then
+bisection; `--n N` times one length instead. Rows (preset, n, params, step_s, peak_mem_gb, device, and with
+--dense-scale dense_step_s / dense_step_method: one layer's dense SDPA attention fwd+bwd x layers, a lower bound on
+the dense step) to bench/results/max-length-<date>.json.
 
 `sparse-transformer bench attention [--setups NAME ...] [--out DIR]`: for each setup of the paper's patterns, times
 forward and forward+backward (median of triton.testing.do_bench, random bf16 inputs) of our Triton kernels, dense
@@ -13,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
+import math
 import os
 import time
 
@@ -142,11 +152,12 @@ def format_table(rows):
     return "\n".join(lines)
 
 
+# ---- model training step ---------------------------------------------------------------------------------------------
 def make_train_step(model, opt, x):
-    """One training step as the benchmarks time it: bf16 autocast loss, backward, optimizer step."""
+    """One training step as the benchmarks time it: loss (bf16 autocast on CUDA), backward, optimizer step."""
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda):
             loss = model.loss(x)
         loss.backward()
         opt.step()
@@ -156,67 +167,359 @@ def make_train_step(model, opt, x):
     return step
 
 
-def bench_model(preset, n=None, batch=1, attentions=("ours", "dense"), recompute=(True, False), steps=5,
-                out_dir="bench/results"):
-    """Training-step time (forward + backward + AdamW step, bf16 autocast), tokens/s and peak memory of a preset,
-    with our attention and with dense SDPA, side by side in one process. Writes bench/results/model-<date>.json."""
-    from . import SparseTransformer, load_preset
+def model_config(preset, n, exact=False, **overrides):
+    """The preset's config for sequences of length n. exact=False keeps the preset's n_ctx when n fits (the same model
+    at every n of a sweep); exact=True, or n > n_ctx, sets n_ctx = n (an image preset then gets "stride" position
+    embeddings: its raster fixes its length)."""
+    from . import load_preset
+
+    cfg = load_preset(preset, **overrides)
+    if n == cfg.n_ctx or (n < cfg.n_ctx and not exact):
+        return cfg
+    extra = dict(pos_emb="stride") if cfg.pos_emb == "image" else {}
+    return load_preset(preset, **{**overrides, "n_ctx": n, **extra})
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_train_step(cfg, n, batch=1, steps=5, device="cuda"):
+    """Build the model on `device`, run one untimed step (tables, kernels, optimizer state), then `steps` timed steps.
+
+    Returns dict(step_ms (median), tokens_per_s, peak_mem_gb (CUDA: peak allocated over the timed steps, weights and
+    optimizer state included; None on CPU), params, setup_s). Raises torch.OutOfMemoryError like the step does."""
+    from . import SparseTransformer
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    t_setup = time.perf_counter()
+    torch.manual_seed(0)
+    model = SparseTransformer(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+    x = torch.randint(0, 256, (batch, n), device=device)
+    step = make_train_step(model, opt, x)
+    step()  # build tables / compile kernels / allocate optimizer state outside the timing
+    _sync(device)
+    setup_s = time.perf_counter() - t_setup
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        if cuda:
+            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0.record()
+            step()
+            t1.record()
+            torch.cuda.synchronize()
+            times.append(t0.elapsed_time(t1))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    ms = sorted(times)[len(times) // 2]
+    return dict(step_ms=ms, tokens_per_s=batch * n / ms * 1e3,
+                peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                params=model.num_params(), setup_s=round(setup_s, 2))
+
+
+def is_oom(e: BaseException) -> bool:
+    """Out of device memory, from the caching allocator or from a library that allocates its own (cuBLAS, cuDNN)."""
+    return isinstance(e, torch.OutOfMemoryError) or any(
+        s in str(e) for s in ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED"))
+
+
+def free_memory():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def bench_model(preset, ns=None, batch=1, attentions=("ours", "dense"), recompute=(True, False), steps=5,
+                out_dir="bench/results", dense_max_n=262144, plot=True, device="cuda"):
+    """Training-step time (forward + backward + AdamW step, bf16 autocast), tokens/s and peak memory of a preset at
+    each n of `ns` (default: its n_ctx), with our attention and with dense SDPA, side by side in one process. Dense rows
+    above dense_max_n are skipped (their step grows as n^2). Writes bench/results/model-<date>.json, and with several
+    n a plot model-<date>.png. Returns the rows."""
+    from . import load_preset
 
     dev, tv, trv = _versions()
+    ns = list(ns or [load_preset(preset).n_ctx])
     rows = []
-    for attention in attentions:
-        for rc in recompute:
-            cfg = load_preset(preset, **({"n_ctx": n} if n else {}), recompute=rc, dropout=0.0,
-                              backend="dense" if attention == "dense" else "auto")
-            row = dict(preset=preset, n=cfg.n_ctx, batch=batch, attention=attention, recompute=rc, device=dev,
-                       torch=tv, triton=trv)
-            try:
-                torch.manual_seed(0)
-                model = SparseTransformer(cfg).cuda()
-                opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-                x = torch.randint(0, 256, (batch, cfg.n_ctx), device="cuda")
-
-                step = make_train_step(model, opt, x)
-                step()  # build tables / compile kernels outside the timing
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                times = []
-                for _ in range(steps):
-                    t0 = torch.cuda.Event(enable_timing=True)
-                    t1 = torch.cuda.Event(enable_timing=True)
-                    t0.record()
-                    step()
-                    t1.record()
-                    torch.cuda.synchronize()
-                    times.append(t0.elapsed_time(t1))
-                times.sort()
-                row.update(step_ms=times[len(times) // 2], tokens_per_s=batch * cfg.n_ctx / times[len(times) // 2] * 1e3,
-                           peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30, params=model.num_params())
-            except torch.OutOfMemoryError as e:
-                row["error"] = f"OOM: {str(e)[:120]}"
-            except Exception as e:
-                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            model = opt = None
-            torch.cuda.empty_cache()
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"model-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
-    with open(path, "w") as f:
-        json.dump(rows, f, indent=1)
-    print(f"{'preset':10s} {'n':>6s} {'B':>2s} {'attention':9s} {'recompute':9s} {'step ms':>9s} {'tok/s':>9s} "
-          f"{'peak GB':>8s}")
-    for r in rows:
-        if "step_ms" in r:
-            print(f"{r['preset']:10s} {r['n']:6d} {r['batch']:2d} {r['attention']:9s} {str(r['recompute']):9s} "
-                  f"{r['step_ms']:9.1f} {r['tokens_per_s']:9.0f} {r['peak_mem_gb']:8.2f}")
-        else:
-            print(f"{r['preset']:10s} {r['n']:6d} {r['batch']:2d} {r['attention']:9s} {str(r['recompute']):9s} "
-                  f"{r['error'][:60]}")
+    for n in ns:
+        for attention in attentions:
+            for rc in recompute:
+                row = dict(preset=preset, n=n, batch=batch, attention=attention, recompute=rc, device=dev, torch=tv,
+                           triton=trv)
+                if attention == "dense" and dense_max_n and n > dense_max_n:
+                    row["error"] = f"skipped: n > --dense-max-n={dense_max_n} (the dense step grows as n^2)"
+                else:
+                    try:
+                        cfg = model_config(preset, n, recompute=rc, dropout=0.0,
+                                           backend="dense" if attention == "dense" else "auto")
+                        row.update(time_train_step(cfg, n, batch, steps, device))
+                    except Exception as e:  # an OOM or a failing setup is a result, not a crash
+                        row["error"] = ("OOM: " if is_oom(e) else f"{type(e).__name__}: ") + str(e)[:300]
+                    free_memory()
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = _write_json(rows, out_dir, f"model-{stamp}.json")
+    print(format_model_table(rows))
     print(f"wrote {path}")
+    if plot and len(set(ns)) > 1:
+        png = plot_model(rows, os.path.join(out_dir, f"model-{stamp}.png"))
+        if png:
+            print(f"wrote {png}")
     return rows
 
 
+def _write_json(rows, out_dir, name):
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1)
+    return path
+
+
+def format_model_table(rows):
+    lines = [f"{'preset':11s} {'n':>8s} {'B':>2s} {'attention':9s} {'recompute':9s} {'step ms':>10s} {'tok/s':>10s} "
+             f"{'peak GB':>8s} {'vs dense':>8s}"]
+    dense = {(r["n"], r["batch"], r["recompute"]): r["step_ms"] for r in rows
+             if r["attention"] == "dense" and "step_ms" in r}
+    for r in rows:
+        lead = (f"{r['preset']:11s} {r['n']:8d} {r['batch']:2d} {r['attention']:9s} {str(r['recompute']):9s} ")
+        if "step_ms" not in r:
+            lines.append(lead + r["error"][:70])
+            continue
+        d = dense.get((r["n"], r["batch"], r["recompute"]))
+        mem = f"{r['peak_mem_gb']:8.2f}" if r["peak_mem_gb"] is not None else f"{'-':>8s}"
+        ratio = f"{d / r['step_ms']:7.2f}x" if d and r["attention"] != "dense" else f"{'':8s}"
+        lines.append(lead + f"{r['step_ms']:10.1f} {r['tokens_per_s']:10.0f} {mem} {ratio}")
+    return "\n".join(lines)
+
+
+def plot_model(rows, path):
+    """Step time and peak memory vs n, log-log, one line per (attention, recompute); guides n^2 and n sqrt(n) on the
+    time panel and n on the memory panel, anchored at the first (smallest-n) point of our attention. Returns the path,
+    or None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no plot: matplotlib is not installed (pip install matplotlib)")
+        return None
+    import numpy as np
+
+    ok = [r for r in rows if "step_ms" in r]
+    if not ok:
+        print("no plot: no successful rows")
+        return None
+    series: dict = {}
+    for r in sorted(ok, key=lambda r: r["n"]):
+        series.setdefault((r["attention"], r["recompute"]), []).append(r)
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.6))
+    colors = {"ours": "tab:blue", "dense": "tab:red"}
+    for (att, rc), pts in series.items():
+        ns = [p["n"] for p in pts]
+        label = f"{'ours' if att == 'ours' else 'dense (SDPA)'}{', recompute' if rc else ''}"
+        style = dict(color=colors.get(att), marker="o", linestyle="-" if rc else "--", label=label)
+        ax_t.loglog(ns, [p["step_ms"] / 1e3 for p in pts], **style)
+        if pts[0]["peak_mem_gb"] is not None:
+            ax_m.loglog(ns, [p["peak_mem_gb"] for p in pts], **style)
+    anchor = next((pts for (att, _), pts in series.items() if att == "ours"), next(iter(series.values())))
+    n0, lo_n, hi_n = anchor[0]["n"], min(r["n"] for r in ok), max(r["n"] for r in ok)
+    grid = np.geomspace(lo_n, hi_n, 50)
+    t0 = anchor[0]["step_ms"] / 1e3
+    ax_t.loglog(grid, t0 * (grid / n0) ** 2, "k:", lw=1, label="~ n^2")
+    ax_t.loglog(grid, t0 * (grid / n0) ** 1.5, "k-.", lw=1, label="~ n sqrt(n)")
+    if anchor[0]["peak_mem_gb"] is not None:
+        ax_m.loglog(grid, anchor[0]["peak_mem_gb"] * grid / n0, "k-.", lw=1, label="~ n")
+    r0 = ok[0]
+    for ax, what in ((ax_t, "training step (s)"), (ax_m, "peak GPU memory (GB)")):
+        ax.set_xlabel("sequence length n")
+        ax.set_ylabel(what)
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no data (CPU run)", ha="center", transform=ax.transAxes)
+    precision = "fp32" if r0["device"] == "cpu" else "bf16 autocast"
+    fig.suptitle(f"{r0['preset']}, batch {r0['batch']}: training step (fwd + bwd + AdamW, {precision}), "
+                 f"{r0['device']}")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---- longest trainable sequence --------------------------------------------------------------------------------------
+def length_granularity(cfg) -> int:
+    """Search lengths are multiples of the stride (whole rows of the pattern) and of 128 (whole kernel tiles)."""
+    return math.lcm(cfg.stride, 128)
+
+
+def search_max_length(trains, start, max_n, granularity, tolerance=0.0, budget_s=None, clock=time.monotonic):
+    """The largest n (a multiple of `granularity`, <= max_n) for which trains(n) succeeds, assuming success is
+    monotone in n. trains(n) returns a result dict (with "wall_s", the try's wall time) or None when n does not fit.
+
+    Doubles from `start` until a failure (halves instead if `start` fails), then bisects until the gap between the
+    largest success and the smallest failure is <= max(granularity, tolerance * success). With budget_s, stops before
+    a try that would (at an n^1.5 extrapolation of the last success) end past the budget; the answer is then a lower
+    bound. Returns (n or None, result or None, log: [(n, ok, wall_s)], stop_reason)."""
+    t_start = clock()
+    g = granularity
+    up = lambda m: -(-m // g) * g  # noqa: E731
+    start, max_n = up(max(start, g)), max(g, (max_n // g) * g)
+    start = min(start, max_n)
+    best_n = best = fail_n = None
+    log = []
+
+    def attempt(n):
+        nonlocal best_n, best, fail_n
+        r = trains(n)
+        log.append((n, r is not None, r.get("wall_s") if r else None))
+        if r is not None and (best_n is None or n > best_n):
+            best_n, best = n, r
+        if r is None and (fail_n is None or n < fail_n):
+            fail_n = n
+        return r is not None
+
+    def affordable(n):
+        if budget_s is None or best is None or not best.get("wall_s"):
+            return True
+        guess = best["wall_s"] * (n / best_n) ** 1.5
+        return clock() - t_start + guess <= budget_s
+
+    n = start
+    if attempt(n):
+        while fail_n is None:
+            if n >= max_n:
+                return best_n, best, log, f"reached --max {max_n}"
+            n = min(2 * n, max_n)
+            if not affordable(n):
+                return best_n, best, log, "time budget (a lower bound: longer n may fit)"
+            attempt(n)
+    else:
+        while best_n is None and n > g:
+            n = max(g, (n // 2 // g) * g)
+            attempt(n)
+        if best_n is None:
+            return None, None, log, f"even n={g} does not fit"
+    while fail_n - best_n > max(g, tolerance * best_n):
+        mid = ((best_n + fail_n) // 2 // g) * g
+        if mid <= best_n:
+            break
+        if not affordable(mid):
+            return best_n, best, log, f"time budget (between {best_n} and {fail_n})"
+        attempt(mid)
+    return best_n, best, log, f"out of memory at {fail_n}"
+
+
+def time_dense_attention(n, heads, head_dim, batch=1, reps=2, device="cuda", dtype=torch.bfloat16):
+    """Seconds of one causal SDPA forward + backward (PyTorch's default SDPA choice, as the model's dense backend) at
+    [batch, heads, n, head_dim]: median of `reps` after one untimed call."""
+    q, k, v = (torch.randn(batch, heads, n, head_dim, device=device, dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    go = torch.randn(batch, heads, n, head_dim, device=device, dtype=dtype)
+
+    def fwd_bwd():
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(go)
+        q.grad = k.grad = v.grad = None
+
+    fwd_bwd()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fwd_bwd()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+DENSE_METHOD = "one-layer attention x layers"
+DENSE_NOTE = ("dense causal SDPA forward + backward of one layer's attention (bf16, batch 1, the preset's heads and "
+              "head dim) times the number of layers: attention only, no projections, MLP, loss or recomputed forward, "
+              "so a lower bound on the dense model's step")
+
+
+def bench_max_length(preset, start=None, max_n=1 << 24, n=None, dense_scale=False, steps=3, tolerance=0.02,
+                     budget_s=480.0, out_dir="bench/results", device="cuda"):
+    """The longest sequence `preset` trains on (batch 1, recompute on, dropout 0, bf16 autocast, AdamW) on this GPU,
+    or with `n` the step at that one length. Writes bench/results/max-length-<date>.json and returns the row."""
+    from . import load_preset
+
+    dev, tv, trv = _versions()
+    base = load_preset(preset)
+    g = length_granularity(base)
+
+    def trains(m):
+        t0 = time.perf_counter()
+        try:
+            cfg = model_config(preset, m, exact=True, recompute=True, dropout=0.0, backend="auto")
+            r = time_train_step(cfg, m, 1, steps, device)
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            r = None
+            print(f"n={m}: out of memory ({str(e).splitlines()[0][:100]})", flush=True)
+        free_memory()
+        if r is not None:
+            r["wall_s"] = round(time.perf_counter() - t0, 1)
+            print(f"n={m}: step {r['step_ms'] / 1e3:.3f} s, peak {r['peak_mem_gb'] or 0:.2f} GB, "
+                  f"try {r['wall_s']} s", flush=True)
+        return r
+
+    if n is not None:
+        r = trains(n)
+        best_n, log, reason = (n if r else None), [(n, r is not None, r and r["wall_s"])], "one given n"
+    else:
+        best_n, r, log, reason = search_max_length(trains, start or base.n_ctx, max_n, g, tolerance, budget_s)
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
+    row = dict(preset=preset, n=best_n, params=r and r["params"], step_s=r and r["step_ms"] / 1e3,
+               peak_mem_gb=r and r["peak_mem_gb"], tokens_per_s=r and r["tokens_per_s"], device=dev, gpu_mem_gb=total,
+               n_layer=base.n_layer, n_head=base.n_head, d_model=base.d_model, steps=steps,
+               setup_s=r and r["setup_s"], search=dict(tried=log, stop=reason, granularity=g), torch=tv, triton=trv)
+    if n is None and best_n is None:
+        row["error"] = reason
+    if dense_scale and best_n:
+        head_dim = base.d_model // base.n_head  # the model pads q, k to the value width
+        try:
+            layer_s = time_dense_attention(best_n, base.n_head, head_dim, 1, device=device)
+            row.update(dense_layer_fwdbwd_s=layer_s, dense_step_s=layer_s * base.n_layer,
+                       dense_step_method=DENSE_METHOD, dense_note=DENSE_NOTE,
+                       speedup_vs_dense=layer_s * base.n_layer / row["step_s"])
+        except Exception as e:
+            row["dense_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        free_memory()
+    path = _write_json([row], out_dir, f"max-length-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
+    print(format_max_length_table([row]))
+    print(f"wrote {path}")
+    return row
+
+
+def format_max_length_table(rows):
+    lines = [f"{'preset':11s} {'n':>9s} {'params':>8s} {'step s':>8s} {'peak GB':>8s} {'dense s*':>9s} "
+             f"{'dense/ours':>10s}  stop"]
+    for r in rows:
+        if not r["n"]:
+            lines.append(f"{r['preset']:11s} {'-':>9s}  {r.get('error', '')}")
+            continue
+        dense = r.get("dense_step_s")
+        lines.append(f"{r['preset']:11s} {r['n']:9d} {r['params'] / 1e6:7.2f}M {r['step_s']:8.3f} "
+                     f"{r['peak_mem_gb'] or 0:8.2f} " + (f"{dense:9.2f} {dense / r['step_s']:9.1f}x" if dense else
+                                                         f"{'-':>9s} {'-':>10s}") + f"  {r['search']['stop']}")
+    if any(r.get("dense_step_s") for r in rows):
+        lines.append(f"* dense: {DENSE_METHOD} ({DENSE_NOTE})")
+    return "\n".join(lines)
+
+
+# ---- command line ----------------------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser):
     sub = p.add_subparsers(dest="what", required=True)
     a = sub.add_parser("attention", help="our kernels vs SDPA (cuDNN, flash) and FlexAttention on the paper's patterns")
@@ -225,18 +528,43 @@ def add_arguments(p: argparse.ArgumentParser):
     a.add_argument("--out", default="bench/results", help="folder for the JSON results")
     m = sub.add_parser("model", help="training-step time and peak memory of a preset, ours vs dense attention")
     m.add_argument("--preset", default="enwik8", help="preset name")
-    m.add_argument("--n", type=int, default=None, help="sequence length (default: the preset's n_ctx)")
+    m.add_argument("--n", type=int, nargs="+", default=None,
+                   help="sequence length(s); several make a sweep with a plot (default: the preset's n_ctx)")
     m.add_argument("--batch", type=int, default=1, help="sequences per step")
     m.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
-    m.add_argument("--out", default="bench/results", help="folder for the JSON results")
+    m.add_argument("--attention", nargs="+", default=["ours", "dense"], choices=["ours", "dense"],
+                   help="which attention to run")
+    m.add_argument("--recompute", default="both", choices=["both", "on", "off"],
+                   help="recomputation of each block in the backward: both = each n with and without")
+    m.add_argument("--dense-max-n", type=int, default=262144, help="skip dense attention above this n (0: never)")
+    m.add_argument("--no-plot", action="store_true", help="do not write the PNG plot of a sweep")
+    m.add_argument("--out", default="bench/results", help="folder for the JSON results and the plot")
+    x = sub.add_parser("max-length", help="the longest sequence a preset trains on (batch 1, recompute on)")
+    x.add_argument("--preset", default="audio-1m", help="preset name")
+    x.add_argument("--n", type=int, default=None, help="time this one length instead of searching")
+    x.add_argument("--start", type=int, default=None, help="first length of the doubling (default: the preset's n_ctx)")
+    x.add_argument("--max", type=int, default=1 << 24, help="longest length to try")
+    x.add_argument("--steps", type=int, default=3, help="timed steps per length (median reported)")
+    x.add_argument("--tolerance", type=float, default=0.02,
+                   help="stop bisecting when the gap is below this fraction of n (0: down to the granularity)")
+    x.add_argument("--time-budget", type=float, default=480.0,
+                   help="seconds for the search; stops early with a lower bound (0: no budget)")
+    x.add_argument("--dense-scale", action="store_true",
+                   help="also time one layer's dense SDPA attention fwd+bwd at the final n, times the layers")
+    x.add_argument("--out", default="bench/results", help="folder for the JSON results")
 
 
 def main(args) -> int:
     if not torch.cuda.is_available():
-        print("bench attention needs a CUDA GPU (it times GPU kernels against cuDNN and FlexAttention)")
+        print("bench needs a CUDA GPU (it times GPU kernels and training steps against dense SDPA)")
         return 2
     if args.what == "model":
-        bench_model(args.preset, args.n, args.batch, steps=args.steps, out_dir=args.out)
+        rc = {"both": (True, False), "on": (True,), "off": (False,)}[args.recompute]
+        bench_model(args.preset, args.n, args.batch, tuple(args.attention), rc, args.steps, args.out,
+                    args.dense_max_n, plot=not args.no_plot)
+    elif args.what == "max-length":
+        bench_max_length(args.preset, args.start, args.max, args.n, args.dense_scale, args.steps, args.tolerance,
+                         args.time_budget or None, args.out)
     else:
         bench_attention(args.setups, args.methods, args.out)
     return 0

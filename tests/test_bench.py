@@ -1,0 +1,94 @@
+"""The model and max-length benchmarks on CPU (their GPU numbers come from the device): rows, JSON, plot, the length
+search and the command-line flags."""
+import json
+
+import pytest
+
+from sparse_transformer import bench, presets
+from sparse_transformer.cli import build_parser
+
+TINY = dict(n_ctx=256, n_layer=1, n_head=2, d_model=32, d_ff=64, pattern="strided", arrangement="interleaved",
+            stride=32, pos_emb="stride")
+MODEL_KEYS = {"preset", "n", "batch", "attention", "recompute", "step_ms", "tokens_per_s", "peak_mem_gb", "params",
+              "device"}
+MAX_LENGTH_KEYS = {"preset", "n", "params", "step_s", "peak_mem_gb", "device"}
+
+
+@pytest.fixture
+def tiny_preset(monkeypatch):
+    monkeypatch.setitem(presets.PRESETS, "tiny", TINY)
+    return "tiny"
+
+
+def test_bench_model_sweep_rows_json_and_plot(tiny_preset, tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = bench.bench_model(tiny_preset, [64, 128], steps=1, recompute=(True,), out_dir=str(tmp_path),
+                             dense_max_n=64, device="cpu")
+    assert [(r["n"], r["attention"]) for r in rows] == [(64, "ours"), (64, "dense"), (128, "ours"), (128, "dense")]
+    for r in rows[:3]:
+        assert MODEL_KEYS <= set(r) and r["step_ms"] > 0 and r["params"] == rows[0]["params"]  # one model, every n
+    assert "skipped" in rows[3]["error"]
+    (json_path,) = tmp_path.glob("model-*.json")
+    assert json.loads(json_path.read_text()) == json.loads(json.dumps(rows))
+    (png,) = tmp_path.glob("model-*.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_model_config_lengths(tiny_preset):
+    assert bench.model_config("tiny", 128).n_ctx == 256  # the same model at every n it fits
+    assert bench.model_config("tiny", 128, exact=True).n_ctx == 128
+    assert bench.model_config("tiny", 1024).n_ctx == 1024
+    cfg = bench.model_config("fashion-mnist", 1568)  # an image preset past its raster: row / column embeddings
+    assert (cfg.n_ctx, cfg.pos_emb) == (1568, "stride")
+    assert bench.length_granularity(presets.load_preset("cifar10")) == 384  # lcm(stride 96, 128)
+
+
+def fake_trains(limit, walls=None):
+    calls = []
+
+    def trains(n):
+        calls.append(n)
+        return dict(n=n, wall_s=(walls or {}).get(n, 1.0)) if n <= limit else None
+
+    return trains, calls
+
+
+@pytest.mark.parametrize("start,limit", [(1024, 5000), (1024, 1024), (8192, 3000), (1024, 1 << 20)])
+def test_search_finds_the_largest_multiple(start, limit):
+    trains, calls = fake_trains(limit)
+    n, r, log, stop = bench.search_max_length(trains, start, 1 << 20, 1024)
+    assert n == (limit // 1024) * 1024 and r["n"] == n
+    assert all(m % 1024 == 0 for m in calls) and len(calls) == len(set(calls))
+    assert [m for m, ok, _ in log] == calls
+    assert ("reached --max" in stop) if limit >= 1 << 20 else ("out of memory at" in stop)
+
+
+def test_search_tolerance_and_nothing_fits():
+    trains, calls = fake_trains(700_000)
+    n, _, _, _ = bench.search_max_length(trains, 1024, 1 << 24, 1024, tolerance=0.05)
+    assert 0.95 * 700_000 <= n <= 700_000 and len(calls) < 20
+    trains, _ = fake_trains(100)
+    assert bench.search_max_length(trains, 4096, 1 << 20, 1024)[0] is None
+
+
+def test_search_stops_at_the_time_budget():
+    clock = iter(range(0, 10_000, 10)).__next__  # 10 s per clock reading
+    trains, calls = fake_trains(1 << 30, walls={1024: 5.0, 2048: 15.0, 4096: 45.0, 8192: 130.0})
+    n, _, _, stop = bench.search_max_length(trains, 1024, 1 << 30, 1024, budget_s=200, clock=clock)
+    assert n < 1 << 30 and "time budget" in stop and calls[-1] == n
+
+
+def test_bench_max_length_one_n(tiny_preset, tmp_path):
+    row = bench.bench_max_length(tiny_preset, n=256, steps=1, dense_scale=True, out_dir=str(tmp_path), device="cpu")
+    assert MAX_LENGTH_KEYS <= set(row) and row["n"] == 256 and row["step_s"] > 0
+    assert row["dense_step_method"] == "one-layer attention x layers" and row["dense_step_s"] > 0
+    (path,) = tmp_path.glob("max-length-*.json")
+    assert json.loads(path.read_text())[0]["n"] == 256
+
+
+def test_bench_flags():
+    p = build_parser()
+    a = p.parse_args(["bench", "model", "--preset", "audio-1m", "--n", "16384", "65536", "--recompute", "on"])
+    assert (a.n, a.recompute, a.attention) == ([16384, 65536], "on", ["ours", "dense"])
+    a = p.parse_args(["bench", "max-length", "--preset", "audio-1m", "--n", "1048576", "--dense-scale"])
+    assert (a.n, a.dense_scale, a.start, a.max) == (1048576, True, None, 1 << 24)
