@@ -21,6 +21,16 @@ TINY = ["n_layer=1", "n_head=2", "d_model=32", "d_ff=64", "train.batch_size=2", 
         "train.warmup_steps=1", "train.log_every=1"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread for these tiny models: with two, OpenMP's spinning made each small op ~50x slower while
+    another process shared the 2-core test machine (this file: 4 s alone, 170 s beside a parallel test run)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---- writers ---------------------------------------------------------------------------------------------------------
 def _pixel(img, row, col, y, x, h, w, scale):
     """Canvas pixel of image pixel (y, x) in grid cell (row, col)."""
