@@ -207,3 +207,16 @@ def test_tiny_model_trains_at_2_20():
     for name, p in model.named_parameters():
         assert torch.isfinite(p.grad).all(), name
     assert model.head.weight.grad.abs().sum() > 0
+
+
+def test_tables_refuse_more_entries_than_int32_holds(monkeypatch):
+    """The row pointers are int32: past 2^31 - 1 active tiles (the fixed pattern's summary part reaches that near
+    n = 2^23 with l=128, c=32, 64-wide tiles) building the tables must fail loudly, not wrap."""
+    from sparse_transformer.attention import plan
+
+    lay = layouts.fixed(4096, 128, 32, "summary")
+    (seg,) = get_segments(lay)
+    entries = len(build_tables(seg, lay, 64, 64).q_idx)
+    monkeypatch.setattr(plan, "MAX_TABLE_ENTRIES", entries - 1)
+    with pytest.raises(ValueError, match="int32"):
+        build_tables(seg, lay, 64, 64)

@@ -304,6 +304,9 @@ def _csr(major, minor, part, n_major):
     return ptr, ptr[:-1] + n_full, minor[order]
 
 
+MAX_TABLE_ENTRIES = 2**31 - 1  # int32 tables (what the kernels index with)
+
+
 def build_tables(seg: Segment, layout: Layout, bm: int, bn: int) -> Tables:
     TH = seg.params.shape[0]
     nqb, nkb = -(-seg.nq // bm), -(-seg.nk // bn)
@@ -312,6 +315,9 @@ def build_tables(seg: Segment, layout: Layout, bm: int, bn: int) -> Tables:
     r = np.concatenate([r for r, _, _ in per_head]).astype(np.int64)
     c = np.concatenate([c for _, c, _ in per_head]).astype(np.int64)
     part = (np.concatenate([x for _, _, x in per_head]) == PARTIAL).astype(np.int64)
+    if len(r) > MAX_TABLE_ENTRIES:  # the int32 row pointers would wrap (the fixed pattern's summary part near n = 2^23)
+        raise ValueError(f"{len(r)} active tiles of ({bm}, {bn}) in one {seg.kind} segment at n={seg.n}: the int32 "
+                         f"tile tables hold at most {MAX_TABLE_ENTRIES}; use larger tiles or a sparser layout")
     q_ptr, q_mid, q_idx = _csr(h * nqb + r, c, part, TH * nqb)
     k_ptr, k_mid, k_idx = _csr(h * nkb + c, r, part, TH * nkb)
     i32 = lambda a: torch.from_numpy(np.ascontiguousarray(a).astype(np.int32))  # noqa: E731
