@@ -88,10 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from .checkpoint import CheckpointError
+    from .data import DataError
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ValueError as e:  # bad values from the user: one clear line, no traceback
+    except (ValueError, CheckpointError, DataError) as e:  # bad values, files or data: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -21,12 +21,7 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
                   top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits [B, V] -> sampled ids [B] (int64). temperature 0 is greedy (argmax); top_k keeps the k likeliest ids;
     top_p keeps the smallest set of likeliest ids whose probability reaches p (nucleus sampling)."""
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k={top_k} must be >= 1")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    check_sampling(temperature, top_k, top_p)
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(-1)
@@ -40,6 +35,15 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
         drop = probs.cumsum(-1) - probs >= top_p  # ids after the set already reached p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k} must be >= 1")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} must be in (0, 1]")
 
 
 @torch.no_grad()
@@ -59,6 +63,7 @@ def generate(model: SparseTransformer, prefix: torch.Tensor, num_new: int, tempe
         raise ValueError(f"batch {B} >= 1 and prefix {t} + num_new {num_new} <= n_ctx={model.cfg.n_ctx} needed")
     if prefix.numel() and (prefix.min() < 0 or prefix.max() >= model.cfg.vocab_size):
         raise ValueError(f"prefix values must be in 0..{model.cfg.vocab_size - 1}")
+    check_sampling(temperature, top_k, top_p)
     was_training = model.training
     model.eval()
     device = model.head.weight.device
