@@ -552,6 +552,13 @@ def add_arguments(p: argparse.ArgumentParser):
     x.add_argument("--dense-scale", action="store_true",
                    help="also time one layer's dense SDPA attention fwd+bwd at the final n, times the layers")
     x.add_argument("--out", default="bench/results", help="folder for the JSON results")
+    d = sub.add_parser("decode", help="one cached decode step, ours vs a dense KV-cache step (SDPA); or --images: "
+                       "time to sample whole sequences")
+    d.add_argument("--preset", default="audio-65k", help="model preset (its shape; weights are random)")
+    d.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 65536], help="cache lengths")
+    d.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="sequences decoded together")
+    d.add_argument("--images", type=int, default=0, help="instead: time sampling this many whole sequences")
+    d.add_argument("--out", default="bench/results", help="folder for the JSON results")
 
 
 def main(args) -> int:
@@ -562,6 +569,13 @@ def main(args) -> int:
         rc = {"both": (True, False), "on": (True,), "off": (False,)}[args.recompute]
         bench_model(args.preset, args.n, args.batch, tuple(args.attention), rc, args.steps, args.out,
                     args.dense_max_n, plot=not args.no_plot)
+    elif args.what == "decode":
+        from .bench_decode import bench_decode, bench_sampling
+
+        if args.images:
+            bench_sampling(args.preset, args.images, args.out)
+        else:
+            bench_decode(args.preset, args.contexts, args.batch, args.out)
     elif args.what == "max-length":
         bench_max_length(args.preset, args.start, args.max, args.n, args.dense_scale, args.steps, args.tolerance,
                          args.time_budget or None, args.out)

@@ -1,6 +1,6 @@
 """Decode benchmarks (GPU): one cached decode step of a preset's model, ours against a dense KV-cache step (SDPA).
 
-`sparse-transformer bench decode [--preset audio-65k] [--contexts 4096 16384 65536] [--batch 1 4]`: the time of one
+`sparse-transformer bench decode [--preset audio-65k] [--contexts 4096 16384 65536] [--batch 1 4]` (bench.py wires it): the time of one
 decode step (all layers, the logits included) at the last position of a cache of each context length, for our
 attention (the layout's row only) and for the same model with dense attention (SDPA over every cached row), each eager
 and replayed from a CUDA graph. The model runs in bf16 with random weights, the caches hold random values. Median of
@@ -12,7 +12,6 @@ from an empty prefix, with generate() as a user calls it.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -24,16 +23,17 @@ from .model import SparseTransformer
 from .presets import load_preset
 
 
-def _model(preset: str, attention: str, n_ctx: int | None = None) -> SparseTransformer:
+def _model(preset: str, attention: str, n_ctx: int | None = None, device: str = "cuda") -> SparseTransformer:
+    """The preset's model with random weights: bf16 on CUDA (how one samples), fp32 on CPU."""
     overrides = dict(dropout=0.0, backend="dense" if attention == "dense" else "auto")
     if n_ctx:
         overrides["n_ctx"] = n_ctx
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = SparseTransformer(load_preset(preset, **overrides))
     with torch.no_grad():
         model.head.weight.normal_(0.0, 0.02)  # zero at init: give the logits some spread
-    return model.to(torch.bfloat16).eval()
+    return model.to(torch.bfloat16 if device == "cuda" else torch.float32).eval()
 
 
 def _keys_per_query(model: SparseTransformer, pos: int) -> float:
@@ -48,14 +48,18 @@ def _keys_per_query(model: SparseTransformer, pos: int) -> float:
 
 @torch.no_grad()
 def time_step(model: SparseTransformer, batch: int, context: int, graph: bool) -> float:
-    """Median ms of one decode step at position context - 1 over a cache of `context` random rows."""
-    import triton.testing as tt
-
+    """Median ms of one decode step at position context - 1 over a cache of `context` random rows (CUDA: do_bench;
+    CPU: eager only, a plain median of wall times)."""
     cache = model.new_cache(batch, context)
     for t in cache.k + cache.v:
         t.normal_()
-    prev = torch.randint(0, 256, (batch,), device="cuda")
-    pos = torch.tensor([context - 1], device="cuda")
+    device = cache.k[0].device
+    prev = torch.randint(0, 256, (batch,), device=device)
+    pos = torch.tensor([context - 1], device=device)
+    if device.type != "cuda":
+        return _median_ms(lambda: model.decode_step(prev, context - 1, cache))
+    import triton.testing as tt
+
     if not graph:
         return tt.do_bench(lambda: model.decode_step(prev, context - 1, cache), warmup=25, rep=200,
                            return_mode="median")
@@ -72,51 +76,67 @@ def time_step(model: SparseTransformer, batch: int, context: int, graph: bool) -
     return ms
 
 
-def bench_decode(preset, contexts, batches, out_dir="bench/results"):
+def _median_ms(fn, reps: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return sorted(times)[len(times) // 2]
+
+
+def bench_decode(preset, contexts, batches, out_dir="bench/results", device="cuda"):
+    """Rows of decode-step times, ours and dense, at each context and batch (CUDA: eager and CUDA graph)."""
     from .bench import _versions
 
     dev, tv, trv = _versions()
     rows = []
     for attention in ("ours", "dense"):
-        model = _model(preset, attention, max(contexts))
+        model = _model(preset, attention, max(contexts), device)
         for context in contexts:
             for batch in batches:
-                for graph in (False, True):
+                for graph in (False, True) if device == "cuda" else (False,):
                     try:
                         ms = time_step(model, batch, context, graph)
                     except torch.cuda.OutOfMemoryError:
                         ms = None
-                    torch.cuda.empty_cache()
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
                     rows.append(dict(preset=preset, context=context, batch=batch, attention=attention,
                                      mode="cuda-graph" if graph else "eager", step_ms=ms,
                                      keys_per_query=_keys_per_query(model, context - 1), device=dev, torch=tv,
                                      triton=trv))
                     print(_row_line(rows[-1]), flush=True)
         del model
-        torch.cuda.empty_cache()
     print(format_table(rows))
-    return _write(rows, out_dir, "decode")
+    _write(rows, out_dir, "decode")
+    return rows
 
 
-def bench_sampling(preset, num, out_dir="bench/results"):
-    """Seconds to sample `num` whole sequences of the preset from an empty prefix (generate, CUDA graph, bf16)."""
+def bench_sampling(preset, num, out_dir="bench/results", device="cuda"):
+    """Seconds to sample `num` whole sequences of the preset from an empty prefix (generate: CUDA graph and bf16 on
+    CUDA)."""
     from .bench import _versions
 
     dev, tv, trv = _versions()
-    model = _model(preset, "ours")
+    model = _model(preset, "ours", device=device)
     n = model.cfg.n_ctx
-    g = torch.Generator("cuda").manual_seed(0)
-    model.generate(torch.zeros(num, 0, dtype=torch.long, device="cuda"), 8, generator=g)  # compile, capture
-    torch.cuda.synchronize()
+    g = torch.Generator(device).manual_seed(0)
+    empty = torch.zeros(num, 0, dtype=torch.long, device=device)
+    model.generate(empty, 8, generator=g)  # compile, capture
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
     t0 = time.perf_counter()
-    out = model.generate(torch.zeros(num, 0, dtype=torch.long, device="cuda"), n, generator=g, progress=True)
-    torch.cuda.synchronize()
+    out = model.generate(empty, n, generator=g, progress=True)
+    sync()
     seconds = time.perf_counter() - t0
     row = dict(preset=preset, num=num, n=n, seconds=seconds, ms_per_position=1e3 * seconds / n,
                params=model.num_params(), distinct_bytes=int(out.unique().numel()), device=dev, torch=tv, triton=trv)
     print(f"sampled {num} x {n} positions of {preset} ({row['params'] / 1e6:.1f}M params) in {seconds:.1f} s "
           f"({row['ms_per_position']:.2f} ms per position, all {num} sequences at once)")
-    return _write([row], out_dir, "sampling")
+    _write([row], out_dir, "sampling")
+    return row
 
 
 def _row_line(r):
@@ -150,27 +170,3 @@ def _write(rows, out_dir, kind):
         json.dump(rows, f, indent=1)
     print(f"wrote {path}")
     return path
-
-
-def add_arguments(p: argparse.ArgumentParser):
-    p.add_argument("--preset", default="audio-65k", help="model preset (its shape; weights are random)")
-    p.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 65536], help="cache lengths")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="sequences decoded together")
-    p.add_argument("--images", type=int, default=0, help="instead: time sampling this many whole sequences")
-    p.add_argument("--out", default="bench/results", help="folder for the JSON results")
-
-
-def main(args) -> int:
-    if not torch.cuda.is_available():
-        raise ValueError("bench decode needs a CUDA GPU")
-    if args.images:
-        bench_sampling(args.preset, args.images, args.out)
-    else:
-        bench_decode(args.preset, args.contexts, args.batch, args.out)
-    return 0
-
-
-if __name__ == "__main__":
-    _p = argparse.ArgumentParser(prog="python -m sparse_transformer.bench_decode", description=__doc__.split("\n")[0])
-    add_arguments(_p)
-    raise SystemExit(main(_p.parse_args()))

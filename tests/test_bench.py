@@ -92,3 +92,22 @@ def test_bench_flags():
     assert (a.n, a.recompute, a.attention) == ([16384, 65536], "on", ["ours", "dense"])
     a = p.parse_args(["bench", "max-length", "--preset", "audio-1m", "--n", "1048576", "--dense-scale"])
     assert (a.n, a.dense_scale, a.start, a.max) == (1048576, True, None, 1 << 24)
+
+
+def test_bench_decode_rows_on_cpu(tiny_preset, tmp_path):
+    from sparse_transformer.bench_decode import bench_decode, bench_sampling
+
+    rows = bench_decode(tiny_preset, [64, 256], [2], out_dir=str(tmp_path), device="cpu")
+    assert [(r["attention"], r["context"]) for r in rows] == [("ours", 64), ("ours", 256), ("dense", 64),
+                                                              ("dense", 256)]
+    assert all(r["step_ms"] > 0 and r["mode"] == "eager" for r in rows)
+    ours = {r["context"]: r["keys_per_query"] for r in rows if r["attention"] == "ours"}
+    assert ours[256] < 2 * 32 + 1 and [r["keys_per_query"] for r in rows[2:]] == [64, 256]  # a strided row vs all
+    assert len(list(tmp_path.glob("decode-*.json"))) == 1
+    row = bench_sampling(tiny_preset, 2, out_dir=str(tmp_path), device="cpu")
+    assert row["n"] == 256 and row["seconds"] > 0
+
+
+def test_bench_decode_flags():
+    args = build_parser().parse_args(["bench", "decode", "--contexts", "1024", "--batch", "1", "8"])
+    assert (args.what, args.contexts, args.batch, args.images) == ("decode", [1024], [1, 8], 0)
