@@ -558,11 +558,12 @@ def add_arguments(p: argparse.ArgumentParser):
     d.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 65536], help="cache lengths")
     d.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="sequences decoded together")
     d.add_argument("--images", type=int, default=0, help="instead: time sampling this many whole sequences")
+    d.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: eager torch path, no CUDA graph")
     d.add_argument("--out", default="bench/results", help="folder for the JSON results")
 
 
 def main(args) -> int:
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and getattr(args, "device", "cuda") != "cpu":
         print("bench needs a CUDA GPU (it times GPU kernels and training steps against dense SDPA)")
         return 2
     if args.what == "model":
@@ -573,9 +574,9 @@ def main(args) -> int:
         from .bench_decode import bench_decode, bench_sampling
 
         if args.images:
-            bench_sampling(args.preset, args.images, args.out)
+            bench_sampling(args.preset, args.images, args.out, args.device)
         else:
-            bench_decode(args.preset, args.contexts, args.batch, args.out)
+            bench_decode(args.preset, args.contexts, args.batch, args.out, args.device)
     elif args.what == "max-length":
         bench_max_length(args.preset, args.start, args.max, args.n, args.dense_scale, args.steps, args.tolerance,
                          args.time_budget or None, args.out)

@@ -1,9 +1,9 @@
 """Decode benchmarks (GPU): one cached decode step of a preset's model, ours against a dense KV-cache step (SDPA).
 
-`sparse-transformer bench decode [--preset audio-65k] [--contexts 4096 16384 65536] [--batch 1 4]` (bench.py wires it): the time of one
-decode step (all layers, the logits included) at the last position of a cache of each context length, for our
-attention (the layout's row only) and for the same model with dense attention (SDPA over every cached row), each eager
-and replayed from a CUDA graph. The model runs in bf16 with random weights, the caches hold random values. Median of
+`sparse-transformer bench decode [--preset audio-65k] [--contexts 4096 16384 65536] [--batch 1 4]` (wired in
+bench.py): the time of one decode step (all layers, the logits included) at the last position of a cache of each
+context length, for our attention (the layout's row only) and for the same model with dense attention (SDPA over every
+cached row), each eager and replayed from a CUDA graph (decoding.DecodeStepper, as generate() runs it). The model runs in bf16 with random weights, the caches hold random values. Median of
 triton.testing.do_bench. JSON rows (preset, context, batch, attention, mode, step_ms, keys_per_query, device, torch,
 triton) to bench/results/decode-<date>.json.
 
@@ -13,8 +13,6 @@ from an empty prefix, with generate() as a user calls it.
 from __future__ import annotations
 
 import datetime
-import json
-import os
 import time
 
 import torch
@@ -24,13 +22,15 @@ from .presets import load_preset
 
 
 def _model(preset: str, attention: str, n_ctx: int | None = None, device: str = "cuda") -> SparseTransformer:
-    """The preset's model with random weights: bf16 on CUDA (how one samples), fp32 on CPU."""
+    """The preset's model with random weights, n_ctx >= the longest context (an image preset longer than its raster
+    gets "stride" position embeddings, as bench model does): bf16 on CUDA (how one samples), fp32 on CPU."""
+    from .bench import model_config
+
     overrides = dict(dropout=0.0, backend="dense" if attention == "dense" else "auto")
-    if n_ctx:
-        overrides["n_ctx"] = n_ctx
+    cfg = model_config(preset, n_ctx, **overrides) if n_ctx else load_preset(preset, **overrides)
     torch.manual_seed(0)
     with torch.device(device):
-        model = SparseTransformer(load_preset(preset, **overrides))
+        model = SparseTransformer(cfg)
     with torch.no_grad():
         model.head.weight.normal_(0.0, 0.02)  # zero at init: give the logits some spread
     return model.to(torch.bfloat16 if device == "cuda" else torch.float32).eval()
@@ -50,30 +50,19 @@ def _keys_per_query(model: SparseTransformer, pos: int) -> float:
 def time_step(model: SparseTransformer, batch: int, context: int, graph: bool) -> float:
     """Median ms of one decode step at position context - 1 over a cache of `context` random rows (CUDA: do_bench;
     CPU: eager only, a plain median of wall times)."""
-    cache = model.new_cache(batch, context)
-    for t in cache.k + cache.v:
+    from .decoding import DecodeStepper
+
+    device = model.head.weight.device
+    step = DecodeStepper(model, batch, context, device, cuda_graph=graph)
+    for t in step.cache.k + step.cache.v:
         t.normal_()
-    device = cache.k[0].device
     prev = torch.randint(0, 256, (batch,), device=device)
-    pos = torch.tensor([context - 1], device=device)
+    run = lambda: step(prev, context - 1)  # noqa: E731
     if device.type != "cuda":
-        return _median_ms(lambda: model.decode_step(prev, context - 1, cache))
+        return _median_ms(run)
     import triton.testing as tt
 
-    if not graph:
-        return tt.do_bench(lambda: model.decode_step(prev, context - 1, cache), warmup=25, rep=200,
-                           return_mode="median")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        model.decode_step(prev, pos, cache)
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        model.decode_step(prev, pos, cache)
-    ms = tt.do_bench(g.replay, warmup=25, rep=200, return_mode="median")
-    del g, cache
-    return ms
+    return tt.do_bench(run, warmup=25, rep=200, return_mode="median")
 
 
 def _median_ms(fn, reps: int = 5) -> float:
@@ -124,7 +113,7 @@ def bench_sampling(preset, num, out_dir="bench/results", device="cuda"):
     n = model.cfg.n_ctx
     g = torch.Generator(device).manual_seed(0)
     empty = torch.zeros(num, 0, dtype=torch.long, device=device)
-    model.generate(empty, 8, generator=g)  # compile, capture
+    model.generate(empty, 8, generator=g)  # compile the kernels; the timed call captures its own CUDA graph
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
@@ -164,9 +153,8 @@ def format_table(rows):
 
 
 def _write(rows, out_dir, kind):
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{kind}-{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
-    with open(path, "w") as f:
-        json.dump(rows, f, indent=1)
+    from .bench import _write_json
+
+    path = _write_json(rows, out_dir, f"{kind}-{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
     print(f"wrote {path}")
     return path

@@ -64,9 +64,13 @@ def generate(model: SparseTransformer, prefix: torch.Tensor, num_new: int, tempe
     if prefix.numel() and (prefix.min() < 0 or prefix.max() >= model.cfg.vocab_size):
         raise ValueError(f"prefix values must be in 0..{model.cfg.vocab_size - 1}")
     check_sampling(temperature, top_k, top_p)
+    device = model.head.weight.device
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
+    if num_new == 0:
+        return prefix.to(device=device, dtype=torch.long)
     was_training = model.training
     model.eval()
-    device = model.head.weight.device
     out = torch.zeros(B, t + num_new, dtype=torch.long, device=device)
     out[:, :t] = prefix.to(device)
     fp32_on_cuda = device.type == "cuda" and model.head.weight.dtype == torch.float32
@@ -84,7 +88,7 @@ def generate(model: SparseTransformer, prefix: torch.Tensor, num_new: int, tempe
                 for s in positions:
                     out[:, s] = pick(model(out[:, :s + 1])[:, s])  # slot s reads bytes < s; byte s is a placeholder
                 return out
-            step = _Stepper(model, B, t + num_new, device, cuda_graph)
+            step = DecodeStepper(model, B, t + num_new, device, cuda_graph)
             if t:
                 model.hidden(out[:, :t], cache=step.cache)  # prefill: slots 0..t-1
             for s in positions:
@@ -94,8 +98,9 @@ def generate(model: SparseTransformer, prefix: torch.Tensor, num_new: int, tempe
         model.train(was_training)
 
 
-class _Stepper:
-    """model.decode_step, eager or replayed from a CUDA graph with static token / position buffers."""
+class DecodeStepper:
+    """model.decode_step over its own cache, eager or replayed from a CUDA graph with static token / position buffers:
+    `stepper(prev [B], pos) -> logits [B, V]` (the graph's output buffer, overwritten by the next call)."""
 
     def __init__(self, model: SparseTransformer, batch: int, length: int, device, cuda_graph: bool | None):
         dtype = model.head.weight.dtype

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -170,12 +171,13 @@ class Attention(nn.Module):
         value into row pos of the caches and attends over the rows its layout row allows."""
         B, _, D = x.shape
         q, k, v = self._heads(x)  # (B, H, 1, Dk | Dv)
-        if isinstance(pos, int):
+        if isinstance(pos, numbers.Integral):
             kv[0][:, :, pos], kv[1][:, :, pos] = k[:, :, 0], v[:, :, 0]
         else:  # a device position: no host sync, so the step can be captured in a CUDA graph
-            kv[0].index_copy_(2, pos, k)
-            kv[1].index_copy_(2, pos, v)
-        backend = {"dense": "sdpa", "auto": "auto", "triton": "triton"}.get(self.cfg.backend, "torch")
+            kv[0].index_copy_(2, pos, k.to(kv[0].dtype))
+            kv[1].index_copy_(2, pos, v.to(kv[1].dtype))
+        # decoding does not follow the training backend: "auto" is the Triton kernel on CUDA, the torch path on CPU
+        backend = {"dense": "sdpa", "triton": "triton"}.get(self.cfg.backend, "auto")
         y = decode_attention(q[:, :, 0], kv[0], kv[1], layout, pos, 1.0 / math.sqrt(q.shape[-1]), backend)
         return self.proj(y.reshape(B, 1, D))
 
@@ -332,6 +334,9 @@ class SparseTransformer(nn.Module):
         x = self.tok_emb(tokens[:, :-1].long())  # (B, N-1, D): byte t-1 feeds slot t
         x = torch.cat([self.start.expand(B, 1, -1).to(x.dtype), x], dim=1)  # (B, N, D)
         x = x + self.pos_emb(N, tokens.device)
+        if cache is not None and (cache.length < N or cache.k[0].shape[0] != B):
+            raise ValueError(f"the cache holds {cache.k[0].shape[0]} sequences of {cache.length} positions; "
+                             f"tokens are {B} sequences of {N}")
         recompute = self.cfg.recompute and torch.is_grad_enabled()
         for r, (block, layout) in enumerate(zip(self.blocks, self.layer_layouts(N))):
             if cache is not None:
@@ -343,7 +348,7 @@ class SparseTransformer(nn.Module):
     # ---- cached decoding (sample.py drives it) ---------------------------------------------------------------------
     def new_cache(self, batch: int, length: int | None = None, dtype=None, device=None) -> "KVCache":
         """Empty key/value caches for `batch` sequences of up to `length` (default n_ctx) positions."""
-        length = length or self.cfg.n_ctx
+        length = self.cfg.n_ctx if length is None else length
         if not 1 <= length <= self.cfg.n_ctx:
             raise ValueError(f"cache length {length} must be in 1..n_ctx={self.cfg.n_ctx}")
         p = self.head.weight
@@ -355,13 +360,16 @@ class SparseTransformer(nn.Module):
         int64 tensor [1] on the model's device (then the step does no host sync and can be captured in a CUDA graph)."""
         x = self.tok_emb(prev.long())  # (B, D)
         start = self.start.to(x.dtype).expand_as(x)
-        if isinstance(pos, int):
+        if isinstance(pos, numbers.Integral):
+            pos = int(pos)
             if not 0 <= pos < cache.length:
                 raise ValueError(f"position {pos} is outside the cache (length {cache.length})")
             x = start if pos == 0 else x
             x = x + self.pos_emb.at(torch.tensor(pos, device=x.device))
-        else:
+        elif isinstance(pos, torch.Tensor) and pos.shape == (1,) and pos.dtype == torch.int64:
             x = torch.where(pos.view(1, 1) == 0, start, x) + self.pos_emb.at(pos)
+        else:
+            raise TypeError(f"pos must be an int or an int64 tensor of shape [1], got {pos!r}")
         x = x[:, None]  # (B, 1, D)
         lays = self.layer_layouts(self.cfg.n_ctx)  # the head patterns do not depend on n
         for r, (block, layout) in enumerate(zip(self.blocks, lays)):

@@ -101,3 +101,48 @@ def test_decode_rejects_bad_shapes():
     with pytest.raises(ValueError, match="head patterns"):
         decode_attention(torch.randn(1, 3, 8), torch.randn(1, 3, 16, 8), torch.randn(1, 3, 16, 8),
                          layouts.fixed(16, 4, 2, heads=2, num_verts=2), 3)
+
+
+@pytest.mark.skipif(not (INTERP or torch.cuda.is_available()), reason="needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("name,make", LAYOUTS, ids=[c[0] for c in LAYOUTS])
+def test_triton_decode_many_chunks(name, make):
+    """Chunks of 4 keys: both loops (range and grid) run over many chunks, partial and empty ones included."""
+    pytest.importorskip("triton")
+    from sparse_transformer.attention.decode import _device_params
+    from sparse_transformer.attention.triton.decode import attn_decode
+
+    n = 60 if "image" in name else 150
+    lay = make(n)
+    H = 2 if lay.num_heads == 1 else lay.num_heads
+    kc, vc = torch.randn(1, H, n, 16, device=DEVICE), torch.randn(1, H, n, 8, device=DEVICE)
+    for t in range(0, n, 7):
+        q = torch.randn(1, H, 16, device=DEVICE)
+        out = attn_decode(q, kc, vc, _device_params(lay, q.device), torch.tensor([t], device=DEVICE), 0.25, block_n=4)
+        ref = _reference(q, kc, vc, lay, t, 0.25)
+        assert (out.double() - ref).abs().max().item() <= 1e-5, t
+
+
+@pytest.mark.skipif(not (INTERP or torch.cuda.is_available()), reason="needs a GPU or TRITON_INTERPRET=1")
+def test_triton_decode_never_reads_past_the_cache():
+    """A device position past the cache is clamped to its last row: rows of the larger buffer behind it stay unread."""
+    pytest.importorskip("triton")
+    lay = layouts.strided(64, 8)
+    big_k, big_v = torch.randn(2, 2, 64, 16, device=DEVICE), torch.randn(2, 2, 64, 16, device=DEVICE)
+    kc, vc = big_k[:, :, :32], big_v[:, :, :32]  # a 32-row view into 64 rows
+    q = torch.randn(2, 2, 16, device=DEVICE)
+    past = decode_attention(q, kc, vc, lay, torch.tensor([40], device=DEVICE), backend="triton")
+    last = decode_attention(q, kc, vc, lay, 31, backend="triton")
+    assert torch.equal(past, last)
+
+
+def test_decode_position_checks():
+    lay = layouts.strided(16, 4)
+    q, kc, vc = torch.randn(1, 2, 8), torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8)
+    with pytest.raises(ValueError, match="outside the cache"):
+        decode_attention(q, kc, vc, lay, 16)
+    with pytest.raises(TypeError, match="pos must be"):
+        decode_attention(q, kc, vc, lay, 2.0)
+    with pytest.raises(ValueError, match="int position"):
+        decode_attention(q, kc, vc, lay, torch.tensor([3]), backend="torch")
+    dense = layouts.dense(16)  # SDPA with a mask: an int and a device position give the same bits
+    assert torch.equal(decode_attention(q, kc, vc, dense, 5), decode_attention(q, kc, vc, dense, torch.tensor([5])))

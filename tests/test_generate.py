@@ -71,6 +71,24 @@ def test_triton_decode_in_model_interpreter(kw):
     prefix = torch.randint(0, 256, (2, 3))
     assert torch.equal(ours.generate(prefix, 29, temperature=0, cuda_graph=False),
                        ref.generate(prefix, 29, temperature=0, use_cache=False))
+    # a device position (what a CUDA graph replays) gives the same logits as an int position
+    tokens = torch.randint(0, 256, (2, 32))
+    with torch.no_grad():
+        a, b = ours.new_cache(2), ours.new_cache(2)
+        for s in range(32):
+            la = ours.decode_step(tokens[:, s - 1], s, a)
+            lb = ours.decode_step(tokens[:, s - 1], torch.tensor([s]), b)
+            assert torch.equal(la, lb), s
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "torch", "dense"])
+def test_cuda_graph_decode_any_training_backend(backend):
+    """Decoding does not follow the training backend: every config samples through the graph-safe path."""
+    model = _model(backend).cuda()
+    prefix = torch.randint(0, 256, (2, 4), device="cuda")
+    out = model.generate(prefix, 30, temperature=0, cuda_graph=True)
+    assert torch.equal(out, model.generate(prefix, 30, temperature=0, cuda_graph=False))
 
 
 @pytest.mark.gpu
@@ -113,6 +131,15 @@ def test_sample_logits_rules():
 
 def test_generate_rejects_bad_input():
     model = _model()
+    assert torch.equal(model.generate(torch.ones(2, 3, dtype=torch.long), 0), torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="cuda_graph"):
+        model.generate(torch.zeros(1, 2, dtype=torch.long), 3, cuda_graph=True)
+    with pytest.raises(ValueError, match="cache holds"):
+        model.hidden(torch.zeros(2, 10, dtype=torch.long), cache=model.new_cache(2, 5))
+    with pytest.raises(ValueError, match="cache length"):
+        model.new_cache(1, 0)
+    with pytest.raises(TypeError, match="pos must be"):
+        model.decode_step(torch.zeros(1, dtype=torch.long), torch.tensor(3), model.new_cache(1))
     with pytest.raises(ValueError, match="n_ctx"):
         model.generate(torch.zeros(1, 10, dtype=torch.long), 60)
     with pytest.raises(ValueError, match="batch"):

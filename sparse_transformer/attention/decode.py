@@ -11,13 +11,15 @@ sees. For every pattern of the paper that row is a contiguous *range* plus a reg
             summary (L, lo, hi):  j = m L + lo + r, 0 <= r < hi - lo   (the summary cells of every block)
 
 with grid keys inside the range dropped (they are counted once). A row of the strided or fixed pattern holds
-O(sqrt(n)) keys, so a decode step reads O(sqrt(n)) cache rows per head instead of O(n). `decode_params` writes each
-head's range and grid as six integers; the Triton kernel (triton/decode.py) and the torch path below both enumerate
-keys from them, so they need no per-step index tables. Custom (block-mask) heads are enumerated from their tiles on the torch path.
+O(sqrt(n)) keys, so a decode step reads O(sqrt(n)) cache rows per head instead of O(n). `decode_params` writes
+each head's range and grid as six integers; the Triton kernel (triton/decode.py) and the torch path below both
+enumerate keys from them, so they need no per-step index tables. Custom (block-mask) heads are enumerated from their
+tiles on the torch path.
 """
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -115,8 +117,20 @@ def decode_attention(q, k_cache, v_cache, layout: Layout, pos, scale: float | No
         backend: "auto" (Triton on CUDA, else torch), "triton", "torch", or "sdpa" (dense causal layouts only: SDPA
             over the cache).
     Returns: [B, H, Dv] in q's dtype. A query that sees no key gets zeros.
+
+    Example:
+        >>> from sparse_transformer import layouts
+        >>> lay = layouts.strided(4096, 64)
+        >>> k_cache, v_cache = torch.randn(2, 8, 4096, 64), torch.randn(2, 8, 4096, 64)
+        >>> out = decode_attention(torch.randn(2, 8, 64), k_cache, v_cache, lay, pos=1000)  # reads 64 + 15 rows
     """
     _check(q, k_cache, v_cache, layout)
+    if isinstance(pos, numbers.Integral):
+        pos = int(pos)
+        if not 0 <= pos < k_cache.shape[2]:
+            raise ValueError(f"position {pos} is outside the cache (length {k_cache.shape[2]})")
+    elif not (isinstance(pos, torch.Tensor) and pos.numel() == 1 and not pos.is_floating_point()):
+        raise TypeError(f"pos must be an int or a 1-element integer tensor, got {pos!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend == "auto":
         if is_dense(layout):
@@ -128,13 +142,15 @@ def decode_attention(q, k_cache, v_cache, layout: Layout, pos, scale: float | No
     if backend == "sdpa":
         return dense_decode(q, k_cache, v_cache, pos, scale)
     if backend == "triton":
-        from .triton.decode import decode_attention_triton
+        from .triton.decode import attn_decode
 
-        return decode_attention_triton(q, k_cache, v_cache, _device_params(layout, q.device), _pos_tensor(pos, q),
-                                       scale)
+        return attn_decode(q, k_cache, v_cache, _device_params(layout, q.device), _pos_tensor(pos, q), scale)
     if backend != "torch":
         raise ValueError(f"backend={backend!r} is not one of auto, triton, torch, sdpa")
-    return decode_torch(q, k_cache, v_cache, layout, int(pos), scale)
+    if isinstance(pos, torch.Tensor):  # its keys are picked on the host: a device position would need a sync
+        raise ValueError("the torch decode path takes an int position (a tensor position is for CUDA graphs: use "
+                         "backend 'auto' or 'triton' on CUDA)")
+    return decode_torch(q, k_cache, v_cache, layout, pos, scale)
 
 
 def decode_torch(q, k_cache, v_cache, layout: Layout, pos: int, scale: float):
@@ -153,16 +169,14 @@ def decode_torch(q, k_cache, v_cache, layout: Layout, pos: int, scale: float):
 
 
 def dense_decode(q, k_cache, v_cache, pos, scale: float):
-    """Dense causal decode through SDPA: the query sees cache rows 0..pos (an int slices; a tensor masks: graphs)."""
-    if isinstance(pos, int):
-        k, v, mask = k_cache[:, :, :pos + 1], v_cache[:, :, :pos + 1], None
-    else:
-        k, v = k_cache, v_cache
-        mask = (torch.arange(k_cache.shape[2], device=q.device) <= pos.reshape(())).view(1, 1, 1, -1)
-    return F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, scale=scale)[:, :, 0]
+    """Dense causal decode through SDPA over the whole cache, rows after pos masked: the same operations for an int and
+    a device position, so eager and CUDA-graph decoding agree bit for bit (a dense KV-cache step reads every row)."""
+    pos = _pos_tensor(pos, q)
+    mask = (torch.arange(k_cache.shape[2], device=q.device) <= pos.reshape(())).view(1, 1, 1, -1)
+    return F.scaled_dot_product_attention(q[:, :, None], k_cache, v_cache, attn_mask=mask, scale=scale)[:, :, 0]
 
 
-_PARAMS = LRUCache(64)
+_PARAMS = LRUCache(64)  # decode_params on each device, built once per layout
 
 
 def _device_params(layout: Layout, device) -> torch.Tensor:

@@ -148,7 +148,7 @@ def _key_band(seg: Segment, p: np.ndarray, q0: np.ndarray, q1: np.ndarray, bn: i
         return None
     lo = np.maximum(first, 0) // bn
     hi = np.minimum(q1, seg.nk - 1) // bn
-    return lo, int(max(1, (hi - lo).max() + 1)) if len(lo) else 1
+    return lo, (int(max(1, (hi - lo).max() + 1)) if len(lo) else 1)
 
 
 def classify_segment_sparse(seg: Segment, layout: Layout, h: int, bm: int, bn: int):

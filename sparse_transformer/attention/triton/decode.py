@@ -7,12 +7,17 @@ derives its row from six integers (attention/decode.py: a range [start, t] and a
 it), and walks both in chunks of BN keys: gather BN cache rows, q.k on the CUDA cores (one query: no matrix unit to
 feed), online softmax in the exp2 domain, and p.v. A strided or fixed row holds O(sqrt(n)) keys, so the step reads
 O(sqrt(n)) cache rows instead of the O(n) a dense KV-cache step reads. A row with no key writes zeros.
+Limits: head widths up to 512 (any, padded to a power of two and masked); positions and the cache length in int32;
+keys at or past the cache length T are never read, whatever position the device holds.
 """
+import torch
 import triton
 import triton.language as tl
 
-R_ALL, R_WINDOW, R_BLOCK = tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
-G_NONE, G_STRIDE = tl.constexpr(0), tl.constexpr(1)
+from .. import decode as rows
+
+R_ALL, R_WINDOW, R_BLOCK = tl.constexpr(rows.R_ALL), tl.constexpr(rows.R_WINDOW), tl.constexpr(rows.R_BLOCK)
+G_NONE, G_STRIDE = tl.constexpr(rows.G_NONE), tl.constexpr(rows.G_STRIDE)
 
 
 @triton.jit
@@ -32,18 +37,18 @@ def _decode_chunk(q, acc, m_i, l_i, j, ok, k_base, v_base, stride_kn, stride_vn,
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, prm_ptr, qk_scale,
-                   stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                   stride_ob, stride_oh, H, P,
-                   DK: tl.constexpr, DV: tl.constexpr, DK_P: tl.constexpr, DV_P: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+def _attn_decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, prm_ptr, qk_scale,
+                        stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                        stride_ob, stride_oh, H, P, T,
+                        DK: tl.constexpr, DV: tl.constexpr, DK_P: tl.constexpr, DV_P: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     prm = prm_ptr + (h % P) * 6
     rkind, width = tl.load(prm), tl.load(prm + 1)
     gkind, period, lo, run = tl.load(prm + 2), tl.load(prm + 3), tl.load(prm + 4), tl.load(prm + 5)
-    t = tl.load(pos_ptr).to(tl.int32)
+    t = tl.minimum(tl.load(pos_ptr).to(tl.int32), T - 1)  # never past the cache, whatever the device holds
 
     start = t + 1  # no range part
     start = tl.where(rkind == R_ALL, 0, start)
@@ -61,6 +66,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, prm_ptr, qk_scale,
     m_i = -float("inf")
     l_i = 0.0
 
+    # invariant: after each chunk, acc / l_i is the softmax-weighted mean of V over the keys seen so far, scores
+    # measured from the running max m_i (log2 units); m_i = -inf while no key has been seen.
     for s0 in range(start, t + 1, BLOCK_N):  # the contiguous range [start, t]
         j = s0 + offs_n
         acc, m_i, l_i = _decode_chunk(q, acc, m_i, l_i, j, j <= t, k_base, v_base, stride_kn, stride_vn,
@@ -82,11 +89,9 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, prm_ptr, qk_scale,
     tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_dv, out.to(o_ptr.dtype.element_ty), mask=offs_dv < DV)
 
 
-def decode_attention_triton(q, k_cache, v_cache, params, pos, scale: float, block_n: int = 64):
+def attn_decode(q, k_cache, v_cache, params, pos, scale: float, block_n: int = 64):
     """q [B, H, Dk]; caches [B, H, T, Dk|Dv] (last dim contiguous); params int32 [P, 6] on the device (P = 1 or H);
-    pos: int tensor [1] on the device. Returns [B, H, Dv] in q's dtype."""
-    import torch
-
+    pos: int tensor [1] on the device (clamped to T - 1 in the kernel). Returns [B, H, Dv] in q's dtype."""
     B, H, Dk = q.shape
     Dv = v_cache.shape[-1]
     if max(Dk, Dv) > 512:
@@ -95,10 +100,11 @@ def decode_attention_triton(q, k_cache, v_cache, params, pos, scale: float, bloc
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("k_cache and v_cache need a contiguous last dimension")
     o = torch.empty(B, H, Dv, device=q.device, dtype=q.dtype)
-    _decode_kernel[(B * H,)](
+    _attn_decode_kernel[(B * H,)](
         q, k_cache, v_cache, o, pos, params, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), o.stride(0), o.stride(1), H, params.shape[0],
+        k_cache.shape[2],
         DK=Dk, DV=Dv, DK_P=triton.next_power_of_2(Dk), DV_P=triton.next_power_of_2(Dv), BLOCK_N=block_n,
         num_warps=4 if max(Dk, Dv) >= 128 else 2)
     return o
