@@ -19,7 +19,8 @@ case "$WHAT" in
     timeout 120 $ST bench decode --preset cifar10 --images 64 --out "$OUT" 2>&1 | tail -n 3 | tee "$OUT/sampling.log"
     ;;
   long)
-    timeout 120 $ST bench max-length --preset audio-262k --n 262144 --dense-scale --out "$OUT" 2>&1 | tee "$OUT/262k.log"
+    timeout 120 $ST bench max-length --preset audio-262k --n 262144 --dense-scale --out "$OUT" 2>&1 \
+      | tee "$OUT/262k.log"
     timeout 150 $ST bench model --preset audio-1m --n 16384 65536 262144 1048576 --recompute on --steps 3 \
       --out "$OUT" 2>&1 | tee "$OUT/sweep.log"
     timeout 200 $ST bench max-length --preset audio-1m --steps 2 --tolerance 0.05 --time-budget 170 --out "$OUT" \

@@ -18,8 +18,8 @@ done
 wait
 for attn in strided dense; do
   tail -3 "$OUT/$attn.log"
-  $ST eval --checkpoint "$OUT/$attn" --split test --batch-size 64 ${MAXWIN:+--max-windows $MAXWIN} --out "$OUT/eval-$attn.json" > /dev/null \
-    || echo "eval $attn failed"
+  $ST eval --checkpoint "$OUT/$attn" --split test --batch-size 64 ${MAXWIN:+--max-windows $MAXWIN} \
+    --out "$OUT/eval-$attn.json" > /dev/null || echo "eval $attn failed"
   python - "$OUT/$attn/metrics.jsonl" "$OUT/eval-$attn.json" "$attn" <<'EOF'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
