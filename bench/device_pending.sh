@@ -2,9 +2,10 @@
 # The GPU measurements still owed to issues 6 and 8 (BENCHMARKS.md says which), in two device calls of < 10 minutes:
 #   bash bench/device_pending.sh decode OUT    # GPU tests of decoding + decode-step and sampling benchmarks (~5 min)
 #   bash bench/device_pending.sh long OUT      # audio-262k / audio-1m lengths, the n sweep, the enwik8 profile (~9 min)
+#   bash bench/device_pending.sh step OUT      # the enwik8 training step, eager and with compiled blocks (~5 min)
 # Run from the repository root on the device machine; JSON and logs land in OUT (pass $OUT there).
 set -uo pipefail
-WHAT=${1:?decode or long}; OUT=${2:?output folder}
+WHAT=${1:?decode, long or step}; OUT=${2:?output folder}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 ST="python -m sparse_transformer.cli"
 mkdir -p "$OUT"
@@ -27,5 +28,9 @@ case "$WHAT" in
       2>&1 | tee "$OUT/max-length.log"
     timeout 90 python bench/profile_model.py enwik8 2>&1 | tee "$OUT/profile-enwik8.log"
     ;;
-  *) echo "unknown: $WHAT (decode | long)"; exit 2 ;;
+  step)
+    timeout 200 $ST bench model --preset enwik8 --steps 3 --out "$OUT" 2>&1 | tee "$OUT/enwik8.log"
+    timeout 300 $ST bench model --preset enwik8 --steps 3 --compile --out "$OUT" 2>&1 | tee "$OUT/enwik8-compile.log"
+    ;;
+  *) echo "unknown: $WHAT (decode | long | step)"; exit 2 ;;
 esac

@@ -185,11 +185,12 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_train_step(cfg, n, batch=1, steps=5, device="cuda"):
+def time_train_step(cfg, n, batch=1, steps=5, device="cuda", compile=False):
     """Build the model on `device`, run one untimed step (tables, kernels, optimizer state), then `steps` timed steps.
 
     Returns dict(step_ms (median), tokens_per_s, peak_mem_gb (CUDA: peak allocated over the timed steps, weights and
-    optimizer state included; None on CPU), params, setup_s). Raises torch.OutOfMemoryError like the step does."""
+    optimizer state included; None on CPU), params, setup_s). Raises torch.OutOfMemoryError like the step does.
+    compile: torch.compile each block, as `train --set train.compile=true` does (the compile time is in setup_s)."""
     from . import SparseTransformer
 
     device = torch.device(device)
@@ -197,6 +198,9 @@ def time_train_step(cfg, n, batch=1, steps=5, device="cuda"):
     t_setup = time.perf_counter()
     torch.manual_seed(0)
     model = SparseTransformer(cfg).to(device)
+    if compile:
+        for block in model.blocks:
+            block.compile()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
     x = torch.randint(0, 256, (batch, n), device=device)
     step = make_train_step(model, opt, x)
@@ -237,7 +241,7 @@ def free_memory():
 
 
 def bench_model(preset, ns=None, batch=1, attentions=("ours", "dense"), recompute=(True, False), steps=5,
-                out_dir="bench/results", dense_max_n=262144, plot=True, device="cuda"):
+                out_dir="bench/results", dense_max_n=262144, plot=True, device="cuda", compile=False):
     """Training-step time (forward + backward + AdamW step, bf16 autocast), tokens/s and peak memory of a preset at
     each n of `ns` (default: its n_ctx), with our attention and with dense SDPA, side by side in one process. Dense rows
     above dense_max_n are skipped (their step grows as n^2). Writes bench/results/model-<date>.json, and with several
@@ -251,14 +255,14 @@ def bench_model(preset, ns=None, batch=1, attentions=("ours", "dense"), recomput
         for attention in attentions:
             for rc in recompute:
                 row = dict(preset=preset, n=n, batch=batch, attention=attention, recompute=rc, device=dev, torch=tv,
-                           triton=trv)
+                           triton=trv, compile=compile)
                 if attention == "dense" and dense_max_n and n > dense_max_n:
                     row["error"] = f"skipped: n > --dense-max-n={dense_max_n} (the dense step grows as n^2)"
                 else:
                     try:
                         cfg = model_config(preset, n, recompute=rc, dropout=0.0,
                                            backend="dense" if attention == "dense" else "auto")
-                        row.update(time_train_step(cfg, n, batch, steps, device))
+                        row.update(time_train_step(cfg, n, batch, steps, device, compile))
                     except Exception as e:  # an OOM or a failing setup is a result, not a crash
                         row["error"] = ("OOM: " if is_oom(e) else f"{type(e).__name__}: ") + str(e)[:300]
                     free_memory()
@@ -538,6 +542,7 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="recomputation of each block in the backward: both = each n with and without")
     m.add_argument("--dense-max-n", type=int, default=262144, help="skip dense attention above this n (0: never)")
     m.add_argument("--no-plot", action="store_true", help="do not write the PNG plot of a sweep")
+    m.add_argument("--compile", action="store_true", help="torch.compile each block (as train.compile does)")
     m.add_argument("--out", default="bench/results", help="folder for the JSON results and the plot")
     x = sub.add_parser("max-length", help="the longest sequence a preset trains on (batch 1, recompute on)")
     x.add_argument("--preset", default="audio-1m", help="preset name")
@@ -569,7 +574,7 @@ def main(args) -> int:
     if args.what == "model":
         rc = {"both": (True, False), "on": (True,), "off": (False,)}[args.recompute]
         bench_model(args.preset, args.n, args.batch, tuple(args.attention), rc, args.steps, args.out,
-                    args.dense_max_n, plot=not args.no_plot)
+                    args.dense_max_n, plot=not args.no_plot, compile=args.compile)
     elif args.what == "decode":
         from .bench_decode import bench_decode, bench_sampling
 

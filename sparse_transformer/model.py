@@ -182,6 +182,7 @@ class Attention(nn.Module):
         return self.proj(y.reshape(B, 1, D))
 
 
+@torch.compiler.disable  # torch.compile fuses the projections, MLP and norms around it; the kernels are ours already
 def attend(q, k, v, layout, scale, backend, block_size=0):
     """Dispatch one attention call. q, k, v: [B, H, N, Dv]; "dense" ignores the layout (dense causal SDPA)."""
     if backend == "dense":

@@ -111,3 +111,8 @@ def test_bench_decode_rows_on_cpu(tiny_preset, tmp_path):
 def test_bench_decode_flags():
     args = build_parser().parse_args(["bench", "decode", "--contexts", "1024", "--batch", "1", "8"])
     assert (args.what, args.contexts, args.batch, args.images) == ("decode", [1024], [1, 8], 0)
+
+
+def test_bench_model_compile_flag():
+    args = build_parser().parse_args(["bench", "model", "--preset", "enwik8", "--compile"])
+    assert args.compile is True
