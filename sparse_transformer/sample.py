@@ -122,7 +122,7 @@ def _check(args: argparse.Namespace, kind: str, cfg: SparseTransformerConfig) ->
         raise ValueError("--prefix is for text and audio; for images use --complete N (the top half of N images)")
     if kind == "image" and args.length is not None:
         raise ValueError(f"--length is for text and audio; an image is always n_ctx={cfg.n_ctx} bytes")
-    for flag in ("num", "complete", "length", "top_k"):
+    for flag in ("num", "complete", "length", "top_k", "batch_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')}={value} must be >= 1")
@@ -146,10 +146,12 @@ def _load(checkpoint: str, device: str) -> tuple[SparseTransformer, dict]:
 def _generate(model, prefix: np.ndarray, num_new: int, args, generator) -> tuple[np.ndarray, float]:
     """Sample with the CLI's settings and a progress bar: (tokens [B, t + num_new] uint8, seconds)."""
     start = time.perf_counter()
-    out = generate_long(model, torch.from_numpy(prefix).long(), num_new, args.temperature, args.top_k, args.top_p,
-                        use_cache=not args.no_cache, generator=generator, progress=True)
-    tokens = out.cpu().numpy().astype(np.uint8)
-    return tokens, time.perf_counter() - start
+    parts = []
+    for i in range(0, len(prefix), args.batch_size):  # at most --batch-size sequences (and caches) at once
+        out = generate_long(model, torch.from_numpy(prefix[i:i + args.batch_size]).long(), num_new, args.temperature,
+                            args.top_k, args.top_p, use_cache=not args.no_cache, generator=generator, progress=True)
+        parts.append(out.cpu().numpy().astype(np.uint8))
+    return np.concatenate(parts), time.perf_counter() - start
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -170,6 +172,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=None, help="sample only from the k likeliest bytes")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the likeliest bytes up to mass p")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--batch-size", type=int, default=64, help="sequences sampled at once (memory: one key/value "
+                        "cache of n_ctx positions per sequence and layer)")
     parser.add_argument("--no-cache", action="store_true", help="full forward passes instead of the KV cache (slow)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 

@@ -186,7 +186,7 @@ def test_sample_text_is_reproducible_and_cache_free_path_runs(text_run, tmp_path
     a, b = (tmp_path / "a.txt").read_bytes(), (tmp_path / "b.txt").read_bytes()
     assert a == b and len(a) >= 2 * 64
     assert (tmp_path / "c.txt").stat().st_size > 2 * 40
-    for name, extra in (("greedy-cache.txt", []), ("greedy-full.txt", ["--no-cache"])):
+    for name, extra in (("greedy-cache.txt", ["--batch-size", "1"]), ("greedy-full.txt", ["--no-cache"])):
         assert main(["sample", "--checkpoint", str(text_run), "--num", "2", "--temperature", "0", "--out",
                      str(tmp_path / name)] + extra) == 0
     assert (tmp_path / "greedy-cache.txt").read_bytes() == (tmp_path / "greedy-full.txt").read_bytes()
@@ -198,6 +198,7 @@ def test_sample_text_is_reproducible_and_cache_free_path_runs(text_run, tmp_path
     (["--out", "x.png"], "writes .txt"),
     (["--temperature", "-1"], "temperature"),
     (["--num", "0"], "--num=0"),
+    (["--batch-size", "0"], "--batch-size=0"),
 ], ids=["complete-on-text", "prefix-too-long", "wrong-suffix", "temperature", "num"])
 def test_sample_text_errors(text_run, tmp_path, capsys, argv, message):
     long_prompt = tmp_path / "long.txt"
