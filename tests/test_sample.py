@@ -199,7 +199,7 @@ def test_sample_text_is_reproducible_and_cache_free_path_runs(text_run, tmp_path
     (["--temperature", "-1"], "temperature"),
     (["--num", "0"], "--num=0"),
     (["--batch-size", "0"], "--batch-size=0"),
-], ids=["complete-on-text", "prefix-too-long", "wrong-suffix", "temperature", "num"])
+], ids=["complete-on-text", "prefix-too-long", "wrong-suffix", "temperature", "num", "batch-size"])
 def test_sample_text_errors(text_run, tmp_path, capsys, argv, message):
     long_prompt = tmp_path / "long.txt"
     long_prompt.write_bytes(b"x" * 64)
