@@ -435,12 +435,17 @@ def time_dense_attention(n, heads, head_dim, batch=1, reps=2, device="cuda", dty
         F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(go)
         q.grad = k.grad = v.grad = None
 
-    fwd_bwd()
+    return median_wall_s(fwd_bwd, reps, device)
+
+
+def median_wall_s(fn, reps, device="cpu"):
+    """Median wall seconds of `reps` calls of fn after one untimed call (the device synchronized around each)."""
+    fn()
     _sync(device)
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        fwd_bwd()
+        fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]

@@ -3,8 +3,8 @@
 `sparse-transformer bench decode [--preset audio-65k] [--contexts 4096 16384 65536] [--batch 1 4]` (wired in
 bench.py): the time of one decode step (all layers, the logits included) at the last position of a cache of each
 context length, for our attention (the layout's row only) and for the same model with dense attention (SDPA over every
-cached row), each eager and replayed from a CUDA graph (decoding.DecodeStepper, as generate() runs it). The model runs in bf16 with random weights, the caches hold random values. Median of
-triton.testing.do_bench. JSON rows (preset, context, batch, attention, mode, step_ms, keys_per_query, device, torch,
+cached row), each eager and replayed from a CUDA graph (decoding.DecodeStepper, as generate() runs it). The model runs
+in bf16 with random weights, the caches hold random values. Median of triton.testing.do_bench. JSON rows (preset, context, batch, attention, mode, step_ms, keys_per_query, device, torch,
 triton) to bench/results/decode-<date>.json.
 
 `--images N` instead times sampling N whole sequences of the preset (e.g. 64 CIFAR-10 images with the cifar10 preset),
@@ -59,20 +59,12 @@ def time_step(model: SparseTransformer, batch: int, context: int, graph: bool) -
     prev = torch.randint(0, 256, (batch,), device=device)
     run = lambda: step(prev, context - 1)  # noqa: E731
     if device.type != "cuda":
-        return _median_ms(run)
+        from .bench import median_wall_s
+
+        return 1e3 * median_wall_s(run, 5)
     import triton.testing as tt
 
     return tt.do_bench(run, warmup=25, rep=200, return_mode="median")
-
-
-def _median_ms(fn, reps: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(1e3 * (time.perf_counter() - t0))
-    return sorted(times)[len(times) // 2]
 
 
 def bench_decode(preset, contexts, batches, out_dir="bench/results", device="cuda"):

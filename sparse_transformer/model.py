@@ -346,7 +346,7 @@ class SparseTransformer(nn.Module):
                 x = checkpoint(block, x, layout, use_reentrant=False) if recompute else block(x, layout)
         return self.ln_f(x)
 
-    # ---- cached decoding (sample.py drives it) ---------------------------------------------------------------------
+    # ---- cached decoding (decoding.py drives it) -------------------------------------------------------------------
     def new_cache(self, batch: int, length: int | None = None, dtype=None, device=None) -> "KVCache":
         """Empty key/value caches for `batch` sequences of up to `length` (default n_ctx) positions."""
         length = self.cfg.n_ctx if length is None else length
@@ -380,7 +380,7 @@ class SparseTransformer(nn.Module):
     def generate(self, prefix: torch.Tensor, num_new: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, use_cache: bool = True, generator: torch.Generator | None = None,
                  progress: bool = False, cuda_graph: bool | None = None) -> torch.Tensor:
-        """Sample num_new bytes after prefix [B, t] (t may be 0) -> [B, t + num_new] int64. See sample.generate."""
+        """Sample num_new bytes after prefix [B, t] (t may be 0) -> [B, t + num_new] int64. See decoding.generate."""
         from .decoding import generate
 
         return generate(self, prefix, num_new, temperature=temperature, top_k=top_k, top_p=top_p,

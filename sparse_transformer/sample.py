@@ -23,6 +23,7 @@ from . import outputs
 from .checkpoint import CheckpointError
 from .data import DataError, get_dataset
 from .evaluate import load_model
+from .decoding import check_sampling
 from .model import SparseTransformer, SparseTransformerConfig
 
 SUFFIXES = {"image": ".png", "text": ".txt", "audio": ".wav"}
@@ -126,10 +127,7 @@ def _check(args: argparse.Namespace, kind: str, cfg: SparseTransformerConfig) ->
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')}={value} must be >= 1")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature={args.temperature} must be >= 0 (0 = greedy)")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p={args.top_p} must be in (0, 1]")
+    check_sampling(args.temperature, args.top_k, args.top_p)
 
 
 def _load(checkpoint: str, device: str) -> tuple[SparseTransformer, dict]:

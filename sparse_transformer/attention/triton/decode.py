@@ -18,6 +18,7 @@ from .. import decode as rows
 
 R_ALL, R_WINDOW, R_BLOCK = tl.constexpr(rows.R_ALL), tl.constexpr(rows.R_WINDOW), tl.constexpr(rows.R_BLOCK)
 G_NONE, G_STRIDE = tl.constexpr(rows.G_NONE), tl.constexpr(rows.G_STRIDE)
+NUM_PARAMS = tl.constexpr(rows.NUM_DECODE_PARAMS)
 
 
 @triton.jit
@@ -45,7 +46,7 @@ def _attn_decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, prm_ptr, qk_scale,
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    prm = prm_ptr + (h % P) * 6
+    prm = prm_ptr + (h % P) * NUM_PARAMS
     rkind, width = tl.load(prm), tl.load(prm + 1)
     gkind, period, lo, run = tl.load(prm + 2), tl.load(prm + 3), tl.load(prm + 4), tl.load(prm + 5)
     t = tl.minimum(tl.load(pos_ptr).to(tl.int32), T - 1)  # never past the cache, whatever the device holds
@@ -90,8 +91,8 @@ def _attn_decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, prm_ptr, qk_scale,
 
 
 def attn_decode(q, k_cache, v_cache, params, pos, scale: float, block_n: int = 64):
-    """q [B, H, Dk]; caches [B, H, T, Dk|Dv] (last dim contiguous); params int32 [P, 6] on the device (P = 1 or H);
-    pos: int tensor [1] on the device (clamped to T - 1 in the kernel). Returns [B, H, Dv] in q's dtype."""
+    """q [B, H, Dk]; caches [B, H, T, Dk|Dv] (last dim contiguous); params int32 [P, NUM_DECODE_PARAMS] on the device
+    (P = 1 or H); pos: int tensor [1] on the device (clamped to T - 1 in the kernel). Returns [B, H, Dv] in q's dtype."""
     B, H, Dk = q.shape
     Dv = v_cache.shape[-1]
     if max(Dk, Dv) > 512:
