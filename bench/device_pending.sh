@@ -3,6 +3,7 @@
 #   bash bench/device_pending.sh decode OUT    # GPU tests of decoding + decode-step and sampling benchmarks (~5 min)
 #   bash bench/device_pending.sh long OUT      # audio-262k / audio-1m lengths, the n sweep, the enwik8 profile (~9 min)
 #   bash bench/device_pending.sh step OUT      # the enwik8 training step, eager and with compiled blocks (~5 min)
+#   bash bench/device_pending.sh compile OUT   # compiled decode step (tests, kernel sweep, bench) + compiled enwik8 step
 # Run from the repository root on the device machine; JSON and logs land in OUT (pass $OUT there).
 set -uo pipefail
 WHAT=${1:?decode, long or step}; OUT=${2:?output folder}
@@ -32,5 +33,13 @@ case "$WHAT" in
     timeout 200 $ST bench model --preset enwik8 --steps 3 --out "$OUT" 2>&1 | tee "$OUT/enwik8.log"
     timeout 300 $ST bench model --preset enwik8 --steps 3 --compile --out "$OUT" 2>&1 | tee "$OUT/enwik8-compile.log"
     ;;
-  *) echo "unknown: $WHAT (decode | long | step)"; exit 2 ;;
+  compile)
+    timeout 100 python -m pytest -m gpu tests/test_generate.py -k compiled -q -p no:cacheprovider -rf 2>&1 \
+      | tail -n 5 | tee "$OUT/gpu-tests-compiled.log"
+    timeout 80 python bench/dev_decode_kernel.py 2>&1 | tee "$OUT/dev-decode-kernel.log"
+    timeout 170 $ST bench decode --preset audio-65k --contexts 16384 65536 --batch 1 4 --compile --out "$OUT" \
+      2>&1 | tee "$OUT/decode-compile.log"
+    timeout 230 $ST bench model --preset enwik8 --steps 3 --compile --out "$OUT" 2>&1 | tee "$OUT/enwik8-compile.log"
+    ;;
+  *) echo "unknown: $WHAT (decode | long | step | compile)"; exit 2 ;;
 esac

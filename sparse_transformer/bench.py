@@ -569,6 +569,8 @@ def add_arguments(p: argparse.ArgumentParser):
     d.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="sequences decoded together")
     d.add_argument("--images", type=int, default=0, help="instead: time sampling this many whole sequences")
     d.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: eager torch path, no CUDA graph")
+    d.add_argument("--compile", action="store_true",
+                   help="also time the CUDA-graph step with its blocks through torch.compile (and sample with it)")
     d.add_argument("--out", default="bench/results", help="folder for the JSON results")
 
 
@@ -584,9 +586,9 @@ def main(args) -> int:
         from .bench_decode import bench_decode, bench_sampling
 
         if args.images:
-            bench_sampling(args.preset, args.images, args.out, args.device)
+            bench_sampling(args.preset, args.images, args.out, args.device, args.compile)
         else:
-            bench_decode(args.preset, args.contexts, args.batch, args.out, args.device)
+            bench_decode(args.preset, args.contexts, args.batch, args.out, args.device, args.compile)
     elif args.what == "max-length":
         bench_max_length(args.preset, args.start, args.max, args.n, args.dense_scale, args.steps, args.tolerance,
                          args.time_budget or None, args.out)

@@ -3,7 +3,8 @@
 `sparse-transformer bench decode [--preset audio-65k] [--contexts 4096 16384 65536] [--batch 1 4]` (wired in
 bench.py): the time of one decode step (all layers, the logits included) at the last position of a cache of each
 context length, for our attention (the layout's row only) and for the same model with dense attention (SDPA over every
-cached row), each eager and replayed from a CUDA graph (decoding.DecodeStepper, as generate() runs it). The model runs
+cached row), each eager and replayed from a CUDA graph (decoding.DecodeStepper, as generate() runs it), and with
+--compile also replayed with the blocks through torch.compile (mode "cuda-graph+compile"). The model runs
 in bf16 with random weights, the caches hold random values. Median of triton.testing.do_bench. JSON rows (preset, context, batch, attention, mode, step_ms, keys_per_query, device, torch,
 triton) to bench/results/decode-<date>.json.
 
@@ -47,13 +48,13 @@ def _keys_per_query(model: SparseTransformer, pos: int) -> float:
 
 
 @torch.no_grad()
-def time_step(model: SparseTransformer, batch: int, context: int, graph: bool) -> float:
+def time_step(model: SparseTransformer, batch: int, context: int, graph: bool, compile: bool = False) -> float:
     """Median ms of one decode step at position context - 1 over a cache of `context` random rows (CUDA: do_bench;
     CPU: eager only, a plain median of wall times)."""
     from .decoding import DecodeStepper
 
     device = model.head.weight.device
-    step = DecodeStepper(model, batch, context, device, cuda_graph=graph)
+    step = DecodeStepper(model, batch, context, device, cuda_graph=graph, compile=compile)
     for t in step.cache.k + step.cache.v:
         t.normal_()
     prev = torch.randint(0, 256, (batch,), device=device)
@@ -67,8 +68,9 @@ def time_step(model: SparseTransformer, batch: int, context: int, graph: bool) -
     return tt.do_bench(run, warmup=25, rep=200, return_mode="median")
 
 
-def bench_decode(preset, contexts, batches, out_dir="bench/results", device="cuda"):
-    """Rows of decode-step times, ours and dense, at each context and batch (CUDA: eager and CUDA graph)."""
+def bench_decode(preset, contexts, batches, out_dir="bench/results", device="cuda", compile=False):
+    """Rows of decode-step times, ours and dense, at each context and batch (CUDA: eager and CUDA graph, and with
+    compile the CUDA graph of the compiled step)."""
     from .bench import _versions
 
     dev, tv, trv = _versions()
@@ -77,25 +79,30 @@ def bench_decode(preset, contexts, batches, out_dir="bench/results", device="cud
         model = _model(preset, attention, max(contexts), device)
         for context in contexts:
             for batch in batches:
-                for graph in (False, True) if device == "cuda" else (False,):
+                modes = [(False, False)] + ([(True, False)] + [(True, True)] * compile if device == "cuda" else [])
+                for graph, compiled in modes:
                     try:
-                        ms = time_step(model, batch, context, graph)
+                        ms = time_step(model, batch, context, graph, compiled)
                     except torch.cuda.OutOfMemoryError:
                         ms = None
                     if device == "cuda":
                         torch.cuda.empty_cache()
                     rows.append(dict(preset=preset, context=context, batch=batch, attention=attention,
-                                     mode="cuda-graph" if graph else "eager", step_ms=ms,
+                                     mode=("cuda-graph" if graph else "eager") + "+compile" * compiled, step_ms=ms,
                                      keys_per_query=_keys_per_query(model, context - 1), device=dev, torch=tv,
                                      triton=trv))
                     print(_row_line(rows[-1]), flush=True)
         del model
+    if compile:  # recompiles past torch._dynamo's cache limit would fall back to eager: show how many graphs ran
+        from torch._dynamo.utils import counters
+
+        print("torch.compile:", dict(counters["stats"]))
     print(format_table(rows))
     _write(rows, out_dir, "decode")
     return rows
 
 
-def bench_sampling(preset, num, out_dir="bench/results", device="cuda"):
+def bench_sampling(preset, num, out_dir="bench/results", device="cuda", compile=False):
     """Seconds to sample `num` whole sequences of the preset from an empty prefix (generate: CUDA graph and bf16 on
     CUDA)."""
     from .bench import _versions
@@ -105,15 +112,15 @@ def bench_sampling(preset, num, out_dir="bench/results", device="cuda"):
     n = model.cfg.n_ctx
     g = torch.Generator(device).manual_seed(0)
     empty = torch.zeros(num, 0, dtype=torch.long, device=device)
-    model.generate(empty, 8, generator=g)  # compile the kernels; the timed call captures its own CUDA graph
+    model.generate(empty, 8, generator=g, compile=compile)  # compile the kernels; the timed call captures its graph
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    out = model.generate(empty, n, generator=g, progress=True)
+    out = model.generate(empty, n, generator=g, progress=True, compile=compile)
     sync()
     seconds = time.perf_counter() - t0
     row = dict(preset=preset, num=num, n=n, seconds=seconds, ms_per_position=1e3 * seconds / n,
-               params=model.num_params(), distinct_bytes=int(out.unique().numel()), device=dev, torch=tv, triton=trv)
+               compile=compile, params=model.num_params(), distinct_bytes=int(out.unique().numel()), device=dev, torch=tv, triton=trv)
     print(f"sampled {num} x {n} positions of {preset} ({row['params'] / 1e6:.1f}M params) in {seconds:.1f} s "
           f"({row['ms_per_position']:.2f} ms per position, all {num} sequences at once)")
     _write([row], out_dir, "sampling")

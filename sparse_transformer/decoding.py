@@ -50,11 +50,12 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
 def generate(model: SparseTransformer, prefix: torch.Tensor, num_new: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
              generator: torch.Generator | None = None, progress: bool = False,
-             cuda_graph: bool | None = None) -> torch.Tensor:
+             cuda_graph: bool | None = None, compile: bool = False) -> torch.Tensor:
     """Sample num_new bytes after prefix [B, t] -> [B, t + num_new] int64 on the model's device.
 
     t may be 0 (a [B, 0] tensor: unconditional samples). t + num_new must be <= n_ctx. On CUDA an fp32 model runs under
     bf16 autocast (a bf16 model as it is), and the cached step is replayed from a CUDA graph (cuda_graph=None: on CUDA).
+    compile=True runs the step's blocks through torch.compile (fewer kernels per step; compiling takes a while).
     """
     if prefix.dim() != 2:
         raise ValueError(f"prefix must be [batch, t] (t may be 0), got shape {tuple(prefix.shape)}")
@@ -88,7 +89,7 @@ def generate(model: SparseTransformer, prefix: torch.Tensor, num_new: int, tempe
                 for s in positions:
                     out[:, s] = pick(model(out[:, :s + 1])[:, s])  # slot s reads bytes < s; byte s is a placeholder
                 return out
-            step = DecodeStepper(model, B, t + num_new, device, cuda_graph)
+            step = DecodeStepper(model, B, t + num_new, device, cuda_graph, compile)
             if t:
                 model.hidden(out[:, :t], cache=step.cache)  # prefill: slots 0..t-1
             for s in positions:
@@ -102,7 +103,9 @@ class DecodeStepper:
     """model.decode_step over its own cache, eager or replayed from a CUDA graph with static token / position buffers:
     `stepper(prev [B], pos) -> logits [B, V]` (the graph's output buffer, overwritten by the next call)."""
 
-    def __init__(self, model: SparseTransformer, batch: int, length: int, device, cuda_graph: bool | None):
+    def __init__(self, model: SparseTransformer, batch: int, length: int, device, cuda_graph: bool | None,
+                 compile: bool = False):
+        self.compiled = compile  # model.decode_step(compiled=...): blocks through torch.compile
         dtype = model.head.weight.dtype
         dtype = torch.bfloat16 if device.type == "cuda" and dtype == torch.float32 else dtype
         self.model, self.cache = model, model.new_cache(batch, length, dtype=dtype, device=device)
@@ -116,15 +119,15 @@ class DecodeStepper:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up: compiles the kernels, builds the layouts, outside the capture
-            self.model.decode_step(self.prev, self.pos, self.cache)
+            self.model.decode_step(self.prev, self.pos, self.cache, self.compiled)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = self.model.decode_step(self.prev, self.pos, self.cache)
+            self.logits = self.model.decode_step(self.prev, self.pos, self.cache, self.compiled)
 
     def __call__(self, prev: torch.Tensor, pos: int) -> torch.Tensor:
         if self.graph is None:
-            return self.model.decode_step(prev, pos, self.cache)
+            return self.model.decode_step(prev, pos, self.cache, self.compiled)
         self.prev.copy_(prev)
         self.pos.fill_(pos)
         self.graph.replay()

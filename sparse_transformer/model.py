@@ -13,6 +13,7 @@ channel to predict). OpenAI's later code [DA] shifts the summed token + position
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import numbers
@@ -171,15 +172,21 @@ class Attention(nn.Module):
         value into row pos of the caches and attends over the rows its layout row allows."""
         B, _, D = x.shape
         q, k, v = self._heads(x)  # (B, H, 1, Dk | Dv)
-        if isinstance(pos, numbers.Integral):
-            kv[0][:, :, pos], kv[1][:, :, pos] = k[:, :, 0], v[:, :, 0]
-        else:  # a device position: no host sync, so the step can be captured in a CUDA graph
-            kv[0].index_copy_(2, pos, k.to(kv[0].dtype))
-            kv[1].index_copy_(2, pos, v.to(kv[1].dtype))
         # decoding does not follow the training backend: "auto" is the Triton kernel on CUDA, the torch path on CPU
         backend = {"dense": "sdpa", "triton": "triton"}.get(self.cfg.backend, "auto")
-        y = decode_attention(q[:, :, 0], kv[0], kv[1], layout, pos, 1.0 / math.sqrt(q.shape[-1]), backend)
+        y = cache_attend(q[:, :, 0], k[:, :, 0], v[:, :, 0], kv, layout, pos, backend)
         return self.proj(y.reshape(B, 1, D))
+
+
+@torch.compiler.disable  # a compiled step keeps the cache writes in place and our kernel out of tracing
+def cache_attend(q, k, v, kv: tuple, layout: layouts.Layout, pos, backend: str):
+    """Write k, v [B, H, Dk | Dv] into row pos of the caches kv, then attend q [B, H, Dk] over the row's keys."""
+    if isinstance(pos, numbers.Integral):
+        kv[0][:, :, pos], kv[1][:, :, pos] = k, v
+    else:  # a device position: no host sync, so the step can be captured in a CUDA graph
+        kv[0].index_copy_(2, pos, k[:, :, None].to(kv[0].dtype))
+        kv[1].index_copy_(2, pos, v[:, :, None].to(kv[1].dtype))
+    return decode_attention(q, kv[0], kv[1], layout, pos, 1.0 / math.sqrt(q.shape[-1]), backend)
 
 
 @torch.compiler.disable  # torch.compile fuses the projections, MLP and norms around it; the kernels are ours already
@@ -355,10 +362,12 @@ class SparseTransformer(nn.Module):
         p = self.head.weight
         return KVCache.empty(self.cfg, batch, length, dtype or p.dtype, device or p.device)
 
-    def decode_step(self, prev: torch.Tensor, pos, cache: "KVCache") -> torch.Tensor:
+    def decode_step(self, prev: torch.Tensor, pos, cache: "KVCache", compiled: bool = False) -> torch.Tensor:
         """Logits [B, V] (fp32) of slot pos, whose input is byte pos - 1 (prev [B]; ignored at pos 0, which reads the
         start vector). Rows 0..pos-1 of the cache must hold the earlier slots; row pos is written. pos: int, or an
-        int64 tensor [1] on the model's device (then the step does no host sync and can be captured in a CUDA graph)."""
+        int64 tensor [1] on the model's device (then the step does no host sync and can be captured in a CUDA graph).
+        compiled: run each block's step through torch.compile (fuses its norms, bias adds and activation; the cache
+        write and the attention stay outside the graph; the first call compiles)."""
         x = self.tok_emb(prev.long())  # (B, D)
         start = self.start.to(x.dtype).expand_as(x)
         if isinstance(pos, numbers.Integral):
@@ -373,18 +382,20 @@ class SparseTransformer(nn.Module):
             raise TypeError(f"pos must be an int or an int64 tensor of shape [1], got {pos!r}")
         x = x[:, None]  # (B, 1, D)
         lays = self.layer_layouts(self.cfg.n_ctx)  # the head patterns do not depend on n
+        step = _compiled_block_step() if compiled else Block.step
         for r, (block, layout) in enumerate(zip(self.blocks, lays)):
-            x = block.step(x, layout, cache.layer(r), pos)
+            x = step(block, x, layout, cache.layer(r), pos)
         return self.logits(self.ln_f(x))[:, 0]
 
     def generate(self, prefix: torch.Tensor, num_new: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, use_cache: bool = True, generator: torch.Generator | None = None,
-                 progress: bool = False, cuda_graph: bool | None = None) -> torch.Tensor:
+                 progress: bool = False, cuda_graph: bool | None = None, compile: bool = False) -> torch.Tensor:
         """Sample num_new bytes after prefix [B, t] (t may be 0) -> [B, t + num_new] int64. See decoding.generate."""
         from .decoding import generate
 
         return generate(self, prefix, num_new, temperature=temperature, top_k=top_k, top_p=top_p,
-                        use_cache=use_cache, generator=generator, progress=progress, cuda_graph=cuda_graph)
+                        use_cache=use_cache, generator=generator, progress=progress, cuda_graph=cuda_graph,
+                        compile=compile)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """[..., D] -> logits [..., V] in the weights' dtype (fp32): W_out runs outside autocast (bf16 logits lose
@@ -449,6 +460,12 @@ class SparseTransformer(nn.Module):
                 + (f" c={cfg.summary}" if cfg.pattern == "fixed" else "")
                 + f", density {density:.2%} at n={n}, backend {cfg.backend} | "
                   f"{self.flops_per_token(n) / 1e9:.3f} GFLOPs/token (fwd+bwd)")
+
+
+@functools.cache
+def _compiled_block_step():
+    """Block.step through torch.compile, made once: the blocks share it (their parameters are graph inputs)."""
+    return torch.compile(Block.step)
 
 
 @dataclass
