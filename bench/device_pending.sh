@@ -4,6 +4,7 @@
 #   bash bench/device_pending.sh long OUT      # audio-262k / audio-1m lengths, the n sweep, the enwik8 profile (~9 min)
 #   bash bench/device_pending.sh step OUT      # the enwik8 training step, eager and with compiled blocks (~5 min)
 #   bash bench/device_pending.sh compile OUT   # compiled decode step (tests, kernel sweep, bench) + compiled enwik8 step
+#   bash bench/device_pending.sh decode2 OUT   # decode GPU tests, decode bench with --compile, sampling, enwik8 profile
 # Run from the repository root on the device machine; JSON and logs land in OUT (pass $OUT there).
 set -uo pipefail
 WHAT=${1:?decode, long or step}; OUT=${2:?output folder}
@@ -41,5 +42,14 @@ case "$WHAT" in
       2>&1 | tee "$OUT/decode-compile.log"
     timeout 230 $ST bench model --preset enwik8 --steps 3 --compile --out "$OUT" 2>&1 | tee "$OUT/enwik8-compile.log"
     ;;
-  *) echo "unknown: $WHAT (decode | long | step | compile)"; exit 2 ;;
+  decode2)
+    timeout 150 python -m pytest -m gpu tests/test_decode.py tests/test_generate.py -q -n 8 -p no:cacheprovider \
+      -rf 2>&1 | tail -n 4 | tee "$OUT/gpu-tests-decode.log"
+    timeout 200 $ST bench decode --preset audio-65k --contexts 4096 16384 65536 --batch 1 4 --compile --out "$OUT" \
+      2>&1 | tee "$OUT/decode.log"
+    timeout 90 $ST bench decode --preset cifar10 --images 64 --compile --out "$OUT" 2>&1 | tail -n 3 \
+      | tee "$OUT/sampling.log"
+    timeout 100 python bench/profile_model.py enwik8 2>&1 | tee "$OUT/profile-enwik8.log"
+    ;;
+  *) echo "unknown: $WHAT (decode | long | step | compile | decode2)"; exit 2 ;;
 esac

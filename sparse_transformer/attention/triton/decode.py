@@ -90,9 +90,12 @@ def _attn_decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, prm_ptr, qk_scale,
     tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_dv, out.to(o_ptr.dtype.element_ty), mask=offs_dv < DV)
 
 
-def attn_decode(q, k_cache, v_cache, params, pos, scale: float, block_n: int = 64):
+def attn_decode(q, k_cache, v_cache, params, pos, scale: float, block_n: int | None = None):
     """q [B, H, Dk]; caches [B, H, T, Dk|Dv] (last dim contiguous); params int32 [P, NUM_DECODE_PARAMS] on the device
-    (P = 1 or H); pos: int tensor [1] on the device (clamped to T - 1 in the kernel). Returns [B, H, Dv] in q's dtype."""
+    (P = 1 or H); pos: int tensor [1] on the device (clamped to T - 1 in the kernel). Returns [B, H, Dv] in q's dtype.
+    block_n: keys per chunk; default 8192 / padded width, at most 256 (a row of ~256 keys in one or two chunks: on an
+    H100 a 65k-position row of 256 keys at width 32 took 4.4 us with 256 keys and 4 warps against 8.3 us with 64 keys
+    and 2 warps, bench/dev_decode_kernel.py)."""
     B, H, Dk = q.shape
     Dv = v_cache.shape[-1]
     if max(Dk, Dv) > 512:
@@ -100,12 +103,13 @@ def attn_decode(q, k_cache, v_cache, params, pos, scale: float, block_n: int = 6
     q = q if q.stride(-1) == 1 else q.contiguous()
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("k_cache and v_cache need a contiguous last dimension")
+    dk_p, dv_p = triton.next_power_of_2(Dk), triton.next_power_of_2(Dv)
+    block_n = block_n or max(16, min(256, 8192 // max(dk_p, dv_p)))
     o = torch.empty(B, H, Dv, device=q.device, dtype=q.dtype)
     _attn_decode_kernel[(B * H,)](
         q, k_cache, v_cache, o, pos, params, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), o.stride(0), o.stride(1), H, params.shape[0],
         k_cache.shape[2],
-        DK=Dk, DV=Dv, DK_P=triton.next_power_of_2(Dk), DV_P=triton.next_power_of_2(Dv), BLOCK_N=block_n,
-        num_warps=4 if max(Dk, Dv) >= 128 else 2)
+        DK=Dk, DV=Dv, DK_P=dk_p, DV_P=dv_p, BLOCK_N=block_n, num_warps=4)
     return o
