@@ -28,7 +28,7 @@ case "$WHAT" in
       --out "$OUT" 2>&1 | tee "$OUT/sweep.log"
     timeout 200 $ST bench max-length --preset audio-1m --steps 2 --tolerance 0.05 --time-budget 170 --out "$OUT" \
       2>&1 | tee "$OUT/max-length.log"
-    [ -n "${PROFILE:-}" ] && timeout 90 python bench/profile_model.py enwik8 2>&1 | tee "$OUT/profile-enwik8.log"
+    if [ -n "${PROFILE:-}" ]; then timeout 90 python bench/profile_model.py enwik8 2>&1 | tee "$OUT/profile-enwik8.log"; fi
     ;;
   step)
     timeout 200 $ST bench model --preset enwik8 --steps 3 --out "$OUT" 2>&1 | tee "$OUT/enwik8.log"
