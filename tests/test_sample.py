@@ -186,10 +186,12 @@ def test_sample_text_is_reproducible_and_cache_free_path_runs(text_run, tmp_path
     a, b = (tmp_path / "a.txt").read_bytes(), (tmp_path / "b.txt").read_bytes()
     assert a == b and len(a) >= 2 * 64
     assert (tmp_path / "c.txt").stat().st_size > 2 * 40
-    for name, extra in (("greedy-cache.txt", ["--batch-size", "1"]), ("greedy-full.txt", ["--no-cache"])):
+    for name, extra in (("greedy-cache.txt", ["--batch-size", "1"]), ("greedy-full.txt", ["--no-cache"]),
+                        ("greedy-compiled.txt", ["--compile"])):
         assert main(["sample", "--checkpoint", str(text_run), "--num", "2", "--temperature", "0", "--out",
                      str(tmp_path / name)] + extra) == 0
-    assert (tmp_path / "greedy-cache.txt").read_bytes() == (tmp_path / "greedy-full.txt").read_bytes()
+    full = (tmp_path / "greedy-full.txt").read_bytes()
+    assert (tmp_path / "greedy-cache.txt").read_bytes() == full == (tmp_path / "greedy-compiled.txt").read_bytes()
 
 
 @pytest.mark.parametrize("argv, message", [
