@@ -90,14 +90,15 @@ def _attn_bwd_dq_kernel(
                 mask=q_ok[:, None], other=0.0)
     g_off = b * stride_ob + h * stride_oh + i.to(tl.int64)[:, None] * stride_on + offs_d[None, :]
     do = tl.load(do_ptr + g_off, mask=q_ok[:, None], other=0.0)
-    lse = tl.load(lse_ptr + bh * N + i, mask=q_ok, other=float("-inf")) * 1.4426950408889634
+    lse_off = bh.to(tl.int64) * N + i  # 64-bit: B * H * N may pass 2^31
+    lse = tl.load(lse_ptr + lse_off, mask=q_ok, other=float("-inf")) * 1.4426950408889634
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: P = 0
     if DELTA:  # the first segment computes Delta = rowsum(dO * O) for its rows (every row) and stores it for the rest
         o = tl.load(o_ptr + g_off, mask=q_ok[:, None], other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        tl.store(delta_ptr + bh * N + i, delta, mask=q_ok)
+        tl.store(delta_ptr + lse_off, delta, mask=q_ok)
     else:
-        delta = tl.load(delta_ptr + bh * N + i, mask=q_ok, other=0.0)
+        delta = tl.load(delta_ptr + lse_off, mask=q_ok, other=0.0)
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -147,13 +148,15 @@ def _attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     col = th * NKB + kb
     mid = tl.load(mid_ptr + col)
+    lse_row = lse_ptr + bh.to(tl.int64) * N  # 64-bit: B * H * N may pass 2^31
+    delta_row = delta_ptr + bh.to(tl.int64) * N
     for t in range(tl.load(col_ptr + col), mid):
-        dk, dv = _dkdv_tile(k, v, dk, dv, tl.load(idx_ptr + t), j, p_k, k_ok, q_base, do_base, lse_ptr + bh * N,
-                            delta_ptr + bh * N, stride_qn, stride_on, offs_d, prm, qk_scale, N, NQ, SEG_L, SEG_C,
+        dk, dv = _dkdv_tile(k, v, dk, dv, tl.load(idx_ptr + t), j, p_k, k_ok, q_base, do_base, lse_row,
+                            delta_row, stride_qn, stride_on, offs_d, prm, qk_scale, N, NQ, SEG_L, SEG_C,
                             False, KIND, IEEE, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, BLOCK_M)
     for t in range(mid, tl.load(col_ptr + col + 1)):
-        dk, dv = _dkdv_tile(k, v, dk, dv, tl.load(idx_ptr + t), j, p_k, k_ok, q_base, do_base, lse_ptr + bh * N,
-                            delta_ptr + bh * N, stride_qn, stride_on, offs_d, prm, qk_scale, N, NQ, SEG_L, SEG_C,
+        dk, dv = _dkdv_tile(k, v, dk, dv, tl.load(idx_ptr + t), j, p_k, k_ok, q_base, do_base, lse_row,
+                            delta_row, stride_qn, stride_on, offs_d, prm, qk_scale, N, NQ, SEG_L, SEG_C,
                             True, KIND, IEEE, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, BLOCK_M)
     dk = dk * sm_scale
     g_off = b * stride_gb + h * stride_gh + j.to(tl.int64)[:, None] * stride_gn + offs_d[None, :]

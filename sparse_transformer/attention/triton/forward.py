@@ -96,7 +96,7 @@ def _attn_fwd_kernel(
     o = acc / l_safe[:, None]
     lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     o_ptrs = o_ptr + b * stride_ob + h * stride_oh + i.to(tl.int64)[:, None] * stride_on + offs_d[None, :]
-    lse_ptrs = lse_ptr + bh * N + i
+    lse_ptrs = lse_ptr + bh.to(tl.int64) * N + i  # 64-bit: B * H * N may pass 2^31
     if MERGE:  # fold into the earlier segments' result for the same rows
         lse_prev = tl.load(lse_ptrs, mask=q_ok, other=float("-inf"))
         o_prev = tl.load(o_ptrs, mask=q_ok[:, None], other=0.0).to(tl.float32)
