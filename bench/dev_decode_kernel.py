@@ -10,7 +10,7 @@ import triton.testing as tt
 
 from sparse_transformer import layouts
 from sparse_transformer.attention.decode import decode_params
-from sparse_transformer.attention.triton import decode as kmod
+from sparse_transformer.attention.triton.decode import attn_decode
 
 
 def graphed(fn, reps=20):
@@ -38,11 +38,7 @@ for B in (1, 4):
         for bn in (32, 64, 128, 256):
             for warps in (1, 2, 4):
                 def run(bn=bn, warps=warps):
-                    o = torch.empty(B, H, D, device="cuda", dtype=q.dtype)
-                    kmod._attn_decode_kernel[(B * H,)](
-                        q, kc, vc, o, pos, prm, 0.18, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1),
-                        kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2), o.stride(0), o.stride(1), H,
-                        prm.shape[0], T, DK=D, DV=D, DK_P=D, DV_P=D, BLOCK_N=bn, num_warps=warps)
+                    attn_decode(q, kc, vc, prm, pos, 0.125, block_n=bn, num_warps=warps)
                 f, reps = graphed(run)
                 us = 1e3 * tt.do_bench(f, warmup=10, rep=100, return_mode="median") / reps
                 rows.append(dict(batch=B, row=name, block_n=bn, warps=warps, us=us))

@@ -90,7 +90,7 @@ def _attn_decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, prm_ptr, qk_scale,
     tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_dv, out.to(o_ptr.dtype.element_ty), mask=offs_dv < DV)
 
 
-def attn_decode(q, k_cache, v_cache, params, pos, scale: float, block_n: int | None = None):
+def attn_decode(q, k_cache, v_cache, params, pos, scale: float, block_n: int | None = None, num_warps: int = 4):
     """q [B, H, Dk]; caches [B, H, T, Dk|Dv] (last dim contiguous); params int32 [P, NUM_DECODE_PARAMS] on the device
     (P = 1 or H); pos: int tensor [1] on the device (clamped to T - 1 in the kernel). Returns [B, H, Dv] in q's dtype.
     block_n: keys per chunk; default 8192 / padded width, at most 256 (a row of ~256 keys in one or two chunks: on an
@@ -111,5 +111,5 @@ def attn_decode(q, k_cache, v_cache, params, pos, scale: float, block_n: int | N
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), o.stride(0), o.stride(1), H, params.shape[0],
         k_cache.shape[2],
-        DK=Dk, DV=Dv, DK_P=dk_p, DV_P=dv_p, BLOCK_N=block_n, num_warps=4)
+        DK=Dk, DV=Dv, DK_P=dk_p, DV_P=dv_p, BLOCK_N=block_n, num_warps=num_warps)
     return o
