@@ -15,7 +15,9 @@ the dense step) to bench/results/max-length-<date>.json.
 forward and forward+backward (median of triton.testing.do_bench, random bf16 inputs) of our Triton kernels, dense
 causal SDPA (cuDNN, flash), FlexAttention (compiled, the layout's element rule, default 128 blocks) and our torch
 backend; prints a table and writes JSON rows (setup, method, n, batch, heads, head_dim, pattern, fwd_ms, fwdbwd_ms,
-density, device, torch, triton) to bench/results/attention-<date>.json.
+density, device, torch, triton) to bench/results/attention-<date>.json. For ours and SDPA the rows also hold
+fwd_graph_ms / fwdbwd_graph_ms: the same calls replayed from a CUDA graph, i.e. GPU time without the host's launch
+cost (which decides the eager times of the short setups).
 """
 from __future__ import annotations
 
@@ -64,6 +66,29 @@ def _time(fn, go=None):
 
     fwdbwd = tt.do_bench(fb, warmup=25, rep=200, return_mode="median")
     return fwd, fwdbwd
+
+
+GRAPH_METHODS = ("triton", "sdpa-cudnn", "sdpa-flash")
+
+
+def _time_graph(fn, go):
+    """Medians of CUDA-graph replays of fn() and of fn().backward(go): GPU time without the host's launch cost."""
+    import triton.testing as tt
+
+    out = []
+    for f in (fn, lambda: fn().backward(go)):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):  # warm up (tables, compiled kernels, allocator pools) off the capture
+            for _ in range(3):
+                f()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            f()
+        out.append(tt.do_bench(g.replay, warmup=25, rep=200, return_mode="median"))
+        del g
+    return tuple(out)
 
 
 def _method_fn(method, q, k, v, lay, flex_cache):
@@ -119,6 +144,8 @@ def bench_attention(setups, methods=METHODS, out_dir="bench/results", torch_max_
                 torch.cuda.synchronize()
                 row["setup_s"] = round(time.time() - t0, 2)
                 row["fwd_ms"], row["fwdbwd_ms"] = _time(fn, go)
+                if method in GRAPH_METHODS:  # GPU time alone: the same calls replayed from a CUDA graph
+                    row["fwd_graph_ms"], row["fwdbwd_graph_ms"] = _time_graph(fn, go)
             except Exception as e:  # a peer that fails to compile is a result, not a crash
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             rows.append(row)
@@ -138,7 +165,7 @@ def bench_attention(setups, methods=METHODS, out_dir="bench/results", torch_max_
 
 def format_table(rows):
     lines = [f"{'setup':12s} {'method':11s} {'pattern':22s} {'dens':>6s} {'fwd ms':>8s} {'fwd+bwd ms':>10s} "
-             f"{'vs cuDNN':>8s} {'vs flex':>8s}"]
+             f"{'vs cuDNN':>8s} {'vs flex':>8s} {'graph fwd':>9s} {'graph f+b':>9s} {'vs cuDNN':>8s}"]
     ref = {(r["setup"], r["method"]): r for r in rows}
     for r in rows:
         if "fwdbwd_ms" not in r:
@@ -147,8 +174,11 @@ def format_table(rows):
         cud = ref.get((r["setup"], "sdpa-cudnn"), {}).get("fwdbwd_ms")
         flx = ref.get((r["setup"], "flex"), {}).get("fwdbwd_ms")
         ratio = lambda x: f"{x / r['fwdbwd_ms']:7.2f}x" if x else "      -"  # noqa: E731
+        g = r.get("fwdbwd_graph_ms")
+        gcud = ref.get((r["setup"], "sdpa-cudnn"), {}).get("fwdbwd_graph_ms")
+        graph = f" {r['fwd_graph_ms']:9.3f} {g:9.3f} {gcud / g:7.2f}x" if g and gcud else ""
         lines.append(f"{r['setup']:12s} {r['method']:11s} {r['pattern']:22s} {r['density']:6.3f} {r['fwd_ms']:8.3f} "
-                     f"{r['fwdbwd_ms']:10.3f} {ratio(cud)} {ratio(flx)}")
+                     f"{r['fwdbwd_ms']:10.3f} {ratio(cud)} {ratio(flx)}{graph}")
     return "\n".join(lines)
 
 

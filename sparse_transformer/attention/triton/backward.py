@@ -15,6 +15,7 @@ import triton.language as tl
 
 from .common import _key_positions, _program_head, _query_positions, _tile_mask
 from .forward import _dot
+from .launcher import launch as launch_kernel
 
 
 @triton.jit
@@ -178,12 +179,12 @@ def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, accum, 
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     qk_scale = scale * 1.4426950408889634
     tab = launch.dq.tab
-    _attn_bwd_dq_kernel[(tab.nqb, B * H)](
-        q, k, v, o, do, dq, lse, delta, tab.q_ptr, tab.q_mid, tab.q_idx, launch.prm, qk_scale, scale, *strides,
-        H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C, ACCUM=accum, DELTA=not accum,
-        **launch.constexprs(q, launch.dq))
+    launch_kernel(_attn_bwd_dq_kernel, (tab.nqb, B * H), (
+        q, k, v, o, do, dq, lse, delta, tab.q_ptr, tab.q_mid, tab.q_idx, launch.prm), (qk_scale, scale, *strides,
+        H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C),
+        dict(ACCUM=accum, DELTA=not accum, **launch.constexprs(q, launch.dq)))
     tab = launch.dkdv.tab
-    _attn_bwd_dkdv_kernel[(tab.nkb, B * H)](
-        q, k, v, do, dk, dv, lse, delta, tab.k_ptr, tab.k_mid, tab.k_idx, launch.prm, qk_scale, scale, *strides,
-        dk.stride(0), dk.stride(1), dk.stride(2), H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nkb, seg.L, seg.C, ACCUM=accum_kv,
-        **launch.constexprs(q, launch.dkdv))
+    launch_kernel(_attn_bwd_dkdv_kernel, (tab.nkb, B * H), (
+        q, k, v, do, dk, dv, lse, delta, tab.k_ptr, tab.k_mid, tab.k_idx, launch.prm), (qk_scale, scale, *strides,
+        dk.stride(0), dk.stride(1), dk.stride(2), H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nkb, seg.L, seg.C),
+        dict(ACCUM=accum_kv, **launch.constexprs(q, launch.dkdv)))

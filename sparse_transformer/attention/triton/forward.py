@@ -14,6 +14,7 @@ Rows that see no key get O = 0 and LSE = -inf.
 import triton
 import triton.language as tl
 
+from .launcher import launch as launch_kernel
 from .common import _key_positions, _program_head, _query_positions, _tile_mask
 
 
@@ -118,10 +119,9 @@ def attn_forward(q, k, v, o, lse, launch, scale, merge):
     earlier segment wrote."""
     B, H, N, D = q.shape
     seg, tab = launch.seg, launch.fwd.tab
-    _attn_fwd_kernel[(tab.nqb, B * H)](
-        q, k, v, o, lse, tab.q_ptr, tab.q_mid, tab.q_idx, launch.prm, scale * 1.4426950408889634,
+    launch_kernel(_attn_fwd_kernel, (tab.nqb, B * H), (q, k, v, o, lse, tab.q_ptr, tab.q_mid, tab.q_idx, launch.prm), (
+        scale * 1.4426950408889634,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C, MERGE=merge,
-        **launch.constexprs(q, launch.fwd),
-    )
+        H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C),
+        dict(MERGE=merge, **launch.constexprs(q, launch.fwd)))

@@ -29,7 +29,14 @@ TUNING = {
 # gathered summary rows are long runs of full tiles: a 128x64 forward tile and 3 stages (sweep of 2026-11-23 on an
 # H100, bench/dev_kernels.py: fixed-64k fwd+bwd 8.1 ms, against 8.8 ms with a 128x128 forward tile and 2-stage
 # 64x64 backward tiles, and 10.0 ms with a 64x64 forward and 128x32 / 32x128 backward tiles)
-TUNING[("gather", 64)] = dict(fwd=(128, 64, 4, 3), dq=(64, 64, 4, 3), dkdv=(64, 64, 4, 3))
+TUNING[("gather", 64)] = dict(fwd=(128, 64, 4, 3), dq=(128, 64, 4, 2), dkdv=(64, 64, 4, 3))
+# dK/dV of the short-row parts (band, transposed chunks) over 32-query slabs: per-kernel sweep of 2026-11-30 on an H200
+# (python bench/dev_probe.py sweep): natural dK/dV 116.8 -> 98.9 us (strided-12k), 383.9 -> 338.1 us (strided-64k),
+# 86.6 -> 71.8 us (fixed-12k); transposed dK/dV 152.6 -> 131.7 us and 448.8 -> 436.1 us. The gathered dQ with 128x64
+# tiles, 2 stages: 395.0 -> 368.4 us (fixed-12k). Every other pass was fastest (or within noise) at 64x64, 4 warps, 2
+# stages among 64x64 / 3 stages, 128x64 / 4 or 8 warps, 64x128, 128x128 / 8 warps and 32x64.
+for _kind in ("natural", "transposed"):
+    TUNING[(_kind, 64)]["dkdv"] = (32, 64, 4, 2)
 
 
 @dataclass(frozen=True, eq=False)
@@ -110,10 +117,13 @@ class SparseAttentionFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.launches, ctx.scale = launches, scale
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for lse (one launch fewer)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
+        if do is None:  # only lse was used, and lse is not differentiable
+            return None, None, None, None, None, None, None
         q, k, v, o, lse = ctx.saved_tensors
         do = do.contiguous()
         delta = torch.empty_like(lse)  # (B, H, N) fp32, written by the first segment's dQ kernel

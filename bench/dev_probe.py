@@ -1,0 +1,188 @@
+"""Where the time of our attention goes, per setup: eager fwd / fwd+bwd with Triton's own launch path and with the
+direct launcher (launcher.FAST), host time per call, CUDA-graph replay (GPU time), cuDNN beside it, and each kernel's
+GPU time within one fwd+bwd (torch.profiler, in launch order). Usage on the device:
+python bench/dev_probe.py [setup ...]  (prints a table, writes $OUT/dev_probe.json or bench/results/);
+python bench/dev_probe.py micro  (host time of one launch and of tiny whole calls, each launch path);
+python bench/dev_probe.py sweep [setup ...]  (per-kernel GPU time for each tile config in CONFIGS)."""
+import json
+import os
+import sys
+import time
+
+import torch
+import triton.testing as tt
+from torch.profiler import ProfilerActivity, profile
+
+from sparse_transformer import sparse_attention
+from sparse_transformer.attention.triton import launcher
+from sparse_transformer.bench import SETUPS, _versions
+
+
+def med(f):
+    return tt.do_bench(f, warmup=25, rep=200, return_mode="median")
+
+
+def host_us(f, reps=100):
+    f()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        f()
+    t = (time.perf_counter() - t0) / reps * 1e6
+    torch.cuda.synchronize()
+    return t
+
+
+def graph_ms(f):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        f()
+    return med(g.replay)
+
+
+def kernel_times(f):
+    f()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        f()
+        torch.cuda.synchronize()
+    ev = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    ev.sort(key=lambda e: e.time_range.start)
+    return [(e.name[:40], round(e.time_range.elapsed_us(), 1)) for e in ev]
+
+
+def main(names):
+    dev, tv, trv = _versions()
+    rows = []
+    for name in names:
+        B, H, n, D, make, _ = SETUPS[name]
+        lay = make()
+        q, k, v = (torch.randn(B, H, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        go = torch.randn_like(q)
+        fwd = lambda: sparse_attention(q, k, v, lay, backend="triton")  # noqa: E731
+        fb = lambda: fwd().backward(go)  # noqa: E731
+        row = dict(setup=name, device=dev, torch=tv, triton=trv)
+        for fast in (False, True):
+            launcher.FAST = fast
+            tag = "fast" if fast else "triton"
+            fb()
+            row[f"fwd_ms_{tag}"] = med(fwd)
+            row[f"fwdbwd_ms_{tag}"] = med(fb)
+            row[f"host_fwdbwd_us_{tag}"] = host_us(fb)
+        q.grad = k.grad = v.grad = None
+        row["graph_fwdbwd_ms"] = graph_ms(fb)
+        with torch.no_grad():
+            row["graph_fwd_ms"] = graph_ms(fwd)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def dense():
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        row["cudnn_fwd_ms"] = med(dense)
+        row["cudnn_fwdbwd_ms"] = med(lambda: dense().backward(go))
+        row["kernels_us"] = kernel_times(fb)
+        q.grad = k.grad = v.grad = None
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del q, k, v, go
+        torch.cuda.empty_cache()
+    out = os.environ.get("OUT", "bench/results")
+    with open(os.path.join(out, "dev_probe.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print(f"{'setup':12s} {'fb triton':>9s} {'fb fast':>8s} {'host tr':>8s} {'host fast':>9s} {'graph fb':>8s} "
+          f"{'graph f':>8s} {'cudnn fb':>8s}")
+    for r in rows:
+        print(f"{r['setup']:12s} {r['fwdbwd_ms_triton']:9.3f} {r['fwdbwd_ms_fast']:8.3f} {r['host_fwdbwd_us_triton']:8.0f} "
+              f"{r['host_fwdbwd_us_fast']:9.0f} {r['graph_fwdbwd_ms']:8.3f} {r['graph_fwd_ms']:8.3f} "
+              f"{r['cudnn_fwdbwd_ms']:8.3f}")
+        print("   ", " ".join(f"{us}" for _, us in r["kernels_us"]))
+
+
+def micro():
+    """Host time of one forward launch (tiny problem, so the GPU never holds the host back): Triton's path vs ours,
+    and the host time of whole fwd+bwd calls of ours and of SDPA at the same tiny size."""
+    from sparse_transformer import layouts
+    from sparse_transformer.attention.triton import function as fn_mod
+    from sparse_transformer.attention.triton.forward import attn_forward
+
+    lay = layouts.strided(256, 16)
+    q, k, v = (torch.randn(1, 1, 256, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    go = torch.randn_like(q)
+    o, lse = torch.empty_like(q), torch.empty(1, 1, 256, device="cuda")
+    L = fn_mod.get_launches(lay, 64, q.device)[0]
+    res = {}
+    for fast in (False, True):
+        launcher.FAST = fast
+        res[f"one_launch_us_{fast}"] = host_us(lambda: attn_forward(q, k, v, o, lse, L, 0.1, False), 1000)
+        res[f"fwdbwd_us_{fast}"] = host_us(lambda: sparse_attention(q, k, v, lay, backend="triton").backward(go), 300)
+        with torch.no_grad():
+            res[f"fwd_nograd_us_{fast}"] = host_us(lambda: sparse_attention(q, k, v, lay, backend="triton"), 300)
+    res["sdpa_fwdbwd_us"] = host_us(lambda: torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True).backward(go), 300)
+    res["empty_like_us"] = host_us(lambda: torch.empty_like(q), 1000)
+    from triton import knobs
+    res["launch_hook"] = repr(knobs.runtime.launch_enter_hook)
+    print("micro", json.dumps(res), flush=True)
+    f = lambda: sparse_attention(q, k, v, lay, backend="triton").backward(go)  # noqa: E731
+    f()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(20):
+            f()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    return res
+
+
+CONFIGS = [(64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 4, 2), (64, 128, 4, 2), (128, 128, 8, 2), (32, 64, 4, 2)]
+
+
+def sweep(names):
+    """Per-kernel GPU time (median of 5 profiled fwd+bwd, launch order) with every kind and pass on one config."""
+    from sparse_transformer.attention.triton import function as fn_mod
+
+    base = {kk: dict(vv) for kk, vv in fn_mod.TUNING.items()}
+    rows = []
+    for name in names:
+        B, H, n, D, make, _ = SETUPS[name]
+        lay = make()
+        q, k, v = (torch.randn(B, H, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        go = torch.randn_like(q)
+        for cfg in [None] + CONFIGS:
+            fn_mod.TUNING.update({kk: dict(vv) for kk, vv in base.items()})
+            if cfg is not None:
+                for kk in fn_mod.TUNING:
+                    fn_mod.TUNING[kk] = dict(fwd=cfg, dq=cfg, dkdv=cfg)
+            fn_mod.clear_cache()
+            try:
+                fb = lambda: sparse_attention(q, k, v, lay, backend="triton").backward(go)  # noqa: E731
+                runs = [kernel_times(fb) for _ in range(5)]
+                ks = [sorted(r[i][1] for r in runs)[2] for i in range(len(runs[0]))]
+                names_k = [x[0] for x in runs[0]]
+            except Exception as e:
+                print(name, cfg, "ERROR", type(e).__name__, str(e)[:200], flush=True)
+                continue
+            q.grad = k.grad = v.grad = None
+            rows.append(dict(setup=name, config=cfg or "current", kernels=names_k, us=ks))
+            print(f"{name:12s} {str(cfg or 'current'):18s} " + " ".join(f"{x:7.1f}" for x in ks), flush=True)
+        del q, k, v, go
+        torch.cuda.empty_cache()
+    fn_mod.TUNING.update(base)
+    fn_mod.clear_cache()
+    out = os.environ.get("OUT", "bench/results")
+    with open(os.path.join(out, "dev_sweep.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if args[:1] == ["micro"]:
+        micro()
+    elif args[:1] == ["sweep"]:
+        sweep(args[1:] or list(SETUPS))
+    else:
+        main(args or list(SETUPS))
