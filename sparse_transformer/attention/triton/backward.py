@@ -175,16 +175,15 @@ def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, accum, 
     B, H, N, D = q.shape
     seg = launch.seg
     assert dq.stride() == do.stride() == o.stride() and dk.stride() == dv.stride()
-    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     qk_scale = scale * 1.4426950408889634
     tab = launch.dq.tab
     launch_kernel(_attn_bwd_dq_kernel, (tab.nqb, B * H), (
         q, k, v, o, do, dq, lse, delta, tab.q_ptr, tab.q_mid, tab.q_idx, launch.prm), (qk_scale, scale, *strides,
         H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C),
-        dict(ACCUM=accum, DELTA=not accum, **launch.constexprs(q, launch.dq)))
+        launch.constexprs(q, launch.dq, ACCUM=accum, DELTA=not accum))
     tab = launch.dkdv.tab
     launch_kernel(_attn_bwd_dkdv_kernel, (tab.nkb, B * H), (
         q, k, v, do, dk, dv, lse, delta, tab.k_ptr, tab.k_mid, tab.k_idx, launch.prm), (qk_scale, scale, *strides,
-        dk.stride(0), dk.stride(1), dk.stride(2), H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nkb, seg.L, seg.C),
-        dict(ACCUM=accum_kv, **launch.constexprs(q, launch.dkdv)))
+        *dk.stride()[:3], H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nkb, seg.L, seg.C),
+        launch.constexprs(q, launch.dkdv, ACCUM=accum_kv))

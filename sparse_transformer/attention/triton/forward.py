@@ -120,8 +120,6 @@ def attn_forward(q, k, v, o, lse, launch, scale, merge):
     B, H, N, D = q.shape
     seg, tab = launch.seg, launch.fwd.tab
     launch_kernel(_attn_fwd_kernel, (tab.nqb, B * H), (q, k, v, o, lse, tab.q_ptr, tab.q_mid, tab.q_idx, launch.prm), (
-        scale * 1.4426950408889634,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        scale * 1.4426950408889634, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C),
-        dict(MERGE=merge, **launch.constexprs(q, launch.fwd)))
+        launch.constexprs(q, launch.fwd, MERGE=merge))

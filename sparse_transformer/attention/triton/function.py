@@ -11,7 +11,7 @@ Tables are built once per (layout, tiles, device) and cached (plan.get_tables).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -58,10 +58,16 @@ class Launch:
     fwd: Pass
     dq: Pass
     dkdv: Pass
+    _cex: dict = field(default_factory=dict, repr=False)
 
-    def constexprs(self, q, p: Pass) -> dict:
-        return dict(self.flags, IEEE=q.dtype == torch.float32, BLOCK_M=p.tab.bm, BLOCK_N=p.tab.bn,
-                    HEAD_DIM=q.shape[-1], num_warps=p.warps, num_stages=p.stages)
+    def constexprs(self, q, p: Pass, **extra) -> dict:
+        """The kernel's constexprs and launch options for q's dtype and head dim (cached: do not modify)."""
+        key = (id(p), q.dtype == torch.float32, q.shape[-1], *extra.items())
+        cex = self._cex.get(key)
+        if cex is None:
+            cex = self._cex[key] = dict(extra, **self.flags, IEEE=key[1], BLOCK_M=p.tab.bm, BLOCK_N=p.tab.bn,
+                                        HEAD_DIM=key[2], num_warps=p.warps, num_stages=p.stages)
+        return cex
 
 
 _LAUNCHES = LRUCache()

@@ -40,8 +40,11 @@ def launch(kernel, grid, tensors, scalars, constexprs):
         _COMPILED[key] = (ck, ck.function, ck.packed_metadata, ck.run, tail)
         return
     ck, fn, meta, run, tail = hit
-    run(grid[0], grid[1], 1, torch._C._cuda_getCurrentRawStream(key[2]), fn, meta, None, None, None, *tensors,
-        *scalars, *tail)
+    run(grid[0], grid[1], 1, _stream(key[2]), fn, meta, None, None, None, *tensors, *scalars, *tail)
+
+
+def _stream(device_index):
+    return torch._C._cuda_getCurrentRawStream(device_index)
 
 
 def _hooked() -> bool:

@@ -1,0 +1,91 @@
+"""The direct launcher's cache logic (launcher.launch), on the CPU with a stand-in for a Triton kernel: which calls
+reuse a compiled kernel, and that the direct call passes every parameter in signature order. The GPU test
+test_triton_attention.py::test_gpu_direct_launch_equals_triton_launch_and_respects_alignment runs it for real."""
+import types
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from sparse_transformer.attention.triton import launcher  # noqa: E402
+
+
+class FakeCompiled:
+    def __init__(self, log):
+        self.log, self.function, self.packed_metadata = log, "fn", "meta"
+
+    def run(self, *args):
+        self.log.append(("direct", args))
+
+
+class FakeKernel:
+    """Parameters a, b (tensors), s, n (scalars), then constexprs X, Y."""
+
+    params = [types.SimpleNamespace(name=n) for n in ("a", "b", "s", "n", "X", "Y")]
+
+    def __init__(self):
+        self.log = []
+
+    def __getitem__(self, grid):
+        def call(*args, **kw):
+            self.log.append(("triton", grid, args, kw))
+            return FakeCompiled(self.log)
+        return call
+
+
+@pytest.fixture
+def fast(monkeypatch):
+    monkeypatch.setattr(launcher, "FAST", True)
+    monkeypatch.setattr(launcher, "_INTERPRET", False)
+    monkeypatch.setattr(launcher, "_stream", lambda dev: 7)
+    monkeypatch.setattr(launcher, "_hooked", lambda: False)
+    launcher.clear()
+    yield
+    launcher.clear()
+
+
+def test_second_call_goes_direct_with_every_parameter_in_order(fast):
+    kern = FakeKernel()
+    a, b = torch.zeros(64), torch.zeros(64)
+    cex = dict(Y=2, X=1, num_warps=4, num_stages=2)  # any order: the tail follows the signature
+    launcher.launch(kern, (3, 5), (a, b), (0.5, 128), cex)
+    launcher.launch(kern, (3, 5), (a, b), (0.5, 128), cex)
+    assert [e[0] for e in kern.log] == ["triton", "direct"]
+    assert kern.log[0][1:] == ((3, 5), (a, b, 0.5, 128), cex)
+    assert kern.log[1][1] == (3, 5, 1, 7, "fn", "meta", None, None, None, a, b, 0.5, 128, 1, 2)
+
+
+@pytest.mark.parametrize("change", ["scalar", "constexpr", "alignment", "dtype"])
+def test_a_different_specialization_goes_through_triton(fast, change):
+    kern = FakeKernel()
+    buf = torch.zeros(80)
+    a, b, s, cex = buf[:64], torch.zeros(64), (0.5, 128), dict(X=1, Y=2, num_warps=4, num_stages=2)
+    launcher.launch(kern, (1, 1), (a, b), s, cex)
+    if change == "scalar":
+        s = (0.5, 129)  # 129 is not a multiple of 16: Triton would specialize differently
+    elif change == "constexpr":
+        cex = dict(cex, num_warps=8)
+    elif change == "alignment":
+        a = buf[1:65]  # 4 bytes past a 16-byte boundary
+    else:
+        a = torch.zeros(64, dtype=torch.float16)
+    launcher.launch(kern, (1, 1), (a, b), s, cex)
+    assert [e[0] for e in kern.log] == ["triton", "triton"]
+
+
+def test_installed_hook_or_switch_off_always_goes_through_triton(fast, monkeypatch):
+    kern = FakeKernel()
+    a = torch.zeros(64)
+    launcher.launch(kern, (1, 1), (a, a), (0.5, 1), dict(X=1, Y=2))
+    monkeypatch.setattr(launcher, "_hooked", lambda: True)
+    launcher.launch(kern, (1, 1), (a, a), (0.5, 1), dict(X=1, Y=2))
+    monkeypatch.setattr(launcher, "_hooked", lambda: False)
+    monkeypatch.setattr(launcher, "FAST", False)
+    launcher.launch(kern, (1, 1), (a, a), (0.5, 1), dict(X=1, Y=2))
+    assert [e[0] for e in kern.log] == ["triton"] * 3
+
+
+def test_hook_detection_reads_an_empty_chain_as_no_hook():
+    chain = types.SimpleNamespace(calls=[])
+    assert not launcher._active(None) and not launcher._active(chain)
+    assert launcher._active(types.SimpleNamespace(calls=[print])) and launcher._active(print)
