@@ -38,7 +38,8 @@ def fast(monkeypatch):
     monkeypatch.setattr(launcher, "FAST", True)
     monkeypatch.setattr(launcher, "_INTERPRET", False)
     monkeypatch.setattr(launcher, "_stream", lambda dev: 7)
-    monkeypatch.setattr(launcher, "_hooked", lambda: False)
+    monkeypatch.setattr(launcher, "_current_device", lambda: None)  # CPU tensors: device index None
+    monkeypatch.setattr(launcher, "_per_call_options", lambda kernel: False)
     launcher.clear()
     yield
     launcher.clear()
@@ -55,7 +56,7 @@ def test_second_call_goes_direct_with_every_parameter_in_order(fast):
     assert kern.log[1][1] == (3, 5, 1, 7, "fn", "meta", None, None, None, a, b, 0.5, 128, 1, 2)
 
 
-@pytest.mark.parametrize("change", ["scalar", "constexpr", "alignment", "dtype"])
+@pytest.mark.parametrize("change", ["scalar", "constexpr", "alignment", "dtype", "second dtype"])
 def test_a_different_specialization_goes_through_triton(fast, change):
     kern = FakeKernel()
     buf = torch.zeros(80)
@@ -67,22 +68,50 @@ def test_a_different_specialization_goes_through_triton(fast, change):
         cex = dict(cex, num_warps=8)
     elif change == "alignment":
         a = buf[1:65]  # 4 bytes past a 16-byte boundary
-    else:
+    elif change == "dtype":
         a = torch.zeros(64, dtype=torch.float16)
+    else:
+        b = torch.zeros(64, dtype=torch.float16)
     launcher.launch(kern, (1, 1), (a, b), s, cex)
     assert [e[0] for e in kern.log] == ["triton", "triton"]
 
 
-def test_installed_hook_or_switch_off_always_goes_through_triton(fast, monkeypatch):
+def test_per_call_options_or_switch_off_always_go_through_triton(fast, monkeypatch):
     kern = FakeKernel()
     a = torch.zeros(64)
     launcher.launch(kern, (1, 1), (a, a), (0.5, 1), dict(X=1, Y=2))
-    monkeypatch.setattr(launcher, "_hooked", lambda: True)
+    monkeypatch.setattr(launcher, "_per_call_options", lambda kernel: True)
     launcher.launch(kern, (1, 1), (a, a), (0.5, 1), dict(X=1, Y=2))
-    monkeypatch.setattr(launcher, "_hooked", lambda: False)
+    monkeypatch.setattr(launcher, "_per_call_options", lambda kernel: False)
     monkeypatch.setattr(launcher, "FAST", False)
     launcher.launch(kern, (1, 1), (a, a), (0.5, 1), dict(X=1, Y=2))
     assert [e[0] for e in kern.log] == ["triton"] * 3
+
+
+def test_per_call_options_reads_triton_knobs(monkeypatch):
+    from triton import knobs
+
+    kern = FakeKernel()
+    assert not launcher._per_call_options(kern)  # Triton's defaults: nothing per call
+    monkeypatch.setattr(knobs.runtime, "debug", True)
+    assert launcher._per_call_options(kern)
+    monkeypatch.setattr(knobs.runtime, "debug", False)
+    kern.pre_run_hooks = [print]
+    assert launcher._per_call_options(kern)
+
+
+def test_a_jit_cache_hook_that_takes_the_launch_over_is_not_cached(fast):
+    calls = []
+
+    class Hooked(FakeKernel):
+        def __getitem__(self, grid):
+            return lambda *a, **k: calls.append(1)  # returns None, as Triton does when its cache hook returns True
+
+    kern = Hooked()
+    a = torch.zeros(64)
+    for _ in range(2):
+        launcher.launch(kern, (1, 1), (a, a), (0.5, 1), dict(X=1, Y=2))
+    assert len(calls) == 2 and not launcher._COMPILED
 
 
 def test_hook_detection_reads_an_empty_chain_as_no_hook():

@@ -4,10 +4,11 @@
 microseconds for our ~40-argument kernels on the device machines' CPUs, longer than some of the kernels run). The
 first call with a given key goes through Triton as usual (compiling if needed) and keeps the CompiledKernel it
 returns; later calls with the same key launch it directly. The key is finer than Triton's specialization: the
-constexprs and launch options, the tensors' dtype and their addresses modulo 16, and the scalar arguments' exact
-values (strides, lengths, scale), so a key seen before always maps to the kernel Triton would pick. Under
-TRITON_INTERPRET=1, with a Triton launch hook installed (e.g. its proton profiler) or with FAST = False, every call
-takes Triton's own path.
+constexprs and launch options, the device, the tensors' dtypes and their addresses modulo 16, and the scalar
+arguments' exact values (strides, lengths, scale), so a key seen before always maps to the kernel Triton would pick.
+Every call takes Triton's own path under TRITON_INTERPRET=1, with FAST = False (SPARSE_TRANSFORMER_FAST_LAUNCH=0), or
+while anything Triton would honour per call is switched on: launch hooks (e.g. its proton profiler), pre-run hooks,
+TRITON_DEBUG, an instrumentation mode. Launches run on the tensors' device (made current for the call if need be).
 """
 from __future__ import annotations
 
@@ -25,14 +26,23 @@ def launch(kernel, grid, tensors, scalars, constexprs):
     """kernel[grid](*tensors, *scalars, **constexprs): `tensors` the leading tensor parameters, `scalars` the int /
     float parameters after them (together every runtime parameter, in order), `constexprs` the constexpr parameters
     (after those in the signature) plus num_warps / num_stages, always built in the same order for one kernel."""
-    if _INTERPRET or not FAST:
+    if _INTERPRET:
         kernel[grid](*tensors, *scalars, **constexprs)
         return
-    key = (id(kernel), tensors[0].dtype, tensors[0].device.index, *constexprs.values(),
-           *[t.data_ptr() & 15 for t in tensors], *scalars)
+    dev = tensors[0].device.index
+    if _current_device() != dev:  # Triton compiles for, loads on and launches into the current device
+        with torch.cuda.device(dev):
+            return launch(kernel, grid, tensors, scalars, constexprs)
+    if not FAST:
+        kernel[grid](*tensors, *scalars, **constexprs)
+        return
+    key = (id(kernel), dev, *constexprs.values(), *[t.dtype for t in tensors], *[t.data_ptr() & 15 for t in tensors],
+           *scalars)
     hit = _COMPILED.get(key)
-    if hit is None or _hooked():
+    if hit is None or _per_call_options(kernel):
         ck = kernel[grid](*tensors, *scalars, **constexprs)
+        if ck is None:  # a JIT cache hook took the launch over
+            return
         n_run = len(tensors) + len(scalars)
         tail = tuple(constexprs[p.name] for p in kernel.params[n_run:])  # constexpr values, in signature order
         if len(_COMPILED) >= _MAX_ENTRIES:
@@ -40,21 +50,28 @@ def launch(kernel, grid, tensors, scalars, constexprs):
         _COMPILED[key] = (ck, ck.function, ck.packed_metadata, ck.run, tail)
         return
     ck, fn, meta, run, tail = hit
-    run(grid[0], grid[1], 1, _stream(key[2]), fn, meta, None, None, None, *tensors, *scalars, *tail)
+    run(grid[0], grid[1], 1, _stream(dev), fn, meta, None, None, None, *tensors, *scalars, *tail)
+
+
+def _current_device():
+    return torch.cuda.current_device()
 
 
 def _stream(device_index):
     return torch._C._cuda_getCurrentRawStream(device_index)
 
 
-def _hooked() -> bool:
-    """Is a launch hook installed? (Triton 3.5+ keeps an always-present HookChain, active when it holds calls.)"""
+def _per_call_options(kernel) -> bool:
+    """Is anything on that Triton applies per call (hooks, debug mode, instrumentation)? Then launch through Triton."""
     from triton import knobs
 
-    return _active(knobs.runtime.launch_enter_hook) or _active(knobs.runtime.launch_exit_hook)
+    return (_active(knobs.runtime.launch_enter_hook) or _active(knobs.runtime.launch_exit_hook)
+            or bool(getattr(kernel, "pre_run_hooks", None)) or bool(knobs.runtime.debug)
+            or bool(getattr(knobs.compilation, "instrumentation_mode", "")))
 
 
 def _active(hook) -> bool:
+    """Triton 3.5+ keeps an always-present (empty) HookChain: a hook is active only when the chain holds calls."""
     return hook is not None and getattr(hook, "calls", True) != []
 
 
