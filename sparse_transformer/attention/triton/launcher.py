@@ -16,7 +16,18 @@ import os
 
 import torch
 
-FAST = os.environ.get("SPARSE_TRANSFORMER_FAST_LAUNCH", "1") != "0"
+def _triton_at_least(major: int, minor: int) -> bool:
+    import triton
+
+    try:
+        return tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (major, minor)
+    except ValueError:  # an unparsable (development) version: take Triton's own path
+        return False
+
+
+# the direct call mirrors JITFunction.run of Triton 3.6 (checked against the 3.6.0 and 3.9.0 sources); older Triton
+# versions always take Triton's own path
+FAST = os.environ.get("SPARSE_TRANSFORMER_FAST_LAUNCH", "1") != "0" and _triton_at_least(3, 6)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _MAX_ENTRIES = 4096  # one entry per (kernel, settings, shapes); cleared when full (shapes seen once, e.g. decoding)
 _COMPILED: dict = {}
