@@ -116,3 +116,22 @@ def test_bench_decode_flags():
 def test_bench_model_compile_flag():
     args = build_parser().parse_args(["bench", "model", "--preset", "enwik8", "--compile"])
     assert args.compile is True
+
+
+def test_attention_table_ratios_and_graph_columns():
+    """The printed table: eager ratios against cuDNN and FlexAttention, and the CUDA-graph columns where a row has them
+    (ours and SDPA), with the graph ratio taken against cuDNN's graph time."""
+    base = dict(setup="s", n=8, batch=1, heads=1, head_dim=16, density=0.1)
+    rows = [dict(base, method="triton", pattern="fixed", fwd_ms=0.5, fwdbwd_ms=1.0, fwd_graph_ms=0.4,
+                 fwdbwd_graph_ms=0.8),
+            dict(base, method="sdpa-cudnn", pattern="causal-dense", fwd_ms=1.0, fwdbwd_ms=3.0, fwd_graph_ms=1.0,
+                 fwdbwd_graph_ms=2.4),
+            dict(base, method="flex", pattern="fixed", fwd_ms=2.0, fwdbwd_ms=5.0),
+            dict(base, method="torch", pattern="fixed", error="skipped: n > 16384")]
+    lines = bench.format_table(rows).splitlines()
+    ours = next(line for line in lines if " triton " in line).split()
+    # fwd, fwd+bwd, vs cuDNN, vs flex | graph fwd, graph fwd+bwd, graph vs cuDNN
+    assert ours[-7:] == ["0.500", "1.000", "3.00x", "5.00x", "0.400", "0.800", "3.00x"]
+    flex = next(line for line in lines if " flex " in line).split()
+    assert flex[-4:] == ["2.000", "5.000", "0.60x", "1.00x"]  # no graph columns for FlexAttention
+    assert "skipped" in next(line for line in lines if " torch " in line)
