@@ -129,9 +129,10 @@ def test_attention_table_ratios_and_graph_columns():
             dict(base, method="flex", pattern="fixed", fwd_ms=2.0, fwdbwd_ms=5.0),
             dict(base, method="torch", pattern="fixed", error="skipped: n > 16384")]
     lines = bench.format_table(rows).splitlines()
-    ours = next(line for line in lines if " triton " in line).split()
+    row = {line.split()[1]: line.split() for line in lines[1:]}  # by method
+    ours = row["triton"]
     # fwd, fwd+bwd, vs cuDNN, vs flex | graph fwd, graph fwd+bwd, graph vs cuDNN
     assert ours[-7:] == ["0.500", "1.000", "3.00x", "5.00x", "0.400", "0.800", "3.00x"]
-    flex = next(line for line in lines if " flex " in line).split()
+    flex = row["flex"]
     assert flex[-4:] == ["2.000", "5.000", "0.60x", "1.00x"]  # no graph columns for FlexAttention
-    assert "skipped" in next(line for line in lines if " torch " in line)
+    assert "skipped:" in row["torch"]
