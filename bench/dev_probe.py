@@ -90,7 +90,7 @@ def main(names):
         q.grad = k.grad = v.grad = None
         rows.append(row)
         print(json.dumps(row), flush=True)
-        del q, k, v, go
+        q = k = v = go = None  # free before the next setup allocates
         torch.cuda.empty_cache()
     out = os.environ.get("OUT", "bench/results")
     with open(os.path.join(out, "dev_probe.json"), "w") as f:
@@ -98,8 +98,8 @@ def main(names):
     print(f"{'setup':12s} {'fb triton':>9s} {'fb fast':>8s} {'host tr':>8s} {'host fast':>9s} {'graph fb':>8s} "
           f"{'graph f':>8s} {'cudnn fb':>8s}")
     for r in rows:
-        print(f"{r['setup']:12s} {r['fwdbwd_ms_triton']:9.3f} {r['fwdbwd_ms_fast']:8.3f} {r['host_fwdbwd_us_triton']:8.0f} "
-              f"{r['host_fwdbwd_us_fast']:9.0f} {r['graph_fwdbwd_ms']:8.3f} {r['graph_fwd_ms']:8.3f} "
+        print(f"{r['setup']:12s} {r['fwdbwd_ms_triton']:9.3f} {r['fwdbwd_ms_fast']:8.3f} "
+              f"{r['host_fwdbwd_us_triton']:8.0f} {r['host_fwdbwd_us_fast']:9.0f} {r['graph_fwdbwd_ms']:8.3f} {r['graph_fwd_ms']:8.3f} "
               f"{r['cudnn_fwdbwd_ms']:8.3f}")
         print("   ", " ".join(f"{us}" for _, us in r["kernels_us"]))
 
@@ -169,7 +169,7 @@ def sweep(names):
             q.grad = k.grad = v.grad = None
             rows.append(dict(setup=name, config=cfg or "current", kernels=names_k, us=ks))
             print(f"{name:12s} {str(cfg or 'current'):18s} " + " ".join(f"{x:7.1f}" for x in ks), flush=True)
-        del q, k, v, go
+        q = k = v = go = None  # free before the next setup allocates
         torch.cuda.empty_cache()
     fn_mod.TUNING.update(base)
     fn_mod.clear_cache()

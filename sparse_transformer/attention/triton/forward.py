@@ -14,8 +14,8 @@ Rows that see no key get O = 0 and LSE = -inf.
 import triton
 import triton.language as tl
 
-from .launcher import launch as launch_kernel
 from .common import _key_positions, _program_head, _query_positions, _tile_mask
+from .launcher import launch as launch_kernel
 
 
 @triton.jit

@@ -16,6 +16,7 @@ import os
 
 import torch
 
+
 def _triton_at_least(major: int, minor: int) -> bool:
     import triton
 
