@@ -99,8 +99,8 @@ def main(names):
           f"{'graph f':>8s} {'cudnn fb':>8s}")
     for r in rows:
         print(f"{r['setup']:12s} {r['fwdbwd_ms_triton']:9.3f} {r['fwdbwd_ms_fast']:8.3f} "
-              f"{r['host_fwdbwd_us_triton']:8.0f} {r['host_fwdbwd_us_fast']:9.0f} {r['graph_fwdbwd_ms']:8.3f} {r['graph_fwd_ms']:8.3f} "
-              f"{r['cudnn_fwdbwd_ms']:8.3f}")
+              f"{r['host_fwdbwd_us_triton']:8.0f} {r['host_fwdbwd_us_fast']:9.0f} {r['graph_fwdbwd_ms']:8.3f} "
+              f"{r['graph_fwd_ms']:8.3f} {r['cudnn_fwdbwd_ms']:8.3f}")
         print("   ", " ".join(f"{us}" for _, us in r["kernels_us"]))
 
 
