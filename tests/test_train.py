@@ -57,6 +57,20 @@ def _losses(run):
                                                                   if "val_loss" in r}
 
 
+def _assert_same_history(run, reference):
+    """Every train and validation loss of a resumed run equals the uninterrupted run's, to 1e-6 relative.
+
+    Not bit for bit: with a second test session loading the 2-core machine, logged losses of this CPU training were
+    seen to move in the last bits at isolated steps (7.347170352935791 vs 7.347169876098633 at step 6 of a run that was
+    never interrupted, the steps between identical), in about one of ten such runs. A faulty resume (dropout RNG,
+    optimizer or scheduler state, data position) moves the losses by 1e-3 and more within a few steps."""
+    (a, va), (b, vb) = _losses(run), _losses(reference)
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1)) and sorted(va) == sorted(vb)
+    for got, want in ((a, b), (va, vb)):
+        for step in want:
+            assert math.isclose(got[step], want[step], rel_tol=1e-6), (step, got[step], want[step])
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, corpus):
     """One uninterrupted run, in this process."""
@@ -114,7 +128,7 @@ def test_kill9_and_resume_is_bit_identical(tmp_path, reference, corpus):
     killed_at = int(latest_checkpoint(run).name.split("_")[1])
     assert 10 <= killed_at < STEPS
     assert train.main(_args(run, corpus)) == 0  # the same command resumes
-    assert _losses(run) == _losses(reference)  # every train and validation loss, bit for bit
+    _assert_same_history(run, reference)
 
 
 def test_sigterm_saves_and_resume_is_bit_identical(tmp_path, reference, corpus):
@@ -132,7 +146,7 @@ def test_sigterm_saves_and_resume_is_bit_identical(tmp_path, reference, corpus):
     stopped_at = int(latest_checkpoint(run).name.split("_")[1])
     assert 7 <= stopped_at < STEPS  # saved where it stopped, not at a ckpt_every multiple (there are none)
     assert train.main(_args(run, corpus, extra=["train.ckpt_every=0"])) == 0
-    assert _losses(run) == _losses(reference)
+    _assert_same_history(run, reference)
 
 
 def test_corrupt_or_mismatched_checkpoint_is_an_error(tmp_path, reference, corpus):
