@@ -15,7 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from sparse_transformer import sparse_attention
 from sparse_transformer.attention.triton import launcher
-from sparse_transformer.bench import SETUPS, _versions
+from sparse_transformer.bench import SETUPS, _versions, capture_graph
 
 
 def med(f):
@@ -34,16 +34,7 @@ def host_us(f, reps=100):
 
 
 def graph_ms(f):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        f()
-    return med(g.replay)
+    return med(capture_graph(f).replay)
 
 
 def kernel_times(f):
@@ -57,14 +48,18 @@ def kernel_times(f):
     return [(e.name[:40], round(e.time_range.elapsed_us(), 1)) for e in ev]
 
 
+def inputs(name):
+    """The setup's layout and fresh random bf16 q, k, v (requiring grad) and output gradient."""
+    B, H, n, D, make, _ = SETUPS[name]
+    q, k, v = (torch.randn(B, H, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    return make(), q, k, v, torch.randn_like(q)
+
+
 def main(names):
     dev, tv, trv = _versions()
     rows = []
     for name in names:
-        B, H, n, D, make, _ = SETUPS[name]
-        lay = make()
-        q, k, v = (torch.randn(B, H, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-        go = torch.randn_like(q)
+        lay, q, k, v, go = inputs(name)
         fwd = lambda: sparse_attention(q, k, v, lay, backend="triton")  # noqa: E731
         fb = lambda: fwd().backward(go)  # noqa: E731
         row = dict(setup=name, device=dev, torch=tv, triton=trv)
@@ -148,10 +143,7 @@ def sweep(names):
     base = {kk: dict(vv) for kk, vv in fn_mod.TUNING.items()}
     rows = []
     for name in names:
-        B, H, n, D, make, _ = SETUPS[name]
-        lay = make()
-        q, k, v = (torch.randn(B, H, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-        go = torch.randn_like(q)
+        lay, q, k, v, go = inputs(name)
         for cfg in [None] + CONFIGS:
             fn_mod.TUNING.update({kk: dict(vv) for kk, vv in base.items()})
             if cfg is not None:

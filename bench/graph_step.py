@@ -13,20 +13,7 @@ import torch
 import triton.testing as tt
 
 from sparse_transformer import SparseTransformer, load_preset, sparse_attention
-from sparse_transformer.bench import SETUPS, make_train_step
-
-
-def capture(fn, mode):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, capture_error_mode=mode):
-        fn()
-    return g
+from sparse_transformer.bench import SETUPS, capture_graph, make_train_step
 
 
 def ms(f):
@@ -47,7 +34,7 @@ if what == "attention":
 
         eager = ms(fb)
         try:
-            g = capture(fb, mode)
+            g = capture_graph(fb, mode)
             replay = ms(g.replay)
             ref = [t.grad.clone() for t in (q, k, v)]
             fb()
@@ -64,7 +51,7 @@ else:
         step = make_train_step(model, opt, torch.randint(0, 256, (1, cfg.n_ctx), device="cuda"))
         eager = ms(step)
         try:
-            g = capture(step, mode)
+            g = capture_graph(step, mode)
             print(f"enwik8 {backend}: eager step {eager:.1f} ms, graph replay {ms(g.replay):.1f} ms", flush=True)
         except Exception as e:  # noqa: BLE001
             print(f"enwik8 {backend}: capture ({mode}) failed: {e!r}"[:400], flush=True)

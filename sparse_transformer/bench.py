@@ -71,24 +71,27 @@ def _time(fn, go=None):
 GRAPH_METHODS = ("triton", "sdpa-cudnn", "sdpa-flash")
 
 
+def capture_graph(fn, mode="global"):
+    """fn() captured in a CUDA graph, after 3 warm-up calls on a side stream (tables, compiled kernels and allocator
+    pools are made outside the capture). mode: torch.cuda.graph's capture_error_mode."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, capture_error_mode=mode):
+        fn()
+    return g
+
+
 def _time_graph(fn, go):
     """Medians of CUDA-graph replays of fn() and of fn().backward(go): GPU time without the host's launch cost."""
     import triton.testing as tt
 
-    out = []
-    for f in (fn, lambda: fn().backward(go)):
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):  # warm up (tables, compiled kernels, allocator pools) off the capture
-            for _ in range(3):
-                f()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            f()
-        out.append(tt.do_bench(g.replay, warmup=25, rep=200, return_mode="median"))
-        del g
-    return tuple(out)
+    return tuple(tt.do_bench(capture_graph(f).replay, warmup=25, rep=200, return_mode="median")
+                 for f in (fn, lambda: fn().backward(go)))
 
 
 def _method_fn(method, q, k, v, lay, flex_cache):

@@ -112,7 +112,7 @@ def test_training_lowers_loss_and_writes_run_folder(reference, corpus):
     assert result["bits_per_dim"] < 6.0
 
 
-def test_kill9_and_resume_is_bit_identical(tmp_path, reference, corpus):
+def test_kill9_and_resume_matches_uninterrupted_run(tmp_path, reference, corpus):
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, *_cmd(run, corpus)], env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -131,7 +131,7 @@ def test_kill9_and_resume_is_bit_identical(tmp_path, reference, corpus):
     _assert_same_history(run, reference)
 
 
-def test_sigterm_saves_and_resume_is_bit_identical(tmp_path, reference, corpus):
+def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path, reference, corpus):
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, *_cmd(run, corpus, extra=["train.ckpt_every=0"])], env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
