@@ -3,7 +3,9 @@ direct launcher (launcher.FAST), host time per call, CUDA-graph replay (GPU time
 GPU time within one fwd+bwd (torch.profiler, in launch order). Usage on the device:
 python bench/dev_probe.py [setup ...]  (prints a table, writes $OUT/dev_probe.json or bench/results/);
 python bench/dev_probe.py micro  (host time of one launch and of tiny whole calls, each launch path);
-python bench/dev_probe.py sweep [setup ...]  (per-kernel GPU time for each tile config in CONFIGS)."""
+python bench/dev_probe.py sweep [setup ...]  (per-kernel GPU time for each tile config in CONFIGS);
+python bench/dev_probe.py fuse [setup ...]  (dQ fused into dK/dV with atomics, per segment kind and dK/dV tile config in
+FUSE_CONFIGS: per-kernel GPU time and graph-replayed fwd+bwd, against the current TUNING)."""
 import json
 import os
 import sys
@@ -170,11 +172,53 @@ def sweep(names):
         json.dump(rows, f, indent=1)
 
 
+FUSE_CONFIGS = [(64, 64, 4, 3), (64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (128, 128, 8, 2)]
+
+
+def fuse(names):
+    """For each setup: the current TUNING, then each segment kind in turn fused (fuse_dq) with each dK/dV config."""
+    from sparse_transformer.attention.triton import function as fn_mod
+
+    base = {kk: dict(vv) for kk, vv in fn_mod.TUNING.items()}
+    rows = []
+    for name in names:
+        lay, q, k, v, go = inputs(name)
+        kinds = sorted({seg.kind for seg in fn_mod.get_segments(lay)})
+        trials = [(None, None)] + [(kind, cfg) for kind in kinds for cfg in FUSE_CONFIGS]
+        for kind, cfg in trials:
+            fn_mod.TUNING.update({kk: dict(vv) for kk, vv in base.items()})
+            if kind is not None:
+                fn_mod.TUNING[(kind, 64 if q.shape[-1] <= 64 else 128)].update(dkdv=cfg, fuse_dq=True)
+            fn_mod.clear_cache()
+            try:
+                fb = lambda: sparse_attention(q, k, v, lay, backend="triton").backward(go)  # noqa: E731
+                runs = [kernel_times(fb) for _ in range(3)]
+                ks = [sorted(r[i][1] for r in runs)[1] for i in range(len(runs[0]))]
+                q.grad = k.grad = v.grad = None
+                g = graph_ms(fb)
+            except Exception as e:
+                print(name, kind, cfg, "ERROR", type(e).__name__, str(e)[:300], flush=True)
+                continue
+            q.grad = k.grad = v.grad = None
+            rows.append(dict(setup=name, fused=kind, dkdv=cfg, kernels=[x[0] for x in runs[0]], us=ks, graph_ms=g))
+            print(f"{name:12s} {str(kind):10s} {str(cfg):18s} graph {g:7.3f} ms | " + " ".join(f"{x:.0f}" for x in ks),
+                  flush=True)
+        q = k = v = go = None
+        torch.cuda.empty_cache()
+    fn_mod.TUNING.update(base)
+    fn_mod.clear_cache()
+    out = os.environ.get("OUT", "bench/results")
+    with open(os.path.join(out, "dev_fuse.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     if args[:1] == ["micro"]:
         micro()
     elif args[:1] == ["sweep"]:
         sweep(args[1:] or list(SETUPS))
+    elif args[:1] == ["fuse"]:
+        fuse(args[1:] or list(SETUPS))
     else:
         main(args or list(SETUPS))

@@ -50,6 +50,28 @@ def test_interpreter_matches_reference(name, make, dtype):
     check_against_reference(_run(16, 16), q, k, v, lay, floor=1e-5 if dtype == torch.float32 else 2e-3)
 
 
+@pytest.fixture
+def fuse_dq(request, monkeypatch):
+    """Every segment kind's fuse_dq set to the test's parameter (dQ added by the dK/dV kernel with atomics, or not)."""
+    from sparse_transformer.attention.triton import function as fn
+
+    for key, cfg in fn.TUNING.items():
+        monkeypatch.setitem(fn.TUNING, key, dict(cfg, fuse_dq=request.param))
+    fn.clear_cache()
+    yield request.param
+    fn.clear_cache()
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("fuse_dq", [True], indirect=True, ids=["fused-dq"])
+@pytest.mark.parametrize("name,make", SMALL, ids=[c[0] for c in SMALL])
+def test_interpreter_fused_dq_matches_reference(name, make, fuse_dq):
+    lay = make()
+    H = 2 if lay.num_heads == 1 else lay.num_heads
+    q, k, v = make_qkv(1, H, lay.n, 16, torch.float32)
+    check_against_reference(_run(16, 16), q, k, v, lay, floor=1e-5)
+
+
 @pytest.mark.interpreter
 def test_interpreter_rectangular_tiles_and_head_dim_32():
     lay = layouts.fixed(70, 16, 8)
@@ -115,13 +137,31 @@ def test_gpu_tile_sizes(tiles, name, make):
 
 
 @pytest.mark.gpu
-def test_gpu_deterministic():
+@pytest.mark.parametrize("fuse_dq", [True, False], indirect=True, ids=["fused-dq", "dq-kernel"])
+@pytest.mark.parametrize("n", [255, 1025])
+@pytest.mark.parametrize("name,make", GPU_LAYOUTS, ids=[c[0] for c in GPU_LAYOUTS])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gpu_fused_dq_either_way_matches_reference(n, name, make, dtype, fuse_dq):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    lay = make(n)
+    q, k, v = make_qkv(2, 4, n, 64, dtype, device="cuda")
+    check_against_reference(_run(), q, k, v, lay, floor=FLOOR[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fuse_dq", [True], indirect=True, ids=["fused-dq"])
+def test_gpu_deterministic_mode_is_bit_reproducible(fuse_dq):
+    """torch.use_deterministic_algorithms(True) turns the dQ atomics off: two backward passes are bit-equal."""
     lay = layouts.fixed(2048, 128, 32)
     q, k, v = make_qkv(2, 4, 2048, 64, torch.bfloat16, device="cuda")
     outs = []
-    for _ in range(2):
-        o, _ = sparse_attention_triton(q, k, v, lay)
-        outs.append((o, *torch.autograd.grad(o.float().sum(), (q, k, v))))
+    torch.use_deterministic_algorithms(True)
+    try:
+        for _ in range(2):
+            o, _ = sparse_attention_triton(q, k, v, lay)
+            outs.append((o, *torch.autograd.grad(o.float().sum(), (q, k, v))))
+    finally:
+        torch.use_deterministic_algorithms(False)
     for a, b in zip(*outs):
         assert torch.equal(a, b)
 

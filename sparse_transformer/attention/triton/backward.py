@@ -9,6 +9,9 @@ the tile table (query tiles per key tile), so every program owns its key rows an
 adds (ACCUM) into the rows an earlier one wrote. As in the forward, full tiles run unmasked, partial ones masked.
 Rows with LSE = -inf (no key) contribute nothing. Delta is computed by the first segment's dQ kernel (FA2's
 preprocessing step, fused: one launch fewer).
+With FUSE_DQ (segments whose TUNING says fuse_dq, when torch's deterministic mode is off) a segment has no dQ kernel:
+its dK/dV kernel also computes dS K for each tile and adds it to an fp32 dQ with atomics (FlashAttention-2's dQaccum),
+so S and dO V^T are computed once per entry, not twice (10 d flops per entry against 14 d).
 """
 import triton
 import triton.language as tl
@@ -41,10 +44,10 @@ def _dq_tile(q, do, lse, delta, dq, e, i, p_q, k_base, v_base, stride_kn, stride
 
 
 @triton.jit
-def _dkdv_tile(k, v, dk, dv, e, j, p_k, k_ok, q_base, do_base, lse_base, delta_base, stride_qn, stride_on, offs_d,
-               prm, qk_scale, N, NQ, SEG_L, SEG_C, MASKED: tl.constexpr, KIND: tl.constexpr, IEEE: tl.constexpr,
-               HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr,
-               HAS_SUM: tl.constexpr, BLOCK_M: tl.constexpr):
+def _dkdv_tile(k, v, dk, dv, e, j, p_k, k_ok, q_base, do_base, dq_base, lse_base, delta_base, stride_qn, stride_on,
+               offs_d, prm, qk_scale, sm_scale, N, NQ, SEG_L, SEG_C, MASKED: tl.constexpr, KIND: tl.constexpr,
+               IEEE: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr,
+               HAS_STR: tl.constexpr, HAS_SUM: tl.constexpr, FUSE_DQ: tl.constexpr, BLOCK_M: tl.constexpr):
     p_q = e * BLOCK_M + tl.arange(0, BLOCK_M)
     i, q_ok = _query_positions(p_q, N, NQ, SEG_L, SEG_C, KIND)
     if MASKED:
@@ -66,6 +69,13 @@ def _dkdv_tile(k, v, dk, dv, e, j, p_k, k_ok, q_base, do_base, lse_base, delta_b
     dv += _dot(pt.to(do.dtype), do, IEEE)
     dst = pt * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
     dk += _dot(dst.to(q.dtype), q, IEEE)
+    if FUSE_DQ:  # this tile's share of dQ = scale * dS K, added in fp32 to rows other key tiles add to as well
+        dq = _dot(tl.trans(dst.to(k.dtype)), k, IEEE) * sm_scale
+        dq_ptrs = dq_base + i.to(tl.int64)[:, None] * stride_on + offs_d[None, :]
+        if MASKED:
+            tl.atomic_add(dq_ptrs, dq, mask=q_ok[:, None], sem="relaxed")
+        else:
+            tl.atomic_add(dq_ptrs, dq, sem="relaxed")
     return dk, dv
 
 
@@ -122,13 +132,13 @@ def _attn_bwd_dq_kernel(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr, col_ptr, mid_ptr, idx_ptr, prm_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr, col_ptr, mid_ptr, idx_ptr, prm_ptr,
     qk_scale, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,  # o's strides: do
+    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,  # o's strides: do and (FUSE_DQ) the fp32 dq
     stride_gb, stride_gh, stride_gn,  # dk's and dv's (contiguous) strides
     H, N, NQ, NK, TH, NKB, SEG_L, SEG_C,
-    KIND: tl.constexpr, ACCUM: tl.constexpr, IEEE: tl.constexpr,
+    KIND: tl.constexpr, ACCUM: tl.constexpr, FUSE_DQ: tl.constexpr, IEEE: tl.constexpr,
     HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr,
     HAS_SUM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -145,6 +155,7 @@ def _attn_bwd_dkdv_kernel(
                 mask=k_ok[:, None], other=0.0)
     q_base = q_ptr + b * stride_qb + h * stride_qh
     do_base = do_ptr + b * stride_ob + h * stride_oh
+    dq_base = dq_ptr + b * stride_ob + h * stride_oh
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     col = th * NKB + kb
@@ -152,13 +163,13 @@ def _attn_bwd_dkdv_kernel(
     lse_row = lse_ptr + bh.to(tl.int64) * N  # 64-bit: B * H * N may pass 2^31
     delta_row = delta_ptr + bh.to(tl.int64) * N
     for t in range(tl.load(col_ptr + col), mid):
-        dk, dv = _dkdv_tile(k, v, dk, dv, tl.load(idx_ptr + t), j, p_k, k_ok, q_base, do_base, lse_row,
-                            delta_row, stride_qn, stride_on, offs_d, prm, qk_scale, N, NQ, SEG_L, SEG_C,
-                            False, KIND, IEEE, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, BLOCK_M)
+        dk, dv = _dkdv_tile(k, v, dk, dv, tl.load(idx_ptr + t), j, p_k, k_ok, q_base, do_base, dq_base, lse_row,
+                            delta_row, stride_qn, stride_on, offs_d, prm, qk_scale, sm_scale, N, NQ, SEG_L, SEG_C,
+                            False, KIND, IEEE, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, FUSE_DQ, BLOCK_M)
     for t in range(mid, tl.load(col_ptr + col + 1)):
-        dk, dv = _dkdv_tile(k, v, dk, dv, tl.load(idx_ptr + t), j, p_k, k_ok, q_base, do_base, lse_row,
-                            delta_row, stride_qn, stride_on, offs_d, prm, qk_scale, N, NQ, SEG_L, SEG_C,
-                            True, KIND, IEEE, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, BLOCK_M)
+        dk, dv = _dkdv_tile(k, v, dk, dv, tl.load(idx_ptr + t), j, p_k, k_ok, q_base, do_base, dq_base, lse_row,
+                            delta_row, stride_qn, stride_on, offs_d, prm, qk_scale, sm_scale, N, NQ, SEG_L, SEG_C,
+                            True, KIND, IEEE, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, FUSE_DQ, BLOCK_M)
     dk = dk * sm_scale
     g_off = b * stride_gb + h * stride_gh + j.to(tl.int64)[:, None] * stride_gn + offs_d[None, :]
     if ACCUM:
@@ -168,22 +179,25 @@ def _attn_bwd_dkdv_kernel(
     tl.store(dv_ptr + g_off, dv.to(dv_ptr.dtype.element_ty), mask=k_ok[:, None])
 
 
-def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, accum, accum_kv):
-    """Launch dQ and dK/dV for one segment. q, k, v, o, do: [B, H, N, D]; o, do and dq share strides, dk and dv share
-    theirs; lse: fp32 [B, H, N] of the whole layout; delta: fp32 [B, H, N], written by the first segment (accum=False),
-    read by the others; accum / accum_kv: add to what an earlier segment wrote."""
+def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, fuse_dq, first, accum, accum_kv):
+    """Launch one segment's backward: dQ and dK/dV, or (fuse_dq) one dK/dV kernel that also adds its dQ share
+    with fp32 atomics. q, k, v, o, do: [B, H, N, D]; o, do and dq share strides, dk and dv share theirs; dq is fp32
+    when any segment fuses (zero-filled if the first does); lse: fp32 [B, H, N] of the whole layout; delta: fp32
+    [B, H, N], written by the first dQ kernel when first (else already there); accum / accum_kv: add to what an
+    earlier segment wrote."""
     B, H, N, D = q.shape
     seg = launch.seg
     assert dq.stride() == do.stride() == o.stride() and dk.stride() == dv.stride()
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     qk_scale = scale * 1.4426950408889634
-    tab = launch.dq.tab
-    launch_kernel(_attn_bwd_dq_kernel, (tab.nqb, B * H), (
-        q, k, v, o, do, dq, lse, delta, tab.q_ptr, tab.q_mid, tab.q_idx, launch.prm), (qk_scale, scale, *strides,
-        H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C),
-        launch.constexprs(q, launch.dq, ACCUM=accum, DELTA=not accum))
+    if not fuse_dq:
+        tab = launch.dq.tab
+        launch_kernel(_attn_bwd_dq_kernel, (tab.nqb, B * H), (
+            q, k, v, o, do, dq, lse, delta, tab.q_ptr, tab.q_mid, tab.q_idx, launch.prm), (qk_scale, scale, *strides,
+            H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C),
+            launch.constexprs(q, launch.dq, ACCUM=accum, DELTA=first))
     tab = launch.dkdv.tab
     launch_kernel(_attn_bwd_dkdv_kernel, (tab.nkb, B * H), (
-        q, k, v, do, dk, dv, lse, delta, tab.k_ptr, tab.k_mid, tab.k_idx, launch.prm), (qk_scale, scale, *strides,
+        q, k, v, do, dq, dk, dv, lse, delta, tab.k_ptr, tab.k_mid, tab.k_idx, launch.prm), (qk_scale, scale, *strides,
         *dk.stride()[:3], H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nkb, seg.L, seg.C),
-        launch.constexprs(q, launch.dkdv, ACCUM=accum_kv))
+        launch.constexprs(q, launch.dkdv, ACCUM=accum_kv, FUSE_DQ=fuse_dq))

@@ -58,6 +58,7 @@ class Launch:
     fwd: Pass
     dq: Pass
     dkdv: Pass
+    fuse_dq: bool  # the dK/dV kernel adds each tile's dQ share with fp32 atomics (no dQ kernel) unless deterministic
     _cex: dict = field(default_factory=dict, repr=False)
 
     def constexprs(self, q, p: Pass, **extra) -> dict:
@@ -106,7 +107,7 @@ def _build_launches(layout, head_dim, device, block_m, block_n) -> list[Launch]:
                      HAS_STR=on(P_STR), HAS_SUM=on(P_SUM_L))
         prm = p.to(device=device, dtype=torch.int32).contiguous()
         passes = [_pass(layout, idx, seg, cfg[k], head_dim, device, block_m, block_n) for k in ("fwd", "dq", "dkdv")]
-        out.append(Launch(seg, prm, flags, *passes))
+        out.append(Launch(seg, prm, flags, *passes, bool(cfg.get("fuse_dq", False))))
     return out
 
 
@@ -129,18 +130,28 @@ class SparseAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
+        launches = ctx.launches
         do = do.contiguous()
-        delta = torch.empty_like(lse)  # (B, H, N) fp32, written by the first segment's dQ kernel
-        dq = torch.empty_like(do)
+        # fp32 atomics add in no fixed order: torch.use_deterministic_algorithms(True) keeps the separate dQ kernels
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        fused = [launch.fuse_dq and not deterministic for launch in launches]
+        if fused[0]:  # no dQ kernel to compute Delta = rowsum(dO * O) on the way
+            delta = (do.float() * o.float()).sum(-1)
+        else:
+            delta = torch.empty_like(lse)  # (B, H, N) fp32, written by the first segment's dQ kernel
+        if any(fused):  # atomics add in fp32; the first segment's dQ kernel stores (and so clears) every row
+            dq = (torch.zeros if fused[0] else torch.empty)(do.shape, device=do.device, dtype=torch.float32)
+        else:
+            dq = torch.empty_like(do)
         # the gathered summary keys do not cover every key: when it runs alone, keys outside it get zero gradient
-        gather_only = ctx.launches[0].seg.kind == GATHER
+        gather_only = launches[0].seg.kind == GATHER
         alloc = torch.zeros if gather_only else torch.empty
         dk = alloc(k.shape, device=k.device, dtype=k.dtype)  # contiguous, whatever views k and v are
         dv = alloc(v.shape, device=v.device, dtype=v.dtype)
-        for idx, launch in enumerate(ctx.launches):
-            attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, ctx.scale, accum=idx > 0,
-                          accum_kv=idx > 0 or gather_only)
-        return dq, dk, dv, None, None, None, None
+        for idx, launch in enumerate(launches):
+            attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, ctx.scale, fused[idx], first=idx == 0,
+                          accum=idx > 0, accum_kv=idx > 0 or gather_only)
+        return dq.to(q.dtype), dk, dv, None, None, None, None
 
 
 def sparse_attention_triton(q, k, v, layout, scale=None, block_m=None, block_n=None):
