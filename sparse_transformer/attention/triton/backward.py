@@ -13,11 +13,9 @@ With FUSE_DQ (segments whose TUNING says fuse_dq, when torch's deterministic mod
 its dK/dV kernel also computes dS K for each tile and adds it to an fp32 dQ with atomics (FlashAttention-2's dQaccum),
 so S and dO V^T are computed once per entry, not twice (10 d flops per entry against 14 d).
 """
-import torch
 import triton
 import triton.language as tl
 
-from ..plan import TRANSPOSED
 from .common import _key_positions, _program_head, _query_positions, _tile_mask
 from .forward import _dot
 from .launcher import launch as launch_kernel
@@ -46,11 +44,10 @@ def _dq_tile(q, do, lse, delta, dq, e, i, p_q, k_base, v_base, stride_kn, stride
 
 
 @triton.jit
-def _dkdv_tile(k, v, dk, dv, e, j, p_k, k_ok, q_base, do_base, dq_dst, bh, lse_base, delta_base, stride_qn, stride_on,
+def _dkdv_tile(k, v, dk, dv, e, j, p_k, k_ok, q_base, do_base, dq_base, lse_base, delta_base, stride_qn, stride_on,
                offs_d, prm, qk_scale, sm_scale, N, NQ, SEG_L, SEG_C, MASKED: tl.constexpr, KIND: tl.constexpr,
                IEEE: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr,
-               HAS_STR: tl.constexpr, HAS_SUM: tl.constexpr, FUSE_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
-               BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+               HAS_STR: tl.constexpr, HAS_SUM: tl.constexpr, FUSE_DQ: tl.constexpr, BLOCK_M: tl.constexpr):
     p_q = e * BLOCK_M + tl.arange(0, BLOCK_M)
     i, q_ok = _query_positions(p_q, N, NQ, SEG_L, SEG_C, KIND)
     if MASKED:
@@ -74,14 +71,11 @@ def _dkdv_tile(k, v, dk, dv, e, j, p_k, k_ok, q_base, do_base, dq_dst, bh, lse_b
     dk += _dot(dst.to(q.dtype), q, IEEE)
     if FUSE_DQ:  # this tile's share of dQ = scale * dS K, added in fp32 to rows other key tiles add to as well
         dq = _dot(tl.trans(dst.to(k.dtype)), k, IEEE) * sm_scale
-        if DQ_TMA:  # one bulk reduction of the tile through the TMA unit (rows past N are dropped by its bounds)
-            dq_dst.atomic_add([bh, e * BLOCK_M, 0], dq.reshape(1, BLOCK_M, HEAD_DIM))
+        dq_ptrs = dq_base + i.to(tl.int64)[:, None] * stride_on + offs_d[None, :]
+        if MASKED:
+            tl.atomic_add(dq_ptrs, dq, mask=q_ok[:, None], sem="relaxed")
         else:
-            dq_ptrs = dq_dst + i.to(tl.int64)[:, None] * stride_on + offs_d[None, :]
-            if MASKED:
-                tl.atomic_add(dq_ptrs, dq, mask=q_ok[:, None], sem="relaxed")
-            else:
-                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
+            tl.atomic_add(dq_ptrs, dq, sem="relaxed")
     return dk, dv
 
 
@@ -144,7 +138,7 @@ def _attn_bwd_dkdv_kernel(
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,  # o's strides: do and (FUSE_DQ) the fp32 dq
     stride_gb, stride_gh, stride_gn,  # dk's and dv's (contiguous) strides
     H, N, NQ, NK, TH, NKB, SEG_L, SEG_C,
-    KIND: tl.constexpr, ACCUM: tl.constexpr, FUSE_DQ: tl.constexpr, DQ_TMA: tl.constexpr, IEEE: tl.constexpr,
+    KIND: tl.constexpr, ACCUM: tl.constexpr, FUSE_DQ: tl.constexpr, IEEE: tl.constexpr,
     HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr,
     HAS_SUM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -161,11 +155,7 @@ def _attn_bwd_dkdv_kernel(
                 mask=k_ok[:, None], other=0.0)
     q_base = q_ptr + b * stride_qb + h * stride_qh
     do_base = do_ptr + b * stride_ob + h * stride_oh
-    if DQ_TMA:  # natural query order and a contiguous fp32 dq: a [B * H, N, D] descriptor of it
-        dq_dst = tl.make_tensor_descriptor(dq_ptr, shape=[tl.num_programs(1), N, HEAD_DIM],
-                                           strides=[N * HEAD_DIM, HEAD_DIM, 1], block_shape=[1, BLOCK_M, HEAD_DIM])
-    else:
-        dq_dst = dq_ptr + b * stride_ob + h * stride_oh
+    dq_base = dq_ptr + b * stride_ob + h * stride_oh
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     col = th * NKB + kb
@@ -173,15 +163,13 @@ def _attn_bwd_dkdv_kernel(
     lse_row = lse_ptr + bh.to(tl.int64) * N  # 64-bit: B * H * N may pass 2^31
     delta_row = delta_ptr + bh.to(tl.int64) * N
     for t in range(tl.load(col_ptr + col), mid):
-        dk, dv = _dkdv_tile(k, v, dk, dv, tl.load(idx_ptr + t), j, p_k, k_ok, q_base, do_base, dq_dst, bh, lse_row,
+        dk, dv = _dkdv_tile(k, v, dk, dv, tl.load(idx_ptr + t), j, p_k, k_ok, q_base, do_base, dq_base, lse_row,
                             delta_row, stride_qn, stride_on, offs_d, prm, qk_scale, sm_scale, N, NQ, SEG_L, SEG_C,
-                            False, KIND, IEEE, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, FUSE_DQ, DQ_TMA, BLOCK_M,
-                            HEAD_DIM)
+                            False, KIND, IEEE, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, FUSE_DQ, BLOCK_M)
     for t in range(mid, tl.load(col_ptr + col + 1)):
-        dk, dv = _dkdv_tile(k, v, dk, dv, tl.load(idx_ptr + t), j, p_k, k_ok, q_base, do_base, dq_dst, bh, lse_row,
+        dk, dv = _dkdv_tile(k, v, dk, dv, tl.load(idx_ptr + t), j, p_k, k_ok, q_base, do_base, dq_base, lse_row,
                             delta_row, stride_qn, stride_on, offs_d, prm, qk_scale, sm_scale, N, NQ, SEG_L, SEG_C,
-                            True, KIND, IEEE, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, FUSE_DQ, DQ_TMA, BLOCK_M,
-                            HEAD_DIM)
+                            True, KIND, IEEE, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, FUSE_DQ, BLOCK_M)
     dk = dk * sm_scale
     g_off = b * stride_gb + h * stride_gh + j.to(tl.int64)[:, None] * stride_gn + offs_d[None, :]
     if ACCUM:
@@ -212,27 +200,4 @@ def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, fuse_dq
     launch_kernel(_attn_bwd_dkdv_kernel, (tab.nkb, B * H), (
         q, k, v, do, dq, dk, dv, lse, delta, tab.k_ptr, tab.k_mid, tab.k_idx, launch.prm), (qk_scale, scale, *strides,
         *dk.stride()[:3], H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nkb, seg.L, seg.C),
-        launch.constexprs(q, launch.dkdv, ACCUM=accum_kv, FUSE_DQ=fuse_dq, DQ_TMA=fuse_dq and _tma_dq(q, seg)))
-
-
-def _tma_dq(q, seg) -> bool:
-    """Can the fused dQ go through TMA bulk reductions? A Hopper-or-later GPU (not the interpreter, which lacks them),
-    queries in natural order (rows of a tile are consecutive), and Triton's scratch allocator for the descriptor."""
-    if seg.kind == TRANSPOSED or not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] < 9:
-        return False
-    _ensure_allocator()
-    return True
-
-
-def _scratch(size, alignment, stream):
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _ensure_allocator():
-    """Descriptors made on the device need global scratch from Triton's allocator, a context variable: unset (null) in
-    autograd's worker threads. Set ours there, leaving one the caller set alone."""
-    from triton.runtime import _allocation
-
-    current = _allocation._allocator.get()
-    if isinstance(current, type(_allocation._NULL_ALLOCATOR)):
-        triton.set_allocator(_scratch)
+        launch.constexprs(q, launch.dkdv, ACCUM=accum_kv, FUSE_DQ=fuse_dq))
