@@ -63,9 +63,9 @@ def fuse_dq(request, monkeypatch):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("fuse_dq", [True], indirect=True, ids=["fused-dq"])
+@pytest.mark.parametrize("fuse_dq", [True, False], indirect=True, ids=["fused-dq", "dq-kernel"])
 @pytest.mark.parametrize("name,make", SMALL, ids=[c[0] for c in SMALL])
-def test_interpreter_fused_dq_matches_reference(name, make, fuse_dq):
+def test_interpreter_fused_dq_either_way_matches_reference(name, make, fuse_dq):
     lay = make()
     H = 2 if lay.num_heads == 1 else lay.num_heads
     q, k, v = make_qkv(1, H, lay.n, 16, torch.float32)

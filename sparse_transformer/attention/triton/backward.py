@@ -9,9 +9,9 @@ the tile table (query tiles per key tile), so every program owns its key rows an
 adds (ACCUM) into the rows an earlier one wrote. As in the forward, full tiles run unmasked, partial ones masked.
 Rows with LSE = -inf (no key) contribute nothing. Delta is computed by the first segment's dQ kernel (FA2's
 preprocessing step, fused: one launch fewer).
-With FUSE_DQ (segments whose TUNING says fuse_dq, when torch's deterministic mode is off) a segment has no dQ kernel:
-its dK/dV kernel also computes dS K for each tile and adds it to an fp32 dQ with atomics (FlashAttention-2's dQaccum),
-so S and dO V^T are computed once per entry, not twice (10 d flops per entry against 14 d).
+With FUSE_DQ (segments after the first whose TUNING says fuse_dq, when torch's deterministic mode is off) a segment
+has no dQ kernel: its dK/dV kernel also computes dS K for each tile and adds it to an fp32 dQ with atomics
+(FlashAttention-2's dQaccum), so S and dO V^T are computed once per entry, not twice (10 d flops per entry, not 14 d).
 """
 import triton
 import triton.language as tl
@@ -180,11 +180,11 @@ def _attn_bwd_dkdv_kernel(
 
 
 def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, fuse_dq, first, accum, accum_kv):
-    """Launch one segment's backward: dQ and dK/dV, or (fuse_dq) one dK/dV kernel that also adds its dQ share
-    with fp32 atomics. q, k, v, o, do: [B, H, N, D]; o, do and dq share strides, dk and dv share theirs; dq is fp32
-    when any segment fuses (zero-filled if the first does); lse: fp32 [B, H, N] of the whole layout; delta: fp32
-    [B, H, N], written by the first dQ kernel when first (else already there); accum / accum_kv: add to what an
-    earlier segment wrote."""
+    """Launch one segment's backward: dQ and dK/dV, or (fuse_dq) one dK/dV kernel that also adds its dQ share with
+    fp32 atomics (never the first segment: its dQ kernel stores every row). q, k, v, o, do: [B, H, N, D]; o, do and dq
+    share strides, dk and dv share theirs; dq is fp32 when any segment fuses; lse: fp32 [B, H, N] of the whole layout;
+    delta: fp32 [B, H, N], written by the first segment's dQ kernel (first), read by the rest; accum / accum_kv: add to
+    what an earlier segment wrote."""
     B, H, N, D = q.shape
     seg = launch.seg
     assert dq.stride() == do.stride() == o.stride() and dk.stride() == dv.stride()

@@ -37,6 +37,13 @@ TUNING[("gather", 64)] = dict(fwd=(128, 64, 4, 3), dq=(128, 64, 4, 2), dkdv=(64,
 # stages among 64x64 / 3 stages, 128x64 / 4 or 8 warps, 64x128, 128x128 / 8 warps and 32x64.
 for _kind in ("natural", "transposed"):
     TUNING[(_kind, 64)]["dkdv"] = (32, 64, 4, 2)
+# The transposed strided part adds its dQ from the dK/dV kernel (fuse_dq: fp32 atomics, no dQ kernel; backward.py). On
+# an H200 (python bench/dev_probe.py fuse, 2026-11-30; graph-replayed fwd+bwd, the fp32 dQ's final cast included):
+# strided-64k 1.689 -> 1.629 ms, strided-12k 0.554 -> 0.546, strided-3k (d=128) 0.266 -> 0.259. Fusing the band or
+# the gathered summary part was slower (gathered fixed-64k: 5745-6002 us fused against 2167 + 3100 us apart; pointer
+# atomics and TMA bulk reductions alike), so they keep their dQ kernels.
+for _d in (64, 128):
+    TUNING[("transposed", _d)].update(dkdv=(64, 64, 4, 2), fuse_dq=True)
 
 
 @dataclass(frozen=True, eq=False)
@@ -132,17 +139,12 @@ class SparseAttentionFunction(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         launches = ctx.launches
         do = do.contiguous()
-        # fp32 atomics add in no fixed order: torch.use_deterministic_algorithms(True) keeps the separate dQ kernels
+        # The first segment keeps its dQ kernel: it computes Delta = rowsum(dO * O) and stores every row of dQ. Later
+        # segments may fuse dQ into dK/dV (fp32 atomics, in no fixed order: torch's deterministic mode turns it off).
         deterministic = torch.are_deterministic_algorithms_enabled()
-        fused = [launch.fuse_dq and not deterministic for launch in launches]
-        if fused[0]:  # no dQ kernel to compute Delta = rowsum(dO * O) on the way
-            delta = (do.float() * o.float()).sum(-1)
-        else:
-            delta = torch.empty_like(lse)  # (B, H, N) fp32, written by the first segment's dQ kernel
-        if any(fused):  # atomics add in fp32; the first segment's dQ kernel stores (and so clears) every row
-            dq = (torch.zeros if fused[0] else torch.empty)(do.shape, device=do.device, dtype=torch.float32)
-        else:
-            dq = torch.empty_like(do)
+        fused = [idx > 0 and launch.fuse_dq and not deterministic for idx, launch in enumerate(launches)]
+        delta = torch.empty_like(lse)  # (B, H, N) fp32, written by the first segment's dQ kernel
+        dq = torch.empty(do.shape, device=do.device, dtype=torch.float32 if any(fused) else do.dtype)
         # the gathered summary keys do not cover every key: when it runs alone, keys outside it get zero gradient
         gather_only = launches[0].seg.kind == GATHER
         alloc = torch.zeros if gather_only else torch.empty
