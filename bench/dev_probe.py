@@ -192,7 +192,7 @@ def split(names):
     base = {kk: dict(vv) for kk, vv in fn_mod.TUNING.items()}
     rows = []
     for name in names:
-        lay, q, k, v, go = inputs(name)
+        lay, q, k, v, _ = inputs(name)
         for tiles in (None, (128, 128, 8, 2)):
             for on in (False, True):
                 fn_mod.TUNING.update({kk: dict(vv) for kk, vv in base.items()})
@@ -209,7 +209,7 @@ def split(names):
                 rows.append(dict(setup=name, fwd_tiles=tiles or "current", split=on, us=ks, graph_fwd_ms=g))
                 print(f"{name:12s} {str(tiles or 'current'):18s} split={on!s:5s} graph fwd {g:.3f} ms | "
                       + " ".join(f"{x:.1f}" for x in ks), flush=True)
-        q = k = v = go = None
+        q = k = v = None
         torch.cuda.empty_cache()
     forward.SPLIT_EXP = False
     fn_mod.TUNING.update(base)
