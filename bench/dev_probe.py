@@ -4,7 +4,6 @@ GPU time within one fwd+bwd (torch.profiler, in launch order). Usage on the devi
 python bench/dev_probe.py [setup ...]  (prints a table, writes $OUT/dev_probe.json or bench/results/);
 python bench/dev_probe.py micro  (host time of one launch and of tiny whole calls, each launch path);
 python bench/dev_probe.py sweep [setup ...]  (per-kernel GPU time for each tile config in CONFIGS);
-python bench/dev_probe.py split [setup ...]  (forward with its exponentials split between SFU and FMA units, or not);
 python bench/dev_probe.py fuse [setup ...]  (dQ fused into dK/dV with atomics, per segment kind and dK/dV tile config in
 FUSE_CONFIGS: per-kernel GPU time and graph-replayed fwd+bwd, against the current TUNING)."""
 import json
@@ -173,51 +172,6 @@ def sweep(names):
         json.dump(rows, f, indent=1)
 
 
-def split(names):
-    """Forward kernels' GPU time with forward.SPLIT_EXP off / on, at the current forward tiles and at 128x128 / 8 warps,
-    after a bf16 check of the split path against the float64 reference."""
-    sys.path.insert(0, "tests")
-    from conftest import check_against_reference, make_qkv
-
-    from sparse_transformer import layouts
-    from sparse_transformer.attention.triton import forward
-    from sparse_transformer.attention.triton import function as fn_mod
-    from sparse_transformer.attention.triton.function import sparse_attention_triton
-
-    forward.SPLIT_EXP = True
-    for lay in (layouts.fixed(4096, 128, 32), layouts.strided(3000, 64), layouts.dense(1025)):
-        q, k, v = make_qkv(2, 4, lay.n, 64, torch.bfloat16, device="cuda")
-        check_against_reference(sparse_attention_triton, q, k, v, lay, floor=1.6e-2)
-    print("split: bf16 matches the reference", flush=True)
-    base = {kk: dict(vv) for kk, vv in fn_mod.TUNING.items()}
-    rows = []
-    for name in names:
-        lay, q, k, v, _ = inputs(name)
-        for tiles in (None, (128, 128, 8, 2)):
-            for on in (False, True):
-                fn_mod.TUNING.update({kk: dict(vv) for kk, vv in base.items()})
-                if tiles:
-                    for kk in fn_mod.TUNING:
-                        fn_mod.TUNING[kk]["fwd"] = tiles
-                fn_mod.clear_cache()
-                forward.SPLIT_EXP = on
-                with torch.no_grad():
-                    f = lambda: sparse_attention(q, k, v, lay, backend="triton")  # noqa: E731
-                    runs = [kernel_times(f) for _ in range(5)]
-                    ks = [sorted(r[i][1] for r in runs)[2] for i in range(len(runs[0]))]
-                    g = graph_ms(f)
-                rows.append(dict(setup=name, fwd_tiles=tiles or "current", split=on, us=ks, graph_fwd_ms=g))
-                print(f"{name:12s} {str(tiles or 'current'):18s} split={on!s:5s} graph fwd {g:.3f} ms | "
-                      + " ".join(f"{x:.1f}" for x in ks), flush=True)
-        q = k = v = None
-        torch.cuda.empty_cache()
-    forward.SPLIT_EXP = False
-    fn_mod.TUNING.update(base)
-    fn_mod.clear_cache()
-    with open(os.path.join(os.environ.get("OUT", "bench/results"), "dev_split.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-
-
 FUSE_CONFIGS = [(64, 64, 4, 3), (64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (128, 128, 8, 2)]
 
 
@@ -264,8 +218,6 @@ if __name__ == "__main__":
         micro()
     elif args[:1] == ["sweep"]:
         sweep(args[1:] or list(SETUPS))
-    elif args[:1] == ["split"]:
-        split(args[1:] or list(SETUPS))
     elif args[:1] == ["fuse"]:
         fuse(args[1:] or list(SETUPS))
     else:

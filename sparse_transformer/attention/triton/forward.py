@@ -27,45 +27,6 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _exp2_fma(x):
-    """2^x for x <= 0 on the FMA units, not the special-function unit (FlashAttention-4's trick): 2^floor(x) through
-    the exponent bits, 2^frac(x) by a degree-3 polynomial (max relative error 7.5e-5, below bf16's 3.9e-3); inputs
-    below -126 give about 2^-126 instead of 0 (full tiles only: no -inf there)."""
-    x = tl.maximum(x, -126.0)
-    xi = tl.floor(x)
-    f = x - xi
-    p = 0.07802334469526608 * f + 0.22606642234595745
-    p = p * f + 0.6958351186637891
-    p = p * f + 0.9999249174688852
-    return (p.to(tl.int32, bitcast=True) + (xi.to(tl.int32) << 23)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _fwd_tile_split(q, acc, m_i, l_i, e, k_base, v_base, stride_kn, stride_vn, offs_d, lo, qk_scale, N, NK, SEG_L,
-                    SEG_C, KIND: tl.constexpr, BLOCK_N: tl.constexpr):
-    """A full tile (every key valid and visible, 16-bit inputs) as two halves of keys: exponentials of the first half
-    on the special-function unit, of the second on the FMA units, so neither unit carries all of them."""
-    HALF: tl.constexpr = BLOCK_N // 2
-    p_a = e * BLOCK_N + tl.arange(0, HALF)
-    j_a, _ = _key_positions(p_a, N, NK, SEG_L, SEG_C, lo, KIND)
-    j_b, _ = _key_positions(p_a + HALF, N, NK, SEG_L, SEG_C, lo, KIND)
-    k_a = tl.load(k_base + j_a.to(tl.int64)[:, None] * stride_kn + offs_d[None, :])
-    k_b = tl.load(k_base + j_b.to(tl.int64)[:, None] * stride_kn + offs_d[None, :])
-    v_a = tl.load(v_base + j_a.to(tl.int64)[:, None] * stride_vn + offs_d[None, :])
-    v_b = tl.load(v_base + j_b.to(tl.int64)[:, None] * stride_vn + offs_d[None, :])
-    s_a = tl.dot(q, tl.trans(k_a)) * qk_scale
-    s_b = tl.dot(q, tl.trans(k_b)) * qk_scale
-    m_new = tl.maximum(m_i, tl.maximum(tl.max(s_a, 1), tl.max(s_b, 1)))  # finite: a full tile has keys
-    alpha = tl.math.exp2(m_i - m_new)
-    p_a = tl.math.exp2(s_a - m_new[:, None])
-    p_b = _exp2_fma(s_b - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p_a, 1) + tl.sum(p_b, 1)
-    acc = acc * alpha[:, None] + tl.dot(p_a.to(v_a.dtype), v_a)
-    acc = tl.dot(p_b.to(v_b.dtype), v_b, acc)
-    return acc, m_new, l_i
-
-
-@triton.jit
 def _fwd_tile(q, acc, m_i, l_i, e, i, p_q, k_base, v_base, stride_kn, stride_vn, offs_d, prm, lo, qk_scale,
               N, NK, SEG_L, SEG_C, MASKED: tl.constexpr, KIND: tl.constexpr, IEEE: tl.constexpr,
               HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr,
@@ -99,7 +60,7 @@ def _attn_fwd_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
     H, N, NQ, NK, TH, NQB, SEG_L, SEG_C,
-    KIND: tl.constexpr, MERGE: tl.constexpr, IEEE: tl.constexpr, SPLIT_EXP: tl.constexpr,
+    KIND: tl.constexpr, MERGE: tl.constexpr, IEEE: tl.constexpr,
     HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr,
     HAS_SUM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -124,13 +85,9 @@ def _attn_fwd_kernel(
     # invariant: after each tile, acc / l_i is the softmax-weighted mean of V over the keys seen so far, with scores
     # measured from the running row max m_i (log2 units); m_i = -inf while a row has seen no key.
     for t in range(start, mid):
-        if SPLIT_EXP and not IEEE:
-            acc, m_i, l_i = _fwd_tile_split(q, acc, m_i, l_i, tl.load(idx_ptr + t), k_base, v_base, stride_kn,
-                                            stride_vn, offs_d, lo, qk_scale, N, NK, SEG_L, SEG_C, KIND, BLOCK_N)
-        else:
-            acc, m_i, l_i = _fwd_tile(q, acc, m_i, l_i, tl.load(idx_ptr + t), i, p_q, k_base, v_base, stride_kn,
-                                      stride_vn, offs_d, prm, lo, qk_scale, N, NK, SEG_L, SEG_C, False, KIND, IEEE,
-                                      HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, BLOCK_N)
+        acc, m_i, l_i = _fwd_tile(q, acc, m_i, l_i, tl.load(idx_ptr + t), i, p_q, k_base, v_base, stride_kn,
+                                  stride_vn, offs_d, prm, lo, qk_scale, N, NK, SEG_L, SEG_C, False, KIND, IEEE,
+                                  HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, BLOCK_N)
     for t in range(mid, end):
         acc, m_i, l_i = _fwd_tile(q, acc, m_i, l_i, tl.load(idx_ptr + t), i, p_q, k_base, v_base, stride_kn,
                                   stride_vn, offs_d, prm, lo, qk_scale, N, NK, SEG_L, SEG_C, True, KIND, IEEE,
@@ -165,7 +122,4 @@ def attn_forward(q, k, v, o, lse, launch, scale, merge):
     launch_kernel(_attn_fwd_kernel, (tab.nqb, B * H), (q, k, v, o, lse, tab.q_ptr, tab.q_mid, tab.q_idx, launch.prm), (
         scale * 1.4426950408889634, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C),
-        launch.constexprs(q, launch.fwd, MERGE=merge, SPLIT_EXP=SPLIT_EXP))
-
-
-SPLIT_EXP = False  # experiment switch: full forward tiles split their exponentials between the SFU and the FMA units
+        launch.constexprs(q, launch.fwd, MERGE=merge))
