@@ -172,41 +172,6 @@ def sweep(names):
         json.dump(rows, f, indent=1)
 
 
-def fwd_opt(names):
-    """Forward kernels' GPU time for each forward.FWD_OPT (1 scale folded into the exponent's FMA, 2 lazy rescaling,
-    3 both), each after a bf16 check against the float64 reference."""
-    sys.path.insert(0, "tests")
-    from conftest import check_against_reference, make_qkv
-
-    from sparse_transformer import layouts
-    from sparse_transformer.attention.triton import forward
-    from sparse_transformer.attention.triton.function import sparse_attention_triton
-
-    rows = []
-    for opt in (0, 1, 2, 3):
-        forward.FWD_OPT = opt
-        for lay in (layouts.fixed(4096, 128, 32), layouts.strided(3000, 64), layouts.dense(1025)):
-            q, k, v = make_qkv(2, 4, lay.n, 64, torch.bfloat16, device="cuda")
-            check_against_reference(sparse_attention_triton, q, k, v, lay, floor=1.6e-2)
-        print(f"opt {opt}: bf16 matches the reference", flush=True)
-    for name in names:
-        lay, q, k, v, _ = inputs(name)
-        for opt in (0, 1, 2, 3, 0):
-            forward.FWD_OPT = opt
-            with torch.no_grad():
-                f = lambda: sparse_attention(q, k, v, lay, backend="triton")  # noqa: E731
-                runs = [kernel_times(f) for _ in range(5)]
-                ks = [sorted(r[i][1] for r in runs)[2] for i in range(len(runs[0]))]
-                g = graph_ms(f)
-            rows.append(dict(setup=name, fwd_opt=opt, us=ks, graph_fwd_ms=g))
-            print(f"{name:12s} opt={opt} graph fwd {g:.3f} ms | " + " ".join(f"{x:.1f}" for x in ks), flush=True)
-        q = k = v = None
-        torch.cuda.empty_cache()
-    forward.FWD_OPT = 0
-    with open(os.path.join(os.environ.get("OUT", "bench/results"), "dev_fwd_opt.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-
-
 FUSE_CONFIGS = [(64, 64, 4, 3), (64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (128, 128, 8, 2)]
 
 
@@ -253,8 +218,6 @@ if __name__ == "__main__":
         micro()
     elif args[:1] == ["sweep"]:
         sweep(args[1:] or list(SETUPS))
-    elif args[:1] == ["fwd_opt"]:
-        fwd_opt(args[1:] or list(SETUPS))
     elif args[:1] == ["fuse"]:
         fuse(args[1:] or list(SETUPS))
     else:

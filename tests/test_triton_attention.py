@@ -73,6 +73,25 @@ def test_interpreter_fused_dq_either_way_matches_reference(name, make, fuse_dq):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("scale", [0.3, -0.25], ids=["positive", "negative"])
+def test_interpreter_explicit_scale_either_sign(scale):
+    """The forward folds a positive scale into its exponent (max of raw scores, then scaled); a negative one must not
+    take that path. scale * (q . k) equals the reference's default 1/sqrt(D) on q scaled by scale * sqrt(D)."""
+    from sparse_transformer.attention.reference import attention_ref
+
+    lay = layouts.strided(70, 8)
+    q, k, v = make_qkv(1, 2, 70, 16, torch.float64)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    out, lse = sparse_attention_triton(q32, k32, v32, lay, scale=scale, block_m=16, block_n=16)
+    ref, ref_lse = attention_ref(q * (scale * 4.0), k, v, lay)
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad((out.double() * g).sum(), (q32, k32, v32))
+    ref_grads = torch.autograd.grad((ref * g).sum(), (q, k, v))
+    for a, b in zip((out, lse, *grads), (ref, ref_lse, *ref_grads)):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.interpreter
 def test_interpreter_rectangular_tiles_and_head_dim_32():
     lay = layouts.fixed(70, 16, 8)
     q, k, v = make_qkv(2, 1, 70, 32, torch.float32)

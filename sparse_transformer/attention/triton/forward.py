@@ -30,7 +30,7 @@ def _dot(a, b, IEEE: tl.constexpr):
 def _fwd_tile(q, acc, m_i, l_i, e, i, p_q, k_base, v_base, stride_kn, stride_vn, offs_d, prm, lo, qk_scale,
               N, NK, SEG_L, SEG_C, MASKED: tl.constexpr, KIND: tl.constexpr, IEEE: tl.constexpr,
               HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr,
-              HAS_SUM: tl.constexpr, OPT: tl.constexpr, BLOCK_N: tl.constexpr):
+              HAS_SUM: tl.constexpr, FOLD: tl.constexpr, BLOCK_N: tl.constexpr):
     p_k = e * BLOCK_N + tl.arange(0, BLOCK_N)
     j, k_ok = _key_positions(p_k, N, NK, SEG_L, SEG_C, lo, KIND)
     if MASKED:
@@ -40,36 +40,25 @@ def _fwd_tile(q, acc, m_i, l_i, e, i, p_q, k_base, v_base, stride_kn, stride_vn,
         k = tl.load(k_base + j.to(tl.int64)[:, None] * stride_kn + offs_d[None, :])
         v = tl.load(v_base + j.to(tl.int64)[:, None] * stride_vn + offs_d[None, :])
     s = _dot(q, tl.trans(k), IEEE)
-    if (OPT & 1) == 0:
+    if not FOLD:
         s = s * qk_scale
     if MASKED:
         vis = _tile_mask(i[:, None], j[None, :], p_q[:, None], p_k[None, :], k_ok[None, :], prm, SEG_C, KIND,
                          HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM)
         s = tl.where(vis, s, float("-inf"))
-    if OPT & 1:  # scale > 0: max of the raw scores, scaled; the scale folds into the exponent's FMA below
+    if FOLD:  # qk_scale > 0: the max of the raw scores, scaled; the scale goes into the exponent's FMA below
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     else:
         m_new = tl.maximum(m_i, tl.max(s, 1))
-    if (OPT & 2) and not MASKED:  # rescale only when some row's max grew by more than 2^8 (FlashAttention-4)
-        if tl.max(m_new - m_i, 0) > 8.0:
-            alpha = tl.math.exp2(m_i - m_new)
-            acc = acc * alpha[:, None]
-            l_i = l_i * alpha
-            m_i = m_new
-        m_use = m_i
-    else:
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_use)
-        acc = acc * alpha[:, None]
-        l_i = l_i * alpha
-        m_i = m_new
-    if OPT & 1:
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_use)
+    if FOLD:
         p = tl.math.exp2(s * qk_scale - m_use[:, None])
     else:
         p = tl.math.exp2(s - m_use[:, None])
-    l_i = l_i + tl.sum(p, 1)
-    acc = acc + _dot(p.to(v.dtype), v, IEEE)
-    return acc, m_i, l_i
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -79,7 +68,7 @@ def _attn_fwd_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
     H, N, NQ, NK, TH, NQB, SEG_L, SEG_C,
-    KIND: tl.constexpr, MERGE: tl.constexpr, IEEE: tl.constexpr, OPT: tl.constexpr,
+    KIND: tl.constexpr, MERGE: tl.constexpr, IEEE: tl.constexpr, FOLD: tl.constexpr,
     HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr,
     HAS_SUM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -106,11 +95,11 @@ def _attn_fwd_kernel(
     for t in range(start, mid):
         acc, m_i, l_i = _fwd_tile(q, acc, m_i, l_i, tl.load(idx_ptr + t), i, p_q, k_base, v_base, stride_kn,
                                   stride_vn, offs_d, prm, lo, qk_scale, N, NK, SEG_L, SEG_C, False, KIND, IEEE,
-                                  HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, OPT, BLOCK_N)
+                                  HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, FOLD, BLOCK_N)
     for t in range(mid, end):
         acc, m_i, l_i = _fwd_tile(q, acc, m_i, l_i, tl.load(idx_ptr + t), i, p_q, k_base, v_base, stride_kn,
                                   stride_vn, offs_d, prm, lo, qk_scale, N, NK, SEG_L, SEG_C, True, KIND, IEEE,
-                                  HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, OPT, BLOCK_N)
+                                  HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, FOLD, BLOCK_N)
     has = l_i > 0
     l_safe = tl.where(has, l_i, 1.0)
     o = acc / l_safe[:, None]
@@ -141,7 +130,4 @@ def attn_forward(q, k, v, o, lse, launch, scale, merge):
     launch_kernel(_attn_fwd_kernel, (tab.nqb, B * H), (q, k, v, o, lse, tab.q_ptr, tab.q_mid, tab.q_idx, launch.prm), (
         scale * 1.4426950408889634, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C),
-        launch.constexprs(q, launch.fwd, MERGE=merge, OPT=FWD_OPT if scale > 0 else FWD_OPT & 2))
-
-
-FWD_OPT = 0  # experiment: 1 fold the scale into the exponent's FMA, 2 lazy rescaling of full tiles
+        launch.constexprs(q, launch.fwd, MERGE=merge, FOLD=scale > 0))
