@@ -3,11 +3,11 @@
 #   bash bench/device_pending.sh decode OUT    # decode GPU tests, decode-kernel sweep, decode step (--compile), sampling
 #   bash bench/device_pending.sh long OUT      # audio-262k, the audio-1m sweep 16k..1M, the longest-n search
 #   bash bench/device_pending.sh step OUT      # the enwik8 training step (eager, compiled blocks) and its profile
-#   bash bench/device_pending.sh kernels OUT   # the training kernels' GPU tests (the launcher's last fixes have not run
-#                                              # on a GPU yet), bench attention vs cuDNN, the launch-cost probe
+#   bash bench/device_pending.sh kernels OUT   # the training kernels' GPU tests
+#   bash bench/device_pending.sh table OUT     # bench attention: ours, cuDNN, flash and FlexAttention (BENCHMARKS' table)
 # Run from the repository root on the device machine; JSON and logs land in OUT (pass $OUT there).
 set -uo pipefail
-WHAT=${1:?decode, long, step or kernels}; OUT=${2:?output folder}
+WHAT=${1:?decode, long, step, kernels or table}; OUT=${2:?output folder}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 ST="python -m sparse_transformer.cli"
 mkdir -p "$OUT"
@@ -37,10 +37,12 @@ case "$WHAT" in
     timeout 100 python bench/profile_model.py enwik8 2>&1 | tee "$OUT/profile-enwik8.log"
     ;;
   kernels)
-    timeout 300 python -m pytest -m gpu tests/test_triton_attention.py -q -n 12 -p no:cacheprovider -rf 2>&1 \
-      | tail -n 4 | tee "$OUT/gpu-tests-kernels.log"
-    timeout 120 $ST bench attention --methods triton sdpa-cudnn --out "$OUT" 2>&1 | tee "$OUT/attention.log"
-    timeout 60 python bench/dev_probe.py micro 2>&1 | tee "$OUT/launch-probe.log"
+    timeout 560 python -m pytest -m gpu tests/test_triton_attention.py -q -n 14 -p no:cacheprovider -rf 2>&1 \
+      | tail -n 6 | tee "$OUT/gpu-tests-kernels.log"
     ;;
-  *) echo "unknown: $WHAT (decode | long | step | kernels)"; exit 2 ;;
+  table)
+    timeout 560 $ST bench attention --methods triton sdpa-cudnn sdpa-flash flex --out "$OUT" 2>&1 \
+      | tee "$OUT/attention.log"
+    ;;
+  *) echo "unknown: $WHAT (decode | long | step | kernels | table)"; exit 2 ;;
 esac
