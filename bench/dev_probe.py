@@ -176,7 +176,7 @@ FUSE_CONFIGS = [(64, 64, 4, 3), (64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2),
 
 
 def fuse(names):
-    """For each setup: the current TUNING, then each segment kind in turn fused (fuse_dq) with each dK/dV config."""
+    """For each setup: no kind fused, the current TUNING, then each segment kind in turn fused with each config."""
     from sparse_transformer.attention.triton import function as fn_mod
 
     base = {kk: dict(vv) for kk, vv in fn_mod.TUNING.items()}
@@ -184,11 +184,14 @@ def fuse(names):
     for name in names:
         lay, q, k, v, go = inputs(name)
         kinds = sorted({seg.kind for seg in fn_mod.get_segments(lay)})
-        trials = [(None, None)] + [(kind, cfg) for kind in kinds for cfg in FUSE_CONFIGS]
+        trials = [("none", None), ("current", None)] + [(kind, cfg) for kind in kinds for cfg in FUSE_CONFIGS]
         for kind, cfg in trials:
             fn_mod.TUNING.update({kk: dict(vv) for kk, vv in base.items()})
-            if kind is not None:
-                fn_mod.TUNING[(kind, 64 if q.shape[-1] <= 64 else 128)].update(dkdv=cfg, fuse_dq=True)
+            if kind != "current":
+                for kk in fn_mod.TUNING:
+                    fn_mod.TUNING[kk]["fused"] = None
+            if cfg is not None:
+                fn_mod.TUNING[(kind, 64 if q.shape[-1] <= 64 else 128)]["fused"] = cfg
             fn_mod.clear_cache()
             try:
                 fb = lambda: sparse_attention(q, k, v, lay, backend="triton").backward(go)  # noqa: E731
@@ -200,7 +203,7 @@ def fuse(names):
                 print(name, kind, cfg, "ERROR", type(e).__name__, str(e)[:300], flush=True)
                 continue
             q.grad = k.grad = v.grad = None
-            rows.append(dict(setup=name, fused=kind, dkdv=cfg, kernels=[x[0] for x in runs[0]], us=ks, graph_ms=g))
+            rows.append(dict(setup=name, fused=kind, config=cfg, kernels=[x[0] for x in runs[0]], us=ks, graph_ms=g))
             print(f"{name:12s} {str(kind):10s} {str(cfg):18s} graph {g:7.3f} ms | " + " ".join(f"{x:.0f}" for x in ks),
                   flush=True)
         q = k = v = go = None

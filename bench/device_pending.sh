@@ -4,7 +4,7 @@
 #   bash bench/device_pending.sh long OUT      # audio-262k, the audio-1m sweep 16k..1M, the longest-n search
 #   bash bench/device_pending.sh step OUT      # the enwik8 training step (eager, compiled blocks) and its profile
 #   bash bench/device_pending.sh kernels OUT   # the training kernels' GPU tests
-#   bash bench/device_pending.sh table OUT     # bench attention: ours, cuDNN, flash and FlexAttention (BENCHMARKS' table)
+#   bash bench/device_pending.sh table OUT     # bench attention: ours, cuDNN, flash, FlexAttention (BENCHMARKS' table)
 # Run from the repository root on the device machine; JSON and logs land in OUT (pass $OUT there).
 set -uo pipefail
 WHAT=${1:?decode, long, step, kernels or table}; OUT=${2:?output folder}

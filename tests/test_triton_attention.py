@@ -37,6 +37,7 @@ SMALL = [
     ("split-heads-n97-l10", lambda: layouts.stack([layouts.strided(97, 10, "local"), layouts.strided(97, 10, "strided")])),
     ("custom-empty-row-n100", lambda: layouts.from_blocks(_empty_row_blocks(4), 32, n=100)),
     ("single-key-rows-n1", lambda: layouts.fixed(1, 4, 1)),
+    ("mixed-heads-n97", lambda: layouts.stack([layouts.strided(97, 10), layouts.fixed(97, 16, 4)])),
 ]
 
 
@@ -52,18 +53,20 @@ def test_interpreter_matches_reference(name, make, dtype):
 
 @pytest.fixture
 def fuse_dq(request, monkeypatch):
-    """Every segment kind's fuse_dq set to the test's parameter (dQ added by the dK/dV kernel with atomics, or not)."""
+    """The segment kinds whose dK/dV kernel adds dQ with atomics (on its dK/dV tiles): "all", "none" or one kind. The
+    default TUNING (the transposed kind only) is what the other tests run."""
     from sparse_transformer.attention.triton import function as fn
 
     for key, cfg in fn.TUNING.items():
-        monkeypatch.setitem(fn.TUNING, key, dict(cfg, fuse_dq=request.param))
+        on = request.param == "all" or request.param == key[0]
+        monkeypatch.setitem(fn.TUNING, key, dict(cfg, fused=cfg["dkdv"] if on else None))
     fn.clear_cache()
     yield request.param
     fn.clear_cache()
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("fuse_dq", [True, False], indirect=True, ids=["fused-dq", "dq-kernel"])
+@pytest.mark.parametrize("fuse_dq", ["all", "none"], indirect=True)
 @pytest.mark.parametrize("name,make", SMALL, ids=[c[0] for c in SMALL])
 def test_interpreter_fused_dq_either_way_matches_reference(name, make, fuse_dq):
     lay = make()
@@ -73,13 +76,24 @@ def test_interpreter_fused_dq_either_way_matches_reference(name, make, fuse_dq):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("scale", [0.3, -0.25], ids=["positive", "negative"])
+@pytest.mark.parametrize("fuse_dq", ["gather"], indirect=True)
+def test_interpreter_last_kind_fused_after_unfused_matches_reference(fuse_dq):
+    """Natural, transposed (unfused) and gathered (fused) segments. The default TUNING's order, a fused transposed
+    part before an unfused gathered one (whose dQ kernel must add, not overwrite), runs in the tests above."""
+    lay = dict(SMALL)["mixed-heads-n97"]()
+    q, k, v = make_qkv(1, 2, lay.n, 16, torch.float32)
+    check_against_reference(_run(16, 16), q, k, v, lay, floor=1e-5)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("scale", [0.3, -0.25, 1e-46], ids=["positive", "negative", "zero-in-fp32"])
 def test_interpreter_explicit_scale_either_sign(scale):
-    """The forward folds a positive scale into its exponent (max of raw scores, then scaled); a negative one must not
-    take that path. scale * (q . k) equals the reference's default 1/sqrt(D) on q scaled by scale * sqrt(D)."""
+    """The gathered forward folds a positive scale into its exponent (max of raw scores, then scaled); a negative one,
+    or one that is 0 in fp32 (-inf * 0 = NaN), must not take that path. scale * (q . k) equals the reference's default
+    1/sqrt(D) on q scaled by scale * sqrt(D)."""
     from sparse_transformer.attention.reference import attention_ref
 
-    lay = layouts.strided(70, 8)
+    lay = layouts.fixed(70, 16, 4)
     q, k, v = make_qkv(1, 2, 70, 16, torch.float64)
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     out, lse = sparse_attention_triton(q32, k32, v32, lay, scale=scale, block_m=16, block_n=16)
@@ -109,6 +123,7 @@ GPU_LAYOUTS = [
     ("fixed-verts-l64-c16", lambda n: layouts.fixed(n, 64, 16, heads=4, num_verts=4)),
     ("split", lambda n: layouts.stack([layouts.strided(n, 32, "local")] * 2 + [layouts.strided(n, 32, "strided")] * 2)),
     ("custom-empty-row", lambda n: layouts.from_blocks(_empty_row_blocks(-(-n // 128)), 128, n=n)),
+    ("mixed-heads", lambda n: layouts.stack([layouts.strided(n, 32)] * 2 + [layouts.fixed(n, 64, 16)] * 2)),
 ]
 FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -156,7 +171,7 @@ def test_gpu_tile_sizes(tiles, name, make):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fuse_dq", [True, False], indirect=True, ids=["fused-dq", "dq-kernel"])
+@pytest.mark.parametrize("fuse_dq", ["all", "none"], indirect=True)
 @pytest.mark.parametrize("n", [1025])
 @pytest.mark.parametrize("name,make", GPU_LAYOUTS, ids=[c[0] for c in GPU_LAYOUTS])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
@@ -168,7 +183,20 @@ def test_gpu_fused_dq_either_way_matches_reference(n, name, make, dtype, fuse_dq
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fuse_dq", [True], indirect=True, ids=["fused-dq"])
+def test_gpu_unfused_layouts_are_bit_reproducible():
+    """The fixed pattern fuses no dQ by default: its gradients repeat bit for bit without deterministic mode."""
+    lay = layouts.fixed(2048, 128, 32)
+    q, k, v = make_qkv(2, 4, 2048, 64, torch.bfloat16, device="cuda")
+    outs = []
+    for _ in range(2):
+        o, _ = sparse_attention_triton(q, k, v, lay)
+        outs.append((o, *torch.autograd.grad(o.float().sum(), (q, k, v))))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fuse_dq", ["all"], indirect=True)
 def test_gpu_deterministic_mode_is_bit_reproducible(fuse_dq):
     """torch.use_deterministic_algorithms(True) turns the dQ atomics off: two backward passes are bit-equal."""
     lay = layouts.fixed(2048, 128, 32)

@@ -9,9 +9,10 @@ the tile table (query tiles per key tile), so every program owns its key rows an
 adds (ACCUM) into the rows an earlier one wrote. As in the forward, full tiles run unmasked, partial ones masked.
 Rows with LSE = -inf (no key) contribute nothing. Delta is computed by the first segment's dQ kernel (FA2's
 preprocessing step, fused: one launch fewer).
-With FUSE_DQ (segments after the first whose TUNING says fuse_dq, when torch's deterministic mode is off) a segment
-has no dQ kernel: its dK/dV kernel also computes dS K for each tile and adds it to an fp32 dQ with atomics
-(FlashAttention-2's dQaccum), so S and dO V^T are computed once per entry, not twice (10 d flops per entry, not 14 d).
+With FUSE_DQ (segments after the first whose kind has a `fused` tiling in TUNING, when torch's deterministic mode is
+off) a segment has no dQ kernel: its dK/dV kernel also computes dS K for each tile and adds it to an fp32 dQ with
+atomics (FlashAttention-2's dQaccum), so S and dO V^T are computed once per entry, not twice (10 d flops per entry,
+not 14 d).
 """
 import triton
 import triton.language as tl
@@ -180,11 +181,11 @@ def _attn_bwd_dkdv_kernel(
 
 
 def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, fuse_dq, first, accum, accum_kv):
-    """Launch one segment's backward: dQ and dK/dV, or (fuse_dq) one dK/dV kernel that also adds its dQ share with
-    fp32 atomics (never the first segment: its dQ kernel stores every row). q, k, v, o, do: [B, H, N, D]; o, do and dq
-    share strides, dk and dv share theirs; dq is fp32 when any segment fuses; lse: fp32 [B, H, N] of the whole layout;
-    delta: fp32 [B, H, N], written by the first segment's dQ kernel (first), read by the rest; accum / accum_kv: add to
-    what an earlier segment wrote."""
+    """Launch one segment's backward: dQ and dK/dV, or (fuse_dq) one dK/dV kernel on launch.fused's tiles that also
+    adds its dQ share with fp32 atomics (never the first segment: its dQ kernel stores every row). q, k, v, o, do:
+    [B, H, N, D]; o, do and dq share strides, dk and dv share theirs; dq is fp32 when any segment fuses; lse: fp32
+    [B, H, N] of the whole layout; delta: fp32 [B, H, N], written by the first segment's dQ kernel (first), read by
+    the rest; accum / accum_kv: add to what an earlier segment wrote."""
     B, H, N, D = q.shape
     seg = launch.seg
     assert dq.stride() == do.stride() == o.stride() and dk.stride() == dv.stride()
@@ -196,8 +197,9 @@ def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, fuse_dq
             q, k, v, o, do, dq, lse, delta, tab.q_ptr, tab.q_mid, tab.q_idx, launch.prm), (qk_scale, scale, *strides,
             H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C),
             launch.constexprs(q, launch.dq, ACCUM=accum, DELTA=first))
-    tab = launch.dkdv.tab
+    kv_pass = launch.fused if fuse_dq else launch.dkdv
+    tab = kv_pass.tab
     launch_kernel(_attn_bwd_dkdv_kernel, (tab.nkb, B * H), (
         q, k, v, do, dq, dk, dv, lse, delta, tab.k_ptr, tab.k_mid, tab.k_idx, launch.prm), (qk_scale, scale, *strides,
         *dk.stride()[:3], H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nkb, seg.L, seg.C),
-        launch.constexprs(q, launch.dkdv, ACCUM=accum_kv, FUSE_DQ=fuse_dq))
+        launch.constexprs(q, kv_pass, ACCUM=accum_kv, FUSE_DQ=fuse_dq))

@@ -14,6 +14,7 @@ Rows that see no key get O = 0 and LSE = -inf.
 import triton
 import triton.language as tl
 
+from ..plan import GATHER
 from .common import _key_positions, _program_head, _query_positions, _tile_mask
 from .launcher import launch as launch_kernel
 
@@ -127,7 +128,10 @@ def attn_forward(q, k, v, o, lse, launch, scale, merge):
     earlier segment wrote."""
     B, H, N, D = q.shape
     seg, tab = launch.seg, launch.fwd.tab
+    qk_scale = scale * 1.4426950408889634
+    # FOLD (the scale inside the exponent's FMA) measured faster on the gathered summary part only; it needs a positive
+    # scale that stays nonzero in fp32 (else -inf * 0 = NaN on masked scores)
     launch_kernel(_attn_fwd_kernel, (tab.nqb, B * H), (q, k, v, o, lse, tab.q_ptr, tab.q_mid, tab.q_idx, launch.prm), (
-        scale * 1.4426950408889634, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+        qk_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C),
-        launch.constexprs(q, launch.fwd, MERGE=merge, FOLD=scale > 0))
+        launch.constexprs(q, launch.fwd, MERGE=merge, FOLD=seg.kind == GATHER and qk_scale >= 2.0 ** -126))

@@ -5,7 +5,8 @@ Legend: B batch, H heads, N sequence, D head dim, BM/BN query/key tile.
 Forward launches one kernel per segment of the layout's plan (natural, transposed strided, gathered summary); the
 second and third fold their result into the first through the log-sum-exp inside the kernel. Backward computes
 Delta = rowsum(dO * O) in the first dQ launch and launches dQ and dK/dV per segment, each adding to the rows the
-earlier ones wrote.
+earlier ones wrote; a later segment whose kind has a `fused` tiling launches one dK/dV kernel that also adds its dQ
+share (fp32 atomics), unless torch's deterministic mode is on.
 Tables are built once per (layout, tiles, device) and cached (plan.get_tables).
 """
 from __future__ import annotations
@@ -20,16 +21,17 @@ from ..plan import (GATHER, P_ALL, P_BLK, P_CUSTOM, P_STR, P_SUM_L, P_WIN, TRANS
 from .backward import attn_backward
 from .forward import attn_forward
 
-# Launch settings per (segment kind, head-dim bucket) and kernel: (BM, BN, num_warps, num_stages). Measured on an H100
-# with bench/dev_kernels.py; experiments may edit TUNING and call clear_cache().
+# Launch settings per (segment kind, head-dim bucket) and kernel: (BM, BN, num_warps, num_stages); "fused" is the dK/dV
+# kernel that also adds dQ (None: that kind keeps its dQ kernel). Measured on an H100 with bench/dev_kernels.py;
+# experiments may edit TUNING and call clear_cache().
 TUNING = {
-    (kind, d): dict(fwd=(64, 64, 4, 2), dq=(64, 64, 4, 2), dkdv=(64, 64, 4, 2))
+    (kind, d): dict(fwd=(64, 64, 4, 2), dq=(64, 64, 4, 2), dkdv=(64, 64, 4, 2), fused=None)
     for kind in ("natural", "gather", "transposed") for d in (64, 128)
 }
 # gathered summary rows are long runs of full tiles: a 128x64 forward tile and 3 stages (sweep of 2026-11-23 on an
 # H100, bench/dev_kernels.py: fixed-64k fwd+bwd 8.1 ms, against 8.8 ms with a 128x128 forward tile and 2-stage
 # 64x64 backward tiles, and 10.0 ms with a 64x64 forward and 128x32 / 32x128 backward tiles)
-TUNING[("gather", 64)] = dict(fwd=(128, 64, 4, 3), dq=(128, 64, 4, 2), dkdv=(64, 64, 4, 3))
+TUNING[("gather", 64)] = dict(fwd=(128, 64, 4, 3), dq=(128, 64, 4, 2), dkdv=(64, 64, 4, 3), fused=None)
 # dK/dV of the short-row parts (band, transposed chunks) over 32-query slabs: per-kernel sweep of 2026-11-30 on an H200
 # (python bench/dev_probe.py sweep): natural dK/dV 116.8 -> 98.9 us (strided-12k), 383.9 -> 338.1 us (strided-64k),
 # 86.6 -> 71.8 us (fixed-12k); transposed dK/dV 152.6 -> 131.7 us and 448.8 -> 436.1 us. The gathered dQ with 128x64
@@ -37,13 +39,14 @@ TUNING[("gather", 64)] = dict(fwd=(128, 64, 4, 3), dq=(128, 64, 4, 2), dkdv=(64,
 # stages among 64x64 / 3 stages, 128x64 / 4 or 8 warps, 64x128, 128x128 / 8 warps and 32x64.
 for _kind in ("natural", "transposed"):
     TUNING[(_kind, 64)]["dkdv"] = (32, 64, 4, 2)
-# The transposed strided part adds its dQ from the dK/dV kernel (fuse_dq: fp32 atomics, no dQ kernel; backward.py). On
-# an H200 (python bench/dev_probe.py fuse, 2026-11-30; graph-replayed fwd+bwd, the fp32 dQ's final cast included):
-# strided-64k 1.689 -> 1.629 ms, strided-12k 0.554 -> 0.546, strided-3k (d=128) 0.266 -> 0.259. Fusing the band or
-# the gathered summary part was slower (gathered fixed-64k: 5745-6002 us fused against 2167 + 3100 us apart; pointer
-# atomics and TMA bulk reductions alike), so they keep their dQ kernels.
+# The transposed strided part adds its dQ from the dK/dV kernel (fp32 atomics, no dQ kernel; backward.py), on 64x64
+# tiles. On an H200 (python bench/dev_probe.py fuse, 2026-11-30, bench/results/dev-fuse-20261130-atomics.json;
+# graph-replayed fwd+bwd, the fp32 dQ's final cast included): strided-64k 1.689 -> 1.631 ms, strided-12k 0.553 ->
+# 0.547, strided-3k (d=128) 0.266 -> 0.259. Fusing the band or the gathered summary part was slower (gathered dK/dV with
+# dQ at fixed-64k: 5793 us at best against 2157 + 3087 us apart, with per-element atomics or TMA bulk reductions), so
+# they keep their dQ kernels.
 for _d in (64, 128):
-    TUNING[("transposed", _d)].update(dkdv=(64, 64, 4, 2), fuse_dq=True)
+    TUNING[("transposed", _d)]["fused"] = (64, 64, 4, 2)
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,7 +68,7 @@ class Launch:
     fwd: Pass
     dq: Pass
     dkdv: Pass
-    fuse_dq: bool  # the dK/dV kernel adds each tile's dQ share with fp32 atomics (no dQ kernel) unless deterministic
+    fused: Pass | None  # dK/dV that also adds dQ with fp32 atomics (no dQ kernel); None: this kind never fuses
     _cex: dict = field(default_factory=dict, repr=False)
 
     def constexprs(self, q, p: Pass, **extra) -> dict:
@@ -113,8 +116,9 @@ def _build_launches(layout, head_dim, device, block_m, block_n) -> list[Launch]:
         flags = dict(KIND=_KINDS[seg.kind], HAS_DENSE=on(P_ALL, P_CUSTOM), HAS_WIN=on(P_WIN), HAS_BLK=on(P_BLK),
                      HAS_STR=on(P_STR), HAS_SUM=on(P_SUM_L))
         prm = p.to(device=device, dtype=torch.int32).contiguous()
-        passes = [_pass(layout, idx, seg, cfg[k], head_dim, device, block_m, block_n) for k in ("fwd", "dq", "dkdv")]
-        out.append(Launch(seg, prm, flags, *passes, bool(cfg.get("fuse_dq", False))))
+        passes = [None if cfg.get(k) is None else _pass(layout, idx, seg, cfg[k], head_dim, device, block_m, block_n)
+                  for k in ("fwd", "dq", "dkdv", "fused")]
+        out.append(Launch(seg, prm, flags, *passes))
     return out
 
 
@@ -142,7 +146,7 @@ class SparseAttentionFunction(torch.autograd.Function):
         # The first segment keeps its dQ kernel: it computes Delta = rowsum(dO * O) and stores every row of dQ. Later
         # segments may fuse dQ into dK/dV (fp32 atomics, in no fixed order: torch's deterministic mode turns it off).
         deterministic = torch.are_deterministic_algorithms_enabled()
-        fused = [idx > 0 and launch.fuse_dq and not deterministic for idx, launch in enumerate(launches)]
+        fused = [idx > 0 and launch.fused is not None and not deterministic for idx, launch in enumerate(launches)]
         delta = torch.empty_like(lse)  # (B, H, N) fp32, written by the first segment's dQ kernel
         dq = torch.empty(do.shape, device=do.device, dtype=torch.float32 if any(fused) else do.dtype)
         # the gathered summary keys do not cover every key: when it runs alone, keys outside it get zero gradient
