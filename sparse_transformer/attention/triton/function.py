@@ -116,8 +116,9 @@ def _build_launches(layout, head_dim, device, block_m, block_n) -> list[Launch]:
         flags = dict(KIND=_KINDS[seg.kind], HAS_DENSE=on(P_ALL, P_CUSTOM), HAS_WIN=on(P_WIN), HAS_BLK=on(P_BLK),
                      HAS_STR=on(P_STR), HAS_SUM=on(P_SUM_L))
         prm = p.to(device=device, dtype=torch.int32).contiguous()
-        passes = [None if cfg.get(k) is None else _pass(layout, idx, seg, cfg[k], head_dim, device, block_m, block_n)
-                  for k in ("fwd", "dq", "dkdv", "fused")]
+        settings = dict(cfg, fused=cfg.get("fused") if idx > 0 else None)  # the first segment never fuses
+        passes = [None if settings[k] is None else _pass(layout, idx, seg, settings[k], head_dim, device, block_m,
+                                                         block_n) for k in ("fwd", "dq", "dkdv", "fused")]
         out.append(Launch(seg, prm, flags, *passes))
     return out
 
@@ -146,7 +147,7 @@ class SparseAttentionFunction(torch.autograd.Function):
         # The first segment keeps its dQ kernel: it computes Delta = rowsum(dO * O) and stores every row of dQ. Later
         # segments may fuse dQ into dK/dV (fp32 atomics, in no fixed order: torch's deterministic mode turns it off).
         deterministic = torch.are_deterministic_algorithms_enabled()
-        fused = [idx > 0 and launch.fused is not None and not deterministic for idx, launch in enumerate(launches)]
+        fused = [launch.fused is not None and not deterministic for launch in launches]
         delta = torch.empty_like(lse)  # (B, H, N) fp32, written by the first segment's dQ kernel
         dq = torch.empty(do.shape, device=do.device, dtype=torch.float32 if any(fused) else do.dtype)
         # the gathered summary keys do not cover every key: when it runs alone, keys outside it get zero gradient
