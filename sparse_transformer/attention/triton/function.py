@@ -45,8 +45,10 @@ for _kind in ("natural", "transposed"):
 # 0.547, strided-3k (d=128) 0.266 -> 0.259. Fusing the band or the gathered summary part was slower (gathered dK/dV with
 # dQ at fixed-64k: 5793 us at best against 2157 + 3087 us apart, with per-element atomics or TMA bulk reductions), so
 # they keep their dQ kernels.
-for _d in (64, 128):
-    TUNING[("transposed", _d)]["fused"] = (64, 64, 4, 2)
+# With d=128 on 4 warps that kernel spills 444 bytes per thread and 8 warps do not spill (python bench/compile_probe.py,
+# Triton 3.6, sm_90); the strided-3k timing above ran on 32x32 / 4 warps, the shrunken tile of its 32-row chunks.
+TUNING[("transposed", 64)]["fused"] = (64, 64, 4, 2)
+TUNING[("transposed", 128)]["fused"] = (64, 64, 8, 2)
 
 
 @dataclass(frozen=True, eq=False)

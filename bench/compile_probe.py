@@ -1,0 +1,115 @@
+"""Compile our training kernels for an H100/H200 (sm_90) on any machine, no GPU needed, and report what the compiler
+made of each: registers per thread and spills (ptxas -v, the ptxas bundled with Triton), shared memory, and counts of
+wgmma / mma.sync / cp.async / atomic instructions in the PTX. A cheap first filter before device time: a tile setting
+that spills or needs too much shared memory need not be timed. Usage:
+python bench/compile_probe.py                     # every (kind, head dim, pass) of the current TUNING
+python bench/compile_probe.py 32x32/4/2 64x64/4/3  # those settings (BMxBN/warps/stages) for every kind and pass, d=64
+The device has Triton 3.6; another version compiles differently (a venv with that wheel gives its numbers)."""
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from sparse_transformer.attention.triton import function as fn
+from sparse_transformer.attention.triton.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
+from sparse_transformer.attention.triton.forward import _attn_fwd_kernel
+
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+KINDS = {"natural": 0, "transposed": 1, "gather": 2}
+N, H, NK_GATHER, L, C = 65536, 8, 8192, 256, 32  # the fixed-64k shapes; the transposed part as strided-64k's
+
+
+def compile_kernel(kernel, args, consts, warps, stages):
+    """args: name -> pointer type ('*bf16') or a value, specialized as Triton's launcher would (ints equal to 1 become
+    constants, multiples of 16 are marked divisible; pointers 16-byte aligned)."""
+    sig, cex, attrs = {}, dict(consts), {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif isinstance(args[name], str):
+            sig[name], attrs[(i,)] = args[name], [["tt.divisibility", 16]]
+        elif isinstance(args[name], float):
+            sig[name] = "fp32"
+        elif args[name] == 1:
+            sig[name], cex[name] = "constexpr", 1
+        else:
+            sig[name] = "i32"
+            if args[name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(kernel, sig, constexprs=cex, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+
+
+def ptxas_report(ptx):
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        err = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull], capture_output=True,
+                             text=True).stderr
+    finally:
+        os.unlink(f.name)
+    regs = re.search(r"Used (\d+) registers", err)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", err)
+    return (int(regs.group(1)) if regs else -1), (f"{spill.group(1)}/{spill.group(2)}" if spill else "?")
+
+
+def passes(kind, d, setting, pass_name):
+    """(kernel, runtime args, constexprs) of one pass of one segment kind."""
+    bm, bn = setting[:2]
+    nk = NK_GATHER if kind == "gather" else N
+    flags = dict(KIND=KINDS[kind], IEEE=False, HAS_DENSE=False, HAS_WIN=kind == "natural", HAS_BLK=False,
+                 HAS_STR=kind == "transposed", HAS_SUM=kind == "gather", BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
+    strides = {f"stride_{t}{x}": v for t in "qkvo" for x, v in zip("bhn", (H * N * d, N * d, d))}
+    common = dict(strides, H=H, N=N, NQ=N, NK=nk, TH=1, SEG_L=L, SEG_C=C if kind == "gather" else N // L)
+    tensors = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", lse_ptr="*fp32", mid_ptr="*i32", idx_ptr="*i32",
+                   prm_ptr="*i32")
+    if pass_name == "fwd":
+        return _attn_fwd_kernel, dict(tensors, o_ptr="*bf16", row_ptr="*i32", qk_scale=0.18, NQB=N // bm, **common), \
+            dict(flags, MERGE=True, FOLD=kind == "gather")
+    tensors.update(do_ptr="*bf16", delta_ptr="*fp32", qk_scale=0.18, sm_scale=0.125)
+    if pass_name == "dq":
+        return _attn_bwd_dq_kernel, dict(tensors, o_ptr="*bf16", dq_ptr="*bf16", row_ptr="*i32", NQB=N // bm,
+                                         **common), dict(flags, ACCUM=True, DELTA=False)
+    return _attn_bwd_dkdv_kernel, dict(tensors, dq_ptr="*fp32", dk_ptr="*bf16", dv_ptr="*bf16", col_ptr="*i32",
+                                       stride_gb=H * N * d, stride_gh=N * d, stride_gn=d, NKB=nk // bn, **common), \
+        dict(flags, ACCUM=True, FUSE_DQ=pass_name == "fused")
+
+
+def probe(kind, d, pass_name, setting):
+    kernel, args, consts = passes(kind, d, setting, pass_name)
+    tag = f"{kind:10s} d={d:<3d} {pass_name:5s} {setting[0]}x{setting[1]}/{setting[2]}/{setting[3]}"
+    try:
+        k = compile_kernel(kernel, args, consts, setting[2], setting[3])
+    except Exception as e:  # e.g. out of shared memory
+        print(f"{tag:40s} failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}", flush=True)
+        return
+    ptx = k.asm["ptx"]
+    regs, spills = ptxas_report(ptx)
+    print(f"{tag:40s} regs {regs:4d}  spill st/ld {spills:7s}  smem {k.metadata.shared // 1024:4d} KiB  "
+          f"wgmma {ptx.count('wgmma.mma_async'):3d}  mma.sync {len(re.findall(r'mma[.]sync', ptx)):3d}  "
+          f"cp.async {ptx.count('cp.async'):3d}  atomics {len(re.findall(r'\b(?:red|atom)[.]global', ptx))}", flush=True)
+
+
+def main(settings):
+    print(f"triton {triton.__version__}, target sm_90")
+    if not settings:
+        for (kind, d), cfg in fn.TUNING.items():
+            for pass_name in ("fwd", "dq", "dkdv", "fused"):
+                if cfg.get(pass_name) is not None:
+                    probe(kind, d, pass_name, cfg[pass_name])
+        return
+    for text in settings:
+        tiles, warps, stages = text.split("/")
+        bm, bn = (int(x) for x in tiles.split("x"))
+        for kind in KINDS:
+            for pass_name in ("fwd", "dq", "dkdv", "fused"):
+                probe(kind, 64, pass_name, (bm, bn, int(warps), int(stages)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
