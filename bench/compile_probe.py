@@ -68,9 +68,9 @@ def passes(kind, d, setting, pass_name):
     common = dict(strides, H=H, N=N, NQ=N, NK=nk, TH=1, SEG_L=L, SEG_C=C if kind == "gather" else N // L)
     tensors = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", lse_ptr="*fp32", mid_ptr="*i32", idx_ptr="*i32",
                    prm_ptr="*i32")
-    if pass_name in ("fwd", "fwd-tma"):  # fwd-tma: the gathered part's K / V through TMA boxes (TUNING "tma")
+    if pass_name == "fwd":
         return _attn_fwd_kernel, dict(tensors, o_ptr="*bf16", row_ptr="*i32", qk_scale=0.18, NQB=N // bm, **common), \
-            dict(flags, MERGE=True, FOLD=kind == "gather", TMA_RUN=min(bn, C) if pass_name == "fwd-tma" else 0)
+            dict(flags, MERGE=True, FOLD=kind == "gather")
     tensors.update(do_ptr="*bf16", delta_ptr="*fp32", qk_scale=0.18, sm_scale=0.125)
     if pass_name == "dq":
         return _attn_bwd_dq_kernel, dict(tensors, o_ptr="*bf16", dq_ptr="*bf16", row_ptr="*i32", NQB=N // bm,
@@ -82,7 +82,7 @@ def passes(kind, d, setting, pass_name):
 
 def probe(kind, d, pass_name, setting):
     kernel, args, consts = passes(kind, d, setting, pass_name)
-    tag = f"{kind:10s} d={d:<3d} {pass_name:7s} {setting[0]}x{setting[1]}/{setting[2]}/{setting[3]}"
+    tag = f"{kind:10s} d={d:<3d} {pass_name:5s} {setting[0]}x{setting[1]}/{setting[2]}/{setting[3]}"
     try:
         k = compile_kernel(kernel, args, consts, setting[2], setting[3])
     except Exception as e:  # e.g. out of shared memory
@@ -102,14 +102,12 @@ def main(settings):
             for pass_name in ("fwd", "dq", "dkdv", "fused"):
                 if cfg.get(pass_name) is not None:
                     probe(kind, d, pass_name, cfg[pass_name])
-            if kind == "gather":
-                probe(kind, d, "fwd-tma", cfg["fwd"])
         return
     for text in settings:
         tiles, warps, stages = text.split("/")
         bm, bn = (int(x) for x in tiles.split("x"))
         for kind in KINDS:
-            for pass_name in ("fwd", "dq", "dkdv", "fused") + (("fwd-tma",) if kind == "gather" else ()):
+            for pass_name in ("fwd", "dq", "dkdv", "fused"):
                 probe(kind, 64, pass_name, (bm, bn, int(warps), int(stages)))
 
 

@@ -11,13 +11,11 @@ an earlier segment (softmaxes over disjoint key sets merge exactly through the l
 Supports: fp16 / bf16 (fp32 accumulation) and fp32 (IEEE dot), head dims 16..256 (power of two), any N.
 Rows that see no key get O = 0 and LSE = -inf.
 """
-import torch
 import triton
 import triton.language as tl
 
 from ..plan import GATHER
 from .common import _key_positions, _program_head, _query_positions, _tile_mask
-from .launcher import INTERPRET, ensure_scratch_allocator
 from .launcher import launch as launch_kernel
 
 
@@ -30,24 +28,18 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tile(q, acc, m_i, l_i, e, i, p_q, k_src, v_src, b32, h32, stride_kn, stride_vn, offs_d, prm, lo, qk_scale,
+def _fwd_tile(q, acc, m_i, l_i, e, i, p_q, k_base, v_base, stride_kn, stride_vn, offs_d, prm, lo, qk_scale,
               N, NK, SEG_L, SEG_C, MASKED: tl.constexpr, KIND: tl.constexpr, IEEE: tl.constexpr,
               HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr,
-              HAS_SUM: tl.constexpr, FOLD: tl.constexpr, TMA_RUN: tl.constexpr, BLOCK_N: tl.constexpr,
-              HEAD_DIM: tl.constexpr):
+              HAS_SUM: tl.constexpr, FOLD: tl.constexpr, BLOCK_N: tl.constexpr):
     p_k = e * BLOCK_N + tl.arange(0, BLOCK_N)
     j, k_ok = _key_positions(p_k, N, NK, SEG_L, SEG_C, lo, KIND)
-    if TMA_RUN > 0:  # gathered keys through TMA: the tile's summary runs (N % SEG_L == 0: every slot is a key)
-        p0 = e * BLOCK_N
-        at = [b32, h32, p0 // SEG_C, lo + p0 % SEG_C, 0]
-        k = k_src.load(at).reshape(BLOCK_N, HEAD_DIM)
-        v = v_src.load(at).reshape(BLOCK_N, HEAD_DIM)
-    elif MASKED:
-        k = tl.load(k_src + j.to(tl.int64)[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-        v = tl.load(v_src + j.to(tl.int64)[:, None] * stride_vn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+    if MASKED:
+        k = tl.load(k_base + j.to(tl.int64)[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        v = tl.load(v_base + j.to(tl.int64)[:, None] * stride_vn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
     else:  # a full tile: every key is valid and visible
-        k = tl.load(k_src + j.to(tl.int64)[:, None] * stride_kn + offs_d[None, :])
-        v = tl.load(v_src + j.to(tl.int64)[:, None] * stride_vn + offs_d[None, :])
+        k = tl.load(k_base + j.to(tl.int64)[:, None] * stride_kn + offs_d[None, :])
+        v = tl.load(v_base + j.to(tl.int64)[:, None] * stride_vn + offs_d[None, :])
     s = _dot(q, tl.trans(k), IEEE)
     if not FOLD:
         s = s * qk_scale
@@ -79,7 +71,7 @@ def _attn_fwd_kernel(
     H, N, NQ, NK, TH, NQB, SEG_L, SEG_C,
     KIND: tl.constexpr, MERGE: tl.constexpr, IEEE: tl.constexpr, FOLD: tl.constexpr,
     HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr,
-    HAS_SUM: tl.constexpr, TMA_RUN: tl.constexpr,
+    HAS_SUM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     qb = NQB - 1 - tl.program_id(0)  # long rows (late query tiles) first
@@ -90,19 +82,8 @@ def _attn_fwd_kernel(
     i, q_ok = _query_positions(p_q, N, NQ, SEG_L, SEG_C, KIND)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + i.to(tl.int64)[:, None] * stride_qn + offs_d[None, :],
                 mask=q_ok[:, None], other=0.0)
-    if TMA_RUN > 0:  # K and V as [B, H, N / L, L, D]: a box of BLOCK_N / TMA_RUN blocks x TMA_RUN summary rows
-        runs: tl.constexpr = BLOCK_N // TMA_RUN
-        k_src = tl.make_tensor_descriptor(k_ptr, shape=[tl.num_programs(1) // H, H, N // SEG_L, SEG_L, HEAD_DIM],
-                                          strides=[stride_kb, stride_kh, SEG_L * stride_kn, stride_kn, 1],
-                                          block_shape=[1, 1, runs, TMA_RUN, HEAD_DIM])
-        v_src = tl.make_tensor_descriptor(v_ptr, shape=[tl.num_programs(1) // H, H, N // SEG_L, SEG_L, HEAD_DIM],
-                                          strides=[stride_vb, stride_vh, SEG_L * stride_vn, stride_vn, 1],
-                                          block_shape=[1, 1, runs, TMA_RUN, HEAD_DIM])
-    else:
-        k_src = k_ptr + b * stride_kb + h * stride_kh
-        v_src = v_ptr + b * stride_vb + h * stride_vh
-    b32 = b.to(tl.int32)
-    h32 = h.to(tl.int32)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -113,15 +94,13 @@ def _attn_fwd_kernel(
     # invariant: after each tile, acc / l_i is the softmax-weighted mean of V over the keys seen so far, with scores
     # measured from the running row max m_i (log2 units); m_i = -inf while a row has seen no key.
     for t in range(start, mid):
-        acc, m_i, l_i = _fwd_tile(q, acc, m_i, l_i, tl.load(idx_ptr + t), i, p_q, k_src, v_src, b32, h32,
-                                  stride_kn, stride_vn, offs_d, prm, lo, qk_scale, N, NK, SEG_L, SEG_C, False, KIND,
-                                  IEEE, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, FOLD, TMA_RUN, BLOCK_N,
-                                  HEAD_DIM)
+        acc, m_i, l_i = _fwd_tile(q, acc, m_i, l_i, tl.load(idx_ptr + t), i, p_q, k_base, v_base, stride_kn,
+                                  stride_vn, offs_d, prm, lo, qk_scale, N, NK, SEG_L, SEG_C, False, KIND, IEEE,
+                                  HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, FOLD, BLOCK_N)
     for t in range(mid, end):
-        acc, m_i, l_i = _fwd_tile(q, acc, m_i, l_i, tl.load(idx_ptr + t), i, p_q, k_src, v_src, b32, h32,
-                                  stride_kn, stride_vn, offs_d, prm, lo, qk_scale, N, NK, SEG_L, SEG_C, True, KIND,
-                                  IEEE, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, FOLD, TMA_RUN, BLOCK_N,
-                                  HEAD_DIM)
+        acc, m_i, l_i = _fwd_tile(q, acc, m_i, l_i, tl.load(idx_ptr + t), i, p_q, k_base, v_base, stride_kn,
+                                  stride_vn, offs_d, prm, lo, qk_scale, N, NK, SEG_L, SEG_C, True, KIND, IEEE,
+                                  HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, FOLD, BLOCK_N)
     has = l_i > 0
     l_safe = tl.where(has, l_i, 1.0)
     o = acc / l_safe[:, None]
@@ -155,22 +134,4 @@ def attn_forward(q, k, v, o, lse, launch, scale, merge):
     launch_kernel(_attn_fwd_kernel, (tab.nqb, B * H), (q, k, v, o, lse, tab.q_ptr, tab.q_mid, tab.q_idx, launch.prm), (
         qk_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C),
-        launch.constexprs(q, launch.fwd, MERGE=merge, FOLD=seg.kind == GATHER and qk_scale >= 2.0 ** -126,
-                          TMA_RUN=_tma_run(k, v, launch) if launch.tma else 0))
-
-
-def _tma_run(k, v, launch) -> int:
-    """Rows per TMA box for the gathered part's K / V loads (0: pointer loads). TMA needs the [B, H, N / L, L, D] view
-    (N a multiple of L), tiles made of whole summary runs or parts of one, 16-byte aligned bases and strides, and a
-    Hopper-or-later GPU (or Triton's interpreter)."""
-    seg, bn = launch.seg, launch.fwd.tab.bn
-    run = min(bn, seg.C)
-    if seg.kind != GATHER or seg.n % seg.L or bn % run or seg.C % run:
-        return 0
-    size = k.element_size()
-    if any(t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:3]) for t in (k, v)):
-        return 0
-    if not (INTERPRET or torch.cuda.get_device_capability(k.device)[0] >= 9):
-        return 0
-    ensure_scratch_allocator()
-    return run
+        launch.constexprs(q, launch.fwd, MERGE=merge, FOLD=seg.kind == GATHER and qk_scale >= 2.0 ** -126))

@@ -71,7 +71,6 @@ class Launch:
     dq: Pass
     dkdv: Pass
     fused: Pass | None  # dK/dV that also adds dQ with fp32 atomics (no dQ kernel); None: this kind never fuses
-    tma: bool = False  # experiment (TUNING "tma", gathered part): forward K / V through TMA boxes, where they fit
     _cex: dict = field(default_factory=dict, repr=False)
 
     def constexprs(self, q, p: Pass, **extra) -> dict:
@@ -122,7 +121,7 @@ def _build_launches(layout, head_dim, device, block_m, block_n) -> list[Launch]:
         settings = dict(cfg, fused=cfg.get("fused") if idx > 0 else None)  # the first segment never fuses
         passes = [None if settings[k] is None else _pass(layout, idx, seg, settings[k], head_dim, device, block_m,
                                                          block_n) for k in ("fwd", "dq", "dkdv", "fused")]
-        out.append(Launch(seg, prm, flags, *passes, tma=bool(cfg.get("tma", False))))
+        out.append(Launch(seg, prm, flags, *passes))
     return out
 
 

@@ -29,7 +29,7 @@ def _triton_at_least(major: int, minor: int) -> bool:
 # the direct call mirrors JITFunction.run of Triton 3.6 (checked against the 3.6.0 and 3.9.0 sources); older Triton
 # versions always take Triton's own path
 FAST = os.environ.get("SPARSE_TRANSFORMER_FAST_LAUNCH", "1") != "0" and _triton_at_least(3, 6)
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _MAX_ENTRIES = 4096  # one entry per (kernel, settings, shapes); cleared when full (shapes seen once, e.g. decoding)
 _COMPILED: dict = {}
 
@@ -38,7 +38,7 @@ def launch(kernel, grid, tensors, scalars, constexprs):
     """kernel[grid](*tensors, *scalars, **constexprs): `tensors` the leading tensor parameters, `scalars` the int /
     float parameters after them (together every runtime parameter, in order), `constexprs` the constexpr parameters
     (after those in the signature) plus num_warps / num_stages, always built in the same order for one kernel."""
-    if INTERPRET:
+    if _INTERPRET:
         kernel[grid](*tensors, *scalars, **constexprs)
         return
     dev = tensors[0].device.index
@@ -89,17 +89,3 @@ def _active(hook) -> bool:
 
 def clear():
     _COMPILED.clear()
-
-
-def _scratch(size, alignment, stream):
-    return torch.empty(size, dtype=torch.int8, device="cpu" if INTERPRET else "cuda")
-
-
-def ensure_scratch_allocator():
-    """Tensor descriptors made in a kernel need global scratch from Triton's allocator, a context variable that is
-    unset (null) in new threads such as autograd's. Install ours where none is set, leaving a caller's alone."""
-    import triton
-    from triton.runtime import _allocation
-
-    if isinstance(_allocation._allocator.get(), type(_allocation._NULL_ALLOCATOR)):
-        triton.set_allocator(_scratch)
