@@ -5,9 +5,10 @@
 #   bash bench/device_pending.sh step OUT      # the enwik8 training step (eager, compiled blocks) and its profile
 #   bash bench/device_pending.sh kernels OUT   # the training kernels' GPU tests
 #   bash bench/device_pending.sh table OUT     # bench attention: ours, cuDNN, flash, FlexAttention (BENCHMARKS' table)
+#   bash bench/device_pending.sh tiles OUT     # not run yet: 32x32 tiles for the strided setups (sweep, fused sweep)
 # Run from the repository root on the device machine; JSON and logs land in OUT (pass $OUT there).
 set -uo pipefail
-WHAT=${1:?decode, long, step, kernels or table}; OUT=${2:?output folder}
+WHAT=${1:?decode, long, step, kernels, table or tiles}; OUT=${2:?output folder}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 ST="python -m sparse_transformer.cli"
 mkdir -p "$OUT"
@@ -44,5 +45,9 @@ case "$WHAT" in
     timeout 560 $ST bench attention --methods triton sdpa-cudnn sdpa-flash flex --out "$OUT" 2>&1 \
       | tee "$OUT/attention.log"
     ;;
-  *) echo "unknown: $WHAT (decode | long | step | kernels | table)"; exit 2 ;;
+  tiles)
+    OUT="$OUT" timeout 330 python bench/dev_probe.py sweep strided-12k strided-3k strided-64k 2>&1 | tee "$OUT/sweep.log"
+    OUT="$OUT" timeout 230 python bench/dev_probe.py fuse strided-12k strided-64k 2>&1 | tee "$OUT/fuse.log"
+    ;;
+  *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles)"; exit 2 ;;
 esac
