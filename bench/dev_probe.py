@@ -50,6 +50,17 @@ def kernel_times(f):
     return [(e.name[:40], round(e.time_range.elapsed_us(), 1)) for e in ev]
 
 
+def median_kernel_times(f, runs):
+    """Kernel names (launch order) and each kernel's median GPU time (us) over `runs` profiled calls of f."""
+    times = [kernel_times(f) for _ in range(runs)]
+    return [x[0] for x in times[0]], [sorted(t[i][1] for t in times)[runs // 2] for i in range(len(times[0]))]
+
+
+def write_rows(rows, filename):
+    with open(os.path.join(os.environ.get("OUT", "bench/results"), filename), "w") as f:
+        json.dump(rows, f, indent=1)
+
+
 def inputs(name):
     """The setup's layout and fresh random bf16 q, k, v (requiring grad) and output gradient."""
     B, H, n, D, make, _ = SETUPS[name]
@@ -89,9 +100,7 @@ def main(names):
         print(json.dumps(row), flush=True)
         q = k = v = go = None  # free before the next setup allocates
         torch.cuda.empty_cache()
-    out = os.environ.get("OUT", "bench/results")
-    with open(os.path.join(out, "dev_probe.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    write_rows(rows, "dev_probe.json")
     print(f"{'setup':12s} {'fb triton':>9s} {'fb fast':>8s} {'host tr':>8s} {'host fast':>9s} {'graph fb':>8s} "
           f"{'graph f':>8s} {'cudnn fb':>8s}")
     for r in rows:
@@ -156,9 +165,7 @@ def sweep(names):
             fn_mod.clear_cache()
             try:
                 fb = lambda: sparse_attention(q, k, v, lay, backend="triton").backward(go)  # noqa: E731
-                runs = [kernel_times(fb) for _ in range(5)]
-                ks = [sorted(r[i][1] for r in runs)[2] for i in range(len(runs[0]))]
-                names_k = [x[0] for x in runs[0]]
+                names_k, ks = median_kernel_times(fb, 5)
             except Exception as e:
                 print(name, cfg, "ERROR", type(e).__name__, str(e)[:200], flush=True)
                 continue
@@ -169,9 +176,7 @@ def sweep(names):
         torch.cuda.empty_cache()
     fn_mod.TUNING.update(base)
     fn_mod.clear_cache()
-    out = os.environ.get("OUT", "bench/results")
-    with open(os.path.join(out, "dev_sweep.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    write_rows(rows, "dev_sweep.json")
 
 
 FUSE_CONFIGS = [(64, 64, 4, 3), (64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (128, 128, 8, 2),
@@ -198,24 +203,21 @@ def fuse(names):
             fn_mod.clear_cache()
             try:
                 fb = lambda: sparse_attention(q, k, v, lay, backend="triton").backward(go)  # noqa: E731
-                runs = [kernel_times(fb) for _ in range(3)]
-                ks = [sorted(r[i][1] for r in runs)[1] for i in range(len(runs[0]))]
+                names_k, ks = median_kernel_times(fb, 3)
                 q.grad = k.grad = v.grad = None
                 g = graph_ms(fb)
             except Exception as e:
                 print(name, kind, cfg, "ERROR", type(e).__name__, str(e)[:300], flush=True)
                 continue
             q.grad = k.grad = v.grad = None
-            rows.append(dict(setup=name, fused=kind, config=cfg, kernels=[x[0] for x in runs[0]], us=ks, graph_ms=g))
+            rows.append(dict(setup=name, fused=kind, config=cfg, kernels=names_k, us=ks, graph_ms=g))
             print(f"{name:12s} {str(kind):10s} {str(cfg):18s} graph {g:7.3f} ms | " + " ".join(f"{x:.0f}" for x in ks),
                   flush=True)
         q = k = v = go = None
         torch.cuda.empty_cache()
     fn_mod.TUNING.update(base)
     fn_mod.clear_cache()
-    out = os.environ.get("OUT", "bench/results")
-    with open(os.path.join(out, "dev_fuse.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    write_rows(rows, "dev_fuse.json")
 
 
 if __name__ == "__main__":

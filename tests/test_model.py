@@ -216,19 +216,25 @@ def test_autocast_bf16_cpu():
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+def train_losses(model, opt, tokens, steps):
+    """Losses of `steps` optimizer steps on one batch."""
+    losses = []
+    for _ in range(steps):
+        loss = model.loss(tokens)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def test_demo_sized_model_learns():
     """A few Adam steps on one repeated batch lower the loss (a smoke test of the training path)."""
     cfg = tiny(n_ctx=64, d_model=64, stride=8, summary=2, dropout=0.1)
     model = SparseTransformer(cfg).train()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     tokens = torch.arange(64).repeat(4, 1) % 7 * 30
-    losses = []
-    for _ in range(15):
-        loss = model.loss(tokens)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(model, opt, tokens, 15)
     assert losses[0] == pytest.approx(8.0, abs=1e-4) and losses[-1] < 4.0, losses
 
 
@@ -322,18 +328,11 @@ def test_training_with_fused_dq_tracks_deterministic_mode():
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         period = torch.randint(0, 16, (64,), device="cuda")
         tokens = period[torch.arange(512, device="cuda") % 64].expand(4, 512).contiguous()  # learnable: period 64
-        losses = []
         torch.use_deterministic_algorithms(deterministic, warn_only=True)
         try:
-            for _ in range(40):
-                loss = model.loss(tokens)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
+            return train_losses(model, opt, tokens, 40)
         finally:
             torch.use_deterministic_algorithms(False)
-        return losses
 
     fused, det1, det2 = run(False), run(True), run(True)
     assert det1 == det2
