@@ -8,6 +8,7 @@ python bench/dev_probe.py fuse [setup ...]  (dQ fused into dK/dV with atomics, p
 FUSE_CONFIGS: per-kernel GPU time and graph-replayed fwd+bwd, against no fusion and the current TUNING)."""
 import json
 import os
+import re
 import sys
 import time
 
@@ -144,9 +145,12 @@ def micro():
     return res
 
 
-# 32x32 (not swept yet): the strided setups' tiles compute 1.3x fewer entries at 32x32 (bench/tile_efficiency.py)
+# 32x32 (not swept yet): the strided setups' tiles compute 1.3x fewer entries at 32x32 (bench/tile_efficiency.py).
+# CONFIGS="32x128/8/3 128x32/4/3" (BMxBN/warps/stages, as bench/compile_probe.py takes them) replaces the list.
 CONFIGS = [(64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 4, 2), (64, 128, 4, 2), (128, 128, 8, 2), (32, 64, 4, 2),
            (32, 32, 4, 2), (32, 32, 2, 3)]
+if os.environ.get("CONFIGS"):
+    CONFIGS = [tuple(int(x) for x in re.split("[x/]", c)) for c in os.environ["CONFIGS"].split()]
 
 
 def sweep(names):

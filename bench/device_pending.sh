@@ -5,10 +5,11 @@
 #   bash bench/device_pending.sh step OUT      # the enwik8 training step (eager, compiled blocks) and its profile
 #   bash bench/device_pending.sh kernels OUT   # the training kernels' GPU tests
 #   bash bench/device_pending.sh table OUT     # bench attention: ours, cuDNN, flash, FlexAttention (BENCHMARKS' table)
-#   bash bench/device_pending.sh tiles OUT     # not run yet: 32x32 tiles for the strided setups (sweep, fused sweep)
+#   bash bench/device_pending.sh tiles OUT     # 32x32 tiles for the strided setups (sweep, fused sweep)
+#   bash bench/device_pending.sh gather OUT    # the fixed setups on tiles that compile without spills (compile_probe)
 # Run from the repository root on the device machine; JSON and logs land in OUT (pass $OUT there).
 set -uo pipefail
-WHAT=${1:?decode, long, step, kernels, table or tiles}; OUT=${2:?output folder}
+WHAT=${1:?decode, long, step, kernels, table, tiles or gather}; OUT=${2:?output folder}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 ST="python -m sparse_transformer.cli"
 mkdir -p "$OUT"
@@ -49,5 +50,9 @@ case "$WHAT" in
     OUT="$OUT" timeout 330 python bench/dev_probe.py sweep strided-12k strided-3k strided-64k 2>&1 | tee "$OUT/sweep.log"
     OUT="$OUT" timeout 230 python bench/dev_probe.py fuse strided-12k strided-64k 2>&1 | tee "$OUT/fuse.log"
     ;;
-  *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles)"; exit 2 ;;
+  gather)
+    OUT="$OUT" CONFIGS="32x128/8/3 64x128/8/2 64x128/8/3 128x32/4/3 128x32/4/4 64x64/8/3" timeout 320 \
+      python bench/dev_probe.py sweep fixed-12k fixed-64k 2>&1 | tee "$OUT/sweep-gather.log"
+    ;;
+  *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles | gather)"; exit 2 ;;
 esac
