@@ -112,6 +112,23 @@ def test_interpreter_rectangular_tiles_and_head_dim_32():
     check_against_reference(_run(32, 16), q, k, v, lay, floor=1e-5)
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("n,stride,want", [(12288, 128, 32), (8192, 64, 64), (3072, 96, 32)],
+                         ids=["chunks-of-96", "chunks-of-128", "chunks-of-32"])
+def test_fused_tile_fits_the_chunks(n, stride, want):
+    """The transposed part's fused dK/dV runs 64x64 tiles where its chunks (n / stride slots) are a multiple of 64 and
+    the ragged tiling (32x32) where they would straddle tiles (host logic: tables only, no kernel runs)."""
+    from sparse_transformer.attention.triton import function as fn
+
+    fn.clear_cache()
+    launches = fn.get_launches(layouts.strided(n, stride), 64, torch.device(DEVICE))
+    assert [launch.seg.kind for launch in launches] == ["natural", "transposed"]
+    assert launches[0].fused is None  # the first segment keeps its dQ kernel
+    tab = launches[1].fused.tab
+    assert (tab.bm, tab.bn) == (want, want)
+    assert (launches[1].fwd.tab.bm, launches[1].fwd.tab.bn) == (min(64, n // stride),) * 2
+
+
 # ---- GPU: the full matrix (run on the device with `pytest -m gpu`) ----------------------------------------------------
 GPU_LAYOUTS = [
     ("dense", lambda n: layouts.dense(n)),

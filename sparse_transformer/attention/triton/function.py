@@ -49,6 +49,15 @@ for _kind in ("natural", "transposed"):
 # Triton 3.6, sm_90); the strided-3k timing above ran on 32x32 / 4 warps, the shrunken tile of its 32-row chunks.
 TUNING[("transposed", 64)]["fused"] = (64, 64, 4, 2)
 TUNING[("transposed", 128)]["fused"] = (64, 64, 8, 2)
+# Chunks (n / stride slots) that are not a multiple of the fused tile straddle tiles; there the fused kernel runs the
+# "fused_ragged" tiling instead. H200, python bench/dev_probe.py fuse (bench/results/dev-fuse-20261130-ragged.json):
+# strided-12k (chunks of 96) fused kernel 173 -> 138 us, graph fwd+bwd 0.548 -> 0.513 ms; strided-64k (chunks of 256,
+# aligned) keeps 64x64: 523 us there against 549 at 32x32. The forward stays at 64x64 either way (71.7 us against 83.0
+# at 32x32 on strided-12k, python bench/dev_probe.py sweep).
+for _d in (64, 128):
+    TUNING[("transposed", _d)]["fused_ragged"] = (32, 32, 4, 2)
+# The band's forward with d=128 on 3 stages: strided-3k 35.5 -> 31.9 us (the same sweep).
+TUNING[("natural", 128)]["fwd"] = (64, 64, 4, 3)
 
 
 @dataclass(frozen=True, eq=False)
@@ -118,7 +127,10 @@ def _build_launches(layout, head_dim, device, block_m, block_n) -> list[Launch]:
         flags = dict(KIND=_KINDS[seg.kind], HAS_DENSE=on(P_ALL, P_CUSTOM), HAS_WIN=on(P_WIN), HAS_BLK=on(P_BLK),
                      HAS_STR=on(P_STR), HAS_SUM=on(P_SUM_L))
         prm = p.to(device=device, dtype=torch.int32).contiguous()
-        settings = dict(cfg, fused=cfg.get("fused") if idx > 0 else None)  # the first segment never fuses
+        fused = cfg.get("fused") if idx > 0 else None  # the first segment never fuses
+        if fused is not None and seg.kind == TRANSPOSED and cfg.get("fused_ragged") and seg.C % fused[0]:
+            fused = cfg["fused_ragged"]
+        settings = dict(cfg, fused=fused)
         passes = [None if settings[k] is None else _pass(layout, idx, seg, settings[k], head_dim, device, block_m,
                                                          block_n) for k in ("fwd", "dq", "dkdv", "fused")]
         out.append(Launch(seg, prm, flags, *passes))
