@@ -4,7 +4,6 @@ GPU time within one fwd+bwd (torch.profiler, in launch order). Usage on the devi
 python bench/dev_probe.py [setup ...]  (prints a table, writes $OUT/dev_probe.json or bench/results/);
 python bench/dev_probe.py micro  (host time of one launch and of tiny whole calls, each launch path);
 python bench/dev_probe.py sweep [setup ...]  (per-kernel GPU time for each tile config in CONFIGS);
-python bench/dev_probe.py prefetch [setup ...]  (forward: the merge's loads before or after the tiles);
 python bench/dev_probe.py fuse [setup ...]  (dQ fused into dK/dV with atomics, per segment kind and dK/dV tile config in
 FUSE_CONFIGS: per-kernel GPU time and graph-replayed fwd+bwd, against no fusion and the current TUNING)."""
 import json
@@ -225,30 +224,6 @@ def fuse(names):
     write_rows(rows, "dev_fuse.json")
 
 
-def prefetch(names):
-    """Forward only: each kernel's GPU time and the graph-replayed forward with the merging forward loading the earlier
-    segments' O / LSE before its tiles (forward.PREFETCH_KINDS) and after them (the default)."""
-    from sparse_transformer.attention.triton import forward as fwd_mod
-
-    base = fwd_mod.PREFETCH_KINDS
-    rows = []
-    for name in names:
-        lay, q, k, v, _ = inputs(name)
-        f = lambda: sparse_attention(q, k, v, lay, backend="triton")  # noqa: E731
-        with torch.no_grad():
-            for kinds in [(), ("natural", "transposed"), (), ("natural", "transposed")]:  # twice each: noise
-                fwd_mod.PREFETCH_KINDS = kinds
-                names_k, ks = median_kernel_times(f, 5)
-                g = graph_ms(f)
-                rows.append(dict(setup=name, prefetch=list(kinds), kernels=names_k, us=ks, graph_fwd_ms=g))
-                print(f"{name:12s} prefetch {str(kinds):26s} graph fwd {g:6.3f} ms | " + " ".join(f"{x:.1f}" for x in ks),
-                      flush=True)
-        q = k = v = None
-        torch.cuda.empty_cache()
-    fwd_mod.PREFETCH_KINDS = base
-    write_rows(rows, "dev_prefetch.json")
-
-
 if __name__ == "__main__":
     args = sys.argv[1:]
     if args[:1] == ["micro"]:
@@ -257,7 +232,5 @@ if __name__ == "__main__":
         sweep(args[1:] or list(SETUPS))
     elif args[:1] == ["fuse"]:
         fuse(args[1:] or list(SETUPS))
-    elif args[:1] == ["prefetch"]:
-        prefetch(args[1:] or list(SETUPS))
     else:
         main(args or list(SETUPS))

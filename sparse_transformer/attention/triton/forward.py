@@ -69,7 +69,7 @@ def _attn_fwd_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
     H, N, NQ, NK, TH, NQB, SEG_L, SEG_C,
-    KIND: tl.constexpr, MERGE: tl.constexpr, IEEE: tl.constexpr, FOLD: tl.constexpr, PREFETCH: tl.constexpr,
+    KIND: tl.constexpr, MERGE: tl.constexpr, IEEE: tl.constexpr, FOLD: tl.constexpr,
     HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr,
     HAS_SUM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -87,11 +87,6 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    o_ptrs = o_ptr + b * stride_ob + h * stride_oh + i.to(tl.int64)[:, None] * stride_on + offs_d[None, :]
-    lse_ptrs = lse_ptr + bh.to(tl.int64) * N + i  # 64-bit: B * H * N may pass 2^31
-    if MERGE and PREFETCH:  # the earlier segments' result, loaded while the tiles compute (registers permitting)
-        lse_prev = tl.load(lse_ptrs, mask=q_ok, other=float("-inf"))
-        o_prev = tl.load(o_ptrs, mask=q_ok[:, None], other=0.0)
     row = th * NQB + qb
     start = tl.load(row_ptr + row)
     mid = tl.load(mid_ptr + row)
@@ -110,11 +105,11 @@ def _attn_fwd_kernel(
     l_safe = tl.where(has, l_i, 1.0)
     o = acc / l_safe[:, None]
     lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    o_ptrs = o_ptr + b * stride_ob + h * stride_oh + i.to(tl.int64)[:, None] * stride_on + offs_d[None, :]
+    lse_ptrs = lse_ptr + bh.to(tl.int64) * N + i  # 64-bit: B * H * N may pass 2^31
     if MERGE:  # fold into the earlier segments' result for the same rows
-        if not PREFETCH:
-            lse_prev = tl.load(lse_ptrs, mask=q_ok, other=float("-inf"))
-            o_prev = tl.load(o_ptrs, mask=q_ok[:, None], other=0.0)
-        o_prev = o_prev.to(tl.float32)
+        lse_prev = tl.load(lse_ptrs, mask=q_ok, other=float("-inf"))
+        o_prev = tl.load(o_ptrs, mask=q_ok[:, None], other=0.0).to(tl.float32)
         mx = tl.maximum(lse_prev, lse)
         mx = tl.where(mx == float("-inf"), 0.0, mx)
         w_prev = tl.exp(lse_prev - mx)
@@ -125,10 +120,6 @@ def _attn_fwd_kernel(
         lse = tl.where(tot > 0, mx + tl.log(tot_safe), float("-inf"))
     tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=q_ok[:, None])
     tl.store(lse_ptrs, lse, mask=q_ok)
-
-
-# segment kinds whose merging forward loads the earlier result before its tiles (experiment: bench/dev_probe.py)
-PREFETCH_KINDS = ()
 
 
 def attn_forward(q, k, v, o, lse, launch, scale, merge):
@@ -143,5 +134,4 @@ def attn_forward(q, k, v, o, lse, launch, scale, merge):
     launch_kernel(_attn_fwd_kernel, (tab.nqb, B * H), (q, k, v, o, lse, tab.q_ptr, tab.q_mid, tab.q_idx, launch.prm), (
         qk_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C),
-        launch.constexprs(q, launch.fwd, MERGE=merge, FOLD=seg.kind == GATHER and qk_scale >= 2.0 ** -126,
-                          PREFETCH=merge and seg.kind in PREFETCH_KINDS))
+        launch.constexprs(q, launch.fwd, MERGE=merge, FOLD=seg.kind == GATHER and qk_scale >= 2.0 ** -126))
