@@ -4,6 +4,7 @@ GPU time within one fwd+bwd (torch.profiler, in launch order). Usage on the devi
 python bench/dev_probe.py [setup ...]  (prints a table, writes $OUT/dev_probe.json or bench/results/);
 python bench/dev_probe.py micro  (host time of one launch and of tiny whole calls, each launch path);
 python bench/dev_probe.py sweep [setup ...]  (per-kernel GPU time for each tile config in CONFIGS);
+python bench/dev_probe.py order [setup ...]  (program order: heads interleaved or one after another);
 python bench/dev_probe.py fuse [setup ...]  (dQ fused into dK/dV with atomics, per segment kind and dK/dV tile config in
 FUSE_CONFIGS: per-kernel GPU time and graph-replayed fwd+bwd, against no fusion and the current TUNING)."""
 import json
@@ -224,6 +225,32 @@ def fuse(names):
     write_rows(rows, "dev_fuse.json")
 
 
+def order(names):
+    """Program order: graph-replayed fwd+bwd and each kernel's GPU time with heads in groups of 1 (one head's tiles
+    after another), 2, 4 and all (every head's longest tile first) (attention/triton/common.HEAD_GROUP)."""
+    from sparse_transformer.attention.triton import common
+
+    base = common.HEAD_GROUP
+    rows = []
+    for name in names:
+        lay, q, k, v, go = inputs(name)
+        fb = lambda: sparse_attention(q, k, v, lay, backend="triton").backward(go)  # noqa: E731
+        for group in (1, 2, 4, 1 << 20, 1):  # the first setting again at the end: drift
+            common.HEAD_GROUP = group
+            names_k, ks = median_kernel_times(fb, 3)
+            q.grad = k.grad = v.grad = None
+            g = graph_ms(fb)
+            q.grad = k.grad = v.grad = None
+            rows.append(dict(setup=name, head_group=min(group, q.shape[0] * q.shape[1]), kernels=names_k, us=ks,
+                             graph_ms=g))
+            print(f"{name:12s} group {rows[-1]['head_group']:3d} graph {g:7.3f} ms | " + " ".join(f"{x:.0f}" for x in ks),
+                  flush=True)
+        q = k = v = go = None
+        torch.cuda.empty_cache()
+    common.HEAD_GROUP = base
+    write_rows(rows, "dev_order.json")
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     if args[:1] == ["micro"]:
@@ -232,5 +259,7 @@ if __name__ == "__main__":
         sweep(args[1:] or list(SETUPS))
     elif args[:1] == ["fuse"]:
         fuse(args[1:] or list(SETUPS))
+    elif args[:1] == ["order"]:
+        order(args[1:] or list(SETUPS))
     else:
         main(args or list(SETUPS))

@@ -113,6 +113,19 @@ def test_interpreter_rectangular_tiles_and_head_dim_32():
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("group", [1, 3, 10], ids=["head-major", "groups-of-3", "all-heads"])
+def test_interpreter_program_order_matches_reference(group, monkeypatch):
+    """Every program order over (tile, batch x head) covers each tile of each head once: B x H = 10 heads in groups
+    of 1, of 3 (the last group holds one head) and all together, on band, transposed and gathered parts."""
+    from sparse_transformer.attention.triton import common
+
+    monkeypatch.setattr(common, "HEAD_GROUP", group)
+    lay = dict(SMALL)["mixed-heads-n97"]()
+    q, k, v = make_qkv(5, 2, lay.n, 16, torch.float32)
+    check_against_reference(_run(16, 16), q, k, v, lay, floor=1e-5)
+
+
+@pytest.mark.interpreter
 @pytest.mark.parametrize("n,stride,want", [(12288, 128, 32), (8192, 64, 64), (3072, 96, 32)],
                          ids=["chunks-of-96", "chunks-of-128", "chunks-of-32"])
 def test_fused_tile_fits_the_chunks(n, stride, want):

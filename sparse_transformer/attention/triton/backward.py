@@ -17,7 +17,8 @@ not 14 d).
 import triton
 import triton.language as tl
 
-from .common import _key_positions, _program_head, _query_positions, _tile_mask
+from . import common
+from .common import _key_positions, _program_head, _program_tile, _query_positions, _tile_mask
 from .forward import _dot
 from .launcher import launch as launch_kernel
 
@@ -86,14 +87,14 @@ def _attn_bwd_dq_kernel(
     qk_scale, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,  # shared by o, do and dq
-    H, N, NQ, NK, TH, NQB, SEG_L, SEG_C,
+    H, N, NQ, NK, TH, NQB, SEG_L, SEG_C, BH, GROUP,
     KIND: tl.constexpr, ACCUM: tl.constexpr, DELTA: tl.constexpr, IEEE: tl.constexpr,
     HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr,
     HAS_SUM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    qb = NQB - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
+    t, bh = _program_tile(NQB, BH, GROUP)
+    qb = NQB - 1 - t
     b, h, th, prm, lo = _program_head(bh, H, TH, prm_ptr)
     offs_d = tl.arange(0, HEAD_DIM)
     p_q = qb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -138,14 +139,13 @@ def _attn_bwd_dkdv_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,  # o's strides: do and (FUSE_DQ) the fp32 dq
     stride_gb, stride_gh, stride_gn,  # dk's and dv's (contiguous) strides
-    H, N, NQ, NK, TH, NKB, SEG_L, SEG_C,
+    H, N, NQ, NK, TH, NKB, SEG_L, SEG_C, BH, GROUP,
     KIND: tl.constexpr, ACCUM: tl.constexpr, FUSE_DQ: tl.constexpr, IEEE: tl.constexpr,
     HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr,
     HAS_SUM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    kb = tl.program_id(0)
-    bh = tl.program_id(1)
+    kb, bh = _program_tile(NKB, BH, GROUP)
     b, h, th, prm, lo = _program_head(bh, H, TH, prm_ptr)
     offs_d = tl.arange(0, HEAD_DIM)
     p_k = kb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -191,15 +191,16 @@ def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, fuse_dq
     assert dq.stride() == do.stride() == o.stride() and dk.stride() == dv.stride()
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     qk_scale = scale * 1.4426950408889634
+    group = min(common.HEAD_GROUP, B * H)
     if not fuse_dq:
         tab = launch.dq.tab
-        launch_kernel(_attn_bwd_dq_kernel, (tab.nqb, B * H), (
+        launch_kernel(_attn_bwd_dq_kernel, (tab.nqb * B * H, 1), (
             q, k, v, o, do, dq, lse, delta, tab.q_ptr, tab.q_mid, tab.q_idx, launch.prm), (qk_scale, scale, *strides,
-            H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C),
+            H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C, B * H, group),
             launch.constexprs(q, launch.dq, ACCUM=accum, DELTA=first))
     kv_pass = launch.fused if fuse_dq else launch.dkdv
     tab = kv_pass.tab
-    launch_kernel(_attn_bwd_dkdv_kernel, (tab.nkb, B * H), (
+    launch_kernel(_attn_bwd_dkdv_kernel, (tab.nkb * B * H, 1), (
         q, k, v, do, dq, dk, dv, lse, delta, tab.k_ptr, tab.k_mid, tab.k_idx, launch.prm), (qk_scale, scale, *strides,
-        *dk.stride()[:3], H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nkb, seg.L, seg.C),
+        *dk.stride()[:3], H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nkb, seg.L, seg.C, B * H, group),
         launch.constexprs(q, kv_pass, ACCUM=accum_kv, FUSE_DQ=fuse_dq))

@@ -14,6 +14,24 @@ P_ALL, P_WIN, P_BLK, P_STR, P_SUM_L, P_SUM_LO, P_SUM_HI, P_CUSTOM, P_STR_MIN, P_
 NUM_SEG_PARAMS = tl.constexpr(10)
 
 
+# Program order over (tile, batch x head): heads go in groups of HEAD_GROUP and, inside a group, the tile order is the
+# slow index (every head's longest tile, then every head's next ...). 1: one head's tiles after another.
+HEAD_GROUP = 1
+
+
+@triton.jit
+def _program_tile(NT, BH, GROUP):
+    """(tile order, batch x head index) of this program in a 1-D grid of NT * BH programs (see HEAD_GROUP); the last
+    group may hold fewer than GROUP heads."""
+    pid = tl.program_id(0)
+    per = GROUP * NT
+    g = pid // per
+    r = pid - g * per
+    gs = tl.minimum(GROUP, BH - g * GROUP)
+    t = r // gs
+    return t, g * GROUP + (r - t * gs)
+
+
 @triton.jit
 def _program_head(bh, H, TH, prm_ptr):
     """Batch and head of a program (64-bit: B * H * N * D may pass 2^31), its table head, rule row and summary offset."""

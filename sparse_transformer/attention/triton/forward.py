@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from ..plan import GATHER
-from .common import _key_positions, _program_head, _query_positions, _tile_mask
+from . import common
+from .common import _key_positions, _program_head, _program_tile, _query_positions, _tile_mask
 from .launcher import launch as launch_kernel
 
 
@@ -68,14 +69,14 @@ def _attn_fwd_kernel(
     qk_scale,  # softmax scale * log2(e)
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-    H, N, NQ, NK, TH, NQB, SEG_L, SEG_C,
+    H, N, NQ, NK, TH, NQB, SEG_L, SEG_C, BH, GROUP,
     KIND: tl.constexpr, MERGE: tl.constexpr, IEEE: tl.constexpr, FOLD: tl.constexpr,
     HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr,
     HAS_SUM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    qb = NQB - 1 - tl.program_id(0)  # long rows (late query tiles) first
-    bh = tl.program_id(1)
+    t, bh = _program_tile(NQB, BH, GROUP)
+    qb = NQB - 1 - t  # long rows (late query tiles) first
     b, h, th, prm, lo = _program_head(bh, H, TH, prm_ptr)
     offs_d = tl.arange(0, HEAD_DIM)
     p_q = qb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -131,7 +132,8 @@ def attn_forward(q, k, v, o, lse, launch, scale, merge):
     qk_scale = scale * 1.4426950408889634
     # FOLD (the scale inside the exponent's FMA) measured faster on the gathered summary part only; it needs a positive
     # scale that stays nonzero in fp32 (else -inf * 0 = NaN on masked scores)
-    launch_kernel(_attn_fwd_kernel, (tab.nqb, B * H), (q, k, v, o, lse, tab.q_ptr, tab.q_mid, tab.q_idx, launch.prm), (
+    launch_kernel(_attn_fwd_kernel, (tab.nqb * B * H, 1), (
+        q, k, v, o, lse, tab.q_ptr, tab.q_mid, tab.q_idx, launch.prm), (
         qk_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-        H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C),
+        H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C, B * H, min(common.HEAD_GROUP, B * H)),
         launch.constexprs(q, launch.fwd, MERGE=merge, FOLD=seg.kind == GATHER and qk_scale >= 2.0 ** -126))
