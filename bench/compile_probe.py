@@ -17,7 +17,6 @@ from triton.compiler import ASTSource
 
 from sparse_transformer.attention.triton import function as fn
 from sparse_transformer.attention.triton.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
-from sparse_transformer.attention.triton.common import HEAD_GROUP
 from sparse_transformer.attention.triton.forward import _attn_fwd_kernel
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
@@ -67,7 +66,7 @@ def passes(kind, d, setting, pass_name):
                  HAS_STR=kind == "transposed", HAS_SUM=kind == "gather", BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
     strides = {f"stride_{t}{x}": v for t in "qkvo" for x, v in zip("bhn", (H * N * d, N * d, d))}
     common = dict(strides, H=H, N=N, NQ=N, NK=nk, TH=1, SEG_L=L, SEG_C=C if kind == "gather" else N // L, BH=H,
-                  GROUP=min(HEAD_GROUP, H))
+                  GROUP=H)
     tensors = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", lse_ptr="*fp32", mid_ptr="*i32", idx_ptr="*i32",
                    prm_ptr="*i32")
     if pass_name == "fwd":

@@ -226,8 +226,9 @@ def fuse(names):
 
 
 def order(names):
-    """Program order: graph-replayed fwd+bwd and each kernel's GPU time with heads in groups of 1 (one head's tiles
-    after another), 2, 4 and all (every head's longest tile first) (attention/triton/common.HEAD_GROUP)."""
+    """Program order: graph-replayed fwd+bwd and each kernel's GPU time with the default rule (None) and with heads in
+    groups of 1 (one head's tiles after another), 2, 4 and all (every head's longest tile first) for every kernel
+    (attention/triton/common.HEAD_GROUP)."""
     from sparse_transformer.attention.triton import common
 
     base = common.HEAD_GROUP
@@ -235,15 +236,15 @@ def order(names):
     for name in names:
         lay, q, k, v, go = inputs(name)
         fb = lambda: sparse_attention(q, k, v, lay, backend="triton").backward(go)  # noqa: E731
-        for group in (1, 2, 4, 1 << 20, 1):  # the first setting again at the end: drift
+        for group in (None, 1, 2, 4, 1 << 20, None):  # None: the default rule, again at the end (drift)
             common.HEAD_GROUP = group
             names_k, ks = median_kernel_times(fb, 3)
             q.grad = k.grad = v.grad = None
             g = graph_ms(fb)
             q.grad = k.grad = v.grad = None
-            rows.append(dict(setup=name, head_group=min(group, q.shape[0] * q.shape[1]), kernels=names_k, us=ks,
-                             graph_ms=g))
-            print(f"{name:12s} group {rows[-1]['head_group']:3d} graph {g:7.3f} ms | " + " ".join(f"{x:.0f}" for x in ks),
+            rows.append(dict(setup=name, head_group=group and min(group, q.shape[0] * q.shape[1]), kernels=names_k,
+                             us=ks, graph_ms=g))
+            print(f"{name:12s} group {str(rows[-1]['head_group']):4s} graph {g:7.3f} ms | " + " ".join(f"{x:.0f}" for x in ks),
                   flush=True)
         q = k = v = go = None
         torch.cuda.empty_cache()

@@ -191,16 +191,16 @@ def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, fuse_dq
     assert dq.stride() == do.stride() == o.stride() and dk.stride() == dv.stride()
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     qk_scale = scale * 1.4426950408889634
-    group = min(common.HEAD_GROUP, B * H)
     if not fuse_dq:
         tab = launch.dq.tab
         launch_kernel(_attn_bwd_dq_kernel, (tab.nqb * B * H, 1), (
             q, k, v, o, do, dq, lse, delta, tab.q_ptr, tab.q_mid, tab.q_idx, launch.prm), (qk_scale, scale, *strides,
-            H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C, B * H, group),
+            H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C, B * H, common.head_group(B * H)),
             launch.constexprs(q, launch.dq, ACCUM=accum, DELTA=first))
     kv_pass = launch.fused if fuse_dq else launch.dkdv
     tab = kv_pass.tab
     launch_kernel(_attn_bwd_dkdv_kernel, (tab.nkb * B * H, 1), (
         q, k, v, do, dq, dk, dv, lse, delta, tab.k_ptr, tab.k_mid, tab.k_idx, launch.prm), (qk_scale, scale, *strides,
-        *dk.stride()[:3], H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nkb, seg.L, seg.C, B * H, group),
+        *dk.stride()[:3], H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nkb, seg.L, seg.C, B * H,
+        common.head_group(B * H, 2 * N * D * q.element_size())),  # streams its head's Q and dO
         launch.constexprs(q, kv_pass, ACCUM=accum_kv, FUSE_DQ=fuse_dq))

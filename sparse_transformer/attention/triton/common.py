@@ -4,6 +4,8 @@ Legend: p a slot in a segment's order, i / j sequence positions of queries / key
 KIND 0 natural (p = i), 1 transposed (i = (p % C) * L + p // C, the paper's column-major view of a [C, L] matrix),
 2 gather (keys only: j = (p // C) * L + lo + p % C, the summary cells of every block packed together).
 """
+from __future__ import annotations
+
 import triton
 import triton.language as tl
 
@@ -14,9 +16,22 @@ P_ALL, P_WIN, P_BLK, P_STR, P_SUM_L, P_SUM_LO, P_SUM_HI, P_CUSTOM, P_STR_MIN, P_
 NUM_SEG_PARAMS = tl.constexpr(10)
 
 
-# Program order over (tile, batch x head): heads go in groups of HEAD_GROUP and, inside a group, the tile order is the
-# slow index (every head's longest tile, then every head's next ...). 1: one head's tiles after another.
-HEAD_GROUP = 1
+# Program order over (tile, batch x head): heads go in groups and, inside a group, the tile order is the slow index
+# (every head's longest tile, then every head's next ...), so the longest rows (or columns) no longer start last. The
+# forward and dQ interleave every head; dK/dV programs stream their head's Q and dO, so they interleave only as many
+# heads as L2_STREAM_BYTES of that holds (H100 / H200: 50 MB of L2). H200, python bench/dev_probe.py order,
+# bench/results/dev-order-20261130.json, graph fwd+bwd from one head after another to every head interleaved: fixed-12k
+# 1.424 -> 1.260 ms, fixed-64k 7.734 -> 7.240 (7.112 with dK/dV in groups of 2 heads), strided-12k 0.537 -> 0.532,
+# strided-64k 1.721 -> 1.683, strided-3k 0.260 -> 0.255. HEAD_GROUP (an int) overrides the rule for every kernel.
+HEAD_GROUP = None
+L2_STREAM_BYTES = 40 << 20
+
+
+def head_group(bh: int, stream_bytes: int | None = None) -> int:
+    """Heads per group for a grid of bh heads; stream_bytes: what one head's program streams (None: interleave all)."""
+    if HEAD_GROUP is not None:
+        return max(1, min(HEAD_GROUP, bh))
+    return bh if stream_bytes is None else max(1, min(bh, L2_STREAM_BYTES // stream_bytes))
 
 
 @triton.jit

@@ -135,5 +135,5 @@ def attn_forward(q, k, v, o, lse, launch, scale, merge):
     launch_kernel(_attn_fwd_kernel, (tab.nqb * B * H, 1), (
         q, k, v, o, lse, tab.q_ptr, tab.q_mid, tab.q_idx, launch.prm), (
         qk_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-        H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C, B * H, min(common.HEAD_GROUP, B * H)),
+        H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C, B * H, common.head_group(B * H)),
         launch.constexprs(q, launch.fwd, MERGE=merge, FOLD=seg.kind == GATHER and qk_scale >= 2.0 ** -126))
