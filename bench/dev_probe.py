@@ -231,7 +231,7 @@ def order(names):
     (attention/triton/common.HEAD_GROUP)."""
     from sparse_transformer.attention.triton import common
 
-    base = common.HEAD_GROUP
+    base = getattr(common, "HEAD_GROUP", None)  # (absent before the grouping: compare an older checkout)
     rows = []
     for name in names:
         lay, q, k, v, go = inputs(name)

@@ -19,19 +19,25 @@ NUM_SEG_PARAMS = tl.constexpr(10)
 # Program order over (tile, batch x head): heads go in groups and, inside a group, the tile order is the slow index
 # (every head's longest tile, then every head's next ...), so the longest rows (or columns) no longer start last. The
 # forward and dQ interleave every head; dK/dV programs stream their head's Q and dO, so they interleave only as many
-# heads as L2_STREAM_BYTES of that holds (H100 / H200: 50 MB of L2). H200, python bench/dev_probe.py order,
-# bench/results/dev-order-20261130.json, graph fwd+bwd from one head after another to every head interleaved: fixed-12k
-# 1.424 -> 1.260 ms, fixed-64k 7.734 -> 7.240 (7.112 with dK/dV in groups of 2 heads), strided-12k 0.537 -> 0.532,
-# strided-64k 1.721 -> 1.683, strided-3k 0.260 -> 0.255. HEAD_GROUP (an int) overrides the rule for every kernel.
+# heads as the L2 (50 MB on an H100 / H200) holds of that, in equal groups. H200, python bench/dev_probe.py order
+# (bench/results/dev-order-20261130*.json), graph fwd+bwd from one head after another to every head interleaved:
+# fixed-12k 1.424 -> 1.260 ms, fixed-64k 7.734 -> 7.240 (7.112 with dK/dV in groups of 2 heads), strided-12k 0.537 ->
+# 0.532, strided-64k 1.721 -> 1.683, strided-3k 0.260 -> 0.255. A short last group measured slower (fixed-12k dK/dV in
+# groups of 12 + 4 heads: 537 us, against 424 in one group of 16). HEAD_GROUP (an int) overrides the rule everywhere.
 HEAD_GROUP = None
-L2_STREAM_BYTES = 40 << 20
+L2_STREAM_BYTES = 50 << 20
 
 
 def head_group(bh: int, stream_bytes: int | None = None) -> int:
     """Heads per group for a grid of bh heads; stream_bytes: what one head's program streams (None: interleave all)."""
     if HEAD_GROUP is not None:
         return max(1, min(HEAD_GROUP, bh))
-    return bh if stream_bytes is None else max(1, min(bh, L2_STREAM_BYTES // stream_bytes))
+    if stream_bytes is None:
+        return bh
+    group = max(1, min(bh, L2_STREAM_BYTES // stream_bytes))
+    while bh % group:  # equal groups: a short last group would start its longest tiles last
+        group -= 1
+    return group
 
 
 @triton.jit
