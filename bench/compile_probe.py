@@ -65,20 +65,20 @@ def passes(kind, d, setting, pass_name):
     flags = dict(KIND=KINDS[kind], IEEE=False, HAS_DENSE=False, HAS_WIN=kind == "natural", HAS_BLK=False,
                  HAS_STR=kind == "transposed", HAS_SUM=kind == "gather", BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
     strides = {f"stride_{t}{x}": v for t in "qkvo" for x, v in zip("bhn", (H * N * d, N * d, d))}
-    common = dict(strides, H=H, N=N, NQ=N, NK=nk, TH=1, SEG_L=L, SEG_C=C if kind == "gather" else N // L, BH=H,
+    common = dict(strides, H=H, N=N, NQ=N, NK=nk, TH=1, SEG_L=L, SEG_C=C if kind == "gather" else N // L,
                   GROUP=H)
     tensors = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", lse_ptr="*fp32", mid_ptr="*i32", idx_ptr="*i32",
                    prm_ptr="*i32")
     if pass_name == "fwd":
         return _attn_fwd_kernel, dict(tensors, o_ptr="*bf16", row_ptr="*i32", qk_scale=0.18, NQB=N // bm, **common), \
-            dict(flags, MERGE=True, FOLD=kind == "gather")
+            dict(flags, T_ON_X=False, MERGE=True, FOLD=kind == "gather")
     tensors.update(do_ptr="*bf16", delta_ptr="*fp32", qk_scale=0.18, sm_scale=0.125)
     if pass_name == "dq":
         return _attn_bwd_dq_kernel, dict(tensors, o_ptr="*bf16", dq_ptr="*bf16", row_ptr="*i32", NQB=N // bm,
-                                         **common), dict(flags, ACCUM=True, DELTA=False)
+                                         **common), dict(flags, T_ON_X=False, ACCUM=True, DELTA=False)
     return _attn_bwd_dkdv_kernel, dict(tensors, dq_ptr="*fp32", dk_ptr="*bf16", dv_ptr="*bf16", col_ptr="*i32",
                                        stride_gb=H * N * d, stride_gh=N * d, stride_gn=d, NKB=nk // bn, **common), \
-        dict(flags, ACCUM=True, FUSE_DQ=pass_name == "fused")
+        dict(flags, T_ON_X=False, ACCUM=True, FUSE_DQ=pass_name == "fused")
 
 
 def probe(kind, d, pass_name, setting):

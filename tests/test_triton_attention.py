@@ -113,16 +113,29 @@ def test_interpreter_rectangular_tiles_and_head_dim_32():
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("group", [1, 3, 10], ids=["head-major", "groups-of-3", "all-heads"])
-def test_interpreter_program_order_matches_reference(group, monkeypatch):
-    """Every program order over (tile, batch x head) covers each tile of each head once: B x H = 10 heads in groups
-    of 1, of 3 (the last group holds one head) and all together, on band, transposed and gathered parts."""
+@pytest.mark.parametrize("group,max_y", [(1, 65535), (4, 65535), (10, 65535), (10, 2)],
+                         ids=["head-major", "groups-of-2", "all-heads", "tiles-on-x"])
+def test_interpreter_program_order_matches_reference(group, max_y, monkeypatch):
+    """Every program grid covers each tile of each head once: B x H = 10 heads one after another, in groups of 2 (4
+    rounds down to a divisor), all together, and with the tiles on x (the grid for more tiles than y allows), on band,
+    transposed and gathered parts."""
     from sparse_transformer.attention.triton import common
 
     monkeypatch.setattr(common, "HEAD_GROUP", group)
+    monkeypatch.setattr(common, "MAX_GRID_Y", max_y)
     lay = dict(SMALL)["mixed-heads-n97"]()
     q, k, v = make_qkv(5, 2, lay.n, 16, torch.float32)
     check_against_reference(_run(16, 16), q, k, v, lay, floor=1e-5)
+
+
+def test_head_group_is_a_divisor():
+    from sparse_transformer.attention.triton import common
+
+    assert common.head_group(16) == 16
+    assert common.head_group(16, 2 * 12288 * 64 * 2) == 16  # fixed-12k's dK/dV: 3 MB per head
+    assert common.head_group(8, 2 * 65536 * 64 * 2) == 2  # fixed-64k's: 16.8 MB per head, 3 fit, 2 divides 8
+    assert common.head_group(10, 20 << 20) == 2
+    assert common.head_group(7, 1 << 40) == 1
 
 
 @pytest.mark.interpreter

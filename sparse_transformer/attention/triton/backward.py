@@ -87,13 +87,13 @@ def _attn_bwd_dq_kernel(
     qk_scale, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,  # shared by o, do and dq
-    H, N, NQ, NK, TH, NQB, SEG_L, SEG_C, BH, GROUP,
-    KIND: tl.constexpr, ACCUM: tl.constexpr, DELTA: tl.constexpr, IEEE: tl.constexpr,
+    H, N, NQ, NK, TH, NQB, SEG_L, SEG_C, GROUP,
+    KIND: tl.constexpr, T_ON_X: tl.constexpr, ACCUM: tl.constexpr, DELTA: tl.constexpr, IEEE: tl.constexpr,
     HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr,
     HAS_SUM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    t, bh = _program_tile(NQB, BH, GROUP)
+    t, bh = _program_tile(GROUP, T_ON_X)
     qb = NQB - 1 - t
     b, h, th, prm, lo = _program_head(bh, H, TH, prm_ptr)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -139,13 +139,13 @@ def _attn_bwd_dkdv_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,  # o's strides: do and (FUSE_DQ) the fp32 dq
     stride_gb, stride_gh, stride_gn,  # dk's and dv's (contiguous) strides
-    H, N, NQ, NK, TH, NKB, SEG_L, SEG_C, BH, GROUP,
-    KIND: tl.constexpr, ACCUM: tl.constexpr, FUSE_DQ: tl.constexpr, IEEE: tl.constexpr,
+    H, N, NQ, NK, TH, NKB, SEG_L, SEG_C, GROUP,
+    KIND: tl.constexpr, T_ON_X: tl.constexpr, ACCUM: tl.constexpr, FUSE_DQ: tl.constexpr, IEEE: tl.constexpr,
     HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr,
     HAS_SUM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    kb, bh = _program_tile(NKB, BH, GROUP)
+    kb, bh = _program_tile(GROUP, T_ON_X)
     b, h, th, prm, lo = _program_head(bh, H, TH, prm_ptr)
     offs_d = tl.arange(0, HEAD_DIM)
     p_k = kb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -193,14 +193,17 @@ def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, fuse_dq
     qk_scale = scale * 1.4426950408889634
     if not fuse_dq:
         tab = launch.dq.tab
-        launch_kernel(_attn_bwd_dq_kernel, (tab.nqb * B * H, 1), (
+        group = common.head_group(B * H)
+        grid, t_on_x = common.program_grid(tab.nqb, B * H, group)
+        launch_kernel(_attn_bwd_dq_kernel, grid, (
             q, k, v, o, do, dq, lse, delta, tab.q_ptr, tab.q_mid, tab.q_idx, launch.prm), (qk_scale, scale, *strides,
-            H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C, B * H, common.head_group(B * H)),
-            launch.constexprs(q, launch.dq, ACCUM=accum, DELTA=first))
+            H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C, group),
+            launch.constexprs(q, launch.dq, T_ON_X=t_on_x, ACCUM=accum, DELTA=first))
     kv_pass = launch.fused if fuse_dq else launch.dkdv
     tab = kv_pass.tab
-    launch_kernel(_attn_bwd_dkdv_kernel, (tab.nkb * B * H, 1), (
+    group = common.head_group(B * H, 2 * N * D * q.element_size())  # its programs stream their head's Q and dO
+    grid, t_on_x = common.program_grid(tab.nkb, B * H, group)
+    launch_kernel(_attn_bwd_dkdv_kernel, grid, (
         q, k, v, do, dq, dk, dv, lse, delta, tab.k_ptr, tab.k_mid, tab.k_idx, launch.prm), (qk_scale, scale, *strides,
-        *dk.stride()[:3], H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nkb, seg.L, seg.C, B * H,
-        common.head_group(B * H, 2 * N * D * q.element_size())),  # streams its head's Q and dO
-        launch.constexprs(q, kv_pass, ACCUM=accum_kv, FUSE_DQ=fuse_dq))
+        *dk.stride()[:3], H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nkb, seg.L, seg.C, group),
+        launch.constexprs(q, kv_pass, T_ON_X=t_on_x, ACCUM=accum_kv, FUSE_DQ=fuse_dq))

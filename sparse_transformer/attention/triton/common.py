@@ -23,34 +23,41 @@ NUM_SEG_PARAMS = tl.constexpr(10)
 # (bench/results/dev-order-20261130*.json), graph fwd+bwd from one head after another to every head interleaved:
 # fixed-12k 1.424 -> 1.260 ms, fixed-64k 7.734 -> 7.240 (7.112 with dK/dV in groups of 2 heads), strided-12k 0.537 ->
 # 0.532, strided-64k 1.721 -> 1.683, strided-3k 0.260 -> 0.255. A short last group measured slower (fixed-12k dK/dV in
-# groups of 12 + 4 heads: 537 us, against 424 in one group of 16). HEAD_GROUP (an int) overrides the rule everywhere.
+# groups of 12 + 4 heads: 537 us, against 424 in one group of 16). HEAD_GROUP (an int) overrides the rule everywhere
+# (rounded down to a divisor).
 HEAD_GROUP = None
 L2_STREAM_BYTES = 50 << 20
 
 
 def head_group(bh: int, stream_bytes: int | None = None) -> int:
-    """Heads per group for a grid of bh heads; stream_bytes: what one head's program streams (None: interleave all)."""
+    """Heads per group for a grid of bh heads, a divisor of bh; stream_bytes: what one head's programs stream (None:
+    interleave every head)."""
     if HEAD_GROUP is not None:
-        return max(1, min(HEAD_GROUP, bh))
-    if stream_bytes is None:
-        return bh
-    group = max(1, min(bh, L2_STREAM_BYTES // stream_bytes))
+        group = HEAD_GROUP
+    else:
+        group = bh if stream_bytes is None else L2_STREAM_BYTES // stream_bytes
+    group = max(1, min(bh, group))
     while bh % group:  # equal groups: a short last group would start its longest tiles last
         group -= 1
     return group
 
 
+MAX_GRID_Y = 65535
+
+
+def program_grid(nt: int, bh: int, group: int):
+    """Launch grid of nt tiles x bh heads in groups of `group` (a divisor of bh) and the T_ON_X constexpr: (group, nt,
+    bh / group) with the tile order on y; more than 65535 tiles (y's limit; n > 4M at 64-row tiles) keep one head's
+    tiles after another on x, (nt, 1, bh)."""
+    return ((nt, 1, bh), True) if nt > MAX_GRID_Y else ((group, nt, bh // group), False)
+
+
 @triton.jit
-def _program_tile(NT, BH, GROUP):
-    """(tile order, batch x head index) of this program in a 1-D grid of NT * BH programs (see HEAD_GROUP); the last
-    group may hold fewer than GROUP heads."""
-    pid = tl.program_id(0)
-    per = GROUP * NT
-    g = pid // per
-    r = pid - g * per
-    gs = tl.minimum(GROUP, BH - g * GROUP)
-    t = r // gs
-    return t, g * GROUP + (r - t * gs)
+def _program_tile(GROUP, T_ON_X: tl.constexpr):
+    """(tile order, batch x head index) of this program in a program_grid."""
+    if T_ON_X:
+        return tl.program_id(0), tl.program_id(2)
+    return tl.program_id(1), tl.program_id(2) * GROUP + tl.program_id(0)
 
 
 @triton.jit

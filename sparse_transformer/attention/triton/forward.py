@@ -69,13 +69,13 @@ def _attn_fwd_kernel(
     qk_scale,  # softmax scale * log2(e)
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-    H, N, NQ, NK, TH, NQB, SEG_L, SEG_C, BH, GROUP,
-    KIND: tl.constexpr, MERGE: tl.constexpr, IEEE: tl.constexpr, FOLD: tl.constexpr,
+    H, N, NQ, NK, TH, NQB, SEG_L, SEG_C, GROUP,
+    KIND: tl.constexpr, T_ON_X: tl.constexpr, MERGE: tl.constexpr, IEEE: tl.constexpr, FOLD: tl.constexpr,
     HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr,
     HAS_SUM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    t, bh = _program_tile(NQB, BH, GROUP)
+    t, bh = _program_tile(GROUP, T_ON_X)
     qb = NQB - 1 - t  # long rows (late query tiles) first
     b, h, th, prm, lo = _program_head(bh, H, TH, prm_ptr)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -132,8 +132,10 @@ def attn_forward(q, k, v, o, lse, launch, scale, merge):
     qk_scale = scale * 1.4426950408889634
     # FOLD (the scale inside the exponent's FMA) measured faster on the gathered summary part only; it needs a positive
     # scale that stays nonzero in fp32 (else -inf * 0 = NaN on masked scores)
-    launch_kernel(_attn_fwd_kernel, (tab.nqb * B * H, 1), (
-        q, k, v, o, lse, tab.q_ptr, tab.q_mid, tab.q_idx, launch.prm), (
+    group = common.head_group(B * H)
+    grid, t_on_x = common.program_grid(tab.nqb, B * H, group)
+    launch_kernel(_attn_fwd_kernel, grid, (q, k, v, o, lse, tab.q_ptr, tab.q_mid, tab.q_idx, launch.prm), (
         qk_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-        H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C, B * H, common.head_group(B * H)),
-        launch.constexprs(q, launch.fwd, MERGE=merge, FOLD=seg.kind == GATHER and qk_scale >= 2.0 ** -126))
+        H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C, group),
+        launch.constexprs(q, launch.fwd, T_ON_X=t_on_x, MERGE=merge,
+                          FOLD=seg.kind == GATHER and qk_scale >= 2.0 ** -126))
