@@ -7,9 +7,10 @@
 #   bash bench/device_pending.sh table OUT     # bench attention: ours, cuDNN, flash, FlexAttention (BENCHMARKS' table)
 #   bash bench/device_pending.sh tiles OUT     # 32x32 tiles for the strided setups (sweep, fused sweep)
 #   bash bench/device_pending.sh gather OUT    # the fixed setups on tiles that compile without spills (compile_probe)
+#   bash bench/device_pending.sh order OUT     # program order: heads one after another, in groups, all interleaved
 # Run from the repository root on the device machine; JSON and logs land in OUT (pass $OUT there).
 set -uo pipefail
-WHAT=${1:?decode, long, step, kernels, table, tiles or gather}; OUT=${2:?output folder}
+WHAT=${1:?decode, long, step, kernels, table, tiles, gather or order}; OUT=${2:?output folder}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 ST="python -m sparse_transformer.cli"
 mkdir -p "$OUT"
@@ -54,5 +55,8 @@ case "$WHAT" in
     OUT="$OUT" CONFIGS="32x128/8/3 64x128/8/2 64x128/8/3 128x32/4/3 128x32/4/4 64x64/8/3" timeout 320 \
       python bench/dev_probe.py sweep fixed-12k fixed-64k 2>&1 | tee "$OUT/sweep-gather.log"
     ;;
-  *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles | gather)"; exit 2 ;;
+  order)
+    OUT="$OUT" timeout 400 python bench/dev_probe.py order 2>&1 | tee "$OUT/order.log"
+    ;;
+  *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles | gather | order)"; exit 2 ;;
 esac
