@@ -78,7 +78,7 @@ def passes(kind, d, setting, pass_name):
                                          **common), dict(flags, T_ON_X=False, ACCUM=True, DELTA=False)
     return _attn_bwd_dkdv_kernel, dict(tensors, dq_ptr="*fp32", dk_ptr="*bf16", dv_ptr="*bf16", col_ptr="*i32",
                                        stride_gb=H * N * d, stride_gh=N * d, stride_gn=d, NKB=nk // bn, **common), \
-        dict(flags, T_ON_X=False, ACCUM=True, FUSE_DQ=pass_name == "fused")
+        dict(flags, T_ON_X=False, ACCUM=True, FUSE_DQ=pass_name.startswith("fused"))
 
 
 def probe(kind, d, pass_name, setting):
@@ -91,16 +91,17 @@ def probe(kind, d, pass_name, setting):
         return
     ptx = k.asm["ptx"]
     regs, spills = ptxas_report(ptx)
+    atomics = len(re.findall(r"\b(?:red|atom)[.]global", ptx))  # outside the f-string: Python < 3.12
     print(f"{tag:40s} regs {regs:4d}  spill st/ld {spills:7s}  smem {k.metadata.shared // 1024:4d} KiB  "
           f"wgmma {ptx.count('wgmma.mma_async'):3d}  mma.sync {len(re.findall(r'mma[.]sync', ptx)):3d}  "
-          f"cp.async {ptx.count('cp.async'):3d}  atomics {len(re.findall(r'\b(?:red|atom)[.]global', ptx))}", flush=True)
+          f"cp.async {ptx.count('cp.async'):3d}  atomics {atomics}", flush=True)
 
 
 def main(settings):
     print(f"triton {triton.__version__}, target sm_90")
     if not settings:
         for (kind, d), cfg in fn.TUNING.items():
-            for pass_name in ("fwd", "dq", "dkdv", "fused"):
+            for pass_name in ("fwd", "dq", "dkdv", "fused", "fused_ragged"):
                 if cfg.get(pass_name) is not None:
                     probe(kind, d, pass_name, cfg[pass_name])
         return

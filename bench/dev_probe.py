@@ -146,7 +146,8 @@ def micro():
     return res
 
 
-# 32x32 (not swept yet): the strided setups' tiles compute 1.3x fewer entries at 32x32 (bench/tile_efficiency.py).
+# 32x32 (swept 2026-11-30, bench/results/dev-sweep-20261130-tiles.json): the strided setups' tiles compute 1.3x fewer
+# entries at 32x32 (bench/tile_efficiency.py).
 # CONFIGS="32x128/8/3 128x32/4/3" (BMxBN/warps/stages, as bench/compile_probe.py takes them) replaces the list.
 CONFIGS = [(64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 4, 2), (64, 128, 4, 2), (128, 128, 8, 2), (32, 64, 4, 2),
            (32, 32, 4, 2), (32, 32, 2, 3)]
@@ -228,27 +229,29 @@ def fuse(names):
 def order(names):
     """Program order: graph-replayed fwd+bwd and each kernel's GPU time with the default rule (None) and with heads in
     groups of 1 (one head's tiles after another), 2, 4 and all (every head's longest tile first) for every kernel
-    (attention/triton/common.HEAD_GROUP)."""
-    from sparse_transformer.attention.triton import common
+    (attention/triton/grid.HEAD_GROUP)."""
+    from sparse_transformer.attention.triton import grid
 
-    base = getattr(common, "HEAD_GROUP", None)  # (absent before the grouping: compare an older checkout)
+    base = grid.HEAD_GROUP
     rows = []
-    for name in names:
-        lay, q, k, v, go = inputs(name)
-        fb = lambda: sparse_attention(q, k, v, lay, backend="triton").backward(go)  # noqa: E731
-        for group in (None, 1, 2, 4, 1 << 20, None):  # None: the default rule, again at the end (drift)
-            common.HEAD_GROUP = group
-            names_k, ks = median_kernel_times(fb, 3)
-            q.grad = k.grad = v.grad = None
-            g = graph_ms(fb)
-            q.grad = k.grad = v.grad = None
-            rows.append(dict(setup=name, head_group=group and min(group, q.shape[0] * q.shape[1]), kernels=names_k,
-                             us=ks, graph_ms=g))
-            print(f"{name:12s} group {str(rows[-1]['head_group']):4s} graph {g:7.3f} ms | " + " ".join(f"{x:.0f}" for x in ks),
-                  flush=True)
-        q = k = v = go = None
-        torch.cuda.empty_cache()
-    common.HEAD_GROUP = base
+    try:
+        for name in names:
+            lay, q, k, v, go = inputs(name)
+            fb = lambda: sparse_attention(q, k, v, lay, backend="triton").backward(go)  # noqa: E731
+            for group in (None, 1, 2, 4, 1 << 20, None):  # None: the default rule, again at the end (drift)
+                grid.HEAD_GROUP = group
+                names_k, ks = median_kernel_times(fb, 3)
+                q.grad = k.grad = v.grad = None
+                g = graph_ms(fb)
+                q.grad = k.grad = v.grad = None
+                rows.append(dict(setup=name, head_group=group and min(group, q.shape[0] * q.shape[1]),
+                                 kernels=names_k, us=ks, graph_ms=g))
+                print(f"{name:12s} group {str(rows[-1]['head_group']):4s} graph {g:7.3f} ms | "
+                      + " ".join(f"{x:.0f}" for x in ks), flush=True)
+            q = k = v = go = None
+            torch.cuda.empty_cache()
+    finally:
+        grid.HEAD_GROUP = base
     write_rows(rows, "dev_order.json")
 
 

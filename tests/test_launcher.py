@@ -45,15 +45,16 @@ def fast(monkeypatch):
     launcher.clear()
 
 
-def test_second_call_goes_direct_with_every_parameter_in_order(fast):
+@pytest.mark.parametrize("grid,xyz", [((3, 5), (3, 5, 1)), ((2, 3, 4), (2, 3, 4))], ids=["2-d", "3-d"])
+def test_second_call_goes_direct_with_every_parameter_in_order(fast, grid, xyz):
     kern = FakeKernel()
     a, b = torch.zeros(64), torch.zeros(64)
     cex = dict(Y=2, X=1, num_warps=4, num_stages=2)  # any order: the tail follows the signature
-    launcher.launch(kern, (3, 5), (a, b), (0.5, 128), cex)
-    launcher.launch(kern, (3, 5), (a, b), (0.5, 128), cex)
+    launcher.launch(kern, grid, (a, b), (0.5, 128), cex)
+    launcher.launch(kern, grid, (a, b), (0.5, 128), cex)
     assert [e[0] for e in kern.log] == ["triton", "direct"]
-    assert kern.log[0][1:] == ((3, 5), (a, b, 0.5, 128), cex)
-    assert kern.log[1][1] == (3, 5, 1, 7, "fn", "meta", None, None, None, a, b, 0.5, 128, 1, 2)
+    assert kern.log[0][1:] == (grid, (a, b, 0.5, 128), cex)
+    assert kern.log[1][1] == (*xyz, 7, "fn", "meta", None, None, None, a, b, 0.5, 128, 1, 2)
 
 
 @pytest.mark.parametrize("change", ["scalar", "constexpr", "alignment", "dtype", "second dtype"])

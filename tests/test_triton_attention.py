@@ -119,23 +119,31 @@ def test_interpreter_program_order_matches_reference(group, max_y, monkeypatch):
     """Every program grid covers each tile of each head once: B x H = 10 heads one after another, in groups of 2 (4
     rounds down to a divisor), all together, and with the tiles on x (the grid for more tiles than y allows), on band,
     transposed and gathered parts."""
-    from sparse_transformer.attention.triton import common
+    from sparse_transformer.attention.triton import grid
 
-    monkeypatch.setattr(common, "HEAD_GROUP", group)
-    monkeypatch.setattr(common, "MAX_GRID_Y", max_y)
+    monkeypatch.setattr(grid, "HEAD_GROUP", group)
+    monkeypatch.setattr(grid, "MAX_GRID_Y", max_y)
     lay = dict(SMALL)["mixed-heads-n97"]()
     q, k, v = make_qkv(5, 2, lay.n, 16, torch.float32)
     check_against_reference(_run(16, 16), q, k, v, lay, floor=1e-5)
 
 
-def test_head_group_is_a_divisor():
-    from sparse_transformer.attention.triton import common
+def test_program_grid_groups_heads_evenly_and_moves_long_tile_lists_to_x(monkeypatch):
+    """Host logic only: the heads per group divide B x H (the L2 rule for dK/dV), the grid covers every head, more
+    tiles than y allows go on x, and too many heads for z is a clear error."""
+    from sparse_transformer.attention.triton import grid
 
-    assert common.head_group(16) == 16
-    assert common.head_group(16, 2 * 12288 * 64 * 2) == 16  # fixed-12k's dK/dV: 3 MB per head
-    assert common.head_group(8, 2 * 65536 * 64 * 2) == 2  # fixed-64k's: 16.8 MB per head, 3 fit, 2 divides 8
-    assert common.head_group(10, 20 << 20) == 2
-    assert common.head_group(7, 1 << 40) == 1
+    cpu = torch.device("cpu")  # the interpreter's device: the H100 / H200 L2 size (50 MB) stands in
+    assert grid.program_grid(96, 16) == ((16, 96, 1), 16, False)  # forward / dQ: every head
+    assert grid.program_grid(48, 16, 2 * 12288 * 64 * 2, cpu) == ((16, 48, 1), 16, False)  # fixed-12k dK/dV: 3 MB
+    assert grid.program_grid(128, 8, 2 * 65536 * 64 * 2, cpu) == ((2, 128, 4), 2, False)  # fixed-64k: 16.8 MB
+    assert grid.program_grid(10, 10, 20 << 20, cpu)[:2] == ((2, 10, 5), 2)  # 2 fit and divide 10
+    assert grid.program_grid(10, 7, 1 << 40, cpu)[:2] == ((1, 10, 7), 1)
+    assert grid.program_grid(70000, 16) == ((70000, 1, 16), 16, True)
+    with pytest.raises(ValueError, match="too many"):
+        grid.program_grid(10, 65537, 1 << 40, cpu)  # a prime: groups of 1, 65537 on z
+    monkeypatch.setattr(grid, "HEAD_GROUP", 4)
+    assert grid.program_grid(96, 10)[:2] == ((2, 96, 5), 2)  # the override rounds down to a divisor
 
 
 @pytest.mark.interpreter

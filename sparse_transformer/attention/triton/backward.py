@@ -17,9 +17,9 @@ not 14 d).
 import triton
 import triton.language as tl
 
-from . import common
 from .common import _key_positions, _program_head, _program_tile, _query_positions, _tile_mask
 from .forward import _dot
+from .grid import program_grid
 from .launcher import launch as launch_kernel
 
 
@@ -193,16 +193,15 @@ def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, fuse_dq
     qk_scale = scale * 1.4426950408889634
     if not fuse_dq:
         tab = launch.dq.tab
-        group = common.head_group(B * H)
-        grid, t_on_x = common.program_grid(tab.nqb, B * H, group)
+        grid, group, t_on_x = program_grid(tab.nqb, B * H)
         launch_kernel(_attn_bwd_dq_kernel, grid, (
             q, k, v, o, do, dq, lse, delta, tab.q_ptr, tab.q_mid, tab.q_idx, launch.prm), (qk_scale, scale, *strides,
             H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C, group),
             launch.constexprs(q, launch.dq, T_ON_X=t_on_x, ACCUM=accum, DELTA=first))
     kv_pass = launch.fused if fuse_dq else launch.dkdv
     tab = kv_pass.tab
-    group = common.head_group(B * H, 2 * N * D * q.element_size())  # its programs stream their head's Q and dO
-    grid, t_on_x = common.program_grid(tab.nkb, B * H, group)
+    # its programs stream their head's Q and dO
+    grid, group, t_on_x = program_grid(tab.nkb, B * H, 2 * N * D * q.element_size(), q.device)
     launch_kernel(_attn_bwd_dkdv_kernel, grid, (
         q, k, v, do, dq, dk, dv, lse, delta, tab.k_ptr, tab.k_mid, tab.k_idx, launch.prm), (qk_scale, scale, *strides,
         *dk.stride()[:3], H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nkb, seg.L, seg.C, group),

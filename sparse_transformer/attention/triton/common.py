@@ -1,11 +1,9 @@
-"""Device helpers shared by the forward and backward kernels: index maps and the element rule.
+"""Device helpers shared by the forward and backward kernels: program order, index maps and the element rule.
 
 Legend: p a slot in a segment's order, i / j sequence positions of queries / keys, L stride, C chunk or group size.
 KIND 0 natural (p = i), 1 transposed (i = (p % C) * L + p // C, the paper's column-major view of a [C, L] matrix),
 2 gather (keys only: j = (p // C) * L + lo + p % C, the summary cells of every block packed together).
 """
-from __future__ import annotations
-
 import triton
 import triton.language as tl
 
@@ -16,45 +14,9 @@ P_ALL, P_WIN, P_BLK, P_STR, P_SUM_L, P_SUM_LO, P_SUM_HI, P_CUSTOM, P_STR_MIN, P_
 NUM_SEG_PARAMS = tl.constexpr(10)
 
 
-# Program order over (tile, batch x head): heads go in groups and, inside a group, the tile order is the slow index
-# (every head's longest tile, then every head's next ...), so the longest rows (or columns) no longer start last. The
-# forward and dQ interleave every head; dK/dV programs stream their head's Q and dO, so they interleave only as many
-# heads as the L2 (50 MB on an H100 / H200) holds of that, in equal groups. H200, python bench/dev_probe.py order
-# (bench/results/dev-order-20261130*.json), graph fwd+bwd from one head after another to every head interleaved:
-# fixed-12k 1.424 -> 1.260 ms, fixed-64k 7.734 -> 7.240 (7.112 with dK/dV in groups of 2 heads), strided-12k 0.537 ->
-# 0.532, strided-64k 1.721 -> 1.683, strided-3k 0.260 -> 0.255. A short last group measured slower (fixed-12k dK/dV in
-# groups of 12 + 4 heads: 537 us, against 424 in one group of 16). HEAD_GROUP (an int) overrides the rule everywhere
-# (rounded down to a divisor).
-HEAD_GROUP = None
-L2_STREAM_BYTES = 50 << 20
-
-
-def head_group(bh: int, stream_bytes: int | None = None) -> int:
-    """Heads per group for a grid of bh heads, a divisor of bh; stream_bytes: what one head's programs stream (None:
-    interleave every head)."""
-    if HEAD_GROUP is not None:
-        group = HEAD_GROUP
-    else:
-        group = bh if stream_bytes is None else L2_STREAM_BYTES // stream_bytes
-    group = max(1, min(bh, group))
-    while bh % group:  # equal groups: a short last group would start its longest tiles last
-        group -= 1
-    return group
-
-
-MAX_GRID_Y = 65535
-
-
-def program_grid(nt: int, bh: int, group: int):
-    """Launch grid of nt tiles x bh heads in groups of `group` (a divisor of bh) and the T_ON_X constexpr: (group, nt,
-    bh / group) with the tile order on y; more than 65535 tiles (y's limit; n > 4M at 64-row tiles) keep one head's
-    tiles after another on x, (nt, 1, bh)."""
-    return ((nt, 1, bh), True) if nt > MAX_GRID_Y else ((group, nt, bh // group), False)
-
-
 @triton.jit
 def _program_tile(GROUP, T_ON_X: tl.constexpr):
-    """(tile order, batch x head index) of this program in a program_grid."""
+    """(tile order, batch x head index) of this program in a grid.program_grid."""
     if T_ON_X:
         return tl.program_id(0), tl.program_id(2)
     return tl.program_id(1), tl.program_id(2) * GROUP + tl.program_id(0)

@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from ..plan import GATHER
-from . import common
 from .common import _key_positions, _program_head, _program_tile, _query_positions, _tile_mask
+from .grid import program_grid
 from .launcher import launch as launch_kernel
 
 
@@ -132,8 +132,7 @@ def attn_forward(q, k, v, o, lse, launch, scale, merge):
     qk_scale = scale * 1.4426950408889634
     # FOLD (the scale inside the exponent's FMA) measured faster on the gathered summary part only; it needs a positive
     # scale that stays nonzero in fp32 (else -inf * 0 = NaN on masked scores)
-    group = common.head_group(B * H)
-    grid, t_on_x = common.program_grid(tab.nqb, B * H, group)
+    grid, group, t_on_x = program_grid(tab.nqb, B * H)
     launch_kernel(_attn_fwd_kernel, grid, (q, k, v, o, lse, tab.q_ptr, tab.q_mid, tab.q_idx, launch.prm), (
         qk_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C, group),

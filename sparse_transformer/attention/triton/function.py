@@ -56,8 +56,8 @@ TUNING[("transposed", 128)]["fused"] = (64, 64, 8, 2)
 # at 32x32 on strided-12k, python bench/dev_probe.py sweep).
 for _d in (64, 128):
     TUNING[("transposed", _d)]["fused_ragged"] = (32, 32, 4, 2)
-# The band's forward with d=128 on 3 stages: strided-3k 35.5 -> 31.9 us (the same sweep).
-TUNING[("natural", 128)]["fwd"] = (64, 64, 4, 3)
+# The band's forward with d=128 measured faster on 3 stages (strided-3k 35.5 -> 31.9 us, the same sweep), but that
+# needs 112 KiB of shared memory, more than sm_86 / sm_89 GPUs have (99 KiB): it stays on 2 stages.
 
 
 @dataclass(frozen=True, eq=False)
@@ -128,7 +128,8 @@ def _build_launches(layout, head_dim, device, block_m, block_n) -> list[Launch]:
                      HAS_STR=on(P_STR), HAS_SUM=on(P_SUM_L))
         prm = p.to(device=device, dtype=torch.int32).contiguous()
         fused = cfg.get("fused") if idx > 0 else None  # the first segment never fuses
-        if fused is not None and seg.kind == TRANSPOSED and cfg.get("fused_ragged") and seg.C % fused[0]:
+        if fused is not None and seg.kind == TRANSPOSED and cfg.get("fused_ragged") and (seg.C % fused[0] or
+                                                                                        seg.C % fused[1]):
             fused = cfg["fused_ragged"]
         settings = dict(cfg, fused=fused)
         passes = [None if settings[k] is None else _pass(layout, idx, seg, settings[k], head_dim, device, block_m,
