@@ -147,6 +147,20 @@ def test_program_grid_groups_heads_evenly_and_moves_long_tile_lists_to_x(monkeyp
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("smem_kib,want", [(None, 64), (227, 64), (99, 32)], ids=["cpu", "sm90", "sm89"])
+def test_fused_tile_fits_the_shared_memory(smem_kib, want, monkeypatch):
+    """With d=128 the fused tile (64x64, 8 warps) needs 129 KiB of shared memory; devices that give a block less (e.g.
+    99 KiB on sm_86 / sm_89) get the 32x32 tiling (host logic only)."""
+    from sparse_transformer.attention.triton import function as fn
+
+    monkeypatch.setattr(fn, "_smem_per_block", lambda device: None if smem_kib is None else smem_kib << 10)
+    fn.clear_cache()
+    launches = fn.get_launches(layouts.strided(8192, 64), 128, torch.device(DEVICE))  # chunks of 128: aligned
+    fn.clear_cache()
+    assert (launches[1].fused.tab.bm, launches[1].fused.tab.bn) == (want, want)
+
+
+@pytest.mark.interpreter
 @pytest.mark.parametrize("n,stride,want", [(12288, 128, 32), (8192, 64, 64), (3072, 96, 32)],
                          ids=["chunks-of-96", "chunks-of-128", "chunks-of-32"])
 def test_fused_tile_fits_the_chunks(n, stride, want):

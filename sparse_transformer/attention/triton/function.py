@@ -56,6 +56,9 @@ TUNING[("transposed", 128)]["fused"] = (64, 64, 8, 2)
 # at 32x32 on strided-12k, python bench/dev_probe.py sweep).
 for _d in (64, 128):
     TUNING[("transposed", _d)]["fused_ragged"] = (32, 32, 4, 2)
+# The d=128 fused tiling needs 129 KiB of shared memory (python bench/compile_probe.py, Triton 3.6, sm_90), more than
+# sm_86 / sm_89 / sm_120 GPUs give a block (99-101 KiB): there the fused kernel runs the ragged tiling (40 KiB).
+TUNING[("transposed", 128)]["fused_smem"] = 129 << 10
 # The band's forward with d=128 measured faster on 3 stages (strided-3k 35.5 -> 31.9 us, the same sweep), but that
 # needs 112 KiB of shared memory, more than sm_86 / sm_89 GPUs have (99 KiB): it stays on 2 stages.
 
@@ -118,6 +121,13 @@ def get_launches(layout, head_dim, device, block_m=None, block_n=None) -> list[L
     return _LAUNCHES.get(key, lambda: _build_launches(layout, head_dim, device, block_m, block_n))
 
 
+def _smem_per_block(device) -> int | None:
+    """Shared memory one block may use on `device`, in bytes (None: not a CUDA device, no limit known)."""
+    if device.type != "cuda":
+        return None
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+
+
 def _build_launches(layout, head_dim, device, block_m, block_n) -> list[Launch]:
     out = []
     for idx, seg in enumerate(get_segments(layout)):
@@ -128,9 +138,10 @@ def _build_launches(layout, head_dim, device, block_m, block_n) -> list[Launch]:
                      HAS_STR=on(P_STR), HAS_SUM=on(P_SUM_L))
         prm = p.to(device=device, dtype=torch.int32).contiguous()
         fused = cfg.get("fused") if idx > 0 else None  # the first segment never fuses
-        if fused is not None and seg.kind == TRANSPOSED and cfg.get("fused_ragged") and (seg.C % fused[0] or
-                                                                                        seg.C % fused[1]):
-            fused = cfg["fused_ragged"]
+        if fused is not None and seg.kind == TRANSPOSED and cfg.get("fused_ragged"):
+            smem = _smem_per_block(torch.device(device))
+            if seg.C % fused[0] or seg.C % fused[1] or (smem is not None and smem < cfg.get("fused_smem", 0)):
+                fused = cfg["fused_ragged"]
         settings = dict(cfg, fused=fused)
         passes = [None if settings[k] is None else _pass(layout, idx, seg, settings[k], head_dim, device, block_m,
                                                          block_n) for k in ("fwd", "dq", "dkdv", "fused")]
