@@ -8,11 +8,12 @@
 #   bash bench/device_pending.sh tiles OUT     # 32x32 tiles for the strided setups (sweep, fused sweep)
 #   bash bench/device_pending.sh gather OUT    # the fixed setups on tiles that compile without spills (compile_probe)
 #   bash bench/device_pending.sh order OUT     # program order: heads one after another, in groups, all interleaved
+#   bash bench/device_pending.sh gluon OUT     # the Gluon experiment (bench/gluon_gather.py): correctness, then timing
 #   bash bench/device_pending.sh verify OUT    # owed since 2026-11-30: every kernel and model GPU test on the final
 #                                              # kernels (3 were cut by the device budget), then the full table
 # Run from the repository root on the device machine; JSON and logs land in OUT (pass $OUT there).
 set -uo pipefail
-WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order or verify}; OUT=${2:?output folder}
+WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon or verify}; OUT=${2:?output folder}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 ST="python -m sparse_transformer.cli"
 mkdir -p "$OUT"
@@ -57,6 +58,10 @@ case "$WHAT" in
     OUT="$OUT" CONFIGS="32x128/8/3 64x128/8/2 64x128/8/3 128x32/4/3 128x32/4/4 64x64/8/3" timeout 320 \
       python bench/dev_probe.py sweep fixed-12k fixed-64k 2>&1 | tee "$OUT/sweep-gather.log"
     ;;
+  gluon)
+    timeout 200 python bench/gluon_gather.py check 2>&1 | tee "$OUT/gluon-check.log"
+    timeout 200 python bench/gluon_gather.py time 2>&1 | tee "$OUT/gluon-time.log"
+    ;;
   verify)
     timeout 330 python -m pytest -m gpu tests/test_triton_attention.py tests/test_model.py -q -n 14 \
       -p no:cacheprovider -rf 2>&1 | tail -n 6 | tee "$OUT/gpu-tests-kernels.log"
@@ -66,5 +71,5 @@ case "$WHAT" in
   order)
     OUT="$OUT" timeout 400 python bench/dev_probe.py order 2>&1 | tee "$OUT/order.log"
     ;;
-  *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles | gather | order | verify)"; exit 2 ;;
+  *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles | gather | order | gluon | verify)"; exit 2 ;;
 esac
