@@ -1,7 +1,7 @@
 """Experiment (not used by the library): the fixed pattern's gathered summary part, forward only, as a Gluon kernel for
-Hopper - TMA loads into a ring of shared-memory stages, asynchronous wgmma, and (OVERLAP) the next tile's Q K^T issued
-before this tile's softmax, so that the tensor cores and the exponentials can work at the same time (the
-intra-warpgroup overlap of FlashAttention-3). The Triton forward of that part runs its units one after another
+Hopper - TMA loads into a ring of shared-memory stages, asynchronous wgmma, and (PIPE) the next tile's Q K^T issued
+before this tile's softmax and this tile's P V left running into the next softmax, so that the tensor cores and the
+exponentials can work at the same time (the intra-warpgroup overlap of FlashAttention-3). The Triton forward of that part runs its units one after another
 (BENCHMARKS.md, "What limits the fixed pattern"); this is the first step towards a kernel that does not.
 
 The summary keys of every block (rows lo .. lo + c of each L-row block) are first copied into a contiguous
@@ -21,14 +21,18 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma, \
-    warpgroup_mma_wait  # noqa: F401
+    warpgroup_mma_init, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 
 @gluon.jit
 def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, qk_scale, N, G, NQB, SEG_L, SEG_C,
                        BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
-                       OVERLAP: gl.constexpr, num_warps: gl.constexpr):
+                       PIPE: gl.constexpr, num_warps: gl.constexpr):
+    """PIPE 0: each tile's Q K^T, softmax and P V one after another; 1: the next tile's Q K^T issued before this tile's
+    softmax; 2: also this tile's P V left running into the next tile's softmax (3 stages or more: tiles j - 1, j and
+    j + 1 are in use at once)."""
+    gl.static_assert(PIPE < 2 or STAGES >= 3)
     bh = gl.program_id(0)  # every head's longest query tile first
     qb = NQB - 1 - gl.program_id(1)
     q0 = qb * BM
@@ -65,18 +69,20 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, qk_scale, N, G, N
     m_i = gl.full([BM], float("-inf"), gl.float32, row_s)
     l_i = gl.zeros([BM], gl.float32, row_s)
     acc = gl.zeros([BM, D], gl.float32, o_layout)
+    if PIPE == 2:  # the loop carries acc as a still-running wgmma's accumulator
+        acc = warpgroup_mma_init(acc)
     cols = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
     mbarrier.wait(q_bar, 0)
 
-    # S of the first tile (a tile past the end, when there is none, is never read: the loop below does not run)
+    # S of the first tile (when there is none the loop below does not run and this result is never read)
     mbarrier.wait(kv_bar.index(0), 0, pred=n_tiles > 0)
     s_cur = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), gl.zeros([BM, BN], gl.float32, s_layout),
                           use_acc=False, is_async=True)
     s_cur = warpgroup_mma_wait(0, deps=(s_cur,))
     for j in range(n_tiles):
         stage = j % STAGES
-        if OVERLAP:  # issue the next tile's Q K^T now; it runs while this tile's softmax does (the last tile redoes
-            # its own, unread)
+        if PIPE >= 1:  # issue the next tile's Q K^T now: it runs while this tile's softmax does (the last tile
+            # redoes its own, unread)
             nxt = gl.minimum(j + 1, n_tiles - 1)
             mbarrier.wait(kv_bar.index(nxt % STAGES), (nxt // STAGES) & 1)
             s_next = warpgroup_mma(q_smem, k_smem.index(nxt % STAGES).permute((1, 0)),
@@ -87,25 +93,37 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, qk_scale, N, G, N
         p = gl.exp2(sc * qk_scale - gl.expand_dims(m_new, 1))
         l_i = l_i * alpha + gl.sum(p, 1)
         m_i = m_new
+        if PIPE == 2:  # the previous tile's P V (older than the Q K^T just issued) must be done before the rescale
+            acc = warpgroup_mma_wait(1, deps=(acc,))
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
         acc = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_layout), v_smem.index(stage), acc, is_async=True)
-        if OVERLAP:
-            acc, s_next = warpgroup_mma_wait(0, deps=(acc, s_next))
-            s_cur = s_next
+        if PIPE == 2:  # wait for the next Q K^T only: this P V runs on into the next softmax
+            s_cur = warpgroup_mma_wait(1, deps=(s_next,))
+            free = j - 1  # tile j - 1's stage is done with (its P V finished above): load tile j - 1 + STAGES
+            refill = (j >= 1) & (free + STAGES < n_tiles)
+            fs = (j + STAGES - 1) % STAGES
         else:
-            acc = warpgroup_mma_wait(0, deps=(acc,))
-        refill = j + STAGES < n_tiles  # this stage's K and V are consumed: load tile j + STAGES into it
-        mbarrier.expect(kv_bar.index(stage), kv_bytes, pred=refill)
-        tma.async_copy_global_to_shared(k_desc, [bh * G + (j + STAGES) * BN, 0], kv_bar.index(stage),
-                                        k_smem.index(stage), pred=refill)
-        tma.async_copy_global_to_shared(v_desc, [bh * G + (j + STAGES) * BN, 0], kv_bar.index(stage),
-                                        v_smem.index(stage), pred=refill)
-        if not OVERLAP:
+            if PIPE == 1:
+                acc, s_next = warpgroup_mma_wait(0, deps=(acc, s_next))
+                s_cur = s_next
+            else:
+                acc = warpgroup_mma_wait(0, deps=(acc,))
+            free = j
+            refill = j + STAGES < n_tiles
+            fs = stage
+        mbarrier.expect(kv_bar.index(fs), kv_bytes, pred=refill)
+        tma.async_copy_global_to_shared(k_desc, [bh * G + (free + STAGES) * BN, 0], kv_bar.index(fs),
+                                        k_smem.index(fs), pred=refill)
+        tma.async_copy_global_to_shared(v_desc, [bh * G + (free + STAGES) * BN, 0], kv_bar.index(fs),
+                                        v_smem.index(fs), pred=refill)
+        if PIPE == 0:
             nxt = gl.minimum(j + 1, n_tiles - 1)
             mbarrier.wait(kv_bar.index(nxt % STAGES), (nxt // STAGES) & 1)
             s_cur = warpgroup_mma(q_smem, k_smem.index(nxt % STAGES).permute((1, 0)),
                                   gl.zeros([BM, BN], gl.float32, s_layout), use_acc=False, is_async=True)
             s_cur = warpgroup_mma_wait(0, deps=(s_cur,))
+    if PIPE == 2:
+        acc = warpgroup_mma_wait(0, deps=(acc,))
 
     mbarrier.invalidate(q_bar)
     for s in gl.static_range(STAGES):
@@ -133,7 +151,7 @@ def _layouts(BM, BN, D):
             gl.NVMMASharedLayout.get_default_for([BN, D], gl.bfloat16))
 
 
-def gather_forward(q, k_sum, v_sum, L, c, scale, BM=128, BN=64, stages=3, warps=4, overlap=True):
+def gather_forward(q, k_sum, v_sum, L, c, scale, BM=128, BN=64, stages=3, warps=4, pipe=2):
     """Attention of each query over the summary keys of the blocks before its own: (out [B, H, n, D] bf16, lse fp32)."""
     B, H, n, D = q.shape
     G = k_sum.shape[2]
@@ -147,7 +165,7 @@ def gather_forward(q, k_sum, v_sum, L, c, scale, BM=128, BN=64, stages=3, warps=
     lse = torch.empty(B, H, n, device=q.device, dtype=torch.float32)
     nqb = triton.cdiv(n, BM)
     _gather_fwd_kernel[(B * H, nqb)](q_desc, k_desc, v_desc, o, lse, scale * 1.4426950408889634, n, G, nqb, L, c,
-                                     BM=BM, BN=BN, D=D, STAGES=stages, OVERLAP=overlap, num_warps=warps)
+                                     BM=BM, BN=BN, D=D, STAGES=stages, PIPE=pipe, num_warps=warps)
     return o, lse
 
 
@@ -164,9 +182,9 @@ def reference(q, k, v, L, lo, c, scale):
     return p @ v.float(), lse
 
 
-SETTINGS = [dict(BM=128, BN=64, stages=3, warps=4, overlap=o) for o in (False, True)] + \
-    [dict(BM=128, BN=64, stages=3, warps=8, overlap=True), dict(BM=64, BN=64, stages=4, warps=4, overlap=True),
-     dict(BM=128, BN=128, stages=2, warps=8, overlap=True)]
+SETTINGS = [dict(BM=128, BN=64, stages=3, warps=4, pipe=p) for p in (0, 1, 2)] + \
+    [dict(BM=128, BN=64, stages=3, warps=8, pipe=2), dict(BM=64, BN=64, stages=4, warps=4, pipe=2),
+     dict(BM=128, BN=128, stages=3, warps=8, pipe=2)]
 
 
 def check():
@@ -238,13 +256,13 @@ def compile_only():
                    v_desc=f"tensordesc<bf16[{st['BN']}, 64],{kv_layout!r}>",
                    o_ptr="*bf16", lse_ptr="*fp32", qk_scale="fp32", N="i32", G="i32", NQB="i32", SEG_L="i32",
                    SEG_C="i32", BM="constexpr", BN="constexpr", D="constexpr", STAGES="constexpr",
-                   OVERLAP="constexpr", num_warps="constexpr")
-        cex = dict(BM=st["BM"], BN=st["BN"], D=64, STAGES=st["stages"], OVERLAP=st["overlap"], num_warps=st["warps"])
+                   PIPE="constexpr", num_warps="constexpr")
+        cex = dict(BM=st["BM"], BN=st["BN"], D=64, STAGES=st["stages"], PIPE=st["pipe"], num_warps=st["warps"])
         try:
             src = GluonASTSource(_gather_fwd_kernel, sig, cex)
             k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=st["warps"]))
         except Exception as e:
-            print(f"{st}: failed: {type(e).__name__}: {str(e)[:600]}", flush=True)
+            print(f"{st}: failed: {type(e).__name__}: {str(e)[-900:]}", flush=True)
             continue
         ptx = k.asm["ptx"]
         regs, spills = ptxas_report(ptx)
