@@ -247,6 +247,25 @@ def test_gpu_fused_dq_either_way_matches_reference(n, name, make, dtype, fuse_dq
     check_against_reference(_run(), q, k, v, lay, floor=FLOOR[dtype])
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,L", [(1025, 128), (4096, 256), (300, 128)])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpu_gluon_gather_forward_matches_reference(n, L, D, dtype, monkeypatch):
+    """The experimental Gluon forward of the gathered summary part (forward.GLUON_GATHER, Hopper only), merged into
+    the band's result, with the Triton backward; it must have run (its launch count grows)."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel is for Hopper (sm_90)")
+    from sparse_transformer.attention.triton import forward, gluon_gather
+
+    monkeypatch.setattr(forward, "GLUON_GATHER", True)
+    before = gluon_gather.LAUNCHES
+    lay = layouts.fixed(n, L, 32)
+    q, k, v = make_qkv(2, 3, n, D, dtype, device="cuda")
+    check_against_reference(_run(), q, k, v, lay, floor=FLOOR[dtype])
+    assert gluon_gather.LAUNCHES > before
+
+
 def _assert_two_runs_bit_equal():
     """Output and gradients of two identical fixed-pattern calls are bit-equal."""
     lay = layouts.fixed(2048, 128, 32)

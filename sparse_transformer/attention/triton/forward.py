@@ -11,6 +11,8 @@ an earlier segment (softmaxes over disjoint key sets merge exactly through the l
 Supports: fp16 / bf16 (fp32 accumulation) and fp32 (IEEE dot), head dims 16..256 (power of two), any N.
 Rows that see no key get O = 0 and LSE = -inf.
 """
+import os
+
 import triton
 import triton.language as tl
 
@@ -123,12 +125,22 @@ def _attn_fwd_kernel(
     tl.store(lse_ptrs, lse, mask=q_ok)
 
 
+# experimental, off by default: the gathered part's forward as a Gluon kernel where it applies (gluon_gather.py)
+GLUON_GATHER = os.environ.get("SPARSE_TRANSFORMER_GLUON", "0") == "1"
+
+
 def attn_forward(q, k, v, o, lse, launch, scale, merge):
     """Launch the forward kernel for one segment. q, k, v, o: [B, H, N, D] (last dim contiguous); lse: fp32 [B, H, N]
     contiguous; launch: a function.Launch (segment, tables, params, settings); merge: fold into the o / lse an
     earlier segment wrote."""
     B, H, N, D = q.shape
     seg, tab = launch.seg, launch.fwd.tab
+    if GLUON_GATHER and seg.kind == GATHER:
+        from . import gluon_gather
+
+        if gluon_gather.eligible(q, seg, merge):
+            gluon_gather.forward(q, k, v, o, lse, seg, scale, merge)
+            return
     qk_scale = scale * 1.4426950408889634
     # FOLD (the scale inside the exponent's FMA) measured faster on the gathered summary part only; it needs a positive
     # scale that stays nonzero in fp32 (else -inf * 0 = NaN on masked scores)

@@ -1,0 +1,205 @@
+"""Experimental, off by default: the fixed pattern's gathered summary part, forward only, as a Gluon kernel for Hopper.
+
+TMA loads into a ring of shared-memory stages, asynchronous wgmma, and (PIPE) the next tile's Q K^T issued before this
+tile's softmax and this tile's P V left running into the next softmax, so that the tensor cores and the exponentials
+can work at the same time (FlashAttention-3's intra-warpgroup overlap). The Triton forward of that part runs its units
+one after another (BENCHMARKS.md, "What limits the fixed pattern"). The summary keys of every block (rows lo .. lo + c
+of each L-row block) are first copied into a contiguous [B, H, n / L * c, D] tensor, so that every key tile is one TMA
+box; a query tile of block b sees the summary keys of blocks 0 .. b - 1: key slots [0, b * c), a column limit.
+
+Status: compiled for sm_90 under Triton 3.6 on a CPU machine (bench/gluon_gather.py compile); not yet run on a GPU.
+Gluon has no interpreter. SPARSE_TRANSFORMER_GLUON=1 (forward.GLUON_GATHER = True) sends eligible launches here
+(`eligible`); the GPU test test_gpu_gluon_gather_forward_matches_reference checks it against the float64 reference.
+"""
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma, \
+    warpgroup_mma_init, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from ..plan import GATHER, P_SUM_EXCL, P_SUM_L, P_SUM_LO
+
+# per head dim, to be chosen on a GPU (bench/gluon_gather.py time); with d=128, 4 warps spill (32 bytes) and 8 do not
+SETTINGS = {64: dict(BM=128, BN=64, stages=3, warps=4, pipe=2), 128: dict(BM=128, BN=64, stages=3, warps=8, pipe=2)}
+LAUNCHES = 0  # kernels launched through this path (tests check that it ran)
+
+
+@gluon.jit
+def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, qk_scale, N, G, NQB, SEG_L, SEG_C,
+                       BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
+                       PIPE: gl.constexpr, MERGE: gl.constexpr, num_warps: gl.constexpr):
+    """PIPE 0: each tile's Q K^T, softmax and P V one after another; 1: the next tile's Q K^T issued before this tile's
+    softmax; 2: also this tile's P V left running into the next tile's softmax (3 stages or more: tiles j - 1, j and
+    j + 1 are in use at once)."""
+    gl.static_assert(PIPE < 2 or STAGES >= 3)
+    bh = gl.program_id(0)  # every head's longest query tile first
+    qb = NQB - 1 - gl.program_id(1)
+    q0 = qb * BM
+    kv_len = gl.minimum((q0 // SEG_L) * SEG_C, G)  # the summary keys of the earlier blocks (BM divides SEG_L)
+    n_tiles = gl.cdiv(kv_len, BN)
+
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                        instr_shape=[16, BN, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                        instr_shape=[16, D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [BM, D], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BN, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BN, D], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(kv_bar.index(s), count=1)
+    fence_async_shared()
+
+    kv_bytes: gl.constexpr = 2 * BN * D * 2
+    mbarrier.expect(q_bar, BM * D * 2)
+    tma.async_copy_global_to_shared(q_desc, [bh * N + q0, 0], q_bar, q_smem)
+    for s in gl.static_range(STAGES):  # the first STAGES key / value tiles
+        ok = s < n_tiles
+        mbarrier.expect(kv_bar.index(s), kv_bytes, pred=ok)
+        tma.async_copy_global_to_shared(k_desc, [bh * G + s * BN, 0], kv_bar.index(s), k_smem.index(s), pred=ok)
+        tma.async_copy_global_to_shared(v_desc, [bh * G + s * BN, 0], kv_bar.index(s), v_smem.index(s), pred=ok)
+
+    m_i = gl.full([BM], float("-inf"), gl.float32, row_s)
+    l_i = gl.zeros([BM], gl.float32, row_s)
+    acc = gl.zeros([BM, D], gl.float32, o_layout)
+    if PIPE == 2:  # the loop carries acc as a still-running wgmma's accumulator
+        acc = warpgroup_mma_init(acc)
+    cols = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+    mbarrier.wait(q_bar, 0)
+
+    # S of the first tile (when there is none the loop below does not run and this result is never read)
+    mbarrier.wait(kv_bar.index(0), 0, pred=n_tiles > 0)
+    s_cur = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), gl.zeros([BM, BN], gl.float32, s_layout),
+                          use_acc=False, is_async=True)
+    s_cur = warpgroup_mma_wait(0, deps=(s_cur,))
+    for j in range(n_tiles):
+        stage = j % STAGES
+        if PIPE >= 1:  # issue the next tile's Q K^T now: it runs while this tile's softmax does (the last tile
+            # redoes its own, unread)
+            nxt = gl.minimum(j + 1, n_tiles - 1)
+            mbarrier.wait(kv_bar.index(nxt % STAGES), (nxt // STAGES) & 1)
+            s_next = warpgroup_mma(q_smem, k_smem.index(nxt % STAGES).permute((1, 0)),
+                                   gl.zeros([BM, BN], gl.float32, s_layout), use_acc=False, is_async=True)
+        sc = gl.where(gl.expand_dims(j * BN + cols < kv_len, 0), s_cur, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(sc, 1) * qk_scale)  # kv_len > 0 here: every row sees a key in tile 0
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(sc * qk_scale - gl.expand_dims(m_new, 1))
+        l_i = l_i * alpha + gl.sum(p, 1)
+        m_i = m_new
+        if PIPE == 2:  # the previous tile's P V (older than the Q K^T just issued) must be done before the rescale
+            acc = warpgroup_mma_wait(1, deps=(acc,))
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+        acc = warpgroup_mma(gl.convert_layout(p.to(v_desc.dtype), p_layout), v_smem.index(stage), acc,
+                            is_async=True)
+        if PIPE == 2:  # wait for the next Q K^T only: this P V runs on into the next softmax
+            s_cur = warpgroup_mma_wait(1, deps=(s_next,))
+            free = j - 1  # tile j - 1's stage is done with (its P V finished above): load tile j - 1 + STAGES
+            refill = (j >= 1) & (free + STAGES < n_tiles)
+            fs = (j + STAGES - 1) % STAGES
+        else:
+            if PIPE == 1:
+                acc, s_next = warpgroup_mma_wait(0, deps=(acc, s_next))
+                s_cur = s_next
+            else:
+                acc = warpgroup_mma_wait(0, deps=(acc,))
+            free = j
+            refill = j + STAGES < n_tiles
+            fs = stage
+        mbarrier.expect(kv_bar.index(fs), kv_bytes, pred=refill)
+        tma.async_copy_global_to_shared(k_desc, [bh * G + (free + STAGES) * BN, 0], kv_bar.index(fs),
+                                        k_smem.index(fs), pred=refill)
+        tma.async_copy_global_to_shared(v_desc, [bh * G + (free + STAGES) * BN, 0], kv_bar.index(fs),
+                                        v_smem.index(fs), pred=refill)
+        if PIPE == 0:
+            nxt = gl.minimum(j + 1, n_tiles - 1)
+            mbarrier.wait(kv_bar.index(nxt % STAGES), (nxt // STAGES) & 1)
+            s_cur = warpgroup_mma(q_smem, k_smem.index(nxt % STAGES).permute((1, 0)),
+                                  gl.zeros([BM, BN], gl.float32, s_layout), use_acc=False, is_async=True)
+            s_cur = warpgroup_mma_wait(0, deps=(s_cur,))
+    if PIPE == 2:
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+
+    mbarrier.invalidate(q_bar)
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(kv_bar.index(s))
+    has = l_i > 0
+    l_safe = gl.where(has, l_i, 1.0)
+    o = acc / gl.expand_dims(gl.convert_layout(l_safe, row_o), 1)
+    lse = gl.where(has, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    rows_o = q0 + gl.arange(0, BM, layout=row_o)
+    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    o_ptrs = o_ptr + (bh.to(gl.int64) * N + gl.expand_dims(rows_o, 1)) * D + gl.expand_dims(offs_d, 0)
+    o_ok = gl.expand_dims(rows_o < N, 1)
+    rows_s = q0 + gl.arange(0, BM, layout=row_s)
+    lse_ptrs = lse_ptr + bh.to(gl.int64) * N + rows_s
+    if MERGE:  # fold into the earlier segments' O / LSE (softmaxes over disjoint keys merge through the LSE)
+        lse_prev = gl.load(lse_ptrs, mask=rows_s < N, other=float("-inf"))
+        mx = gl.maximum(lse_prev, lse)
+        mx = gl.where(mx == float("-inf"), 0.0, mx)
+        w_prev = gl.exp(lse_prev - mx)
+        w_new = gl.exp(lse - mx)
+        tot = w_prev + w_new
+        tot_safe = gl.where(tot > 0, tot, 1.0)
+        o_prev = gl.load(o_ptrs, mask=o_ok, other=0.0).to(gl.float32)
+        o = (o_prev * gl.expand_dims(gl.convert_layout(w_prev, row_o), 1)
+             + o * gl.expand_dims(gl.convert_layout(w_new, row_o), 1)) / gl.expand_dims(gl.convert_layout(tot_safe, row_o), 1)
+        lse = gl.where(tot > 0, mx + gl.log(tot_safe), float("-inf"))
+    gl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=o_ok)
+    gl.store(lse_ptrs, lse, mask=rows_s < N)
+
+
+def summary_kv(x, L, lo, c):
+    """The summary rows (lo .. lo + c of every L-row block) of x [B, H, n, D], contiguous: [B, H, n // L * c, D]."""
+    B, H, n, D = x.shape
+    return x[:, :, : n // L * L].reshape(B, H, n // L, L, D)[:, :, :, lo:lo + c].reshape(B, H, -1, D).contiguous()
+
+
+def _layouts(BM, BN, D, dtype):
+    return (gl.NVMMASharedLayout.get_default_for([BM, D], dtype), gl.NVMMASharedLayout.get_default_for([BN, D], dtype))
+
+
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+
+
+def gather_forward(q, k_sum, v_sum, o, lse, L, c, scale, merge, BM=128, BN=64, stages=3, warps=4, pipe=2):
+    """Attention of each query over the summary keys of the blocks before its own (k_sum, v_sum from summary_kv),
+    written to o [B, H, n, D] and lse fp32 [B, H, n] (contiguous), or merged into what they hold (merge)."""
+    global LAUNCHES
+    B, H, n, D = q.shape
+    G = k_sum.shape[2]
+    assert L % BM == 0 and q.is_contiguous() and k_sum.is_contiguous() and v_sum.is_contiguous() and o.is_contiguous()
+    q_layout, kv_layout = _layouts(BM, BN, D, _GL_DTYPES[q.dtype])
+    q2, k2, v2 = q.view(B * H * n, D), k_sum.view(B * H * G, D), v_sum.view(B * H * G, D)
+    q_desc = TensorDescriptor(q2, list(q2.shape), list(q2.stride()), [BM, D], q_layout)
+    k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [BN, D], kv_layout)
+    v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [BN, D], kv_layout)
+    nqb = triton.cdiv(n, BM)
+    _gather_fwd_kernel[(B * H, nqb)](q_desc, k_desc, v_desc, o, lse, scale * 1.4426950408889634, n, G, nqb, L, c,
+                                     BM=BM, BN=BN, D=D, STAGES=stages, PIPE=pipe, MERGE=merge, num_warps=warps)
+    LAUNCHES += 1
+
+
+def eligible(q, seg, merge) -> bool:
+    """This path covers: a Hopper GPU, fp16 / bf16, head dim 64 or 128, contiguous q, the gathered part of a layout
+    whose every head has it, with one summary offset, after a band that holds each query's own block (merge)."""
+    if not (merge and seg.kind == GATHER and q.is_cuda and q.dtype in _GL_DTYPES and q.shape[-1] in (64, 128)
+            and q.is_contiguous() and seg.L % SETTINGS[q.shape[-1]]["BM"] == 0):
+        return False
+    p = seg.params
+    return (torch.cuda.get_device_capability(q.device)[0] == 9 and bool((p[:, P_SUM_L] > 0).all())
+            and bool((p[:, P_SUM_EXCL] > 0).all()) and len(set(p[:, P_SUM_LO].tolist())) == 1)
+
+
+def forward(q, k, v, o, lse, seg, scale, merge):
+    """The gathered part's forward for an eligible launch: copy the summary keys, run the kernel, merge."""
+    lo = int(seg.params[0, P_SUM_LO])
+    gather_forward(q, summary_kv(k, seg.L, lo, seg.C), summary_kv(v, seg.L, lo, seg.C), o, lse, seg.L, seg.C, scale,
+                   merge, **SETTINGS[q.shape[-1]])
