@@ -138,7 +138,7 @@ def attn_forward(q, k, v, o, lse, launch, scale, merge):
     if GLUON_GATHER and seg.kind == GATHER:
         from . import gluon_gather
 
-        if gluon_gather.eligible(q, seg, merge):
+        if gluon_gather.eligible(q, seg, scale, merge):
             gluon_gather.forward(q, k, v, o, lse, seg, scale, merge)
             return
     qk_scale = scale * 1.4426950408889634

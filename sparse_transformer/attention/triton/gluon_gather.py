@@ -22,7 +22,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from ..plan import GATHER, P_SUM_EXCL, P_SUM_L, P_SUM_LO
 
 # per head dim, to be chosen on a GPU (bench/gluon_gather.py time); with d=128, 4 warps spill (32 bytes) and 8 do not
-SETTINGS = {64: dict(BM=128, BN=64, stages=3, warps=4, pipe=2), 128: dict(BM=128, BN=64, stages=3, warps=8, pipe=2)}
+# (4 stages: a tile's TMA load is issued two tiles ahead of its use; PIPE 2 keeps three stages busy)
+SETTINGS = {64: dict(BM=128, BN=64, stages=4, warps=4, pipe=2), 128: dict(BM=128, BN=64, stages=3, warps=8, pipe=2)}
 LAUNCHES = 0  # kernels launched through this path (tests check that it ran)
 
 
@@ -149,8 +150,8 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, qk_scale, N, G, N
         tot = w_prev + w_new
         tot_safe = gl.where(tot > 0, tot, 1.0)
         o_prev = gl.load(o_ptrs, mask=o_ok, other=0.0).to(gl.float32)
-        o = (o_prev * gl.expand_dims(gl.convert_layout(w_prev, row_o), 1)
-             + o * gl.expand_dims(gl.convert_layout(w_new, row_o), 1)) / gl.expand_dims(gl.convert_layout(tot_safe, row_o), 1)
+        o = (o_prev * gl.expand_dims(gl.convert_layout(w_prev / tot_safe, row_o), 1)
+             + o * gl.expand_dims(gl.convert_layout(w_new / tot_safe, row_o), 1))
         lse = gl.where(tot > 0, mx + gl.log(tot_safe), float("-inf"))
     gl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=o_ok)
     gl.store(lse_ptrs, lse, mask=rows_s < N)
@@ -187,11 +188,13 @@ def gather_forward(q, k_sum, v_sum, o, lse, L, c, scale, merge, BM=128, BN=64, s
     LAUNCHES += 1
 
 
-def eligible(q, seg, merge) -> bool:
-    """This path covers: a Hopper GPU, fp16 / bf16, head dim 64 or 128, contiguous q, the gathered part of a layout
-    whose every head has it, with one summary offset, after a band that holds each query's own block (merge)."""
+def eligible(q, seg, scale, merge) -> bool:
+    """This path covers: a Hopper GPU, fp16 / bf16, head dim 64 or 128, contiguous q with fewer than 2^31 rows, a
+    positive scale (the kernel scales the row max of the raw scores), the gathered part of a layout whose every head
+    has it, with one summary offset, after a band that holds each query's own block (merge)."""
     if not (merge and seg.kind == GATHER and q.is_cuda and q.dtype in _GL_DTYPES and q.shape[-1] in (64, 128)
-            and q.is_contiguous() and seg.L % SETTINGS[q.shape[-1]]["BM"] == 0):
+            and q.is_contiguous() and q.numel() // q.shape[-1] < 2 ** 31
+            and scale * 1.4426950408889634 >= 2.0 ** -126 and seg.L % SETTINGS[q.shape[-1]]["BM"] == 0):
         return False
     p = seg.params
     return (torch.cuda.get_device_capability(q.device)[0] == 9 and bool((p[:, P_SUM_L] > 0).all())
