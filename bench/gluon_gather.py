@@ -99,23 +99,27 @@ def time_against_triton():
 
 
 def compile_only():
-    """Compile every setting for sm_90 without a GPU and report registers / spills (ptxas -v) and shared memory."""
+    """Compile every setting (d=64) and the library's settings for sm_90 without a GPU and report registers / spills
+    (ptxas -v), shared memory, and whether ptxas serialized the asynchronous wgmma (which undoes the pipelining)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     sys.path.insert(0, os.path.dirname(__file__))
     from compile_probe import ptxas_report
 
+    from sparse_transformer.attention.triton.gluon_gather import SETTINGS as LIBRARY
+
     print(f"triton {triton.__version__}, target sm_90")
-    for st in SETTINGS:
-        q_layout, kv_layout = _layouts(st["BM"], st["BN"], 64, _GL_DTYPES[torch.bfloat16])
-        sig = dict(q_desc=f"tensordesc<bf16[{st['BM']}, 64],{q_layout!r}>",
-                   k_desc=f"tensordesc<bf16[{st['BN']}, 64],{kv_layout!r}>",
-                   v_desc=f"tensordesc<bf16[{st['BN']}, 64],{kv_layout!r}>",
+    for st in [dict(s, D=64) for s in SETTINGS] + [dict(s, D=d, library=True) for d, s in LIBRARY.items()]:
+        D = st["D"]
+        q_layout, kv_layout = _layouts(st["BM"], st["BN"], D, _GL_DTYPES[torch.bfloat16])
+        sig = dict(q_desc=f"tensordesc<bf16[{st['BM']}, {D}],{q_layout!r}>",
+                   k_desc=f"tensordesc<bf16[{st['BN']}, {D}],{kv_layout!r}>",
+                   v_desc=f"tensordesc<bf16[{st['BN']}, {D}],{kv_layout!r}>",
                    o_ptr="*bf16", lse_ptr="*fp32", qk_scale="fp32", N="i32", G="i32", NQB="i32", SEG_L="i32",
                    SEG_C="i32", BM="constexpr", BN="constexpr", D="constexpr", STAGES="constexpr",
                    PIPE="constexpr", MERGE="constexpr", num_warps="constexpr")
-        cex = dict(BM=st["BM"], BN=st["BN"], D=64, STAGES=st["stages"], PIPE=st["pipe"], MERGE=True,
+        cex = dict(BM=st["BM"], BN=st["BN"], D=D, STAGES=st["stages"], PIPE=st["pipe"], MERGE=True,
                    num_warps=st["warps"])
         try:
             src = GluonASTSource(_gather_fwd_kernel, sig, cex)

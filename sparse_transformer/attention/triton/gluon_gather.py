@@ -16,14 +16,14 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma, \
-    warpgroup_mma_init, warpgroup_mma_wait
+    warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..plan import GATHER, P_SUM_EXCL, P_SUM_L, P_SUM_LO
 
 # per head dim, to be chosen on a GPU (bench/gluon_gather.py time); with d=128, 4 warps spill (32 bytes) and 8 do not
-# (4 stages: a tile's TMA load is issued two tiles ahead of its use; PIPE 2 keeps three stages busy)
-SETTINGS = {64: dict(BM=128, BN=64, stages=4, warps=4, pipe=2), 128: dict(BM=128, BN=64, stages=3, warps=8, pipe=2)}
+# (PIPE 2 issues a tile's TMA load STAGES - 2 iterations before its use; d=128 on 4 stages: 160 KiB of shared memory)
+SETTINGS = {64: dict(BM=128, BN=64, stages=4, warps=4, pipe=2), 128: dict(BM=128, BN=64, stages=4, warps=8, pipe=2)}
 LAUNCHES = 0  # kernels launched through this path (tests check that it ran)
 
 
@@ -32,9 +32,10 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, qk_scale, N, G, N
                        BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
                        PIPE: gl.constexpr, MERGE: gl.constexpr, num_warps: gl.constexpr):
     """PIPE 0: each tile's Q K^T, softmax and P V one after another; 1: the next tile's Q K^T issued before this tile's
-    softmax; 2: also this tile's P V left running into the next tile's softmax (3 stages or more: tiles j - 1, j and
-    j + 1 are in use at once)."""
-    gl.static_assert(PIPE < 2 or STAGES >= 3)
+    softmax; 2 (FlashAttention-3's order): each iteration issues the next tile's Q K^T and this tile's P V, then runs
+    the next tile's softmax while the P V runs, and waits for it before the loop turns (an accumulator still being
+    written across the loop's back edge makes ptxas serialize the wgmma)."""
+    gl.static_assert(PIPE == 0 or STAGES >= 2)
     bh = gl.program_id(0)  # every head's longest query tile first
     qb = NQB - 1 - gl.program_id(1)
     q0 = qb * BM
@@ -68,65 +69,83 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, qk_scale, N, G, N
         tma.async_copy_global_to_shared(k_desc, [bh * G + s * BN, 0], kv_bar.index(s), k_smem.index(s), pred=ok)
         tma.async_copy_global_to_shared(v_desc, [bh * G + s * BN, 0], kv_bar.index(s), v_smem.index(s), pred=ok)
 
-    m_i = gl.full([BM], float("-inf"), gl.float32, row_s)
-    l_i = gl.zeros([BM], gl.float32, row_s)
     acc = gl.zeros([BM, D], gl.float32, o_layout)
-    if PIPE == 2:  # the loop carries acc as a still-running wgmma's accumulator
-        acc = warpgroup_mma_init(acc)
     cols = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
     mbarrier.wait(q_bar, 0)
-
-    # S of the first tile (when there is none the loop below does not run and this result is never read)
+    # S of the first tile (when there is none the loop below does not run and this result is masked out or unread)
     mbarrier.wait(kv_bar.index(0), 0, pred=n_tiles > 0)
     s_cur = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), gl.zeros([BM, BN], gl.float32, s_layout),
                           use_acc=False, is_async=True)
     s_cur = warpgroup_mma_wait(0, deps=(s_cur,))
-    for j in range(n_tiles):
-        stage = j % STAGES
-        if PIPE >= 1:  # issue the next tile's Q K^T now: it runs while this tile's softmax does (the last tile
-            # redoes its own, unread)
+    if PIPE == 2:
+        # the softmax of tile 0 before the loop; each iteration then does tile j's P V and tile j + 1's softmax (the
+        # last one redoes its own tile's Q K^T with every column masked: p = 0, alpha = 1)
+        sc = gl.where(gl.expand_dims(cols < kv_len, 0), s_cur, float("-inf"))
+        m_i = gl.max(sc, 1) * qk_scale
+        p = gl.exp2(sc * qk_scale - gl.expand_dims(gl.where(m_i == float("-inf"), 0.0, m_i), 1))
+        l_i = gl.sum(p, 1)
+        alpha = gl.zeros([BM], gl.float32, row_s)
+        p_op = gl.convert_layout(p.to(v_desc.dtype), p_layout)
+        for j in range(n_tiles):
+            stage = j % STAGES
             nxt = gl.minimum(j + 1, n_tiles - 1)
             mbarrier.wait(kv_bar.index(nxt % STAGES), (nxt // STAGES) & 1)
             s_next = warpgroup_mma(q_smem, k_smem.index(nxt % STAGES).permute((1, 0)),
                                    gl.zeros([BM, BN], gl.float32, s_layout), use_acc=False, is_async=True)
-        sc = gl.where(gl.expand_dims(j * BN + cols < kv_len, 0), s_cur, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(sc, 1) * qk_scale)  # kv_len > 0 here: every row sees a key in tile 0
-        alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(sc * qk_scale - gl.expand_dims(m_new, 1))
-        l_i = l_i * alpha + gl.sum(p, 1)
-        m_i = m_new
-        if PIPE == 2:  # the previous tile's P V (older than the Q K^T just issued) must be done before the rescale
-            acc = warpgroup_mma_wait(1, deps=(acc,))
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
-        acc = warpgroup_mma(gl.convert_layout(p.to(v_desc.dtype), p_layout), v_smem.index(stage), acc,
-                            is_async=True)
-        if PIPE == 2:  # wait for the next Q K^T only: this P V runs on into the next softmax
-            s_cur = warpgroup_mma_wait(1, deps=(s_next,))
-            free = j - 1  # tile j - 1's stage is done with (its P V finished above): load tile j - 1 + STAGES
-            refill = (j >= 1) & (free + STAGES < n_tiles)
-            fs = (j + STAGES - 1) % STAGES
-        else:
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+            acc = warpgroup_mma(p_op, v_smem.index(stage), acc, is_async=True)
+            s_next = warpgroup_mma_wait(1, deps=(s_next,))  # the Q K^T (issued first) is done; P V runs on
+            sc = gl.where(gl.expand_dims((j + 1) * BN + cols < kv_len, 0), s_next, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(sc, 1) * qk_scale)
+            alpha = gl.exp2(m_i - m_new)
+            p = gl.exp2(sc * qk_scale - gl.expand_dims(m_new, 1))
+            l_i = l_i * alpha + gl.sum(p, 1)
+            m_i = m_new
+            p_op = gl.convert_layout(p.to(v_desc.dtype), p_layout)
+            acc = warpgroup_mma_wait(0, deps=(acc,))
+            refill = j + STAGES < n_tiles  # tile j's stage is free: load tile j + STAGES into it
+            mbarrier.expect(kv_bar.index(stage), kv_bytes, pred=refill)
+            tma.async_copy_global_to_shared(k_desc, [bh * G + (j + STAGES) * BN, 0], kv_bar.index(stage),
+                                            k_smem.index(stage), pred=refill)
+            tma.async_copy_global_to_shared(v_desc, [bh * G + (j + STAGES) * BN, 0], kv_bar.index(stage),
+                                            v_smem.index(stage), pred=refill)
+    else:
+        m_i = gl.full([BM], float("-inf"), gl.float32, row_s)
+        l_i = gl.zeros([BM], gl.float32, row_s)
+        for j in range(n_tiles):
+            stage = j % STAGES
+            if PIPE == 1:  # issue the next tile's Q K^T now: it runs while this tile's softmax does (the last tile
+                # redoes its own, unread)
+                nxt = gl.minimum(j + 1, n_tiles - 1)
+                mbarrier.wait(kv_bar.index(nxt % STAGES), (nxt // STAGES) & 1)
+                s_next = warpgroup_mma(q_smem, k_smem.index(nxt % STAGES).permute((1, 0)),
+                                       gl.zeros([BM, BN], gl.float32, s_layout), use_acc=False, is_async=True)
+            sc = gl.where(gl.expand_dims(j * BN + cols < kv_len, 0), s_cur, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(sc, 1) * qk_scale)  # kv_len > 0 here: every row sees a key in tile 0
+            alpha = gl.exp2(m_i - m_new)
+            p = gl.exp2(sc * qk_scale - gl.expand_dims(m_new, 1))
+            l_i = l_i * alpha + gl.sum(p, 1)
+            m_i = m_new
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+            acc = warpgroup_mma(gl.convert_layout(p.to(v_desc.dtype), p_layout), v_smem.index(stage), acc,
+                                is_async=True)
             if PIPE == 1:
                 acc, s_next = warpgroup_mma_wait(0, deps=(acc, s_next))
                 s_cur = s_next
             else:
                 acc = warpgroup_mma_wait(0, deps=(acc,))
-            free = j
-            refill = j + STAGES < n_tiles
-            fs = stage
-        mbarrier.expect(kv_bar.index(fs), kv_bytes, pred=refill)
-        tma.async_copy_global_to_shared(k_desc, [bh * G + (free + STAGES) * BN, 0], kv_bar.index(fs),
-                                        k_smem.index(fs), pred=refill)
-        tma.async_copy_global_to_shared(v_desc, [bh * G + (free + STAGES) * BN, 0], kv_bar.index(fs),
-                                        v_smem.index(fs), pred=refill)
-        if PIPE == 0:
-            nxt = gl.minimum(j + 1, n_tiles - 1)
-            mbarrier.wait(kv_bar.index(nxt % STAGES), (nxt // STAGES) & 1)
-            s_cur = warpgroup_mma(q_smem, k_smem.index(nxt % STAGES).permute((1, 0)),
-                                  gl.zeros([BM, BN], gl.float32, s_layout), use_acc=False, is_async=True)
-            s_cur = warpgroup_mma_wait(0, deps=(s_cur,))
-    if PIPE == 2:
-        acc = warpgroup_mma_wait(0, deps=(acc,))
+            refill = j + STAGES < n_tiles  # tile j's stage is free: load tile j + STAGES into it
+            mbarrier.expect(kv_bar.index(stage), kv_bytes, pred=refill)
+            tma.async_copy_global_to_shared(k_desc, [bh * G + (j + STAGES) * BN, 0], kv_bar.index(stage),
+                                            k_smem.index(stage), pred=refill)
+            tma.async_copy_global_to_shared(v_desc, [bh * G + (j + STAGES) * BN, 0], kv_bar.index(stage),
+                                            v_smem.index(stage), pred=refill)
+            if PIPE == 0:
+                nxt = gl.minimum(j + 1, n_tiles - 1)
+                mbarrier.wait(kv_bar.index(nxt % STAGES), (nxt // STAGES) & 1)
+                s_cur = warpgroup_mma(q_smem, k_smem.index(nxt % STAGES).permute((1, 0)),
+                                      gl.zeros([BM, BN], gl.float32, s_layout), use_acc=False, is_async=True)
+                s_cur = warpgroup_mma_wait(0, deps=(s_cur,))
 
     mbarrier.invalidate(q_bar)
     for s in gl.static_range(STAGES):
@@ -189,11 +208,13 @@ def gather_forward(q, k_sum, v_sum, o, lse, L, c, scale, merge, BM=128, BN=64, s
 
 
 def eligible(q, seg, scale, merge) -> bool:
-    """This path covers: a Hopper GPU, fp16 / bf16, head dim 64 or 128, contiguous q with fewer than 2^31 rows, a
+    """This path covers: a Hopper GPU, fp16 / bf16, head dim 64 or 128, contiguous 16-byte aligned q with fewer than 2^31
+    rows and 65535 query tiles per head, a
     positive scale (the kernel scales the row max of the raw scores), the gathered part of a layout whose every head
     has it, with one summary offset, after a band that holds each query's own block (merge)."""
     if not (merge and seg.kind == GATHER and q.is_cuda and q.dtype in _GL_DTYPES and q.shape[-1] in (64, 128)
-            and q.is_contiguous() and q.numel() // q.shape[-1] < 2 ** 31
+            and q.is_contiguous() and q.data_ptr() % 16 == 0 and q.numel() // q.shape[-1] < 2 ** 31
+            and triton.cdiv(q.shape[2], SETTINGS[q.shape[-1]]["BM"]) <= 65535
             and scale * 1.4426950408889634 >= 2.0 ** -126 and seg.L % SETTINGS[q.shape[-1]]["BM"] == 0):
         return False
     p = seg.params
@@ -203,6 +224,8 @@ def eligible(q, seg, scale, merge) -> bool:
 
 def forward(q, k, v, o, lse, seg, scale, merge):
     """The gathered part's forward for an eligible launch: copy the summary keys, run the kernel, merge."""
+    if q.shape[2] < seg.L:  # one block: no query sees a summary key, and merging nothing changes nothing
+        return
     lo = int(seg.params[0, P_SUM_LO])
     gather_forward(q, summary_kv(k, seg.L, lo, seg.C), summary_kv(v, seg.L, lo, seg.C), o, lse, seg.L, seg.C, scale,
                    merge, **SETTINGS[q.shape[-1]])
