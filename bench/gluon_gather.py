@@ -10,8 +10,8 @@ import sys
 import torch
 import triton
 
-from sparse_transformer.attention.triton.gluon_gather import _GL_DTYPES, _gather_fwd_kernel, _layouts, gather_forward, \
-    summary_kv
+from sparse_transformer.attention.triton.gluon_gather import _GL_DTYPES, _gather_dq_kernel, _gather_fwd_kernel, _layouts, \
+    gather_dq, gather_forward, summary_kv
 
 
 def reference(q, k, v, L, lo, c, scale):
@@ -50,6 +50,19 @@ def check():
             lse_err = (lse[seen] - ref_lse[seen]).abs().max().item()
             print(f"n={n} L={L} c={c} {st}: max rel err {err:.2e}, lse err {lse_err:.2e}, empty rows ok {ok}",
                   flush=True)
+        # dQ of the gathered part alone: Delta and the LSE from the float32 reference, against autograd
+        qf = q.float().requires_grad_()
+        ref_o, _ = reference(qf, k, v, L, lo, c, 1 / math.sqrt(D))
+        do = torch.randn_like(q)
+        (ref_dq,) = torch.autograd.grad(ref_o, qf, do.float())
+        delta = (do.float() * ref_o.detach()).sum(-1).contiguous()
+        for st in [dict(BM=64, BN=64, stages=3, warps=4), dict(BM=128, BN=64, stages=3, warps=8)]:
+            if L % st["BM"]:
+                continue
+            dq = torch.zeros(B, H, n, D, device="cuda", dtype=torch.float32)
+            gather_dq(q, do, ks, vs, ref_lse.contiguous(), delta, dq, L, c, 1 / math.sqrt(D), **st)
+            err = ((dq - ref_dq).abs().max() / ref_dq.abs().max()).item()
+            print(f"n={n} L={L} c={c} dq {st}: max rel err {err:.2e}", flush=True)
 
 
 def _with_gluon(f):
@@ -76,6 +89,11 @@ def time_against_triton():
         ks, vs = summary_kv(k, L, L - c, c), summary_kv(v, L, L - c, c)
         o, lse = torch.empty_like(q), torch.empty(B, H, n, device="cuda", dtype=torch.float32)
         runs["ours, gathered part through Gluon"] = lambda: _with_gluon(lambda: sparse_attention(q, k, v, lay))
+        qg = q.detach().requires_grad_()
+        go = torch.randn_like(q)
+        runs["ours fwd+bwd (Triton)"] = lambda: sparse_attention(qg, k, v, lay).backward(go)
+        runs["ours fwd+bwd, gathered fwd and dQ through Gluon"] = \
+            lambda: _with_gluon(lambda: sparse_attention(qg, k, v, lay).backward(go))
         for st in SETTINGS:
             runs[f"gluon {st}"] = lambda st=st: gather_forward(q, ks, vs, o, lse, L, c, 0.125, False, **st)
         for label, f in runs.items():
@@ -104,9 +122,6 @@ def compile_only():
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    sys.path.insert(0, os.path.dirname(__file__))
-    from compile_probe import ptxas_report
-
     from sparse_transformer.attention.triton.gluon_gather import SETTINGS as LIBRARY
 
     print(f"triton {triton.__version__}, target sm_90")
@@ -127,10 +142,36 @@ def compile_only():
         except Exception as e:
             print(f"{st}: failed: {type(e).__name__}: {str(e)[-900:]}", flush=True)
             continue
-        ptx = k.asm["ptx"]
-        regs, spills = ptxas_report(ptx)
-        print(f"{st}: regs {regs}, spill st/ld {spills}, smem {k.metadata.shared // 1024} KiB, "
-              f"wgmma {ptx.count('wgmma.mma_async')}, tma loads {ptx.count('cp.async.bulk.tensor')}", flush=True)
+        _report(st, k)
+    from sparse_transformer.attention.triton.gluon_gather import DQ_SETTINGS
+
+    for st in [dict(BM=64, BN=64, stages=3, warps=4, D=64), dict(BM=128, BN=64, stages=3, warps=4, D=64)] + \
+            [dict(s, D=d, library=True) for d, s in DQ_SETTINGS.items()]:
+        D = st["D"]
+        q_layout, kv_layout = _layouts(st["BM"], st["BN"], D, _GL_DTYPES[torch.bfloat16])
+        qd = f"tensordesc<bf16[{st['BM']}, {D}],{q_layout!r}>"
+        kd = f"tensordesc<bf16[{st['BN']}, {D}],{kv_layout!r}>"
+        sig = dict(q_desc=qd, do_desc=qd, k_desc=kd, v_desc=kd, dq_ptr="*fp32", lse_ptr="*fp32", delta_ptr="*fp32",
+                   qk_scale="fp32", sm_scale="fp32", N="i32", G="i32", NQB="i32", SEG_L="i32", SEG_C="i32",
+                   BM="constexpr", BN="constexpr", D="constexpr", STAGES="constexpr", num_warps="constexpr")
+        cex = dict(BM=st["BM"], BN=st["BN"], D=D, STAGES=st["stages"], num_warps=st["warps"])
+        try:
+            k = triton.compile(GluonASTSource(_gather_dq_kernel, sig, cex), target=GPUTarget("cuda", 90, 32),
+                               options=dict(num_warps=st["warps"]))
+        except Exception as e:
+            print(f"dq {st}: failed: {type(e).__name__}: {str(e)[-900:]}", flush=True)
+            continue
+        _report(f"dq {st}", k)
+
+
+def _report(label, k):
+    sys.path.insert(0, os.path.dirname(__file__))
+    from compile_probe import ptxas_report
+
+    ptx = k.asm["ptx"]
+    regs, spills = ptxas_report(ptx)
+    print(f"{label}: regs {regs}, spill st/ld {spills}, smem {k.metadata.shared // 1024} KiB, "
+          f"wgmma {ptx.count('wgmma.mma_async')}, tma loads {ptx.count('cp.async.bulk.tensor')}", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ not 14 d).
 import triton
 import triton.language as tl
 
+from ..plan import GATHER
+from . import forward as _forward
 from .common import _key_positions, _program_head, _program_tile, _query_positions, _tile_mask
 from .forward import _dot
 from .grid import program_grid
@@ -191,7 +193,14 @@ def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, fuse_dq
     assert dq.stride() == do.stride() == o.stride() and dk.stride() == dv.stride()
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     qk_scale = scale * 1.4426950408889634
-    if not fuse_dq:
+    dq_kernel = not fuse_dq
+    if dq_kernel and _forward.GLUON_GATHER and seg.kind == GATHER and accum and not first:
+        from . import gluon_gather  # experimental (forward.GLUON_GATHER): the gathered part's dQ in Gluon
+
+        if gluon_gather.eligible(q, seg, scale, True):
+            gluon_gather.backward_dq(q, k, v, do, dq, lse, delta, seg, scale)
+            dq_kernel = False
+    if dq_kernel:
         tab = launch.dq.tab
         grid, group, t_on_x = program_grid(tab.nqb, B * H)
         launch_kernel(_attn_bwd_dq_kernel, grid, (

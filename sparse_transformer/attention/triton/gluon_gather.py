@@ -1,4 +1,5 @@
-"""Experimental, off by default: the fixed pattern's gathered summary part, forward only, as a Gluon kernel for Hopper.
+"""Experimental, off by default: the fixed pattern's gathered summary part, forward and dQ, as Gluon kernels for Hopper
+(its dK / dV stay with the Triton kernel).
 
 TMA loads into a ring of shared-memory stages, asynchronous wgmma, and (PIPE) the next tile's Q K^T issued before this
 tile's softmax and this tile's P V left running into the next softmax, so that the tensor cores and the exponentials
@@ -7,9 +8,13 @@ one after another (BENCHMARKS.md, "What limits the fixed pattern"). The summary 
 of each L-row block) are first copied into a contiguous [B, H, n / L * c, D] tensor, so that every key tile is one TMA
 box; a query tile of block b sees the summary keys of blocks 0 .. b - 1: key slots [0, b * c), a column limit.
 
+The dQ kernel (`_gather_dq_kernel`) has the same structure: per key tile S = Q K^T and dP = dO V^T, the next tile's
+two products issued before this tile's element-wise work, dQ += dS K waited within the iteration.
+
 Status: compiled for sm_90 under Triton 3.6 on a CPU machine (bench/gluon_gather.py compile); not yet run on a GPU.
 Gluon has no interpreter. SPARSE_TRANSFORMER_GLUON=1 (forward.GLUON_GATHER = True) sends eligible launches here
-(`eligible`); the GPU test test_gpu_gluon_gather_forward_matches_reference checks it against the float64 reference.
+(`eligible`); the GPU test test_gpu_gluon_gather_matches_reference checks outputs and gradients against the float64
+reference.
 """
 import torch
 import triton
@@ -24,6 +29,7 @@ from ..plan import GATHER, P_SUM_EXCL, P_SUM_L, P_SUM_LO
 # per head dim, to be chosen on a GPU (bench/gluon_gather.py time); with d=128, 4 warps spill (32 bytes) and 8 do not
 # (PIPE 2 issues a tile's TMA load STAGES - 2 iterations before its use; d=128 on 4 stages: 160 KiB of shared memory)
 SETTINGS = {64: dict(BM=128, BN=64, stages=4, warps=4, pipe=2), 128: dict(BM=128, BN=64, stages=4, warps=8, pipe=2)}
+DQ_SETTINGS = {64: dict(BM=128, BN=64, stages=3, warps=8), 128: dict(BM=64, BN=64, stages=3, warps=4)}
 LAUNCHES = 0  # kernels launched through this path (tests check that it ran)
 
 
@@ -176,6 +182,92 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, qk_scale, N, G, N
     gl.store(lse_ptrs, lse, mask=rows_s < N)
 
 
+@gluon.jit
+def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_ptr, qk_scale, sm_scale, N, G, NQB,
+                      SEG_L, SEG_C, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
+                      num_warps: gl.constexpr):
+    """dQ of the gathered part, added to the dQ an earlier segment stored (which also stored Delta = rowsum(dO * O)):
+    per key tile S = Q K^T and dP = dO V^T, then dS = P * (dP - Delta) and dQ += dS K. The next tile's two products
+    are issued before this tile's element-wise work and run during it; dQ's product is waited within the iteration."""
+    gl.static_assert(STAGES >= 2)
+    bh = gl.program_id(0)
+    qb = NQB - 1 - gl.program_id(1)
+    q0 = qb * BM
+    kv_len = gl.minimum((q0 // SEG_L) * SEG_C, G)
+    n_tiles = gl.cdiv(kv_len, BN)
+
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                        instr_shape=[16, BN, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                        instr_shape=[16, D, 16])
+    ds_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [BM, D], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(do_desc.dtype, [BM, D], do_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BN, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BN, D], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(kv_bar.index(s), count=1)
+    fence_async_shared()
+
+    kv_bytes: gl.constexpr = 2 * BN * D * 2
+    mbarrier.expect(q_bar, 2 * BM * D * 2)
+    tma.async_copy_global_to_shared(q_desc, [bh * N + q0, 0], q_bar, q_smem)
+    tma.async_copy_global_to_shared(do_desc, [bh * N + q0, 0], q_bar, do_smem)
+    for s in gl.static_range(STAGES):
+        ok = s < n_tiles
+        mbarrier.expect(kv_bar.index(s), kv_bytes, pred=ok)
+        tma.async_copy_global_to_shared(k_desc, [bh * G + s * BN, 0], kv_bar.index(s), k_smem.index(s), pred=ok)
+        tma.async_copy_global_to_shared(v_desc, [bh * G + s * BN, 0], kv_bar.index(s), v_smem.index(s), pred=ok)
+
+    rows_s = q0 + gl.arange(0, BM, layout=row_s)
+    lse = gl.load(lse_ptr + bh.to(gl.int64) * N + rows_s, mask=rows_s < N, other=float("-inf")) * 1.4426950408889634
+    lse = gl.where(lse == float("-inf"), float("inf"), lse)  # rows that see no key: P = 0
+    delta = gl.load(delta_ptr + bh.to(gl.int64) * N + rows_s, mask=rows_s < N, other=0.0)
+    cols = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+    dq = gl.zeros([BM, D], gl.float32, o_layout)
+    zero_s = gl.zeros([BM, BN], gl.float32, s_layout)
+    mbarrier.wait(q_bar, 0)
+    mbarrier.wait(kv_bar.index(0), 0, pred=n_tiles > 0)
+    s_cur = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    dp_cur = warpgroup_mma(do_smem, v_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    s_cur, dp_cur = warpgroup_mma_wait(0, deps=(s_cur, dp_cur))
+    for j in range(n_tiles):
+        stage = j % STAGES
+        nxt = gl.minimum(j + 1, n_tiles - 1)  # the last iteration redoes its own tile, unread
+        mbarrier.wait(kv_bar.index(nxt % STAGES), (nxt // STAGES) & 1)
+        s_next = warpgroup_mma(q_smem, k_smem.index(nxt % STAGES).permute((1, 0)), zero_s, use_acc=False,
+                               is_async=True)
+        dp_next = warpgroup_mma(do_smem, v_smem.index(nxt % STAGES).permute((1, 0)), zero_s, use_acc=False,
+                                is_async=True)
+        p = gl.exp2(s_cur * qk_scale - gl.expand_dims(lse, 1))
+        p = gl.where(gl.expand_dims(j * BN + cols < kv_len, 0), p, 0.0)
+        ds = p * (dp_cur - gl.expand_dims(delta, 1))
+        dq = warpgroup_mma(gl.convert_layout(ds.to(k_desc.dtype), ds_layout), k_smem.index(stage), dq,
+                           is_async=True)
+        dq, s_cur, dp_cur = warpgroup_mma_wait(0, deps=(dq, s_next, dp_next))
+        refill = j + STAGES < n_tiles  # tile j's stage is free: load tile j + STAGES into it
+        mbarrier.expect(kv_bar.index(stage), kv_bytes, pred=refill)
+        tma.async_copy_global_to_shared(k_desc, [bh * G + (j + STAGES) * BN, 0], kv_bar.index(stage),
+                                        k_smem.index(stage), pred=refill)
+        tma.async_copy_global_to_shared(v_desc, [bh * G + (j + STAGES) * BN, 0], kv_bar.index(stage),
+                                        v_smem.index(stage), pred=refill)
+    mbarrier.invalidate(q_bar)
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(kv_bar.index(s))
+    rows_o = q0 + gl.arange(0, BM, layout=row_o)
+    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    dq_ptrs = dq_ptr + (bh.to(gl.int64) * N + gl.expand_dims(rows_o, 1)) * D + gl.expand_dims(offs_d, 0)
+    ok = gl.expand_dims(rows_o < N, 1)
+    dq = dq * sm_scale + gl.load(dq_ptrs, mask=ok, other=0.0).to(gl.float32)
+    gl.store(dq_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=ok)
+
+
 def summary_kv(x, L, lo, c):
     """The summary rows (lo .. lo + c of every L-row block) of x [B, H, n, D], contiguous: [B, H, n // L * c, D]."""
     B, H, n, D = x.shape
@@ -207,6 +299,26 @@ def gather_forward(q, k_sum, v_sum, o, lse, L, c, scale, merge, BM=128, BN=64, s
     LAUNCHES += 1
 
 
+def gather_dq(q, do, k_sum, v_sum, lse, delta, dq, L, c, scale, BM=128, BN=64, stages=3, warps=8):
+    """Add the gathered part's dQ to dq [B, H, n, D] (fp32 or q's dtype, contiguous like do); lse and delta: fp32
+    [B, H, n], delta already written by the first segment's dQ kernel."""
+    global LAUNCHES
+    B, H, n, D = q.shape
+    G = k_sum.shape[2]
+    assert L % BM == 0 and do.is_contiguous() and dq.is_contiguous()
+    q_layout, kv_layout = _layouts(BM, BN, D, _GL_DTYPES[q.dtype])
+    q2, do2 = q.view(B * H * n, D), do.view(B * H * n, D)
+    k2, v2 = k_sum.view(B * H * G, D), v_sum.view(B * H * G, D)
+    q_desc = TensorDescriptor(q2, list(q2.shape), list(q2.stride()), [BM, D], q_layout)
+    do_desc = TensorDescriptor(do2, list(do2.shape), list(do2.stride()), [BM, D], q_layout)
+    k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [BN, D], kv_layout)
+    v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [BN, D], kv_layout)
+    nqb = triton.cdiv(n, BM)
+    _gather_dq_kernel[(B * H, nqb)](q_desc, do_desc, k_desc, v_desc, dq, lse, delta, scale * 1.4426950408889634, scale,
+                                    n, G, nqb, L, c, BM=BM, BN=BN, D=D, STAGES=stages, num_warps=warps)
+    LAUNCHES += 1
+
+
 def eligible(q, seg, scale, merge) -> bool:
     """This path covers: a Hopper GPU, fp16 / bf16, head dim 64 or 128, contiguous 16-byte aligned q with fewer than 2^31
     rows and 65535 query tiles per head, a
@@ -220,6 +332,15 @@ def eligible(q, seg, scale, merge) -> bool:
     p = seg.params
     return (torch.cuda.get_device_capability(q.device)[0] == 9 and bool((p[:, P_SUM_L] > 0).all())
             and bool((p[:, P_SUM_EXCL] > 0).all()) and len(set(p[:, P_SUM_LO].tolist())) == 1)
+
+
+def backward_dq(q, k, v, do, dq, lse, delta, seg, scale):
+    """The gathered part's dQ for an eligible launch (its dK / dV stay with the Triton kernel)."""
+    if q.shape[2] < seg.L:
+        return
+    lo = int(seg.params[0, P_SUM_LO])
+    gather_dq(q, do, summary_kv(k, seg.L, lo, seg.C), summary_kv(v, seg.L, lo, seg.C), lse, delta, dq, seg.L, seg.C,
+              scale, **DQ_SETTINGS[q.shape[-1]])
 
 
 def forward(q, k, v, o, lse, seg, scale, merge):
