@@ -197,7 +197,7 @@ def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, fuse_dq
     if dq_kernel and _forward.GLUON_GATHER and seg.kind == GATHER and accum and not first:
         from . import gluon_gather  # experimental (forward.GLUON_GATHER): the gathered part's dQ in Gluon
 
-        if gluon_gather.eligible(q, seg, scale, True):
+        if gluon_gather.eligible(q, seg, scale, True) and do.data_ptr() % 16 == 0:
             gluon_gather.backward_dq(q, k, v, do, dq, lse, delta, seg, scale)
             dq_kernel = False
     if dq_kernel:

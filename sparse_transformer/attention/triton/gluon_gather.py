@@ -268,10 +268,14 @@ def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_pt
     gl.store(dq_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=ok)
 
 
-def summary_kv(x, L, lo, c):
-    """The summary rows (lo .. lo + c of every L-row block) of x [B, H, n, D], contiguous: [B, H, n // L * c, D]."""
+def summary_kv(x, L, lo, c, multiple=128):
+    """The summary rows (lo .. lo + c of every L-row block) of x [B, H, n, D], contiguous: [B, H, G, D] with
+    G = n // L * c rounded up to `multiple` with zero rows, so that no key tile reaches into the next head's keys."""
     B, H, n, D = x.shape
-    return x[:, :, : n // L * L].reshape(B, H, n // L, L, D)[:, :, :, lo:lo + c].reshape(B, H, -1, D).contiguous()
+    g = n // L * c
+    out = x.new_zeros(B, H, -(-g // multiple) * multiple, D)
+    out[:, :, :g] = x[:, :, : n // L * L].reshape(B, H, n // L, L, D)[:, :, :, lo:lo + c].reshape(B, H, g, D)
+    return out
 
 
 def _layouts(BM, BN, D, dtype):
@@ -294,8 +298,9 @@ def gather_forward(q, k_sum, v_sum, o, lse, L, c, scale, merge, BM=128, BN=64, s
     k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [BN, D], kv_layout)
     v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [BN, D], kv_layout)
     nqb = triton.cdiv(n, BM)
-    _gather_fwd_kernel[(B * H, nqb)](q_desc, k_desc, v_desc, o, lse, scale * 1.4426950408889634, n, G, nqb, L, c,
-                                     BM=BM, BN=BN, D=D, STAGES=stages, PIPE=pipe, MERGE=merge, num_warps=warps)
+    with torch.cuda.device(q.device):  # Triton launches on the current device
+        _gather_fwd_kernel[(B * H, nqb)](q_desc, k_desc, v_desc, o, lse, scale * 1.4426950408889634, n, G, nqb, L, c,
+                                         BM=BM, BN=BN, D=D, STAGES=stages, PIPE=pipe, MERGE=merge, num_warps=warps)
     LAUNCHES += 1
 
 
@@ -314,19 +319,20 @@ def gather_dq(q, do, k_sum, v_sum, lse, delta, dq, L, c, scale, BM=128, BN=64, s
     k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [BN, D], kv_layout)
     v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [BN, D], kv_layout)
     nqb = triton.cdiv(n, BM)
-    _gather_dq_kernel[(B * H, nqb)](q_desc, do_desc, k_desc, v_desc, dq, lse, delta, scale * 1.4426950408889634, scale,
-                                    n, G, nqb, L, c, BM=BM, BN=BN, D=D, STAGES=stages, num_warps=warps)
+    with torch.cuda.device(q.device):
+        _gather_dq_kernel[(B * H, nqb)](q_desc, do_desc, k_desc, v_desc, dq, lse, delta, scale * 1.4426950408889634,
+                                        scale, n, G, nqb, L, c, BM=BM, BN=BN, D=D, STAGES=stages, num_warps=warps)
     LAUNCHES += 1
 
 
 def eligible(q, seg, scale, merge) -> bool:
     """This path covers: a Hopper GPU, fp16 / bf16, head dim 64 or 128, contiguous 16-byte aligned q with fewer than 2^31
-    rows and 65535 query tiles per head, a
+    rows and 65535 query tiles per head (forward and dQ tiles), a
     positive scale (the kernel scales the row max of the raw scores), the gathered part of a layout whose every head
     has it, with one summary offset, after a band that holds each query's own block (merge)."""
     if not (merge and seg.kind == GATHER and q.is_cuda and q.dtype in _GL_DTYPES and q.shape[-1] in (64, 128)
             and q.is_contiguous() and q.data_ptr() % 16 == 0 and q.numel() // q.shape[-1] < 2 ** 31
-            and triton.cdiv(q.shape[2], SETTINGS[q.shape[-1]]["BM"]) <= 65535
+            and triton.cdiv(q.shape[2], min(SETTINGS[q.shape[-1]]["BM"], DQ_SETTINGS[q.shape[-1]]["BM"])) <= 65535
             and scale * 1.4426950408889634 >= 2.0 ** -126 and seg.L % SETTINGS[q.shape[-1]]["BM"] == 0):
         return False
     p = seg.params
