@@ -248,6 +248,24 @@ def test_gpu_fused_dq_either_way_matches_reference(n, name, make, dtype, fuse_dq
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("group,max_y", [(2, 65535), (3, 65535), (8, 4)],
+                         ids=["groups-of-2", "3-rounds-to-2", "tiles-on-x"])
+@pytest.mark.parametrize("name,make", [c for c in GPU_LAYOUTS if c[0] in ("fixed-both-l64-c16", "strided-both-l32",
+                                                                         "mixed-heads")],
+                         ids=["fixed-both-l64-c16", "strided-both-l32", "mixed-heads"])
+def test_gpu_program_grids_match_reference(group, max_y, name, make, monkeypatch):
+    """The compiled kernels on every program grid through the direct launcher: heads in groups (z > 1), and the tiles
+    on x (the grid for more tiles than y allows, forced here by a small limit)."""
+    from sparse_transformer.attention.triton import grid
+
+    monkeypatch.setattr(grid, "HEAD_GROUP", group)
+    monkeypatch.setattr(grid, "MAX_GRID_Y", max_y)
+    lay = make(1025)
+    q, k, v = make_qkv(2, 4, 1025, 64, torch.bfloat16, device="cuda")
+    check_against_reference(_run(), q, k, v, lay, floor=FLOOR[torch.bfloat16])
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("n,L", [(1025, 128), (4096, 256), (300, 128)])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
