@@ -63,9 +63,9 @@ case "$WHAT" in
     timeout 200 python bench/gluon_gather.py time 2>&1 | tee "$OUT/gluon-time.log"
     ;;
   verify)
-    timeout 330 python -m pytest -m gpu tests/test_triton_attention.py tests/test_model.py -q -n 14 \
+    timeout 370 python -m pytest -m gpu tests/test_triton_attention.py tests/test_model.py -q -n 14 \
       -p no:cacheprovider -rf 2>&1 | tail -n 6 | tee "$OUT/gpu-tests-kernels.log"
-    timeout 240 $ST bench attention --methods triton sdpa-cudnn sdpa-flash flex --out "$OUT" 2>&1 \
+    timeout 200 $ST bench attention --methods triton sdpa-cudnn sdpa-flash flex --out "$OUT" 2>&1 \
       | tee "$OUT/attention.log"
     ;;
   order)
