@@ -194,10 +194,10 @@ def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, fuse_dq
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     qk_scale = scale * 1.4426950408889634
     dq_kernel = not fuse_dq
-    if dq_kernel and _forward.GLUON_GATHER and seg.kind == GATHER and accum and not first:
+    if dq_kernel and _forward.GLUON_GATHER and seg.kind == GATHER and not first:
         from . import gluon_gather  # experimental (forward.GLUON_GATHER): the gathered part's dQ in Gluon
 
-        if gluon_gather.eligible(q, seg, scale, True) and do.data_ptr() % 16 == 0:
+        if gluon_gather.eligible(q, seg, scale, True, others=(do,)):
             gluon_gather.backward_dq(q, k, v, do, dq, lse, delta, seg, scale)
             dq_kernel = False
     if dq_kernel:

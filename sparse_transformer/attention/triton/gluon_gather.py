@@ -34,6 +34,37 @@ LAUNCHES = 0  # kernels launched through this path (tests check that it ran)
 
 
 @gluon.jit
+def _query_tile(NQB, G, SEG_L, SEG_C, BM: gl.constexpr, BN: gl.constexpr):
+    """(batch x head, first query row, visible summary keys, key tiles) of this program: every head's longest query
+    tile first; a tile of block b sees the summary keys of blocks 0 .. b - 1 (BM divides SEG_L)."""
+    bh = gl.program_id(0)
+    q0 = (NQB - 1 - gl.program_id(1)) * BM
+    kv_len = gl.minimum((q0 // SEG_L) * SEG_C, G)
+    return bh, q0, kv_len, gl.cdiv(kv_len, BN)
+
+
+@gluon.jit
+def _kv_ring(k_desc, v_desc, STAGES: gl.constexpr, BN: gl.constexpr, D: gl.constexpr):
+    """STAGES shared-memory slots for key / value tiles and one mbarrier per slot (initialised)."""
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BN, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BN, D], v_desc.layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(kv_bar.index(s), count=1)
+    return k_smem, v_smem, kv_bar
+
+
+@gluon.jit
+def _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, tile, row0, pred, STAGES: gl.constexpr, BN: gl.constexpr,
+             D: gl.constexpr):
+    """TMA-load key / value tile `tile` (rows row0 + tile * BN ..) into its slot, tile % STAGES, when pred holds."""
+    s = tile % STAGES
+    mbarrier.expect(kv_bar.index(s), 2 * BN * D * 2, pred=pred)
+    tma.async_copy_global_to_shared(k_desc, [row0 + tile * BN, 0], kv_bar.index(s), k_smem.index(s), pred=pred)
+    tma.async_copy_global_to_shared(v_desc, [row0 + tile * BN, 0], kv_bar.index(s), v_smem.index(s), pred=pred)
+
+
+@gluon.jit
 def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, qk_scale, N, G, NQB, SEG_L, SEG_C,
                        BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
                        PIPE: gl.constexpr, MERGE: gl.constexpr, num_warps: gl.constexpr):
@@ -42,11 +73,7 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, qk_scale, N, G, N
     the next tile's softmax while the P V runs, and waits for it before the loop turns (an accumulator still being
     written across the loop's back edge makes ptxas serialize the wgmma)."""
     gl.static_assert(PIPE == 0 or STAGES >= 2)
-    bh = gl.program_id(0)  # every head's longest query tile first
-    qb = NQB - 1 - gl.program_id(1)
-    q0 = qb * BM
-    kv_len = gl.minimum((q0 // SEG_L) * SEG_C, G)  # the summary keys of the earlier blocks (BM divides SEG_L)
-    n_tiles = gl.cdiv(kv_len, BN)
+    bh, q0, kv_len, n_tiles = _query_tile(NQB, G, SEG_L, SEG_C, BM, BN)
 
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                         instr_shape=[16, BN, 16])
@@ -57,23 +84,15 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, qk_scale, N, G, N
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [BM, D], q_desc.layout)
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BN, D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BN, D], v_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    kv_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
-    for s in gl.static_range(STAGES):
-        mbarrier.init(kv_bar.index(s), count=1)
+    k_smem, v_smem, kv_bar = _kv_ring(k_desc, v_desc, STAGES, BN, D)
     fence_async_shared()
 
-    kv_bytes: gl.constexpr = 2 * BN * D * 2
     mbarrier.expect(q_bar, BM * D * 2)
     tma.async_copy_global_to_shared(q_desc, [bh * N + q0, 0], q_bar, q_smem)
     for s in gl.static_range(STAGES):  # the first STAGES key / value tiles
-        ok = s < n_tiles
-        mbarrier.expect(kv_bar.index(s), kv_bytes, pred=ok)
-        tma.async_copy_global_to_shared(k_desc, [bh * G + s * BN, 0], kv_bar.index(s), k_smem.index(s), pred=ok)
-        tma.async_copy_global_to_shared(v_desc, [bh * G + s * BN, 0], kv_bar.index(s), v_smem.index(s), pred=ok)
+        _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, s, bh * G, s < n_tiles, STAGES, BN, D)
 
     acc = gl.zeros([BM, D], gl.float32, o_layout)
     cols = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
@@ -109,12 +128,8 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, qk_scale, N, G, N
             m_i = m_new
             p_op = gl.convert_layout(p.to(v_desc.dtype), p_layout)
             acc = warpgroup_mma_wait(0, deps=(acc,))
-            refill = j + STAGES < n_tiles  # tile j's stage is free: load tile j + STAGES into it
-            mbarrier.expect(kv_bar.index(stage), kv_bytes, pred=refill)
-            tma.async_copy_global_to_shared(k_desc, [bh * G + (j + STAGES) * BN, 0], kv_bar.index(stage),
-                                            k_smem.index(stage), pred=refill)
-            tma.async_copy_global_to_shared(v_desc, [bh * G + (j + STAGES) * BN, 0], kv_bar.index(stage),
-                                            v_smem.index(stage), pred=refill)
+            # tile j's stage is free: load tile j + STAGES into it
+            _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, j + STAGES, bh * G, j + STAGES < n_tiles, STAGES, BN, D)
     else:
         m_i = gl.full([BM], float("-inf"), gl.float32, row_s)
         l_i = gl.zeros([BM], gl.float32, row_s)
@@ -140,12 +155,8 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, qk_scale, N, G, N
                 s_cur = s_next
             else:
                 acc = warpgroup_mma_wait(0, deps=(acc,))
-            refill = j + STAGES < n_tiles  # tile j's stage is free: load tile j + STAGES into it
-            mbarrier.expect(kv_bar.index(stage), kv_bytes, pred=refill)
-            tma.async_copy_global_to_shared(k_desc, [bh * G + (j + STAGES) * BN, 0], kv_bar.index(stage),
-                                            k_smem.index(stage), pred=refill)
-            tma.async_copy_global_to_shared(v_desc, [bh * G + (j + STAGES) * BN, 0], kv_bar.index(stage),
-                                            v_smem.index(stage), pred=refill)
+            # tile j's stage is free: load tile j + STAGES into it
+            _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, j + STAGES, bh * G, j + STAGES < n_tiles, STAGES, BN, D)
             if PIPE == 0:
                 nxt = gl.minimum(j + 1, n_tiles - 1)
                 mbarrier.wait(kv_bar.index(nxt % STAGES), (nxt // STAGES) & 1)
@@ -190,11 +201,7 @@ def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_pt
     per key tile S = Q K^T and dP = dO V^T, then dS = P * (dP - Delta) and dQ += dS K. The next tile's two products
     are issued before this tile's element-wise work and run during it; dQ's product is waited within the iteration."""
     gl.static_assert(STAGES >= 2)
-    bh = gl.program_id(0)
-    qb = NQB - 1 - gl.program_id(1)
-    q0 = qb * BM
-    kv_len = gl.minimum((q0 // SEG_L) * SEG_C, G)
-    n_tiles = gl.cdiv(kv_len, BN)
+    bh, q0, kv_len, n_tiles = _query_tile(NQB, G, SEG_L, SEG_C, BM, BN)
 
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                         instr_shape=[16, BN, 16])
@@ -206,24 +213,16 @@ def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_pt
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [BM, D], q_desc.layout)
     do_smem = gl.allocate_shared_memory(do_desc.dtype, [BM, D], do_desc.layout)
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BN, D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BN, D], v_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    kv_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
-    for s in gl.static_range(STAGES):
-        mbarrier.init(kv_bar.index(s), count=1)
+    k_smem, v_smem, kv_bar = _kv_ring(k_desc, v_desc, STAGES, BN, D)
     fence_async_shared()
 
-    kv_bytes: gl.constexpr = 2 * BN * D * 2
     mbarrier.expect(q_bar, 2 * BM * D * 2)
     tma.async_copy_global_to_shared(q_desc, [bh * N + q0, 0], q_bar, q_smem)
     tma.async_copy_global_to_shared(do_desc, [bh * N + q0, 0], q_bar, do_smem)
     for s in gl.static_range(STAGES):
-        ok = s < n_tiles
-        mbarrier.expect(kv_bar.index(s), kv_bytes, pred=ok)
-        tma.async_copy_global_to_shared(k_desc, [bh * G + s * BN, 0], kv_bar.index(s), k_smem.index(s), pred=ok)
-        tma.async_copy_global_to_shared(v_desc, [bh * G + s * BN, 0], kv_bar.index(s), v_smem.index(s), pred=ok)
+        _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, s, bh * G, s < n_tiles, STAGES, BN, D)
 
     rows_s = q0 + gl.arange(0, BM, layout=row_s)
     lse = gl.load(lse_ptr + bh.to(gl.int64) * N + rows_s, mask=rows_s < N, other=float("-inf")) * 1.4426950408889634
@@ -251,12 +250,8 @@ def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_pt
         dq = warpgroup_mma(gl.convert_layout(ds.to(k_desc.dtype), ds_layout), k_smem.index(stage), dq,
                            is_async=True)
         dq, s_cur, dp_cur = warpgroup_mma_wait(0, deps=(dq, s_next, dp_next))
-        refill = j + STAGES < n_tiles  # tile j's stage is free: load tile j + STAGES into it
-        mbarrier.expect(kv_bar.index(stage), kv_bytes, pred=refill)
-        tma.async_copy_global_to_shared(k_desc, [bh * G + (j + STAGES) * BN, 0], kv_bar.index(stage),
-                                        k_smem.index(stage), pred=refill)
-        tma.async_copy_global_to_shared(v_desc, [bh * G + (j + STAGES) * BN, 0], kv_bar.index(stage),
-                                        v_smem.index(stage), pred=refill)
+        # tile j's stage is free: load tile j + STAGES into it
+        _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, j + STAGES, bh * G, j + STAGES < n_tiles, STAGES, BN, D)
     mbarrier.invalidate(q_bar)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(kv_bar.index(s))
@@ -325,13 +320,14 @@ def gather_dq(q, do, k_sum, v_sum, lse, delta, dq, L, c, scale, BM=128, BN=64, s
     LAUNCHES += 1
 
 
-def eligible(q, seg, scale, merge) -> bool:
-    """This path covers: a Hopper GPU, fp16 / bf16, head dim 64 or 128, contiguous 16-byte aligned q with fewer than 2^31
-    rows and 65535 query tiles per head (forward and dQ tiles), a
+def eligible(q, seg, scale, merge, others=()) -> bool:
+    """This path covers: a Hopper GPU, fp16 / bf16, head dim 64 or 128, contiguous q with fewer than 2^31 rows and
+    65535 query tiles per head (forward and dQ tiles), q and `others` (tensors read through TMA) 16-byte aligned, a
     positive scale (the kernel scales the row max of the raw scores), the gathered part of a layout whose every head
     has it, with one summary offset, after a band that holds each query's own block (merge)."""
     if not (merge and seg.kind == GATHER and q.is_cuda and q.dtype in _GL_DTYPES and q.shape[-1] in (64, 128)
-            and q.is_contiguous() and q.data_ptr() % 16 == 0 and q.numel() // q.shape[-1] < 2 ** 31
+            and q.is_contiguous() and all(t.data_ptr() % 16 == 0 for t in (q, *others))
+            and q.numel() // q.shape[-1] < 2 ** 31
             and triton.cdiv(q.shape[2], min(SETTINGS[q.shape[-1]]["BM"], DQ_SETTINGS[q.shape[-1]]["BM"])) <= 65535
             and scale * 1.4426950408889634 >= 2.0 ** -126 and seg.L % SETTINGS[q.shape[-1]]["BM"] == 0):
         return False

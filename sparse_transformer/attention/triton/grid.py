@@ -11,7 +11,9 @@ Measured on an H200 (python bench/dev_probe.py order, bench/results/dev-order-20
 a 1-D grid that mapped programs with divisions): from one head after another to every head interleaved, fixed-12k
 1.424 -> 1.260 ms, fixed-64k 7.734 -> 7.240 (7.082 with the dK/dV groups of the rule below: 2 heads), strided-12k
 0.537 -> 0.532, strided-64k 1.721 -> 1.683, strided-3k 0.260 -> 0.255. fixed-12k's dK/dV in groups of 12 + 4 heads:
-537 us, against 424 in one group of 16. The 3-D grid then measured strided-12k 0.510 against the 1-D grid's 0.523.
+537 us, against 424 in one group of 16. In one process on strided-12k the 1-D grid took 0.534 ms against 0.513 for
+the kernels before it (dev-order-20261130-ab-*.json); the 3-D grid, without its divisions, took 0.510 in the next
+device run's bench attention.
 """
 from __future__ import annotations
 
