@@ -10,8 +10,8 @@ import sys
 import torch
 import triton
 
-from sparse_transformer.attention.triton.gluon_gather import _GL_DTYPES, _gather_dq_kernel, _gather_fwd_kernel, _layouts, \
-    gather_dq, gather_forward, summary_kv
+from sparse_transformer.attention.triton.gluon_gather import DQ_SETTINGS as LIBRARY_DQ, SETTINGS as LIBRARY, \
+    _GL_DTYPES, _gather_dq_kernel, _gather_fwd_kernel, _layouts, gather_dq, gather_forward, summary_kv
 
 
 def reference(q, k, v, L, lo, c, scale):
@@ -27,9 +27,11 @@ def reference(q, k, v, L, lo, c, scale):
     return p @ v.float(), lse
 
 
-SETTINGS = [dict(BM=128, BN=64, stages=3, warps=4, pipe=p) for p in (0, 1, 2)] + \
-    [dict(BM=128, BN=64, stages=4, warps=4, pipe=2), dict(BM=128, BN=64, stages=4, warps=8, pipe=2),
-     dict(BM=64, BN=64, stages=4, warps=4, pipe=2), dict(BM=128, BN=128, stages=3, warps=8, pipe=2)]
+SETTINGS = [dict(BM=128, BN=64, stages=st, warps=w, pipe=p) for (st, w, p) in
+            ((3, 4, 0), (2, 4, 0), (4, 4, 0), (3, 8, 0), (3, 4, 1), (3, 4, 2), (4, 4, 2))] + \
+    [dict(BM=64, BN=64, stages=4, warps=4, pipe=0), dict(BM=128, BN=128, stages=3, warps=8, pipe=0)]
+DQ_SWEEP = [dict(BM=bm, BN=64, stages=st, warps=w) for (bm, st, w) in
+            ((128, 3, 8), (128, 2, 8), (128, 4, 8), (64, 3, 4), (64, 2, 4), (64, 4, 4))]
 
 
 def check():
@@ -47,7 +49,7 @@ def check():
         ref, ref_lse = reference(qf, k, v, L, lo, c, scale)
         ks, vs = summary_kv(k, L, lo, c), summary_kv(v, L, lo, c)
         seen = ref_lse > float("-inf")
-        for st in SETTINGS if D == 64 else [dict(BM=128, BN=64, stages=4, warps=8, pipe=2)]:
+        for st in SETTINGS if D == 64 else [LIBRARY[128], dict(BM=128, BN=64, stages=4, warps=8, pipe=2)]:
             if L % st["BM"]:
                 continue
             o, lse = torch.empty_like(q), torch.empty(B, H, n, device="cuda", dtype=torch.float32)
@@ -63,8 +65,7 @@ def check():
         do = torch.randn_like(q)
         (ref_dq,) = torch.autograd.grad(ref, qf, do.float())
         delta = (do.float() * ref.detach()).sum(-1).contiguous()
-        for st in [dict(BM=64, BN=64, stages=3, warps=4), dict(BM=128, BN=64, stages=3, warps=8),
-                   dict(BM=64, BN=64, stages=2, warps=4)]:
+        for st in DQ_SWEEP if D == 64 else [LIBRARY_DQ[128]]:
             for dq_dtype in (torch.float32, dt):
                 if L % st["BM"]:
                     continue
@@ -82,55 +83,69 @@ def check():
         raise SystemExit(1)
 
 
-def _with_gluon(f):
+def _gluon(on, f):
+    """Run f with the library's Gluon dispatch on or off."""
     from sparse_transformer.attention.triton import forward
 
-    forward.GLUON_GATHER = True
+    was, forward.GLUON_GATHER = forward.GLUON_GATHER, on
     try:
         return f()
     finally:
-        forward.GLUON_GATHER = False
+        forward.GLUON_GATHER = was
+
+
+def _profile(label, f):
+    """Print the CUDA kernels f launches with their profiler medians of 5 (after one warm-up call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        f()
+        torch.cuda.synchronize()
+        per = []
+        for _ in range(5):
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                f()
+                torch.cuda.synchronize()
+            ev = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                        key=lambda e: e.time_range.start)
+            per.append([(e.name[:28], e.time_range.elapsed_us()) for e in ev])
+        names = [x[0] for x in per[0]]
+        med = [sorted(p[i][1] for p in per)[2] for i in range(len(names))]
+        print(f"{label:84s} " + "  ".join(f"{a} {b:.0f} us" for a, b in zip(names, med)), flush=True)
+    except Exception as e:  # an experiment: report and go on
+        print(f"{label:84s} ERROR {type(e).__name__}: {str(e)[:200]}", flush=True)
 
 
 def time_against_triton():
-    """Kernel times (profiler medians of 5) of this kernel and of our Triton gathered forward at the fixed setups."""
-    from torch.profiler import ProfilerActivity, profile
-
+    """Kernel times (profiler medians of 5) of these kernels, alone and in the library, beside our Triton kernels at
+    the fixed setups (d=64), and the library settings at d=128."""
     from sparse_transformer import layouts, sparse_attention
 
-    for name, (B, H, n, L, c) in {"fixed-12k": (2, 8, 12288, 128, 32), "fixed-64k": (1, 8, 65536, 256, 32)}.items():
-        q, k, v = (torch.randn(B, H, n, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    setups = {"fixed-12k": (2, 8, 12288, 128, 32, 64), "fixed-64k": (1, 8, 65536, 256, 32, 64),
+              "fixed-12k-d128": (2, 4, 12288, 128, 32, 128)}
+    for name, (B, H, n, L, c, D) in setups.items():
+        q, k, v = (torch.randn(B, H, n, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         lay = layouts.fixed(n, L, c)
-        runs = {"triton (ours, both segments' forward)": lambda: sparse_attention(q, k, v, lay, backend="triton"),
-                "the summary copy (K and V)": lambda: (summary_kv(k, L, L - c, c), summary_kv(v, L, L - c, c))}
         ks, vs = summary_kv(k, L, L - c, c), summary_kv(v, L, L - c, c)
         o, lse = torch.empty_like(q), torch.empty(B, H, n, device="cuda", dtype=torch.float32)
-        runs["ours, gathered part through Gluon"] = lambda: _with_gluon(lambda: sparse_attention(q, k, v, lay))
         qg = q.detach().requires_grad_()
         go = torch.randn_like(q)
-        runs["ours fwd+bwd (Triton)"] = lambda: sparse_attention(qg, k, v, lay).backward(go)
-        runs["ours fwd+bwd, gathered fwd and dQ through Gluon"] = \
-            lambda: _with_gluon(lambda: sparse_attention(qg, k, v, lay).backward(go))
-        for st in SETTINGS:
-            runs[f"gluon {st}"] = lambda st=st: gather_forward(q, ks, vs, o, lse, L, c, 0.125, False, **st)
+        runs = {"the summary copy (K and V)": lambda: (summary_kv(k, L, L - c, c), summary_kv(v, L, L - c, c))}
+        for on in (False, True):
+            what = "gathered fwd and dQ through Gluon" if on else "Triton only"
+            runs[f"ours fwd, {what}"] = lambda on=on: _gluon(on, lambda: sparse_attention(q, k, v, lay))
+            runs[f"ours fwd+bwd, {what}"] = \
+                lambda on=on: _gluon(on, lambda: sparse_attention(qg, k, v, lay).backward(go))
+        for st in SETTINGS if D == 64 else [LIBRARY[128]]:
+            runs[f"gluon fwd {st}"] = lambda st=st: gather_forward(q, ks, vs, o, lse, L, c, D ** -0.5, False, **st)
+        gather_forward(q, ks, vs, o, lse, L, c, D ** -0.5, False, **LIBRARY[D])
+        lse_ok = torch.where(lse > float("-inf"), lse, 0.0)  # rows that see no summary key: any finite value
+        delta = torch.randn_like(lse)
+        dq = torch.zeros(q.shape, device="cuda", dtype=torch.float32)
+        for st in DQ_SWEEP if D == 64 else [LIBRARY_DQ[128], dict(BM=128, BN=64, stages=3, warps=8)]:
+            runs[f"gluon dq {st}"] = lambda st=st: gather_dq(q, go, ks, vs, lse_ok, delta, dq, L, c, D ** -0.5, **st)
         for label, f in runs.items():
-            try:
-                f()
-                torch.cuda.synchronize()
-                per = []
-                for _ in range(5):
-                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                        f()
-                        torch.cuda.synchronize()
-                    ev = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
-                                key=lambda e: e.time_range.start)
-                    per.append([(e.name[:28], e.time_range.elapsed_us()) for e in ev])
-                names = [x[0] for x in per[0]]
-                med = [sorted(p[i][1] for p in per)[2] for i in range(len(names))]
-                print(f"{name:10s} {label:70s} " + "  ".join(f"{a} {b:.0f} us" for a, b in zip(names, med)),
-                      flush=True)
-            except Exception as e:  # an experiment: report and go on
-                print(f"{name:10s} {label:70s} ERROR {type(e).__name__}: {str(e)[:200]}", flush=True)
+            _profile(f"{name:14s} {label}", f)
 
 
 def compile_only():
@@ -138,8 +153,6 @@ def compile_only():
     (ptxas -v), shared memory, and whether ptxas serialized the asynchronous wgmma (which undoes the pipelining)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
-
-    from sparse_transformer.attention.triton.gluon_gather import SETTINGS as LIBRARY
 
     print(f"triton {triton.__version__}, target sm_90")
     for st in [dict(s, D=64) for s in SETTINGS] + [dict(s, D=d, library=True) for d, s in LIBRARY.items()]:
@@ -160,10 +173,8 @@ def compile_only():
             print(f"{st}: failed: {type(e).__name__}: {str(e)[-900:]}", flush=True)
             continue
         _report(st, k)
-    from sparse_transformer.attention.triton.gluon_gather import DQ_SETTINGS
-
     for st in [dict(BM=64, BN=64, stages=3, warps=4, D=64), dict(BM=128, BN=64, stages=3, warps=4, D=64)] + \
-            [dict(s, D=d, library=True) for d, s in DQ_SETTINGS.items()]:
+            [dict(s, D=d, library=True) for d, s in LIBRARY_DQ.items()]:
         D = st["D"]
         q_layout, kv_layout = _layouts(st["BM"], st["BN"], D, _GL_DTYPES[torch.bfloat16])
         qd = f"tensordesc<bf16[{st['BM']}, {D}],{q_layout!r}>"

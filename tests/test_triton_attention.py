@@ -269,9 +269,11 @@ def test_gpu_program_grids_match_reference(group, max_y, name, make, monkeypatch
 @pytest.mark.parametrize("n,L", [(1025, 128), (4096, 256), (300, 128)])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_gpu_gluon_gather_matches_reference(n, L, D, dtype, monkeypatch):
-    """The experimental Gluon forward and dQ of the gathered summary part (forward.GLUON_GATHER, Hopper only), merged
-    into the band's result, dK / dV from the Triton kernel; both kernels must have run (the launch count grows by 2)."""
+@pytest.mark.parametrize("strided_q", [False, True], ids=["contiguous", "strided-q"])
+def test_gpu_gluon_gather_matches_reference(n, L, D, dtype, strided_q, monkeypatch):
+    """The Gluon forward and dQ of the gathered summary part (forward.GLUON_GATHER, Hopper only), merged into the
+    band's result, dK / dV from the Triton kernel; both kernels must have run (the launch count grows by 2). A strided
+    q (a view of a [B, n, H, D] projection, as in the model) is copied for the kernels."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon kernel is for Hopper (sm_90)")
     from sparse_transformer.attention.triton import forward, gluon_gather
@@ -280,8 +282,27 @@ def test_gpu_gluon_gather_matches_reference(n, L, D, dtype, monkeypatch):
     before = gluon_gather.LAUNCHES
     lay = layouts.fixed(n, L, 32)
     q, k, v = make_qkv(2, 3, n, D, dtype, device="cuda")
+    if strided_q:
+        q = torch.randn(2, n, 3, D, dtype=dtype, device="cuda").transpose(1, 2).requires_grad_()
+        assert not q.is_contiguous()
     check_against_reference(_run(), q, k, v, lay, floor=FLOOR[dtype])
     assert gluon_gather.LAUNCHES >= before + 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,L,D", [(4096, 256, 64), (1025, 128, 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpu_triton_gather_without_gluon(n, L, D, dtype, monkeypatch):
+    """With the Gluon kernels off (SPARSE_TRANSFORMER_GLUON=0), the shapes they would take run the Triton gathered
+    kernels, which must match the reference too (on Hopper the Gluon path takes these shapes by default)."""
+    from sparse_transformer.attention.triton import forward, gluon_gather
+
+    monkeypatch.setattr(forward, "GLUON_GATHER", False)
+    before = gluon_gather.LAUNCHES
+    lay = layouts.fixed(n, L, 32)
+    q, k, v = make_qkv(2, 3, n, D, dtype, device="cuda")
+    check_against_reference(_run(), q, k, v, lay, floor=FLOOR[dtype])
+    assert gluon_gather.LAUNCHES == before
 
 
 def _assert_two_runs_bit_equal():
@@ -345,3 +366,35 @@ def test_gpu_direct_launch_equals_triton_launch_and_respects_alignment():
         check_against_reference(_run(), qm, km, vm, lay, floor=FLOOR[torch.bfloat16])
     finally:
         launcher.FAST = True
+
+
+@pytest.mark.parametrize("n,L,lo,c", [(1000, 128, 96, 32), (4096, 256, 224, 32), (300, 128, 100, 16)])
+def test_gluon_summary_copy_gathers_the_summary_rows(n, L, lo, c):
+    """summary_kv: rows lo .. lo + c of every whole L-row block, in order, contiguous, zero-padded to 128 rows, from a
+    strided view (the Gluon kernels' keys; Gluon itself needs a Hopper GPU)."""
+    from sparse_transformer.attention.triton.gluon_gather import summary_kv
+
+    x = torch.randn(2, n, 3, 8).transpose(1, 2)
+    got = summary_kv(x, L, lo, c)
+    rows = torch.tensor([b * L + lo + j for b in range(n // L) for j in range(c)])
+    g = rows.numel()
+    assert got.is_contiguous() and got.shape[2] % 128 == 0 and got.shape[2] - g < 128
+    assert torch.equal(got[:, :, :g], x[:, :, rows]) and bool((got[:, :, g:] == 0).all())
+
+
+def test_gluon_path_is_not_taken_off_hopper(monkeypatch):
+    """The Gluon dispatch gives nothing for CPU tensors, for non-gathered segments, or when switched off."""
+    from sparse_transformer.attention.plan import GATHER
+    from sparse_transformer.attention.triton import forward
+    from sparse_transformer.attention.triton.function import get_launches
+
+    segs = {launch.seg.kind: launch.seg for launch in get_launches(layouts.fixed(512, 128, 32), 64, "cpu")}
+    assert GATHER in segs and len(segs) == 2
+    q = torch.randn(1, 2, 512, 64)
+    assert all(forward.gluon_for(q, seg) is None for seg in segs.values())
+    if torch.cuda.is_available():
+        qc = q.cuda()
+        assert forward.gluon_for(qc, segs[GATHER]) is not None
+        assert all(forward.gluon_for(qc, seg) is None for kind, seg in segs.items() if kind != GATHER)
+        monkeypatch.setattr(forward, "GLUON_GATHER", False)
+        assert forward.gluon_for(qc, segs[GATHER]) is None

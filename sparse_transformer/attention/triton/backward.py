@@ -17,7 +17,6 @@ not 14 d).
 import triton
 import triton.language as tl
 
-from ..plan import GATHER
 from . import forward as _forward
 from .common import _key_positions, _program_head, _program_tile, _query_positions, _tile_mask
 from .forward import _dot
@@ -194,12 +193,10 @@ def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, fuse_dq
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     qk_scale = scale * 1.4426950408889634
     dq_kernel = not fuse_dq
-    if dq_kernel and _forward.GLUON_GATHER and seg.kind == GATHER and not first:
-        from . import gluon_gather  # experimental (forward.GLUON_GATHER): the gathered part's dQ in Gluon
-
-        if gluon_gather.eligible(q, seg, scale, True, others=(do,)):
-            gluon_gather.backward_dq(q, k, v, do, dq, lse, delta, seg, scale)
-            dq_kernel = False
+    gg = _forward.gluon_for(q, seg) if dq_kernel and not first else None
+    if gg is not None and gg.eligible(q, seg, scale, True, others=(do, dq)):
+        gg.backward_dq(q, k, v, do, dq, lse, delta, seg, scale)  # the gathered part's dQ in Gluon (Hopper)
+        dq_kernel = False
     if dq_kernel:
         tab = launch.dq.tab
         grid, group, t_on_x = program_grid(tab.nqb, B * H)

@@ -125,8 +125,25 @@ def _attn_fwd_kernel(
     tl.store(lse_ptrs, lse, mask=q_ok)
 
 
-# experimental, off by default: the gathered part's forward as a Gluon kernel where it applies (gluon_gather.py)
-GLUON_GATHER = os.environ.get("SPARSE_TRANSFORMER_GLUON", "0") == "1"
+# the fixed pattern's gathered summary part (forward and dQ) as Gluon kernels on Hopper where they apply
+# (gluon_gather.py, measured 1.3-1.4x faster than the Triton kernel for that part); SPARSE_TRANSFORMER_GLUON=0 turns
+# them off
+GLUON_GATHER = os.environ.get("SPARSE_TRANSFORMER_GLUON", "1") != "0"
+_GLUON = []  # the gluon_gather module once imported, or None where this Triton has no Gluon for Hopper
+
+
+def gluon_for(q, seg):
+    """The gluon_gather module if the gathered segment seg may run there for q (on, CUDA, a Triton with Gluon), else
+    None; gluon_gather.eligible decides the rest."""
+    if not (GLUON_GATHER and seg.kind == GATHER and q.is_cuda):
+        return None
+    if not _GLUON:
+        try:
+            from . import gluon_gather
+        except ImportError:  # a Triton without triton.experimental.gluon's Hopper module
+            gluon_gather = None
+        _GLUON.append(gluon_gather)
+    return _GLUON[0]
 
 
 def attn_forward(q, k, v, o, lse, launch, scale, merge):
@@ -135,12 +152,10 @@ def attn_forward(q, k, v, o, lse, launch, scale, merge):
     earlier segment wrote."""
     B, H, N, D = q.shape
     seg, tab = launch.seg, launch.fwd.tab
-    if GLUON_GATHER and seg.kind == GATHER:
-        from . import gluon_gather
-
-        if gluon_gather.eligible(q, seg, scale, merge):
-            gluon_gather.forward(q, k, v, o, lse, seg, scale, merge)
-            return
+    gg = gluon_for(q, seg)
+    if gg is not None and gg.eligible(q, seg, scale, merge, others=(o,)):
+        gg.forward(q, k, v, o, lse, seg, scale, merge)
+        return
     qk_scale = scale * 1.4426950408889634
     # FOLD (the scale inside the exponent's FMA) measured faster on the gathered summary part only; it needs a positive
     # scale that stays nonzero in fp32 (else -inf * 0 = NaN on masked scores)

@@ -1,5 +1,5 @@
-"""Experimental, off by default: the fixed pattern's gathered summary part, forward and dQ, as Gluon kernels for Hopper
-(its dK / dV stay with the Triton kernel).
+"""The fixed pattern's gathered summary part, forward and dQ, as Gluon kernels for Hopper (its dK / dV stay with the
+Triton kernel); on by default where they apply (`eligible`), SPARSE_TRANSFORMER_GLUON=0 turns them off.
 
 TMA loads into a ring of shared-memory stages, asynchronous wgmma, and (PIPE) the next tile's Q K^T issued before this
 tile's softmax and this tile's P V left running into the next softmax, so that the tensor cores and the exponentials
@@ -11,10 +11,11 @@ box; a query tile of block b sees the summary keys of blocks 0 .. b - 1: key slo
 The dQ kernel (`_gather_dq_kernel`) has the same structure: per key tile S = Q K^T and dP = dO V^T, the next tile's
 two products issued before this tile's element-wise work, dQ += dS K waited within the iteration.
 
-Status: compiled for sm_90 under Triton 3.6 on a CPU machine (bench/gluon_gather.py compile); not yet run on a GPU.
-Gluon has no interpreter. SPARSE_TRANSFORMER_GLUON=1 (forward.GLUON_GATHER = True) sends eligible launches here
-(`eligible`); the GPU test test_gpu_gluon_gather_matches_reference checks outputs and gradients against the float64
-reference.
+Gluon has no interpreter: `python bench/gluon_gather.py compile` compiles every setting for sm_90 on a CPU machine,
+`check` compares them with a float32 reference on a GPU and `time` times them beside the Triton kernels; the GPU test
+test_gpu_gluon_gather_matches_reference checks the library path (outputs and gradients) against the float64 reference.
+On an H200 the forward took 1217 us against the Triton kernel's 1727 at fixed-64k, the dQ 1318 against 2080
+(BENCHMARKS.md).
 """
 import torch
 import triton
@@ -26,10 +27,13 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..plan import GATHER, P_SUM_EXCL, P_SUM_L, P_SUM_LO
 
-# per head dim, to be chosen on a GPU (bench/gluon_gather.py time); with d=128, 4 warps spill (32 bytes) and 8 do not
-# (PIPE 2 issues a tile's TMA load STAGES - 2 iterations before its use; d=128 on 4 stages: 160 KiB of shared memory)
-SETTINGS = {64: dict(BM=128, BN=64, stages=4, warps=4, pipe=2), 128: dict(BM=128, BN=64, stages=4, warps=8, pipe=2)}
-DQ_SETTINGS = {64: dict(BM=128, BN=64, stages=3, warps=8), 128: dict(BM=64, BN=64, stages=3, warps=4)}
+# per head dim, measured on an H200 (bench/gluon_gather.py time, BENCHMARKS.md): the forward without the in-loop
+# overlap (PIPE 0: 180 registers, 1218 us at fixed-64k) beat PIPE 1 (1298) and PIPE 2 (1338-1372); d=128 on 8 warps
+# (compiled for sm_90: 128 registers, no spills, 128 KiB of shared memory)
+SETTINGS = {64: dict(BM=128, BN=64, stages=3, warps=4, pipe=0), 128: dict(BM=128, BN=64, stages=3, warps=8, pipe=0)}
+# dQ: 64x64 on 4 warps took 1318 us at fixed-64k against 1798 for 128x64 on 8 warps; d=128 the other way round
+# (230 us against 266 at fixed-12k-d128)
+DQ_SETTINGS = {64: dict(BM=64, BN=64, stages=3, warps=4), 128: dict(BM=128, BN=64, stages=3, warps=8)}
 LAUNCHES = 0  # kernels launched through this path (tests check that it ran)
 
 
@@ -265,11 +269,15 @@ def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_pt
 
 def summary_kv(x, L, lo, c, multiple=128):
     """The summary rows (lo .. lo + c of every L-row block) of x [B, H, n, D], contiguous: [B, H, G, D] with
-    G = n // L * c rounded up to `multiple` with zero rows, so that no key tile reaches into the next head's keys."""
+    G = n // L * c rounded up to `multiple` with zero rows, so that no key tile reaches into the next head's keys.
+    One strided copy (and a fill of the padding rows where there are any)."""
     B, H, n, D = x.shape
-    g = n // L * c
-    out = x.new_zeros(B, H, -(-g // multiple) * multiple, D)
-    out[:, :, :g] = x[:, :, : n // L * L].reshape(B, H, n // L, L, D)[:, :, :, lo:lo + c].reshape(B, H, g, D)
+    nb = n // L
+    g = nb * c
+    out = x.new_empty(B, H, -(-g // multiple) * multiple, D)
+    out[:, :, :g].unflatten(2, (nb, c)).copy_(x[:, :, :nb * L].unflatten(2, (nb, L))[:, :, :, lo:lo + c])
+    if out.shape[2] > g:
+        out[:, :, g:].zero_()
     return out
 
 
@@ -321,12 +329,14 @@ def gather_dq(q, do, k_sum, v_sum, lse, delta, dq, L, c, scale, BM=128, BN=64, s
 
 
 def eligible(q, seg, scale, merge, others=()) -> bool:
-    """This path covers: a Hopper GPU, fp16 / bf16, head dim 64 or 128, contiguous q with fewer than 2^31 rows and
-    65535 query tiles per head (forward and dQ tiles), q and `others` (tensors read through TMA) 16-byte aligned, a
-    positive scale (the kernel scales the row max of the raw scores), the gathered part of a layout whose every head
-    has it, with one summary offset, after a band that holds each query's own block (merge)."""
+    """This path covers: a Hopper GPU, fp16 / bf16, head dim 64 or 128, q with fewer than 2^31 rows and 65535 query
+    tiles per head (forward and dQ tiles), `others` (the output, dO, dQ) contiguous and 16-byte aligned like a
+    contiguous q (a strided q is copied), a positive scale (the kernel scales the row max of the raw scores), the
+    gathered part of a layout whose every head has it, with one summary offset, after a band that holds each query's
+    own block (merge)."""
     if not (merge and seg.kind == GATHER and q.is_cuda and q.dtype in _GL_DTYPES and q.shape[-1] in (64, 128)
-            and q.is_contiguous() and all(t.data_ptr() % 16 == 0 for t in (q, *others))
+            and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in others)
+            and (not q.is_contiguous() or q.data_ptr() % 16 == 0)
             and q.numel() // q.shape[-1] < 2 ** 31
             and triton.cdiv(q.shape[2], min(SETTINGS[q.shape[-1]]["BM"], DQ_SETTINGS[q.shape[-1]]["BM"])) <= 65535
             and scale * 1.4426950408889634 >= 2.0 ** -126 and seg.L % SETTINGS[q.shape[-1]]["BM"] == 0):
@@ -341,8 +351,8 @@ def backward_dq(q, k, v, do, dq, lse, delta, seg, scale):
     if q.shape[2] < seg.L:
         return
     lo = int(seg.params[0, P_SUM_LO])
-    gather_dq(q, do, summary_kv(k, seg.L, lo, seg.C), summary_kv(v, seg.L, lo, seg.C), lse, delta, dq, seg.L, seg.C,
-              scale, **DQ_SETTINGS[q.shape[-1]])
+    gather_dq(q.contiguous(), do, summary_kv(k, seg.L, lo, seg.C), summary_kv(v, seg.L, lo, seg.C), lse, delta, dq,
+              seg.L, seg.C, scale, **DQ_SETTINGS[q.shape[-1]])
 
 
 def forward(q, k, v, o, lse, seg, scale, merge):
@@ -350,5 +360,5 @@ def forward(q, k, v, o, lse, seg, scale, merge):
     if q.shape[2] < seg.L:  # one block: no query sees a summary key, and merging nothing changes nothing
         return
     lo = int(seg.params[0, P_SUM_LO])
-    gather_forward(q, summary_kv(k, seg.L, lo, seg.C), summary_kv(v, seg.L, lo, seg.C), o, lse, seg.L, seg.C, scale,
-                   merge, **SETTINGS[q.shape[-1]])
+    gather_forward(q.contiguous(), summary_kv(k, seg.L, lo, seg.C), summary_kv(v, seg.L, lo, seg.C), o, lse, seg.L,
+                   seg.C, scale, merge, **SETTINGS[q.shape[-1]])
