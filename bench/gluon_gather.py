@@ -10,8 +10,9 @@ import sys
 import torch
 import triton
 
-from sparse_transformer.attention.triton.gluon_gather import DQ_SETTINGS as LIBRARY_DQ, SETTINGS as LIBRARY, \
-    _GL_DTYPES, _gather_dq_kernel, _gather_fwd_kernel, _layouts, gather_dq, gather_forward, summary_kv
+from sparse_transformer.attention.triton.gluon_gather import DKDV_SETTINGS as LIBRARY_KV, DQ_SETTINGS as LIBRARY_DQ, \
+    SETTINGS as LIBRARY, _GL_DTYPES, _gather_dkdv_kernel, _gather_dq_kernel, _gather_fwd_kernel, _layouts, \
+    gather_dkdv, gather_dq, gather_forward, summary_kv
 
 
 def reference(q, k, v, L, lo, c, scale):
@@ -30,12 +31,15 @@ def reference(q, k, v, L, lo, c, scale):
 SETTINGS = [dict(BM=128, BN=64, stages=st, warps=w, pipe=p) for (st, w, p) in
             ((3, 4, 0), (2, 4, 0), (4, 4, 0), (3, 8, 0), (3, 4, 1), (3, 4, 2), (4, 4, 2))] + \
     [dict(BM=64, BN=64, stages=4, warps=4, pipe=0), dict(BM=128, BN=128, stages=3, warps=8, pipe=0)]
+DKDV_SWEEP = [dict(BM=bm, BN=bn, stages=st, warps=w) for (bm, bn, st, w) in
+              ((64, 64, 3, 4), (64, 64, 2, 4), (128, 64, 2, 4), (64, 128, 3, 8), (128, 128, 2, 8))]
 DQ_SWEEP = [dict(BM=bm, BN=64, stages=st, warps=w) for (bm, st, w) in
             ((128, 3, 8), (128, 2, 8), (128, 4, 8), (64, 3, 4), (64, 2, 4), (64, 4, 4))]
 
 
-def check():
-    """Every setting against the float32 reference of the gathered part alone; exits non-zero past the bounds."""
+def check(full=False):
+    """The library's settings (full: every forward and dQ setting too) and every dK / dV setting against the float32
+    reference of the gathered part alone, gradients against autograd; exits non-zero past the bounds."""
     torch.manual_seed(0)
     worst = []
     cases = [(1, 2, 1024, 64, 128, 32, torch.bfloat16), (2, 3, 1000, 64, 256, 32, torch.bfloat16),
@@ -45,11 +49,11 @@ def check():
         lo = L - c
         scale = 1 / math.sqrt(D)
         q, k, v = (torch.randn(B, H, n, D, device="cuda", dtype=dt) for _ in range(3))
-        qf = q.float().requires_grad_()
-        ref, ref_lse = reference(qf, k, v, L, lo, c, scale)
+        qf, kf, vf = (t.float().requires_grad_() for t in (q, k, v))
+        ref, ref_lse = reference(qf, kf, vf, L, lo, c, scale)
         ks, vs = summary_kv(k, L, lo, c), summary_kv(v, L, lo, c)
         seen = ref_lse > float("-inf")
-        for st in SETTINGS if D == 64 else [LIBRARY[128], dict(BM=128, BN=64, stages=4, warps=8, pipe=2)]:
+        for st in (SETTINGS if full else [LIBRARY[64]]) if D == 64 else [LIBRARY[128]]:
             if L % st["BM"]:
                 continue
             o, lse = torch.empty_like(q), torch.empty(B, H, n, device="cuda", dtype=torch.float32)
@@ -63,9 +67,9 @@ def check():
         # dQ alone, added to a random dq already in memory (fp32 and the input dtype): Delta and the LSE from the
         # float32 reference, against autograd
         do = torch.randn_like(q)
-        (ref_dq,) = torch.autograd.grad(ref, qf, do.float())
+        ref_dq, ref_dk, ref_dv = torch.autograd.grad(ref, (qf, kf, vf), do.float())
         delta = (do.float() * ref.detach()).sum(-1).contiguous()
-        for st in DQ_SWEEP if D == 64 else [LIBRARY_DQ[128]]:
+        for st in (DQ_SWEEP if full else [LIBRARY_DQ[64]]) if D == 64 else [LIBRARY_DQ[128]]:
             for dq_dtype in (torch.float32, dt):
                 if L % st["BM"]:
                     continue
@@ -77,21 +81,37 @@ def check():
                 bound = 3e-2 if dq_dtype == torch.float32 else 6e-2  # a 16-bit dq rounds dq0 + dQ once more
                 worst.append(("dq", err < bound))
                 print(f"{dt} D={D} n={n} L={L} c={c} dq ({dq_dtype}) {st}: max rel err {err:.2e}", flush=True)
+        # dK / dV, added to random values at the summary rows; every other row must stay as it was
+        summary = (torch.arange(n, device="cuda") % L >= lo) & (torch.arange(n, device="cuda") < n // L * L)
+        for st in DKDV_SWEEP + [LIBRARY_KV[64]] if D == 64 else [LIBRARY_KV[128], dict(BM=64, BN=128, stages=2,
+                                                                                        warps=8)]:
+            dk0 = (torch.randn_like(q).float() * ref_dk.abs().max()).to(dt)
+            dv0 = (torch.randn_like(q).float() * ref_dv.abs().max()).to(dt)
+            dk, dv = dk0.clone(), dv0.clone()
+            gather_dkdv(q, do, ks, vs, ref_lse.detach().contiguous(), delta, dk, dv, L, lo, c, scale, **st)
+            errs = [((got.float() - t0.float() - ref).abs().max() / ref.abs().max()).item()
+                    for got, t0, ref in ((dk, dk0, ref_dk), (dv, dv0, ref_dv))]
+            kept = torch.equal(dk[:, :, ~summary], dk0[:, :, ~summary]) and \
+                torch.equal(dv[:, :, ~summary], dv0[:, :, ~summary])
+            worst.append(("dkdv", max(errs) < 6e-2 and kept))  # 16-bit dk / dv round dk0 + dK once more
+            print(f"{dt} D={D} n={n} L={L} c={c} dkdv {st}: max rel err dk {errs[0]:.2e} dv {errs[1]:.2e}, other "
+                  f"rows kept {kept}", flush=True)
     bad = [w for w in worst if not w[1]]
     print(f"{len(worst) - len(bad)} of {len(worst)} within bounds", flush=True)
     if bad:
         raise SystemExit(1)
 
 
-def _gluon(on, f):
-    """Run f with the library's Gluon dispatch on or off."""
-    from sparse_transformer.attention.triton import forward
+def _gluon(on, f, dkdv=True):
+    """Run f with the library's Gluon dispatch on or off (dkdv: its dK / dV kernel too)."""
+    from sparse_transformer.attention.triton import forward, gluon_gather
 
-    was, forward.GLUON_GATHER = forward.GLUON_GATHER, on
+    was = forward.GLUON_GATHER, gluon_gather.DKDV
+    forward.GLUON_GATHER, gluon_gather.DKDV = on, dkdv
     try:
         return f()
     finally:
-        forward.GLUON_GATHER = was
+        forward.GLUON_GATHER, gluon_gather.DKDV = was
 
 
 def _profile(label, f):
@@ -131,31 +151,35 @@ def time_against_triton():
         qg = q.detach().requires_grad_()
         go = torch.randn_like(q)
         runs = {"the summary copy (K and V)": lambda: (summary_kv(k, L, L - c, c), summary_kv(v, L, L - c, c))}
-        for on in (False, True):
-            what = "gathered fwd and dQ through Gluon" if on else "Triton only"
-            runs[f"ours fwd, {what}"] = lambda on=on: _gluon(on, lambda: sparse_attention(q, k, v, lay))
+        for on, dkdv, what in ((False, False, "Triton only"), (True, False, "Gluon gathered fwd and dQ"),
+                               (True, True, "Gluon gathered fwd, dQ and dK/dV")):
             runs[f"ours fwd+bwd, {what}"] = \
-                lambda on=on: _gluon(on, lambda: sparse_attention(qg, k, v, lay).backward(go))
-        for st in SETTINGS if D == 64 else [LIBRARY[128]]:
+                lambda on=on, dkdv=dkdv: _gluon(on, lambda: sparse_attention(qg, k, v, lay).backward(go), dkdv)
+        for st in [LIBRARY[D]] if D == 64 else [LIBRARY[128]]:
             runs[f"gluon fwd {st}"] = lambda st=st: gather_forward(q, ks, vs, o, lse, L, c, D ** -0.5, False, **st)
         gather_forward(q, ks, vs, o, lse, L, c, D ** -0.5, False, **LIBRARY[D])
         lse_ok = torch.where(lse > float("-inf"), lse, 0.0)  # rows that see no summary key: any finite value
         delta = torch.randn_like(lse)
         dq = torch.zeros(q.shape, device="cuda", dtype=torch.float32)
-        for st in DQ_SWEEP if D == 64 else [LIBRARY_DQ[128], dict(BM=128, BN=64, stages=3, warps=8)]:
+        for st in [LIBRARY_DQ[D]]:
             runs[f"gluon dq {st}"] = lambda st=st: gather_dq(q, go, ks, vs, lse_ok, delta, dq, L, c, D ** -0.5, **st)
+        dk, dv = torch.zeros_like(q), torch.zeros_like(q)
+        for st in DKDV_SWEEP if D == 64 else [LIBRARY_KV[128], dict(BM=64, BN=128, stages=2, warps=8)]:
+            runs[f"gluon dkdv {st}"] = lambda st=st: gather_dkdv(q, go, ks, vs, lse_ok, delta, dk, dv, L, L - c, c,
+                                                                 D ** -0.5, **st)
         for label, f in runs.items():
             _profile(f"{name:14s} {label}", f)
 
 
-def compile_only():
+def compile_only(which=("fwd", "dq", "dkdv")):
     """Compile every setting (d=64) and the library's settings for sm_90 without a GPU and report registers / spills
     (ptxas -v), shared memory, and whether ptxas serialized the asynchronous wgmma (which undoes the pipelining)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     print(f"triton {triton.__version__}, target sm_90")
-    for st in [dict(s, D=64) for s in SETTINGS] + [dict(s, D=d, library=True) for d, s in LIBRARY.items()]:
+    for st in [dict(s, D=64) for s in SETTINGS if "fwd" in which] + \
+            [dict(s, D=d, library=True) for d, s in LIBRARY.items() if "fwd" in which]:
         D = st["D"]
         q_layout, kv_layout = _layouts(st["BM"], st["BN"], D, _GL_DTYPES[torch.bfloat16])
         sig = dict(q_desc=f"tensordesc<bf16[{st['BM']}, {D}],{q_layout!r}>",
@@ -173,8 +197,8 @@ def compile_only():
             print(f"{st}: failed: {type(e).__name__}: {str(e)[-900:]}", flush=True)
             continue
         _report(st, k)
-    for st in [dict(BM=64, BN=64, stages=3, warps=4, D=64), dict(BM=128, BN=64, stages=3, warps=4, D=64)] + \
-            [dict(s, D=d, library=True) for d, s in LIBRARY_DQ.items()]:
+    for st in [dict(s, D=64) for s in DQ_SWEEP if "dq" in which] + \
+            [dict(s, D=d, library=True) for d, s in LIBRARY_DQ.items() if "dq" in which]:
         D = st["D"]
         q_layout, kv_layout = _layouts(st["BM"], st["BN"], D, _GL_DTYPES[torch.bfloat16])
         qd = f"tensordesc<bf16[{st['BM']}, {D}],{q_layout!r}>"
@@ -192,6 +216,27 @@ def compile_only():
         _report(f"dq {st}", k)
 
 
+    for st in [s for s in DKDV_SWEEP if "dkdv" in which] + \
+            [dict(s, D=d, library=True) for d, s in LIBRARY_KV.items() if "dkdv" in which]:
+        st = dict(st, D=st.get("D", 64))
+        D = st["D"]
+        q_layout, kv_layout = _layouts(st["BM"], st["BN"], D, _GL_DTYPES[torch.bfloat16])
+        qd = f"tensordesc<bf16[{st['BM']}, {D}],{q_layout!r}>"
+        kd = f"tensordesc<bf16[{st['BN']}, {D}],{kv_layout!r}>"
+        sig = dict(q_desc=qd, do_desc=qd, k_desc=kd, v_desc=kd, dk_ptr="*bf16", dv_ptr="*bf16", lse_ptr="*fp32",
+                   delta_ptr="*fp32", qk_scale="fp32", sm_scale="fp32", N="i32", G="i32", NB="i32", SEG_L="i32",
+                   SEG_LO="i32", SEG_C="i32", BM="constexpr", BN="constexpr", D="constexpr", STAGES="constexpr",
+                   num_warps="constexpr")
+        cex = dict(BM=st["BM"], BN=st["BN"], D=D, STAGES=st["stages"], num_warps=st["warps"])
+        try:
+            k = triton.compile(GluonASTSource(_gather_dkdv_kernel, sig, cex), target=GPUTarget("cuda", 90, 32),
+                               options=dict(num_warps=st["warps"]))
+        except Exception as e:
+            print(f"dkdv {st}: failed: {type(e).__name__}: {str(e)[-1500:]}", flush=True)
+            continue
+        _report(f"dkdv {st}", k)
+
+
 def _report(label, k):
     sys.path.insert(0, os.path.dirname(__file__))
     from compile_probe import ptxas_report
@@ -203,5 +248,8 @@ def _report(label, k):
 
 
 if __name__ == "__main__":
-    {"compile": compile_only, "check": check, "time": time_against_triton}[sys.argv[1] if len(sys.argv) > 1 else
-                                                                          "compile"]()
+    what = sys.argv[1] if len(sys.argv) > 1 else "compile"
+    if what == "compile":  # optionally: which kernels (fwd, dq, dkdv)
+        compile_only(tuple(sys.argv[2:]) or ("fwd", "dq", "dkdv"))
+    else:
+        {"check": check, "check-all": lambda: check(True), "time": time_against_triton}[what]()

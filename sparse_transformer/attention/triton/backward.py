@@ -193,9 +193,12 @@ def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, fuse_dq
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     qk_scale = scale * 1.4426950408889634
     dq_kernel = not fuse_dq
-    gg = _forward.gluon_for(q, seg) if dq_kernel and not first else None
-    if gg is not None and gg.eligible(q, seg, scale, True, others=(do, dq)):
-        gg.backward_dq(q, k, v, do, dq, lse, delta, seg, scale)  # the gathered part's dQ in Gluon (Hopper)
+    kv_kernel = True
+    gg = _forward.gluon_for(q, seg) if not (first or fuse_dq) else None
+    if gg is not None and gg.eligible(q, seg, scale, True, others=(do, dq, dk, dv)):
+        # the gathered part's dQ and dK / dV in Gluon (Hopper); dK / dV add to the band's
+        kv_kernel = not (accum_kv and gg.DKDV)
+        gg.backward(q, k, v, do, dq, dk, dv, lse, delta, seg, scale, True, not kv_kernel)
         dq_kernel = False
     if dq_kernel:
         tab = launch.dq.tab
@@ -204,6 +207,8 @@ def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, fuse_dq
             q, k, v, o, do, dq, lse, delta, tab.q_ptr, tab.q_mid, tab.q_idx, launch.prm), (qk_scale, scale, *strides,
             H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C, group),
             launch.constexprs(q, launch.dq, T_ON_X=t_on_x, ACCUM=accum, DELTA=first))
+    if not kv_kernel:
+        return
     kv_pass = launch.fused if fuse_dq else launch.dkdv
     tab = kv_pass.tab
     # its programs stream their head's Q and dO

@@ -17,6 +17,8 @@ test_gpu_gluon_gather_matches_reference checks the library path (outputs and gra
 On an H200 the forward took 1217 us against the Triton kernel's 1727 at fixed-64k, the dQ 1318 against 2080
 (BENCHMARKS.md).
 """
+import os
+
 import torch
 import triton
 from triton.experimental import gluon
@@ -34,6 +36,10 @@ SETTINGS = {64: dict(BM=128, BN=64, stages=3, warps=4, pipe=0), 128: dict(BM=128
 # dQ: 64x64 on 4 warps took 1318 us at fixed-64k against 1798 for 128x64 on 8 warps; d=128 the other way round
 # (230 us against 266 at fixed-12k-d128)
 DQ_SETTINGS = {64: dict(BM=64, BN=64, stages=3, warps=4), 128: dict(BM=128, BN=64, stages=3, warps=8)}
+# dK / dV (the summary keys' tiles, BN, against streamed query tiles, BM)
+DKDV_SETTINGS = {64: dict(BM=64, BN=64, stages=3, warps=4), 128: dict(BM=64, BN=64, stages=2, warps=4)}
+# the dK / dV kernel too (SPARSE_TRANSFORMER_GLUON_DKDV=0 leaves dK / dV to the Triton kernel)
+DKDV = os.environ.get("SPARSE_TRANSFORMER_GLUON_DKDV", "1") != "0"
 LAUNCHES = 0  # kernels launched through this path (tests check that it ran)
 
 
@@ -267,6 +273,97 @@ def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_pt
     gl.store(dq_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=ok)
 
 
+@gluon.jit
+def _gather_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr, delta_ptr, qk_scale, sm_scale, N,
+                        G, NB, SEG_L, SEG_LO, SEG_C, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
+                        STAGES: gl.constexpr, num_warps: gl.constexpr):
+    """dK / dV of the gathered part for BN summary keys (slots k0 .. k0 + BN), added to the dK / dV an earlier
+    segment stored at their rows: per query tile S^T = K Q^T and dP^T = V dO^T, then P^T = exp(S^T - LSE), dV += P^T dO,
+    dS^T = P^T * (dP^T - Delta), dK += dS^T Q. Summary slot s (block s // SEG_C) is seen by the queries of the later
+    blocks: rows from (s // SEG_C + 1) * SEG_L on. Query / dO tiles stream through the ring; the next tile's two
+    products are issued before this tile's element-wise work."""
+    gl.static_assert(STAGES >= 2)
+    bh = gl.program_id(0)
+    k0 = gl.program_id(1) * BN  # tile 0 has the most queries: its programs start first
+    q_start = (k0 // SEG_C + 1) * SEG_L  # the first query row that sees a key of this tile (BM divides SEG_L)
+    n_tiles = gl.cdiv(gl.maximum(N - q_start, 0), BM)
+
+    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                         instr_shape=[16, BM, 16])
+    kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                         instr_shape=[16, D, 16])
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
+    col_st: gl.constexpr = gl.SliceLayout(0, st_layout)  # along the query rows of a tile
+    row_st: gl.constexpr = gl.SliceLayout(1, st_layout)  # along the key slots
+
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [BN, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [BN, D], v_desc.layout)
+    k_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(k_bar, count=1)
+    q_smem, do_smem, q_bar = _kv_ring(q_desc, do_desc, STAGES, BM, D)
+    fence_async_shared()
+
+    mbarrier.expect(k_bar, 2 * BN * D * 2)
+    tma.async_copy_global_to_shared(k_desc, [bh * G + k0, 0], k_bar, k_smem)
+    tma.async_copy_global_to_shared(v_desc, [bh * G + k0, 0], k_bar, v_smem)
+    row0 = bh * N + q_start
+    for s in gl.static_range(STAGES):
+        _load_kv(q_desc, do_desc, q_smem, do_smem, q_bar, s, row0, s < n_tiles, STAGES, BM, D)
+
+    slots = k0 + gl.arange(0, BN, layout=row_st)
+    first_row = gl.expand_dims((slots // SEG_C + 1) * SEG_L, 1)  # of the queries that see each slot
+    cols = gl.arange(0, BM, layout=col_st)
+    base = bh.to(gl.int64) * N
+    zero_st = gl.zeros([BN, BM], gl.float32, st_layout)
+    dk = gl.zeros([BN, D], gl.float32, kv_layout)
+    dv = gl.zeros([BN, D], gl.float32, kv_layout)
+    # LSE (log2) and Delta of the first tile; rows past N (the next head's, or TMA's zeros): LSE = +inf, so P = 0
+    rows = q_start + cols
+    lse_cur = gl.load(lse_ptr + base + rows, mask=rows < N, other=float("-inf")) * 1.4426950408889634
+    lse_cur = gl.where(lse_cur == float("-inf"), float("inf"), lse_cur)
+    delta_cur = gl.load(delta_ptr + base + rows, mask=rows < N, other=0.0)
+    mbarrier.wait(k_bar, 0)
+    mbarrier.wait(q_bar.index(0), 0, pred=n_tiles > 0)
+    s_cur = warpgroup_mma(k_smem, q_smem.index(0).permute((1, 0)), zero_st, use_acc=False, is_async=True)
+    dp_cur = warpgroup_mma(v_smem, do_smem.index(0).permute((1, 0)), zero_st, use_acc=False, is_async=True)
+    s_cur, dp_cur = warpgroup_mma_wait(0, deps=(s_cur, dp_cur))
+    for j in range(n_tiles):
+        stage = j % STAGES
+        nxt = gl.minimum(j + 1, n_tiles - 1)  # the last iteration redoes its own tile, unread
+        mbarrier.wait(q_bar.index(nxt % STAGES), (nxt // STAGES) & 1)
+        s_next = warpgroup_mma(k_smem, q_smem.index(nxt % STAGES).permute((1, 0)), zero_st, use_acc=False,
+                               is_async=True)
+        dp_next = warpgroup_mma(v_smem, do_smem.index(nxt % STAGES).permute((1, 0)), zero_st, use_acc=False,
+                                is_async=True)
+        rows_next = q_start + (j + 1) * BM + cols
+        lse_next = gl.load(lse_ptr + base + rows_next, mask=rows_next < N, other=float("-inf")) * 1.4426950408889634
+        delta_next = gl.load(delta_ptr + base + rows_next, mask=rows_next < N, other=0.0)
+        rows = q_start + j * BM + cols
+        p = gl.exp2(s_cur * qk_scale - gl.expand_dims(lse_cur, 0))
+        p = gl.where(gl.expand_dims(rows, 0) >= first_row, p, 0.0)
+        ds = p * (dp_cur - gl.expand_dims(delta_cur, 0))
+        dv = warpgroup_mma(gl.convert_layout(p.to(q_desc.dtype), op_layout), do_smem.index(stage), dv, is_async=True)
+        dk = warpgroup_mma(gl.convert_layout(ds.to(q_desc.dtype), op_layout), q_smem.index(stage), dk, is_async=True)
+        dv, dk, s_cur, dp_cur = warpgroup_mma_wait(0, deps=(dv, dk, s_next, dp_next))
+        lse_cur = gl.where(lse_next == float("-inf"), float("inf"), lse_next)
+        delta_cur = delta_next
+        # tile j's stage is free: load tile j + STAGES into it
+        _load_kv(q_desc, do_desc, q_smem, do_smem, q_bar, j + STAGES, row0, j + STAGES < n_tiles, STAGES, BM, D)
+    mbarrier.invalidate(k_bar)
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(q_bar.index(s))
+    # slot s -> row (s // SEG_C) * SEG_L + SEG_LO + s % SEG_C; the padding slots past NB * SEG_C are not stored
+    slots_o = k0 + gl.arange(0, BN, layout=gl.SliceLayout(1, kv_layout))
+    rows_o = (slots_o // SEG_C) * SEG_L + SEG_LO + slots_o % SEG_C
+    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, kv_layout))
+    off = (base + gl.expand_dims(rows_o, 1)) * D + gl.expand_dims(offs_d, 0)
+    ok = gl.expand_dims(slots_o < NB * SEG_C, 1)
+    dk = dk * sm_scale + gl.load(dk_ptr + off, mask=ok, other=0.0).to(gl.float32)
+    dv = dv + gl.load(dv_ptr + off, mask=ok, other=0.0).to(gl.float32)
+    gl.store(dk_ptr + off, dk.to(dk_ptr.dtype.element_ty), mask=ok)
+    gl.store(dv_ptr + off, dv.to(dv_ptr.dtype.element_ty), mask=ok)
+
+
 def summary_kv(x, L, lo, c, multiple=128):
     """The summary rows (lo .. lo + c of every L-row block) of x [B, H, n, D], contiguous: [B, H, G, D] with
     G = n // L * c rounded up to `multiple` with zero rows, so that no key tile reaches into the next head's keys.
@@ -328,6 +425,28 @@ def gather_dq(q, do, k_sum, v_sum, lse, delta, dq, L, c, scale, BM=128, BN=64, s
     LAUNCHES += 1
 
 
+def gather_dkdv(q, do, k_sum, v_sum, lse, delta, dk, dv, L, lo, c, scale, BM=64, BN=64, stages=3, warps=4):
+    """Add the gathered part's dK / dV to the summary rows of dk, dv [B, H, n, D] (contiguous); q, do contiguous;
+    lse and delta: fp32 [B, H, n] of the whole layout."""
+    global LAUNCHES
+    B, H, n, D = q.shape
+    G = k_sum.shape[2]
+    assert q.is_contiguous() and do.is_contiguous() and dk.is_contiguous() and dv.is_contiguous() and G % BN == 0
+    q_layout, kv_layout = _layouts(BM, BN, D, _GL_DTYPES[q.dtype])
+    q2, do2 = q.view(B * H * n, D), do.view(B * H * n, D)
+    k2, v2 = k_sum.view(B * H * G, D), v_sum.view(B * H * G, D)
+    q_desc = TensorDescriptor(q2, list(q2.shape), list(q2.stride()), [BM, D], q_layout)
+    do_desc = TensorDescriptor(do2, list(do2.shape), list(do2.stride()), [BM, D], q_layout)
+    k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [BN, D], kv_layout)
+    v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [BN, D], kv_layout)
+    nb = n // L
+    with torch.cuda.device(q.device):
+        _gather_dkdv_kernel[(B * H, triton.cdiv(nb * c, BN))](
+            q_desc, do_desc, k_desc, v_desc, dk, dv, lse, delta, scale * 1.4426950408889634, scale, n, G, nb, L, lo,
+            c, BM=BM, BN=BN, D=D, STAGES=stages, num_warps=warps)
+    LAUNCHES += 1
+
+
 def eligible(q, seg, scale, merge, others=()) -> bool:
     """This path covers: a Hopper GPU, fp16 / bf16, head dim 64 or 128, q with fewer than 2^31 rows and 65535 query
     tiles per head (forward and dQ tiles), `others` (the output, dO, dQ) contiguous and 16-byte aligned like a
@@ -346,13 +465,18 @@ def eligible(q, seg, scale, merge, others=()) -> bool:
             and bool((p[:, P_SUM_EXCL] > 0).all()) and len(set(p[:, P_SUM_LO].tolist())) == 1)
 
 
-def backward_dq(q, k, v, do, dq, lse, delta, seg, scale):
-    """The gathered part's dQ for an eligible launch (its dK / dV stay with the Triton kernel)."""
-    if q.shape[2] < seg.L:
+def backward(q, k, v, do, dq, dk, dv, lse, delta, seg, scale, with_dq, with_dkdv):
+    """The gathered part's dQ (with_dq) and dK / dV (with_dkdv: added to what the band stored) for an eligible
+    launch, over one summary copy."""
+    if q.shape[2] < seg.L or not (with_dq or with_dkdv):
         return
     lo = int(seg.params[0, P_SUM_LO])
-    gather_dq(q.contiguous(), do, summary_kv(k, seg.L, lo, seg.C), summary_kv(v, seg.L, lo, seg.C), lse, delta, dq,
-              seg.L, seg.C, scale, **DQ_SETTINGS[q.shape[-1]])
+    q = q.contiguous()
+    ks, vs = summary_kv(k, seg.L, lo, seg.C), summary_kv(v, seg.L, lo, seg.C)
+    if with_dq:
+        gather_dq(q, do, ks, vs, lse, delta, dq, seg.L, seg.C, scale, **DQ_SETTINGS[q.shape[-1]])
+    if with_dkdv:
+        gather_dkdv(q, do, ks, vs, lse, delta, dk, dv, seg.L, lo, seg.C, scale, **DKDV_SETTINGS[q.shape[-1]])
 
 
 def forward(q, k, v, o, lse, seg, scale, merge):
