@@ -77,6 +77,30 @@ def test_a_different_specialization_goes_through_triton(fast, change):
     assert [e[0] for e in kern.log] == ["triton", "triton"]
 
 
+def _desc(base, block=(64, 16), layout="L1"):
+    """A stand-in for a Gluon TensorDescriptor: the fields the launcher keys on."""
+    return types.SimpleNamespace(base=base, shape=list(base.shape), strides=list(base.stride()),
+                                 block_shape=list(block), layout=layout, padding="zero")
+
+
+@pytest.mark.parametrize("change", [None, "base", "block", "layout", "alignment", "dtype"])
+def test_tensor_descriptors_key_on_their_specialization(fast, change):
+    """Gluon kernels take TensorDescriptors: a new base of the same kind goes direct (the compiled launcher encodes
+    each descriptor per call); another block shape, layout, alignment or dtype goes through Triton."""
+    kern = FakeKernel()
+    buf = torch.zeros(80, 16)
+    a, b = _desc(buf[:64]), torch.zeros(64)
+    cex = dict(X=1, Y=2, num_warps=4)
+    launcher.launch(kern, (1, 1), (a, b), (0.5, 128), cex)
+    a2 = {None: a, "base": _desc(torch.zeros(64, 16)), "block": _desc(buf[:64], (32, 16)),
+          "layout": _desc(buf[:64], layout="L2"), "alignment": _desc(buf.view(-1)[1:1025].view(64, 16)),
+          "dtype": _desc(torch.zeros(64, 16, dtype=torch.float16))}[change]
+    launcher.launch(kern, (1, 1), (a2, b), (0.5, 128), cex)
+    assert [e[0] for e in kern.log] == ["triton", "direct" if change in (None, "base") else "triton"]
+    if change == "base":
+        assert kern.log[1][1][9] is a2  # the descriptor itself reaches the compiled launcher
+
+
 def test_per_call_options_or_switch_off_always_go_through_triton(fast, monkeypatch):
     kern = FakeKernel()
     a = torch.zeros(64)

@@ -28,6 +28,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..plan import GATHER, P_SUM_EXCL, P_SUM_L, P_SUM_LO
+from .launcher import launch as launch_kernel
 
 # per head dim, measured on an H200 (bench/gluon_gather.py time, BENCHMARKS.md): the forward without the in-loop
 # overlap (PIPE 0: 180 registers, 1218 us at fixed-64k) beat PIPE 1 (1298) and PIPE 2 (1338-1372); d=128 on 8 warps
@@ -371,9 +372,12 @@ def summary_kv(x, L, lo, c, multiple=128):
     B, H, n, D = x.shape
     nb = n // L
     g = nb * c
-    out = x.new_empty(B, H, -(-g // multiple) * multiple, D)
-    out[:, :, :g].unflatten(2, (nb, c)).copy_(x[:, :, :nb * L].unflatten(2, (nb, L))[:, :, :, lo:lo + c])
-    if out.shape[2] > g:
+    gp = -(-g // multiple) * multiple
+    sb, sh, sn, sd = x.stride()
+    out = x.new_empty(B, H, gp, D)
+    out.as_strided((B, H, nb, c, D), (H * gp * D, gp * D, c * D, D, 1)).copy_(
+        x.as_strided((B, H, nb, c, D), (sb, sh, L * sn, sn, sd), x.storage_offset() + lo * sn))
+    if gp > g:
         out[:, :, g:].zero_()
     return out
 
@@ -398,9 +402,9 @@ def gather_forward(q, k_sum, v_sum, o, lse, L, c, scale, merge, BM=128, BN=64, s
     k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [BN, D], kv_layout)
     v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [BN, D], kv_layout)
     nqb = triton.cdiv(n, BM)
-    with torch.cuda.device(q.device):  # Triton launches on the current device
-        _gather_fwd_kernel[(B * H, nqb)](q_desc, k_desc, v_desc, o, lse, scale * 1.4426950408889634, n, G, nqb, L, c,
-                                         BM=BM, BN=BN, D=D, STAGES=stages, PIPE=pipe, MERGE=merge, num_warps=warps)
+    launch_kernel(_gather_fwd_kernel, (B * H, nqb), (q_desc, k_desc, v_desc, o, lse),
+                  (scale * 1.4426950408889634, n, G, nqb, L, c),
+                  dict(BM=BM, BN=BN, D=D, STAGES=stages, PIPE=pipe, MERGE=merge, num_warps=warps))
     LAUNCHES += 1
 
 
@@ -419,9 +423,9 @@ def gather_dq(q, do, k_sum, v_sum, lse, delta, dq, L, c, scale, BM=128, BN=64, s
     k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [BN, D], kv_layout)
     v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [BN, D], kv_layout)
     nqb = triton.cdiv(n, BM)
-    with torch.cuda.device(q.device):
-        _gather_dq_kernel[(B * H, nqb)](q_desc, do_desc, k_desc, v_desc, dq, lse, delta, scale * 1.4426950408889634,
-                                        scale, n, G, nqb, L, c, BM=BM, BN=BN, D=D, STAGES=stages, num_warps=warps)
+    launch_kernel(_gather_dq_kernel, (B * H, nqb), (q_desc, do_desc, k_desc, v_desc, dq, lse, delta),
+                  (scale * 1.4426950408889634, scale, n, G, nqb, L, c),
+                  dict(BM=BM, BN=BN, D=D, STAGES=stages, num_warps=warps))
     LAUNCHES += 1
 
 
@@ -440,10 +444,9 @@ def gather_dkdv(q, do, k_sum, v_sum, lse, delta, dk, dv, L, lo, c, scale, BM=64,
     k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [BN, D], kv_layout)
     v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [BN, D], kv_layout)
     nb = n // L
-    with torch.cuda.device(q.device):
-        _gather_dkdv_kernel[(B * H, triton.cdiv(nb * c, BN))](
-            q_desc, do_desc, k_desc, v_desc, dk, dv, lse, delta, scale * 1.4426950408889634, scale, n, G, nb, L, lo,
-            c, BM=BM, BN=BN, D=D, STAGES=stages, num_warps=warps)
+    launch_kernel(_gather_dkdv_kernel, (B * H, triton.cdiv(nb * c, BN)), (q_desc, do_desc, k_desc, v_desc, dk, dv,
+                  lse, delta), (scale * 1.4426950408889634, scale, n, G, nb, L, lo, c),
+                  dict(BM=BM, BN=BN, D=D, STAGES=stages, num_warps=warps))
     LAUNCHES += 1
 
 
@@ -460,9 +463,31 @@ def eligible(q, seg, scale, merge, others=()) -> bool:
             and triton.cdiv(q.shape[2], min(SETTINGS[q.shape[-1]]["BM"], DQ_SETTINGS[q.shape[-1]]["BM"])) <= 65535
             and scale * 1.4426950408889634 >= 2.0 ** -126 and seg.L % SETTINGS[q.shape[-1]]["BM"] == 0):
         return False
-    p = seg.params
-    return (torch.cuda.get_device_capability(q.device)[0] == 9 and bool((p[:, P_SUM_L] > 0).all())
-            and bool((p[:, P_SUM_EXCL] > 0).all()) and len(set(p[:, P_SUM_LO].tolist())) == 1)
+    return _capability(q.device)[0] == 9 and _summary_offset(seg) is not None
+
+
+_SEG: dict = {}  # id(segment) -> (segment, its one summary offset or None); segments live in function's launch cache
+_CAPABILITY: dict = {}
+
+
+def _summary_offset(seg):
+    """The summary offset lo shared by every head of a gathered segment that has summary keys before each block, else
+    None (host-side, once per segment)."""
+    hit = _SEG.get(id(seg))
+    if hit is None or hit[0] is not seg:
+        p = seg.params
+        ok = bool((p[:, P_SUM_L] > 0).all()) and bool((p[:, P_SUM_EXCL] > 0).all()) and \
+            len(set(p[:, P_SUM_LO].tolist())) == 1
+        if len(_SEG) >= 4096:
+            _SEG.clear()
+        hit = _SEG[id(seg)] = (seg, int(p[0, P_SUM_LO]) if ok else None)
+    return hit[1]
+
+
+def _capability(device):
+    if device.index not in _CAPABILITY:
+        _CAPABILITY[device.index] = torch.cuda.get_device_capability(device)
+    return _CAPABILITY[device.index]
 
 
 def backward(q, k, v, do, dq, dk, dv, lse, delta, seg, scale, with_dq, with_dkdv):
@@ -470,7 +495,7 @@ def backward(q, k, v, do, dq, dk, dv, lse, delta, seg, scale, with_dq, with_dkdv
     launch, over one summary copy."""
     if q.shape[2] < seg.L or not (with_dq or with_dkdv):
         return
-    lo = int(seg.params[0, P_SUM_LO])
+    lo = _summary_offset(seg)
     q = q.contiguous()
     ks, vs = summary_kv(k, seg.L, lo, seg.C), summary_kv(v, seg.L, lo, seg.C)
     if with_dq:
@@ -483,6 +508,6 @@ def forward(q, k, v, o, lse, seg, scale, merge):
     """The gathered part's forward for an eligible launch: copy the summary keys, run the kernel, merge."""
     if q.shape[2] < seg.L:  # one block: no query sees a summary key, and merging nothing changes nothing
         return
-    lo = int(seg.params[0, P_SUM_LO])
+    lo = _summary_offset(seg)
     gather_forward(q.contiguous(), summary_kv(k, seg.L, lo, seg.C), summary_kv(v, seg.L, lo, seg.C), o, lse, seg.L,
                    seg.C, scale, merge, **SETTINGS[q.shape[-1]])

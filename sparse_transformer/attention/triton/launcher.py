@@ -1,4 +1,5 @@
-"""Low-overhead kernel launches: call a compiled Triton kernel's launcher directly, skipping the per-call binding.
+"""Low-overhead kernel launches: call a compiled Triton (or Gluon) kernel's launcher directly, skipping the per-call
+binding.
 
 `kernel[grid](*args, **constexprs)` binds and specializes every argument in Python on each call (tens of
 microseconds for our ~40-argument kernels on the device machines' CPUs, longer than some of the kernels run). The
@@ -6,6 +7,8 @@ first call with a given key goes through Triton as usual (compiling if needed) a
 returns; later calls with the same key launch it directly. The key is finer than Triton's specialization: the
 constexprs and launch options, the device, the tensors' dtypes and their addresses modulo 16, and the scalar
 arguments' exact values (strides, lengths, scale), so a key seen before always maps to the kernel Triton would pick.
+Gluon kernels' TensorDescriptor arguments key on their base's dtype and alignment, block shape and layout; the
+compiled launcher encodes each one's TMA descriptor per call, as on Triton's path.
 Every call takes Triton's own path under TRITON_INTERPRET=1, with FAST = False (SPARSE_TRANSFORMER_FAST_LAUNCH=0), or
 while anything Triton would honour per call is switched on: launch hooks (e.g. its proton profiler), pre-run hooks,
 TRITON_DEBUG, an instrumentation mode. Launches run on the tensors' device (made current for the call if need be).
@@ -35,21 +38,21 @@ _COMPILED: dict = {}
 
 
 def launch(kernel, grid, tensors, scalars, constexprs):
-    """kernel[grid](*tensors, *scalars, **constexprs): `tensors` the leading tensor parameters, `scalars` the int /
-    float parameters after them (together every runtime parameter, in order), `constexprs` the constexpr parameters
-    (after those in the signature) plus num_warps / num_stages, always built in the same order for one kernel."""
+    """kernel[grid](*tensors, *scalars, **constexprs): `tensors` the leading tensor (or TensorDescriptor) parameters,
+    `scalars` the int / float parameters after them (together every runtime parameter, in order), `constexprs` the
+    constexpr parameters (after those in the signature) plus num_warps / num_stages, always built in the same order
+    for one kernel."""
     if _INTERPRET:
         kernel[grid](*tensors, *scalars, **constexprs)
         return
-    dev = tensors[0].device.index
+    dev = _tensor(tensors[0]).device.index
     if _current_device() != dev:  # Triton compiles for, loads on and launches into the current device
         with torch.cuda.device(dev):
             return launch(kernel, grid, tensors, scalars, constexprs)
     if not FAST:
         kernel[grid](*tensors, *scalars, **constexprs)
         return
-    key = (id(kernel), dev, *constexprs.values(), *[t.dtype for t in tensors], *[t.data_ptr() & 15 for t in tensors],
-           *scalars)
+    key = (id(kernel), dev, *constexprs.values(), *[_arg_key(t) for t in tensors], *scalars)
     hit = _COMPILED.get(key)
     if hit is None or _per_call_options(kernel):
         ck = kernel[grid](*tensors, *scalars, **constexprs)
@@ -64,6 +67,19 @@ def launch(kernel, grid, tensors, scalars, constexprs):
     ck, fn, meta, run, tail = hit
     run(grid[0], grid[1], grid[2] if len(grid) > 2 else 1, _stream(dev), fn, meta, None, None, None, *tensors, *scalars,
         *tail)
+
+
+def _tensor(arg):
+    """The tensor behind a leading argument: itself, or a (Gluon) TensorDescriptor's base."""
+    return arg if isinstance(arg, torch.Tensor) else arg.base
+
+
+def _arg_key(arg):
+    """What Triton specializes a tensor argument on (dtype, 16-byte alignment); for a TensorDescriptor also its block
+    shape and shared-memory layout (its shape and strides are runtime arguments, encoded per launch)."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() & 15
+    return arg.base.dtype, arg.base.data_ptr() & 15, tuple(arg.block_shape), repr(arg.layout), arg.padding
 
 
 def _current_device():
