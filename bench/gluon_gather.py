@@ -11,7 +11,7 @@ import torch
 import triton
 
 from sparse_transformer.attention.triton.gluon_gather import DKDV_SETTINGS as LIBRARY_KV, DQ_SETTINGS as LIBRARY_DQ, \
-    SETTINGS as LIBRARY, _GL_DTYPES, _gather_dkdv_kernel, _gather_dq_kernel, _gather_fwd_kernel, _layouts, \
+    SETTINGS as LIBRARY, _gather_dkdv_kernel, _gather_dq_kernel, _gather_fwd_kernel, _layouts, \
     gather_dkdv, gather_dq, gather_forward, summary_kv
 
 
@@ -181,7 +181,7 @@ def compile_only(which=("fwd", "dq", "dkdv")):
     for st in [dict(s, D=64) for s in SETTINGS if "fwd" in which] + \
             [dict(s, D=d, library=True) for d, s in LIBRARY.items() if "fwd" in which]:
         D = st["D"]
-        q_layout, kv_layout = _layouts(st["BM"], st["BN"], D, _GL_DTYPES[torch.bfloat16])
+        q_layout, kv_layout = _layouts(st["BM"], st["BN"], D, torch.bfloat16)
         sig = dict(q_desc=f"tensordesc<bf16[{st['BM']}, {D}],{q_layout!r}>",
                    k_desc=f"tensordesc<bf16[{st['BN']}, {D}],{kv_layout!r}>",
                    v_desc=f"tensordesc<bf16[{st['BN']}, {D}],{kv_layout!r}>",
@@ -200,7 +200,7 @@ def compile_only(which=("fwd", "dq", "dkdv")):
     for st in [dict(s, D=64) for s in DQ_SWEEP if "dq" in which] + \
             [dict(s, D=d, library=True) for d, s in LIBRARY_DQ.items() if "dq" in which]:
         D = st["D"]
-        q_layout, kv_layout = _layouts(st["BM"], st["BN"], D, _GL_DTYPES[torch.bfloat16])
+        q_layout, kv_layout = _layouts(st["BM"], st["BN"], D, torch.bfloat16)
         qd = f"tensordesc<bf16[{st['BM']}, {D}],{q_layout!r}>"
         kd = f"tensordesc<bf16[{st['BN']}, {D}],{kv_layout!r}>"
         sig = dict(q_desc=qd, do_desc=qd, k_desc=kd, v_desc=kd, dq_ptr="*fp32", lse_ptr="*fp32", delta_ptr="*fp32",
@@ -220,7 +220,7 @@ def compile_only(which=("fwd", "dq", "dkdv")):
             [dict(s, D=d, library=True) for d, s in LIBRARY_KV.items() if "dkdv" in which]:
         st = dict(st, D=st.get("D", 64))
         D = st["D"]
-        q_layout, kv_layout = _layouts(st["BM"], st["BN"], D, _GL_DTYPES[torch.bfloat16])
+        q_layout, kv_layout = _layouts(st["BM"], st["BN"], D, torch.bfloat16)
         qd = f"tensordesc<bf16[{st['BM']}, {D}],{q_layout!r}>"
         kd = f"tensordesc<bf16[{st['BN']}, {D}],{kv_layout!r}>"
         sig = dict(q_desc=qd, do_desc=qd, k_desc=kd, v_desc=kd, dk_ptr="*bf16", dv_ptr="*bf16", lse_ptr="*fp32",

@@ -17,6 +17,7 @@ test_gpu_gluon_gather_matches_reference checks the library path (outputs and gra
 On an H200 the forward took 1217 us against the Triton kernel's 1727 at fixed-64k, the dQ 1318 against 2080
 (BENCHMARKS.md).
 """
+import functools
 import os
 
 import torch
@@ -382,8 +383,27 @@ def summary_kv(x, L, lo, c, multiple=128):
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _layout(rows, D, dtype):
+    """The shared-memory layout of a rows x D tile of a torch dtype (built once: about 7 us each on the host)."""
+    return gl.NVMMASharedLayout.get_default_for([rows, D], _GL_DTYPES[dtype])
+
+
 def _layouts(BM, BN, D, dtype):
-    return (gl.NVMMASharedLayout.get_default_for([BM, D], dtype), gl.NVMMASharedLayout.get_default_for([BN, D], dtype))
+    return _layout(BM, D, dtype), _layout(BN, D, dtype)
+
+
+def _desc(x, rows, memo=None):
+    """A TMA descriptor over x [B, H, R, D] (contiguous) seen as B * H * R rows, in boxes of rows x D; memo (a dict)
+    shares descriptors between the launches of one call."""
+    if memo is not None and (id(x), rows) in memo:
+        return memo[id(x), rows]
+    D = x.shape[-1]
+    x2 = x.view(-1, D)
+    d = TensorDescriptor(x2, list(x2.shape), [D, 1], [rows, D], _layout(rows, D, x.dtype))
+    if memo is not None:
+        memo[id(x), rows] = d
+    return d
 
 
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
@@ -396,11 +416,7 @@ def gather_forward(q, k_sum, v_sum, o, lse, L, c, scale, merge, BM=128, BN=64, s
     B, H, n, D = q.shape
     G = k_sum.shape[2]
     assert L % BM == 0 and q.is_contiguous() and k_sum.is_contiguous() and v_sum.is_contiguous() and o.is_contiguous()
-    q_layout, kv_layout = _layouts(BM, BN, D, _GL_DTYPES[q.dtype])
-    q2, k2, v2 = q.view(B * H * n, D), k_sum.view(B * H * G, D), v_sum.view(B * H * G, D)
-    q_desc = TensorDescriptor(q2, list(q2.shape), list(q2.stride()), [BM, D], q_layout)
-    k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [BN, D], kv_layout)
-    v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [BN, D], kv_layout)
+    q_desc, k_desc, v_desc = _desc(q, BM), _desc(k_sum, BN), _desc(v_sum, BN)
     nqb = triton.cdiv(n, BM)
     launch_kernel(_gather_fwd_kernel, (B * H, nqb), (q_desc, k_desc, v_desc, o, lse),
                   (scale * 1.4426950408889634, n, G, nqb, L, c),
@@ -408,20 +424,15 @@ def gather_forward(q, k_sum, v_sum, o, lse, L, c, scale, merge, BM=128, BN=64, s
     LAUNCHES += 1
 
 
-def gather_dq(q, do, k_sum, v_sum, lse, delta, dq, L, c, scale, BM=128, BN=64, stages=3, warps=8):
+def gather_dq(q, do, k_sum, v_sum, lse, delta, dq, L, c, scale, BM=128, BN=64, stages=3, warps=8, memo=None):
     """Add the gathered part's dQ to dq [B, H, n, D] (fp32 or q's dtype, contiguous like do); lse and delta: fp32
     [B, H, n], delta already written by the first segment's dQ kernel."""
     global LAUNCHES
     B, H, n, D = q.shape
     G = k_sum.shape[2]
     assert L % BM == 0 and do.is_contiguous() and dq.is_contiguous()
-    q_layout, kv_layout = _layouts(BM, BN, D, _GL_DTYPES[q.dtype])
-    q2, do2 = q.view(B * H * n, D), do.view(B * H * n, D)
-    k2, v2 = k_sum.view(B * H * G, D), v_sum.view(B * H * G, D)
-    q_desc = TensorDescriptor(q2, list(q2.shape), list(q2.stride()), [BM, D], q_layout)
-    do_desc = TensorDescriptor(do2, list(do2.shape), list(do2.stride()), [BM, D], q_layout)
-    k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [BN, D], kv_layout)
-    v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [BN, D], kv_layout)
+    q_desc, do_desc = _desc(q, BM, memo), _desc(do, BM, memo)
+    k_desc, v_desc = _desc(k_sum, BN, memo), _desc(v_sum, BN, memo)
     nqb = triton.cdiv(n, BM)
     launch_kernel(_gather_dq_kernel, (B * H, nqb), (q_desc, do_desc, k_desc, v_desc, dq, lse, delta),
                   (scale * 1.4426950408889634, scale, n, G, nqb, L, c),
@@ -429,20 +440,16 @@ def gather_dq(q, do, k_sum, v_sum, lse, delta, dq, L, c, scale, BM=128, BN=64, s
     LAUNCHES += 1
 
 
-def gather_dkdv(q, do, k_sum, v_sum, lse, delta, dk, dv, L, lo, c, scale, BM=64, BN=64, stages=3, warps=4):
+def gather_dkdv(q, do, k_sum, v_sum, lse, delta, dk, dv, L, lo, c, scale, BM=64, BN=64, stages=3, warps=4,
+                memo=None):
     """Add the gathered part's dK / dV to the summary rows of dk, dv [B, H, n, D] (contiguous); q, do contiguous;
     lse and delta: fp32 [B, H, n] of the whole layout."""
     global LAUNCHES
     B, H, n, D = q.shape
     G = k_sum.shape[2]
     assert q.is_contiguous() and do.is_contiguous() and dk.is_contiguous() and dv.is_contiguous() and G % BN == 0
-    q_layout, kv_layout = _layouts(BM, BN, D, _GL_DTYPES[q.dtype])
-    q2, do2 = q.view(B * H * n, D), do.view(B * H * n, D)
-    k2, v2 = k_sum.view(B * H * G, D), v_sum.view(B * H * G, D)
-    q_desc = TensorDescriptor(q2, list(q2.shape), list(q2.stride()), [BM, D], q_layout)
-    do_desc = TensorDescriptor(do2, list(do2.shape), list(do2.stride()), [BM, D], q_layout)
-    k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [BN, D], kv_layout)
-    v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [BN, D], kv_layout)
+    q_desc, do_desc = _desc(q, BM, memo), _desc(do, BM, memo)
+    k_desc, v_desc = _desc(k_sum, BN, memo), _desc(v_sum, BN, memo)
     nb = n // L
     launch_kernel(_gather_dkdv_kernel, (B * H, triton.cdiv(nb * c, BN)), (q_desc, do_desc, k_desc, v_desc, dk, dv,
                   lse, delta), (scale * 1.4426950408889634, scale, n, G, nb, L, lo, c),
@@ -498,10 +505,12 @@ def backward(q, k, v, do, dq, dk, dv, lse, delta, seg, scale, with_dq, with_dkdv
     lo = _summary_offset(seg)
     q = q.contiguous()
     ks, vs = summary_kv(k, seg.L, lo, seg.C), summary_kv(v, seg.L, lo, seg.C)
+    memo = {}  # descriptors of the same tensor and tile height, shared by the two kernels
     if with_dq:
-        gather_dq(q, do, ks, vs, lse, delta, dq, seg.L, seg.C, scale, **DQ_SETTINGS[q.shape[-1]])
+        gather_dq(q, do, ks, vs, lse, delta, dq, seg.L, seg.C, scale, **DQ_SETTINGS[q.shape[-1]], memo=memo)
     if with_dkdv:
-        gather_dkdv(q, do, ks, vs, lse, delta, dk, dv, seg.L, lo, seg.C, scale, **DKDV_SETTINGS[q.shape[-1]])
+        gather_dkdv(q, do, ks, vs, lse, delta, dk, dv, seg.L, lo, seg.C, scale, **DKDV_SETTINGS[q.shape[-1]],
+                    memo=memo)
 
 
 def forward(q, k, v, o, lse, seg, scale, merge):
