@@ -399,3 +399,85 @@ def test_gluon_path_is_not_taken_off_hopper(monkeypatch):
         assert all(forward.gluon_for(qc, seg) is None for kind, seg in segs.items() if kind != GATHER)
         monkeypatch.setattr(forward, "GLUON_GATHER", False)
         assert forward.gluon_for(qc, segs[GATHER]) is None
+
+
+@pytest.mark.parametrize("version,env,runs", [((3, 6), "", True), ((3, 9), "", False), ((3, 9), "1", True),
+                                              (None, "", False)])
+def test_gluon_runs_only_on_checked_triton_versions(version, env, runs, monkeypatch):
+    """Gluon's API changes between Triton releases: by default the Gluon kernels run only on the versions they were
+    checked on (forward.GLUON_TRITON); SPARSE_TRANSFORMER_GLUON=1 tries them on any."""
+    from sparse_transformer.attention.triton import forward
+
+    monkeypatch.setattr(forward, "_GLUON", [])
+    monkeypatch.setattr(forward, "_GLUON_ENV", env)
+    monkeypatch.setattr(forward, "_triton_version", lambda: version)
+    module = forward.gluon_module()
+    assert (module is not None) == runs
+    if runs:
+        assert module.__name__.endswith("gluon_gather")
+
+
+def _gluon_edge_layout(case):
+    """(layout, Gluon launches expected per fwd+bwd) for the edge cases of the Gluon path."""
+    if case == "c128-l256":  # summary wider than a 64-key tile
+        return layouts.fixed(1100, 256, 128), 3
+    if case == "c48":  # tiles of 64 summary keys straddle blocks unevenly
+        return layouts.fixed(1000, 128, 48), 3
+    if case == "lo-inside":  # summary columns 64..95 of each block, not its last ones
+        return layouts.Layout(1000, (layouts.HeadPattern(block=128, summary=(128, 64, 96)),)), 3
+    if case == "two-blocks":  # one block of queries sees one block of summary keys
+        return layouts.fixed(200, 128, 32), 3
+    if case == "n-below-l":  # no query sees a summary key: nothing to launch
+        return layouts.fixed(100, 128, 32), 0
+    assert case == "num-verts-2"  # heads with different summary columns: the Triton kernels
+    return layouts.fixed(1000, 128, 32, heads=2, num_verts=2), 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["c128-l256", "c48", "lo-inside", "two-blocks", "n-below-l", "num-verts-2",
+                                  "dkdv-off"])
+def test_gpu_gluon_gather_edge_cases(case, monkeypatch):
+    """The Gluon path on the layouts its masks and scatter must get right, and where it must step aside; with dK / dV
+    off (SPARSE_TRANSFORMER_GLUON_DKDV=0) the Triton dK / dV kernel adds to the band's."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernels are for Hopper (sm_90)")
+    from sparse_transformer.attention.triton import forward, gluon_gather
+
+    monkeypatch.setattr(forward, "GLUON_GATHER", True)
+    if case == "dkdv-off":
+        monkeypatch.setattr(gluon_gather, "DKDV", False)
+        lay, launches = layouts.fixed(1025, 128, 32), 2
+    else:
+        lay, launches = _gluon_edge_layout(case)
+    before = gluon_gather.LAUNCHES
+    q, k, v = make_qkv(2, 2, lay.n, 64, torch.bfloat16, device="cuda")
+    check_against_reference(_run(), q, k, v, lay, floor=FLOOR[torch.bfloat16])
+    assert gluon_gather.LAUNCHES == before + launches
+
+
+@pytest.mark.parametrize("case", ["c128-l256", "c48", "lo-inside", "two-blocks", "n-below-l", "num-verts-2"])
+def test_gluon_edge_layouts_are_valid(case):
+    """The GPU edge-case layouts build, and the torch backend's output and gradients match the reference on them
+    (small heads; the log-sum-exp is the reference's own, the torch backend returns none)."""
+    from sparse_transformer.attention import sparse_attention
+    from sparse_transformer.attention.reference import attention_ref
+
+    lay, _ = _gluon_edge_layout(case)
+    q, k, v = make_qkv(1, 2 if case == "num-verts-2" else 1, lay.n, 8, torch.float64)
+    check_against_reference(lambda *a: (sparse_attention(*a, backend="torch"), attention_ref(*a)[1].detach()),
+                            q, k, v, lay, floor=1e-9)
+
+
+@pytest.mark.parametrize("case,lo", [("c128-l256", 128), ("c48", 80), ("lo-inside", 64), ("two-blocks", 96),
+                                     ("num-verts-2", None)])
+def test_gluon_summary_offset_of_the_edge_layouts(case, lo):
+    """The host side of the Gluon path's choice: the gathered segment after a band, and its one summary offset (None
+    where heads differ, so the Triton kernels take it)."""
+    from sparse_transformer.attention.plan import GATHER
+    from sparse_transformer.attention.triton import gluon_gather
+    from sparse_transformer.attention.triton.function import get_launches
+
+    lay, _ = _gluon_edge_layout(case)
+    segs = [launch.seg for launch in get_launches(lay, 64, "cpu")]
+    assert [s.kind == GATHER for s in segs] == [False, True]
+    assert gluon_gather._summary_offset(segs[1]) == lo

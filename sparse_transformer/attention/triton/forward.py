@@ -125,25 +125,43 @@ def _attn_fwd_kernel(
     tl.store(lse_ptrs, lse, mask=q_ok)
 
 
-# the fixed pattern's gathered summary part (forward and dQ) as Gluon kernels on Hopper where they apply
-# (gluon_gather.py, measured 1.3-1.4x faster than the Triton kernel for that part); SPARSE_TRANSFORMER_GLUON=0 turns
-# them off
-GLUON_GATHER = os.environ.get("SPARSE_TRANSFORMER_GLUON", "1") != "0"
-_GLUON = []  # the gluon_gather module once imported, or None where this Triton has no Gluon for Hopper
+# the fixed pattern's gathered summary part (forward, dQ, dK/dV) as Gluon kernels on Hopper where they apply
+# (gluon_gather.py, 1.1-1.6x faster than the Triton kernels for that part). Gluon's API changes between Triton
+# releases (3.9 renamed the TMA load these kernels call), so by default they run only on the Triton versions they were
+# checked on, on a GPU; SPARSE_TRANSFORMER_GLUON=0 turns them off, =1 tries them on any Triton
+_GLUON_ENV = os.environ.get("SPARSE_TRANSFORMER_GLUON", "")
+GLUON_GATHER = _GLUON_ENV != "0"
+GLUON_TRITON = ((3, 6),)  # (major, minor) of the Triton versions the Gluon kernels were checked on
+_GLUON = []  # the gluon_gather module once decided on, or None
+
+
+def _triton_version():
+    try:
+        return tuple(int(x) for x in triton.__version__.split(".")[:2])
+    except ValueError:  # a development version
+        return None
+
+
+def gluon_module():
+    """The gluon_gather module where this Triton runs it (a checked version, or SPARSE_TRANSFORMER_GLUON=1, and
+    Gluon's Hopper module importable), else None; decided once."""
+    if not _GLUON:
+        module = None
+        if _GLUON_ENV == "1" or _triton_version() in GLUON_TRITON:
+            try:
+                from . import gluon_gather as module
+            except ImportError:  # a Triton without triton.experimental.gluon's Hopper module
+                module = None
+        _GLUON.append(module)
+    return _GLUON[0]
 
 
 def gluon_for(q, seg):
-    """The gluon_gather module if the gathered segment seg may run there for q (on, CUDA, a Triton with Gluon), else
-    None; gluon_gather.eligible decides the rest."""
+    """The gluon_gather module if the gathered segment seg may run there for q (switched on, CUDA, a Triton that runs
+    it), else None; gluon_gather.eligible decides the rest."""
     if not (GLUON_GATHER and seg.kind == GATHER and q.is_cuda):
         return None
-    if not _GLUON:
-        try:
-            from . import gluon_gather
-        except ImportError:  # a Triton without triton.experimental.gluon's Hopper module
-            gluon_gather = None
-        _GLUON.append(gluon_gather)
-    return _GLUON[0]
+    return gluon_module()
 
 
 def attn_forward(q, k, v, o, lse, launch, scale, merge):

@@ -458,16 +458,17 @@ def gather_dkdv(q, do, k_sum, v_sum, lse, delta, dk, dv, L, lo, c, scale, BM=64,
 
 
 def eligible(q, seg, scale, merge, others=()) -> bool:
-    """This path covers: a Hopper GPU, fp16 / bf16, head dim 64 or 128, q with fewer than 2^31 rows and 65535 query
-    tiles per head (forward and dQ tiles), `others` (the output, dO, dQ) contiguous and 16-byte aligned like a
-    contiguous q (a strided q is copied), a positive scale (the kernel scales the row max of the raw scores), the
-    gathered part of a layout whose every head has it, with one summary offset, after a band that holds each query's
-    own block (merge)."""
+    """This path covers: a Hopper GPU, fp16 / bf16, head dim 64 or 128, q with fewer than 2^31 rows, 65535 query
+    tiles per head (forward and dQ tiles) and 65535 summary-key tiles (dK / dV), `others` (the output, dO, dQ)
+    contiguous and 16-byte aligned like a contiguous q (a strided q is copied), a positive scale (the kernel scales
+    the row max of the raw scores), the gathered part of a layout whose every head has it, with one summary offset,
+    after a band that holds each query's own block (merge)."""
     if not (merge and seg.kind == GATHER and q.is_cuda and q.dtype in _GL_DTYPES and q.shape[-1] in (64, 128)
             and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in others)
             and (not q.is_contiguous() or q.data_ptr() % 16 == 0)
             and q.numel() // q.shape[-1] < 2 ** 31
             and triton.cdiv(q.shape[2], min(SETTINGS[q.shape[-1]]["BM"], DQ_SETTINGS[q.shape[-1]]["BM"])) <= 65535
+            and triton.cdiv(q.shape[2] // seg.L * seg.C, DKDV_SETTINGS[q.shape[-1]]["BN"]) <= 65535
             and scale * 1.4426950408889634 >= 2.0 ** -126 and seg.L % SETTINGS[q.shape[-1]]["BM"] == 0):
         return False
     return _capability(q.device)[0] == 9 and _summary_offset(seg) is not None
