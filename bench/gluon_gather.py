@@ -1,8 +1,9 @@
-"""The Gluon gathered forward (sparse_transformer/attention/triton/gluon_gather.py, experimental, off by default) on its
-own: `python bench/gluon_gather.py compile` compiles each setting for sm_90 without a GPU and reports registers,
-spills and shared memory (Triton 3.6 is the device's version); on a GPU, `check` compares each setting with a float32
-torch reference on small shapes and `time` sets its kernel time beside our Triton forward's kernels (profiler medians)
-at the fixed-12k and fixed-64k shapes."""
+"""The Gluon kernels of the fixed pattern's summary part (sparse_transformer/attention/triton/gluon_gather.py) on their
+own: `python bench/gluon_gather.py compile [fwd dq dkdv band]` compiles each setting for sm_90 without a GPU and
+reports registers, spills and shared memory (Triton 3.6 is the device's version); on a GPU, `check` (`check-all`: every
+setting) compares them with a float32 torch reference on small shapes, gradients against autograd, and `time` sets
+their kernel times beside our Triton kernels' (profiler medians) at the fixed-12k and fixed-64k shapes, with the
+experimental one-launch forward (FUSE_BAND) beside them."""
 import math
 import os
 import sys
@@ -39,7 +40,11 @@ DQ_SWEEP = [dict(BM=bm, BN=64, stages=st, warps=w) for (bm, st, w) in
 
 def check(full=False):
     """The library's settings (full: every forward and dQ setting too) and every dK / dV setting against the float32
-    reference of the gathered part alone, gradients against autograd; exits non-zero past the bounds."""
+    reference of the gathered part alone, gradients against autograd, and the experimental one-launch forward of the
+    whole fixed pattern against its reference; exits non-zero past the bounds."""
+    from sparse_transformer import layouts
+    from sparse_transformer.attention.reference import attention_ref
+
     torch.manual_seed(0)
     worst = []
     cases = [(1, 2, 1024, 64, 128, 32, torch.bfloat16), (2, 3, 1000, 64, 256, 32, torch.bfloat16),
@@ -64,6 +69,15 @@ def check(full=False):
             worst.append(("fwd", err < 2e-2 and lse_err < 2e-2 and empty_ok))
             print(f"{dt} D={D} n={n} L={L} c={c} fwd {st}: max rel err {err:.2e}, lse err {lse_err:.2e}, "
                   f"empty rows ok {empty_ok}", flush=True)
+        # experimental: the whole fixed pattern's forward in one launch (the own block, causal, then the summary)
+        full, full_lse = attention_ref(q.float(), k.float(), v.float(), layouts.fixed(n, L, c))
+        o, lse = torch.empty_like(q), torch.empty(B, H, n, device="cuda", dtype=torch.float32)
+        gather_forward(q, ks, vs, o, lse, L, c, scale, False, **dict(LIBRARY[D], pipe=0), k=k, v=v)
+        err = ((o.float() - full).abs().max() / full.abs().max()).item()
+        lse_err = (lse - full_lse).abs().max().item()
+        worst.append(("band", err < 2e-2 and lse_err < 2e-2))
+        print(f"{dt} D={D} n={n} L={L} c={c} fwd with the band {LIBRARY[D]}: max rel err {err:.2e}, lse err "
+              f"{lse_err:.2e}", flush=True)
         # dQ alone, added to a random dq already in memory (fp32 and the input dtype): Delta and the LSE from the
         # float32 reference, against autograd
         do = torch.randn_like(q)
@@ -102,16 +116,16 @@ def check(full=False):
         raise SystemExit(1)
 
 
-def _gluon(on, f, dkdv=True):
-    """Run f with the library's Gluon dispatch on or off (dkdv: its dK / dV kernel too)."""
+def _gluon(on, f, dkdv=True, band=False):
+    """Run f with the library's Gluon dispatch on or off (dkdv: its dK / dV kernel too; band: FUSE_BAND)."""
     from sparse_transformer.attention.triton import forward, gluon_gather
 
-    was = forward.GLUON_GATHER, gluon_gather.DKDV
-    forward.GLUON_GATHER, gluon_gather.DKDV = on, dkdv
+    was = forward.GLUON_GATHER, gluon_gather.DKDV, gluon_gather.FUSE_BAND
+    forward.GLUON_GATHER, gluon_gather.DKDV, gluon_gather.FUSE_BAND = on, dkdv, band
     try:
         return f()
     finally:
-        forward.GLUON_GATHER, gluon_gather.DKDV = was
+        forward.GLUON_GATHER, gluon_gather.DKDV, gluon_gather.FUSE_BAND = was
 
 
 def _profile(label, f):
@@ -155,6 +169,11 @@ def time_against_triton():
                                (True, True, "Gluon gathered fwd, dQ and dK/dV")):
             runs[f"ours fwd+bwd, {what}"] = \
                 lambda on=on, dkdv=dkdv: _gluon(on, lambda: sparse_attention(qg, k, v, lay).backward(go), dkdv)
+        runs["ours fwd, Gluon"] = lambda: _gluon(True, lambda: sparse_attention(q, k, v, lay))
+        runs["ours fwd, Gluon with the band in one launch (FUSE_BAND)"] = \
+            lambda: _gluon(True, lambda: sparse_attention(q, k, v, lay), band=True)
+        runs["ours fwd+bwd, Gluon with the band in one forward launch (FUSE_BAND)"] = \
+            lambda: _gluon(True, lambda: sparse_attention(qg, k, v, lay).backward(go), band=True)
         for st in [LIBRARY[D]] if D == 64 else [LIBRARY[128]]:
             runs[f"gluon fwd {st}"] = lambda st=st: gather_forward(q, ks, vs, o, lse, L, c, D ** -0.5, False, **st)
         gather_forward(q, ks, vs, o, lse, L, c, D ** -0.5, False, **LIBRARY[D])
@@ -179,16 +198,17 @@ def compile_only(which=("fwd", "dq", "dkdv")):
 
     print(f"triton {triton.__version__}, target sm_90")
     for st in [dict(s, D=64) for s in SETTINGS if "fwd" in which] + \
-            [dict(s, D=d, library=True) for d, s in LIBRARY.items() if "fwd" in which]:
+            [dict(s, D=d, library=True) for d, s in LIBRARY.items() if "fwd" in which] + \
+            [dict(s, D=d, library=True, band=True) for d, s in LIBRARY.items() if "band" in which]:
         D = st["D"]
         q_layout, kv_layout = _layouts(st["BM"], st["BN"], D, torch.bfloat16)
-        sig = dict(q_desc=f"tensordesc<bf16[{st['BM']}, {D}],{q_layout!r}>",
-                   k_desc=f"tensordesc<bf16[{st['BN']}, {D}],{kv_layout!r}>",
-                   v_desc=f"tensordesc<bf16[{st['BN']}, {D}],{kv_layout!r}>",
-                   o_ptr="*bf16", lse_ptr="*fp32", qk_scale="fp32", N="i32", G="i32", NQB="i32", SEG_L="i32",
-                   SEG_C="i32", BM="constexpr", BN="constexpr", D="constexpr", STAGES="constexpr",
-                   PIPE="constexpr", MERGE="constexpr", num_warps="constexpr")
-        cex = dict(BM=st["BM"], BN=st["BN"], D=D, STAGES=st["stages"], PIPE=st["pipe"], MERGE=True,
+        kd = f"tensordesc<bf16[{st['BN']}, {D}],{kv_layout!r}>"
+        sig = dict(q_desc=f"tensordesc<bf16[{st['BM']}, {D}],{q_layout!r}>", k_desc=kd, v_desc=kd, kb_desc=kd,
+                   vb_desc=kd, o_ptr="*bf16", lse_ptr="*fp32", qk_scale="fp32", N="i32", G="i32", NQB="i32",
+                   SEG_L="i32", SEG_C="i32", BM="constexpr", BN="constexpr", D="constexpr", STAGES="constexpr",
+                   PIPE="constexpr", MERGE="constexpr", BAND="constexpr", num_warps="constexpr")
+        band = st.get("band", False)
+        cex = dict(BM=st["BM"], BN=st["BN"], D=D, STAGES=st["stages"], PIPE=st["pipe"], MERGE=not band, BAND=band,
                    num_warps=st["warps"])
         try:
             src = GluonASTSource(_gather_fwd_kernel, sig, cex)

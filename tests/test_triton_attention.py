@@ -481,3 +481,41 @@ def test_gluon_summary_offset_of_the_edge_layouts(case, lo):
     segs = [launch.seg for launch in get_launches(lay, 64, "cpu")]
     assert [s.kind == GATHER for s in segs] == [False, True]
     assert gluon_gather._summary_offset(segs[1]) == lo
+
+
+@pytest.mark.parametrize("lay,fusable", [
+    (layouts.fixed(1000, 128, 32), True), (layouts.fixed(1000, 256, 32, heads=2, num_verts=2), True),
+    (layouts.stack([layouts.fixed(1000, 128, 32, "local"), layouts.fixed(1000, 128, 32, "summary")]), False),
+    (layouts.stack([layouts.fixed(1000, 128, 32), layouts.fixed(1000, 128, 32, "summary")]), False)],
+    ids=["fixed", "num-verts", "split-heads", "one-head-without-band"])
+def test_gluon_band_fusable(lay, fusable):
+    """Only a band that is exactly the fixed pattern's causal block part (the summary's block length, nothing else)
+    folds into the Gluon summary kernel."""
+    from sparse_transformer.attention.triton import gluon_gather
+    from sparse_transformer.attention.triton.function import get_launches
+
+    segs = [launch.seg for launch in get_launches(lay, 64, "cpu")]
+    assert gluon_gather.band_fusable(segs[0], segs[1]) == fusable
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,L", [(1025, 128), (4096, 256), (300, 128), (100, 128)])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpu_gluon_fixed_forward_in_one_launch(n, L, D, dtype, monkeypatch):
+    """Experimental (gluon_gather.FUSE_BAND): the band's forward folded into the Gluon summary kernel; outputs and
+    gradients (the backward as usual) against the float64 reference, and the Triton forward must not have run."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernels are for Hopper (sm_90)")
+    from sparse_transformer.attention.triton import forward, function, gluon_gather
+
+    monkeypatch.setattr(forward, "GLUON_GATHER", True)
+    monkeypatch.setattr(gluon_gather, "FUSE_BAND", True)
+    triton_fwd = []
+    monkeypatch.setattr(function, "attn_forward",
+                        lambda *a, **kw: triton_fwd.append(1) or forward.attn_forward(*a, **kw))
+    lay = layouts.fixed(n, L, 32)
+    q = torch.randn(2, n, 3, D, dtype=dtype, device="cuda").transpose(1, 2).requires_grad_()  # strided, as the model's
+    _, k, v = make_qkv(2, 3, n, D, dtype, device="cuda")
+    check_against_reference(_run(), q, k, v, lay, floor=FLOOR[dtype])
+    assert not triton_fwd

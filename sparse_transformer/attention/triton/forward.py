@@ -164,6 +164,20 @@ def gluon_for(q, seg):
     return gluon_module()
 
 
+def fused_fixed_forward(q, k, v, o, lse, launches, scale) -> bool:
+    """Experimental (gluon_gather.FUSE_BAND, off by default): the fixed pattern's band and summary parts in one Gluon
+    launch, writing o / lse; True if it ran (else the caller launches each segment)."""
+    if len(launches) != 2:
+        return False
+    band, seg = launches[0].seg, launches[1].seg
+    gg = gluon_for(q, seg)
+    if gg is None or not gg.FUSE_BAND or not gg.band_fusable(band, seg) or \
+            not gg.eligible(q, seg, scale, True, others=(o,)):
+        return False
+    gg.forward_fixed(q, k, v, o, lse, seg, scale)
+    return True
+
+
 def attn_forward(q, k, v, o, lse, launch, scale, merge):
     """Launch the forward kernel for one segment. q, k, v, o: [B, H, N, D] (last dim contiguous); lse: fp32 [B, H, N]
     contiguous; launch: a function.Launch (segment, tables, params, settings); merge: fold into the o / lse an

@@ -19,7 +19,7 @@ import torch
 from ..plan import (GATHER, P_ALL, P_BLK, P_CUSTOM, P_STR, P_SUM_L, P_WIN, TRANSPOSED, LRUCache, Segment, Tables,
                     get_segments, get_tables)
 from .backward import attn_backward
-from .forward import attn_forward
+from .forward import attn_forward, fused_fixed_forward
 
 # Launch settings per (segment kind, head-dim bucket) and kernel: (BM, BN, num_warps, num_stages); "fused" is the dK/dV
 # kernel that also adds dQ (None: that kind keeps its dQ kernel). Measured on an H100 with bench/dev_kernels.py;
@@ -157,8 +157,9 @@ class SparseAttentionFunction(torch.autograd.Function):
         launches = get_launches(layout, D, q.device, block_m, block_n)
         o = torch.empty(q.shape, device=q.device, dtype=q.dtype)  # contiguous: the backward gives dO its strides
         lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
-        for idx, launch in enumerate(launches):
-            attn_forward(q, k, v, o, lse, launch, scale, merge=idx > 0)
+        if not fused_fixed_forward(q, k, v, o, lse, launches, scale):
+            for idx, launch in enumerate(launches):
+                attn_forward(q, k, v, o, lse, launch, scale, merge=idx > 0)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.launches, ctx.scale = launches, scale
         ctx.mark_non_differentiable(lse)

@@ -28,7 +28,8 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
     warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from ..plan import GATHER, P_SUM_EXCL, P_SUM_L, P_SUM_LO
+from ...layouts import P_ALL, P_BLK, P_CUSTOM, P_WIN
+from ..plan import GATHER, NATURAL, P_SUM_EXCL, P_SUM_L, P_SUM_LO
 from .launcher import launch as launch_kernel
 
 # per head dim, measured on an H200 (bench/gluon_gather.py time, BENCHMARKS.md): the forward without the in-loop
@@ -42,6 +43,8 @@ DQ_SETTINGS = {64: dict(BM=64, BN=64, stages=3, warps=4), 128: dict(BM=128, BN=6
 DKDV_SETTINGS = {64: dict(BM=64, BN=64, stages=3, warps=4), 128: dict(BM=64, BN=64, stages=2, warps=4)}
 # the dK / dV kernel too (SPARSE_TRANSFORMER_GLUON_DKDV=0 leaves dK / dV to the Triton kernel)
 DKDV = os.environ.get("SPARSE_TRANSFORMER_GLUON_DKDV", "1") != "0"
+# experimental, off until checked on a GPU: the band's forward folded into the summary kernel (forward_fixed)
+FUSE_BAND = os.environ.get("SPARSE_TRANSFORMER_GLUON_BAND", "0") == "1"
 LAUNCHES = 0  # kernels launched through this path (tests check that it ran)
 
 
@@ -77,15 +80,41 @@ def _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, tile, row0, pred, STAGES: g
 
 
 @gluon.jit
-def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, qk_scale, N, G, NQB, SEG_L, SEG_C,
+def _load_band_or_summary(kb_desc, vb_desc, k_desc, v_desc, k_smem, v_smem, kv_bar, tile, n_band, band_row0, sum_row0,
+                          pred, STAGES: gl.constexpr, BN: gl.constexpr, D: gl.constexpr):
+    """TMA-load tile `tile` of the sequence: the band's key / value tiles first (full K, V rows band_row0 + tile * BN
+    ..), then the summary copies' (rows sum_row0 + (tile - n_band) * BN ..), into slot tile % STAGES, when pred holds."""
+    s = tile % STAGES
+    in_band = tile < n_band
+    mbarrier.expect(kv_bar.index(s), 2 * BN * D * 2, pred=pred)
+    tma.async_copy_global_to_shared(kb_desc, [band_row0 + tile * BN, 0], kv_bar.index(s), k_smem.index(s),
+                                    pred=pred & in_band)
+    tma.async_copy_global_to_shared(vb_desc, [band_row0 + tile * BN, 0], kv_bar.index(s), v_smem.index(s),
+                                    pred=pred & in_band)
+    sum_row = sum_row0 + gl.maximum(tile - n_band, 0) * BN
+    tma.async_copy_global_to_shared(k_desc, [sum_row, 0], kv_bar.index(s), k_smem.index(s), pred=pred & (tile >= n_band))
+    tma.async_copy_global_to_shared(v_desc, [sum_row, 0], kv_bar.index(s), v_smem.index(s), pred=pred & (tile >= n_band))
+
+
+@gluon.jit
+def _gather_fwd_kernel(q_desc, k_desc, v_desc, kb_desc, vb_desc, o_ptr, lse_ptr, qk_scale, N, G, NQB, SEG_L, SEG_C,
                        BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
-                       PIPE: gl.constexpr, MERGE: gl.constexpr, num_warps: gl.constexpr):
+                       PIPE: gl.constexpr, MERGE: gl.constexpr, BAND: gl.constexpr, num_warps: gl.constexpr):
     """PIPE 0: each tile's Q K^T, softmax and P V one after another; 1: the next tile's Q K^T issued before this tile's
     softmax; 2 (FlashAttention-3's order): each iteration issues the next tile's Q K^T and this tile's P V, then runs
     the next tile's softmax while the P V runs, and waits for it before the loop turns (an accumulator still being
-    written across the loop's back edge makes ptxas serialize the wgmma)."""
+    written across the loop's back edge makes ptxas serialize the wgmma).
+    BAND (PIPE 0 only; experimental): the query's own block too, causal (keys from the block's start to the query),
+    before the summary keys, from full K / V (kb_desc, vb_desc): the whole fixed pattern in one launch, no merge."""
     gl.static_assert(PIPE == 0 or STAGES >= 2)
-    bh, q0, kv_len, n_tiles = _query_tile(NQB, G, SEG_L, SEG_C, BM, BN)
+    gl.static_assert(not BAND or (PIPE == 0 and not MERGE))
+    bh, q0, kv_len, n_sum = _query_tile(NQB, G, SEG_L, SEG_C, BM, BN)
+    blk0 = (q0 // SEG_L) * SEG_L  # the first key of the query tile's own block
+    if BAND:
+        n_band = (q0 + BM - blk0) // BN  # key tiles blk0 .. q0 + BM (BN divides BM, BM divides SEG_L)
+    else:
+        n_band = 0
+    n_tiles = n_band + n_sum
 
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                         instr_shape=[16, BN, 16])
@@ -104,7 +133,11 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, qk_scale, N, G, N
     mbarrier.expect(q_bar, BM * D * 2)
     tma.async_copy_global_to_shared(q_desc, [bh * N + q0, 0], q_bar, q_smem)
     for s in gl.static_range(STAGES):  # the first STAGES key / value tiles
-        _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, s, bh * G, s < n_tiles, STAGES, BN, D)
+        if BAND:
+            _load_band_or_summary(kb_desc, vb_desc, k_desc, v_desc, k_smem, v_smem, kv_bar, s, n_band, bh * N + blk0,
+                                  bh * G, s < n_tiles, STAGES, BN, D)
+        else:
+            _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, s, bh * G, s < n_tiles, STAGES, BN, D)
 
     acc = gl.zeros([BM, D], gl.float32, o_layout)
     cols = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
@@ -153,8 +186,15 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, qk_scale, N, G, N
                 mbarrier.wait(kv_bar.index(nxt % STAGES), (nxt // STAGES) & 1)
                 s_next = warpgroup_mma(q_smem, k_smem.index(nxt % STAGES).permute((1, 0)),
                                        gl.zeros([BM, BN], gl.float32, s_layout), use_acc=False, is_async=True)
-            sc = gl.where(gl.expand_dims(j * BN + cols < kv_len, 0), s_cur, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(sc, 1) * qk_scale)  # kv_len > 0 here: every row sees a key in tile 0
+            if BAND:  # band tiles: causal; summary tiles: the slots before the query's block
+                rows_q = q0 + gl.arange(0, BM, layout=row_s)
+                band_ok = (gl.expand_dims(blk0 + j * BN + cols, 0) <= gl.expand_dims(rows_q, 1)) & (j < n_band)
+                sum_ok = gl.expand_dims((j - n_band) * BN + cols < kv_len, 0) & (j >= n_band)
+                sc = gl.where(band_ok | sum_ok, s_cur, float("-inf"))
+            else:
+                sc = gl.where(gl.expand_dims(j * BN + cols < kv_len, 0), s_cur, float("-inf"))
+            # every row sees a key in tile 0 (kv_len > 0 without BAND; its own block's first key with BAND)
+            m_new = gl.maximum(m_i, gl.max(sc, 1) * qk_scale)
             alpha = gl.exp2(m_i - m_new)
             p = gl.exp2(sc * qk_scale - gl.expand_dims(m_new, 1))
             l_i = l_i * alpha + gl.sum(p, 1)
@@ -168,7 +208,12 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, qk_scale, N, G, N
             else:
                 acc = warpgroup_mma_wait(0, deps=(acc,))
             # tile j's stage is free: load tile j + STAGES into it
-            _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, j + STAGES, bh * G, j + STAGES < n_tiles, STAGES, BN, D)
+            if BAND:
+                _load_band_or_summary(kb_desc, vb_desc, k_desc, v_desc, k_smem, v_smem, kv_bar, j + STAGES, n_band,
+                                      bh * N + blk0, bh * G, j + STAGES < n_tiles, STAGES, BN, D)
+            else:
+                _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, j + STAGES, bh * G, j + STAGES < n_tiles, STAGES,
+                         BN, D)
             if PIPE == 0:
                 nxt = gl.minimum(j + 1, n_tiles - 1)
                 mbarrier.wait(kv_bar.index(nxt % STAGES), (nxt // STAGES) & 1)
@@ -373,7 +418,7 @@ def summary_kv(x, L, lo, c, multiple=128):
     B, H, n, D = x.shape
     nb = n // L
     g = nb * c
-    gp = -(-g // multiple) * multiple
+    gp = max(-(-g // multiple), 1) * multiple  # never empty: a TMA descriptor needs a row
     sb, sh, sn, sd = x.stride()
     out = x.new_empty(B, H, gp, D)
     out.as_strided((B, H, nb, c, D), (H * gp * D, gp * D, c * D, D, 1)).copy_(
@@ -409,18 +454,22 @@ def _desc(x, rows, memo=None):
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
-def gather_forward(q, k_sum, v_sum, o, lse, L, c, scale, merge, BM=128, BN=64, stages=3, warps=4, pipe=2):
+def gather_forward(q, k_sum, v_sum, o, lse, L, c, scale, merge, BM=128, BN=64, stages=3, warps=4, pipe=2, k=None,
+                   v=None):
     """Attention of each query over the summary keys of the blocks before its own (k_sum, v_sum from summary_kv),
-    written to o [B, H, n, D] and lse fp32 [B, H, n] (contiguous), or merged into what they hold (merge)."""
+    written to o [B, H, n, D] and lse fp32 [B, H, n] (contiguous), or merged into what they hold (merge). With k, v
+    (contiguous, experimental): over its own block's keys too, causal (the whole fixed pattern; PIPE 0, no merge)."""
     global LAUNCHES
     B, H, n, D = q.shape
     G = k_sum.shape[2]
     assert L % BM == 0 and q.is_contiguous() and k_sum.is_contiguous() and v_sum.is_contiguous() and o.is_contiguous()
+    band = k is not None
     q_desc, k_desc, v_desc = _desc(q, BM), _desc(k_sum, BN), _desc(v_sum, BN)
+    kb_desc, vb_desc = (_desc(k, BN), _desc(v, BN)) if band else (k_desc, v_desc)
     nqb = triton.cdiv(n, BM)
-    launch_kernel(_gather_fwd_kernel, (B * H, nqb), (q_desc, k_desc, v_desc, o, lse),
+    launch_kernel(_gather_fwd_kernel, (B * H, nqb), (q_desc, k_desc, v_desc, kb_desc, vb_desc, o, lse),
                   (scale * 1.4426950408889634, n, G, nqb, L, c),
-                  dict(BM=BM, BN=BN, D=D, STAGES=stages, PIPE=pipe, MERGE=merge, num_warps=warps))
+                  dict(BM=BM, BN=BN, D=D, STAGES=stages, PIPE=pipe, MERGE=merge, BAND=band, num_warps=warps))
     LAUNCHES += 1
 
 
@@ -521,3 +570,26 @@ def forward(q, k, v, o, lse, seg, scale, merge):
     lo = _summary_offset(seg)
     gather_forward(q.contiguous(), summary_kv(k, seg.L, lo, seg.C), summary_kv(v, seg.L, lo, seg.C), o, lse, seg.L,
                    seg.C, scale, merge, **SETTINGS[q.shape[-1]])
+
+
+def band_fusable(band, seg) -> bool:
+    """Is `band` (the first segment) exactly the causal block part of the fixed pattern whose summary part is seg, for
+    every head: nothing else (dense, window, custom tiles) in it?"""
+    p = band.params
+    return (band.kind == NATURAL and seg.kind == GATHER and bool((p[:, P_BLK] == seg.L).all())
+            and not bool(p[:, [P_ALL, P_WIN, P_CUSTOM]].any()))
+
+
+def forward_fixed(q, k, v, o, lse, seg, scale):
+    """Experimental (FUSE_BAND): the whole fixed pattern's forward in one launch, the own block's keys (causal) and
+    the summary keys of the blocks before, written to o / lse (no merge); the caller checked band_fusable and
+    eligible."""
+    lo = _summary_offset(seg)
+    st = dict(SETTINGS[q.shape[-1]], pipe=0)
+    gather_forward(q.contiguous(), summary_kv(k, seg.L, lo, seg.C), summary_kv(v, seg.L, lo, seg.C), o, lse, seg.L,
+                   seg.C, scale, False, **st, k=_tma_ready(k), v=_tma_ready(v))
+
+
+def _tma_ready(x):
+    """x if TMA can read it as rows (contiguous, 16-byte aligned), else a contiguous copy."""
+    return x if x.is_contiguous() and x.data_ptr() % 16 == 0 else x.clone(memory_format=torch.contiguous_format)
