@@ -70,7 +70,9 @@ def check(full=False):
             print(f"{dt} D={D} n={n} L={L} c={c} fwd {st}: max rel err {err:.2e}, lse err {lse_err:.2e}, "
                   f"empty rows ok {empty_ok}", flush=True)
         # experimental: the whole fixed pattern's forward in one launch (the own block, causal, then the summary)
-        full, full_lse = attention_ref(q.float(), k.float(), v.float(), layouts.fixed(n, L, c))
+        qf2 = q.float().requires_grad_()
+        full, full_lse = attention_ref(qf2, k.float(), v.float(), layouts.fixed(n, L, c))
+        full, full_lse = full.float(), full_lse.float()
         o, lse = torch.empty_like(q), torch.empty(B, H, n, device="cuda", dtype=torch.float32)
         gather_forward(q, ks, vs, o, lse, L, c, scale, False, **dict(LIBRARY[D], pipe=0), k=k, v=v)
         err = ((o.float() - full).abs().max() / full.abs().max()).item()
@@ -78,6 +80,18 @@ def check(full=False):
         worst.append(("band", err < 2e-2 and lse_err < 2e-2))
         print(f"{dt} D={D} n={n} L={L} c={c} fwd with the band {LIBRARY[D]}: max rel err {err:.2e}, lse err "
               f"{lse_err:.2e}", flush=True)
+        # and its dQ in one launch, which also writes Delta (against autograd of the whole pattern)
+        do_b = torch.randn_like(q)
+        (full_dq,) = torch.autograd.grad(full, qf2, do_b.float())
+        o_b = full.detach().to(dt)
+        dq, delta_b = torch.full(q.shape, float("nan"), device="cuda", dtype=dt), torch.full_like(full_lse, float("nan"))
+        gather_dq(q, do_b, ks, vs, full_lse.detach().contiguous(), delta_b, dq, L, c, scale, **LIBRARY_DQ[D], k=k, v=v,
+                  o=o_b)
+        err = ((dq.float() - full_dq).abs().max() / full_dq.abs().max()).item()
+        delta_err = (delta_b - (do_b.float() * o_b.float()).sum(-1)).abs().max().item()
+        worst.append(("band dq", err < 3e-2 and delta_err < 1e-3))
+        print(f"{dt} D={D} n={n} L={L} c={c} dq with the band {LIBRARY_DQ[D]}: max rel err {err:.2e}, delta err "
+              f"{delta_err:.2e}", flush=True)
         # dQ alone, added to a random dq already in memory (fp32 and the input dtype): Delta and the LSE from the
         # float32 reference, against autograd
         do = torch.randn_like(q)
@@ -218,15 +232,18 @@ def compile_only(which=("fwd", "dq", "dkdv")):
             continue
         _report(st, k)
     for st in [dict(s, D=64) for s in DQ_SWEEP if "dq" in which] + \
-            [dict(s, D=d, library=True) for d, s in LIBRARY_DQ.items() if "dq" in which]:
+            [dict(s, D=d, library=True) for d, s in LIBRARY_DQ.items() if "dq" in which] + \
+            [dict(s, D=d, library=True, band=True) for d, s in LIBRARY_DQ.items() if "band" in which]:
         D = st["D"]
         q_layout, kv_layout = _layouts(st["BM"], st["BN"], D, torch.bfloat16)
         qd = f"tensordesc<bf16[{st['BM']}, {D}],{q_layout!r}>"
         kd = f"tensordesc<bf16[{st['BN']}, {D}],{kv_layout!r}>"
-        sig = dict(q_desc=qd, do_desc=qd, k_desc=kd, v_desc=kd, dq_ptr="*fp32", lse_ptr="*fp32", delta_ptr="*fp32",
-                   qk_scale="fp32", sm_scale="fp32", N="i32", G="i32", NQB="i32", SEG_L="i32", SEG_C="i32",
-                   BM="constexpr", BN="constexpr", D="constexpr", STAGES="constexpr", num_warps="constexpr")
-        cex = dict(BM=st["BM"], BN=st["BN"], D=D, STAGES=st["stages"], num_warps=st["warps"])
+        sig = dict(q_desc=qd, do_desc=qd, k_desc=kd, v_desc=kd, kb_desc=kd, vb_desc=kd, dq_ptr="*fp32", o_ptr="*bf16",
+                   do_ptr="*bf16", lse_ptr="*fp32", delta_ptr="*fp32", qk_scale="fp32", sm_scale="fp32", N="i32",
+                   G="i32", NQB="i32", SEG_L="i32", SEG_C="i32", BM="constexpr", BN="constexpr", D="constexpr",
+                   STAGES="constexpr", BAND="constexpr", num_warps="constexpr")
+        cex = dict(BM=st["BM"], BN=st["BN"], D=D, STAGES=st["stages"], BAND=st.get("band", False),
+                   num_warps=st["warps"])
         try:
             k = triton.compile(GluonASTSource(_gather_dq_kernel, sig, cex), target=GPUTarget("cuda", 90, 32),
                                options=dict(num_warps=st["warps"]))

@@ -393,6 +393,13 @@ def test_gluon_path_is_not_taken_off_hopper(monkeypatch):
     assert GATHER in segs and len(segs) == 2
     q = torch.randn(1, 2, 512, 64)
     assert all(forward.gluon_for(q, seg) is None for seg in segs.values())
+    from sparse_transformer.attention.triton import backward, gluon_gather
+
+    monkeypatch.setattr(gluon_gather, "FUSE_BAND", True)  # the one-launch experiment steps aside on the CPU too
+    launches = get_launches(layouts.fixed(512, 128, 32), 64, "cpu")
+    o, lse = torch.empty_like(q), torch.empty(1, 2, 512)
+    assert not forward.fused_fixed_forward(q, q, q, o, lse, launches, 0.125)
+    assert not backward.fused_fixed_dq(q, q, q, o, o, o, lse, lse, launches, 0.125)
     if torch.cuda.is_available():
         qc = q.cuda()
         assert forward.gluon_for(qc, segs[GATHER]) is not None
@@ -503,19 +510,23 @@ def test_gluon_band_fusable(lay, fusable):
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_gpu_gluon_fixed_forward_in_one_launch(n, L, D, dtype, monkeypatch):
-    """Experimental (gluon_gather.FUSE_BAND): the band's forward folded into the Gluon summary kernel; outputs and
-    gradients (the backward as usual) against the float64 reference, and the Triton forward must not have run."""
+    """Experimental (gluon_gather.FUSE_BAND): the band's forward and dQ folded into the Gluon summary kernels (the dQ
+    kernel also writes Delta); outputs and gradients against the float64 reference, and neither the Triton forward nor
+    the Triton dQ kernel may have run."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon kernels are for Hopper (sm_90)")
-    from sparse_transformer.attention.triton import forward, function, gluon_gather
+    from sparse_transformer.attention.triton import backward, forward, function, gluon_gather
 
     monkeypatch.setattr(forward, "GLUON_GATHER", True)
     monkeypatch.setattr(gluon_gather, "FUSE_BAND", True)
-    triton_fwd = []
+    triton_fwd, bwd_kernels = [], []
     monkeypatch.setattr(function, "attn_forward",
                         lambda *a, **kw: triton_fwd.append(1) or forward.attn_forward(*a, **kw))
+    launch = backward.launch_kernel
+    monkeypatch.setattr(backward, "launch_kernel", lambda kernel, *a: bwd_kernels.append(kernel) or launch(kernel, *a))
     lay = layouts.fixed(n, L, 32)
     q = torch.randn(2, n, 3, D, dtype=dtype, device="cuda").transpose(1, 2).requires_grad_()  # strided, as the model's
     _, k, v = make_qkv(2, 3, n, D, dtype, device="cuda")
     check_against_reference(_run(), q, k, v, lay, floor=FLOOR[dtype])
-    assert not triton_fwd
+    assert not triton_fwd and backward._attn_bwd_dq_kernel not in bwd_kernels
+    assert backward._attn_bwd_dkdv_kernel in bwd_kernels  # the band's dK / dV stays with Triton

@@ -181,24 +181,41 @@ def _attn_bwd_dkdv_kernel(
     tl.store(dv_ptr + g_off, dv.to(dv_ptr.dtype.element_ty), mask=k_ok[:, None])
 
 
-def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, fuse_dq, first, accum, accum_kv):
+def fused_fixed_dq(q, k, v, o, do, dq, lse, delta, launches, scale) -> bool:
+    """Experimental (gluon_gather.FUSE_BAND, off by default): the fixed pattern's whole dQ (band and summary) in one
+    Gluon launch, which also writes Delta; True if it ran (then each segment's backward skips its dQ: with_dq)."""
+    if len(launches) != 2:
+        return False
+    band, seg = launches[0].seg, launches[1].seg
+    gg = _forward.gluon_for(q, seg)
+    if gg is None or not gg.FUSE_BAND or not gg.band_fusable(band, seg) or \
+            not gg.eligible(q, seg, scale, True, others=(o, do, dq)):
+        return False
+    gg.backward_fixed_dq(q, k, v, o, do, dq, lse, delta, seg, scale)
+    return True
+
+
+def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, fuse_dq, first, accum, accum_kv,
+                  with_dq=True):
     """Launch one segment's backward: dQ and dK/dV, or (fuse_dq) one dK/dV kernel on launch.fused's tiles that also
     adds its dQ share with fp32 atomics (never the first segment: its dQ kernel stores every row). q, k, v, o, do:
     [B, H, N, D]; o, do and dq share strides, dk and dv share theirs; dq is fp32 when any segment fuses; lse: fp32
     [B, H, N] of the whole layout; delta: fp32 [B, H, N], written by the first segment's dQ kernel (first), read by
-    the rest; accum / accum_kv: add to what an earlier segment wrote."""
+    the rest; accum / accum_kv: add to what an earlier segment wrote; with_dq=False: dK / dV only (dQ and Delta
+    are written already, fused_fixed_dq)."""
     B, H, N, D = q.shape
     seg = launch.seg
     assert dq.stride() == do.stride() == o.stride() and dk.stride() == dv.stride()
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     qk_scale = scale * 1.4426950408889634
-    dq_kernel = not fuse_dq
+    assert with_dq or not fuse_dq
+    dq_kernel = not fuse_dq and with_dq
     kv_kernel = True
     gg = _forward.gluon_for(q, seg) if not (first or fuse_dq) else None
     if gg is not None and gg.eligible(q, seg, scale, True, others=(do, dq, dk, dv)):
         # the gathered part's dQ and dK / dV in Gluon (Hopper); dK / dV add to the band's
         kv_kernel = not (accum_kv and gg.DKDV)
-        gg.backward(q, k, v, do, dq, dk, dv, lse, delta, seg, scale, True, not kv_kernel)
+        gg.backward(q, k, v, do, dq, dk, dv, lse, delta, seg, scale, dq_kernel, not kv_kernel)
         dq_kernel = False
     if dq_kernel:
         tab = launch.dq.tab

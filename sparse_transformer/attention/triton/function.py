@@ -18,7 +18,7 @@ import torch
 
 from ..plan import (GATHER, P_ALL, P_BLK, P_CUSTOM, P_STR, P_SUM_L, P_WIN, TRANSPOSED, LRUCache, Segment, Tables,
                     get_segments, get_tables)
-from .backward import attn_backward
+from .backward import attn_backward, fused_fixed_dq
 from .forward import attn_forward, fused_fixed_forward
 
 # Launch settings per (segment kind, head-dim bucket) and kernel: (BM, BN, num_warps, num_stages); "fused" is the dK/dV
@@ -182,9 +182,11 @@ class SparseAttentionFunction(torch.autograd.Function):
         alloc = torch.zeros if gather_only else torch.empty
         dk = alloc(k.shape, device=k.device, dtype=k.dtype)  # contiguous, whatever views k and v are
         dv = alloc(v.shape, device=v.device, dtype=v.dtype)
+        # experimental (off by default): the fixed pattern's whole dQ and Delta in one Gluon launch
+        dq_done = not any(fused) and fused_fixed_dq(q, k, v, o, do, dq, lse, delta, launches, ctx.scale)
         for idx, launch in enumerate(launches):
             attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, ctx.scale, fused[idx], first=idx == 0,
-                          accum=idx > 0, accum_kv=idx > 0 or gather_only)
+                          accum=idx > 0, accum_kv=idx > 0 or gather_only, with_dq=not dq_done)
         return dq.to(q.dtype), dk, dv, None, None, None, None
 
 

@@ -251,14 +251,23 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, kb_desc, vb_desc, o_ptr, lse_ptr,
 
 
 @gluon.jit
-def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_ptr, qk_scale, sm_scale, N, G, NQB,
-                      SEG_L, SEG_C, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
-                      num_warps: gl.constexpr):
+def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, kb_desc, vb_desc, dq_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr,
+                      qk_scale, sm_scale, N, G, NQB, SEG_L, SEG_C, BM: gl.constexpr, BN: gl.constexpr,
+                      D: gl.constexpr, STAGES: gl.constexpr, BAND: gl.constexpr, num_warps: gl.constexpr):
     """dQ of the gathered part, added to the dQ an earlier segment stored (which also stored Delta = rowsum(dO * O)):
     per key tile S = Q K^T and dP = dO V^T, then dS = P * (dP - Delta) and dQ += dS K. The next tile's two products
-    are issued before this tile's element-wise work and run during it; dQ's product is waited within the iteration."""
+    are issued before this tile's element-wise work and run during it; dQ's product is waited within the iteration.
+    BAND (experimental): the query's own block too (causal, from full K / V: kb_desc, vb_desc, before the summary
+    keys), Delta computed here from O and dO (o_ptr, do_ptr) and stored for the dK / dV kernels, dQ stored, not
+    added: the whole fixed pattern's dQ in one launch."""
     gl.static_assert(STAGES >= 2)
-    bh, q0, kv_len, n_tiles = _query_tile(NQB, G, SEG_L, SEG_C, BM, BN)
+    bh, q0, kv_len, n_sum = _query_tile(NQB, G, SEG_L, SEG_C, BM, BN)
+    blk0 = (q0 // SEG_L) * SEG_L  # the first key of the query tile's own block
+    if BAND:
+        n_band = (q0 + BM - blk0) // BN  # key tiles blk0 .. q0 + BM (BN divides BM, BM divides SEG_L)
+    else:
+        n_band = 0
+    n_tiles = n_band + n_sum
 
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                         instr_shape=[16, BN, 16])
@@ -279,12 +288,27 @@ def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_pt
     tma.async_copy_global_to_shared(q_desc, [bh * N + q0, 0], q_bar, q_smem)
     tma.async_copy_global_to_shared(do_desc, [bh * N + q0, 0], q_bar, do_smem)
     for s in gl.static_range(STAGES):
-        _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, s, bh * G, s < n_tiles, STAGES, BN, D)
+        if BAND:
+            _load_band_or_summary(kb_desc, vb_desc, k_desc, v_desc, k_smem, v_smem, kv_bar, s, n_band, bh * N + blk0,
+                                  bh * G, s < n_tiles, STAGES, BN, D)
+        else:
+            _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, s, bh * G, s < n_tiles, STAGES, BN, D)
 
     rows_s = q0 + gl.arange(0, BM, layout=row_s)
     lse = gl.load(lse_ptr + bh.to(gl.int64) * N + rows_s, mask=rows_s < N, other=float("-inf")) * 1.4426950408889634
     lse = gl.where(lse == float("-inf"), float("inf"), lse)  # rows that see no key: P = 0
-    delta = gl.load(delta_ptr + bh.to(gl.int64) * N + rows_s, mask=rows_s < N, other=0.0)
+    if BAND:  # Delta = rowsum(dO * O), for this kernel and the dK / dV kernels after it
+        blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+        rows_b = q0 + gl.arange(0, BM, layout=gl.SliceLayout(1, blk))
+        cols_b = gl.arange(0, D, layout=gl.SliceLayout(0, blk))
+        off = (bh.to(gl.int64) * N + gl.expand_dims(rows_b, 1)) * D + gl.expand_dims(cols_b, 0)
+        ok_b = gl.expand_dims(rows_b < N, 1)
+        delta_b = gl.sum(gl.load(o_ptr + off, mask=ok_b, other=0.0).to(gl.float32)
+                         * gl.load(do_ptr + off, mask=ok_b, other=0.0).to(gl.float32), 1)
+        gl.store(delta_ptr + bh.to(gl.int64) * N + rows_b, delta_b, mask=rows_b < N)
+        delta = gl.convert_layout(delta_b, row_s)
+    else:
+        delta = gl.load(delta_ptr + bh.to(gl.int64) * N + rows_s, mask=rows_s < N, other=0.0)
     cols = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
     dq = gl.zeros([BM, D], gl.float32, o_layout)
     zero_s = gl.zeros([BM, BN], gl.float32, s_layout)
@@ -302,13 +326,23 @@ def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_pt
         dp_next = warpgroup_mma(do_smem, v_smem.index(nxt % STAGES).permute((1, 0)), zero_s, use_acc=False,
                                 is_async=True)
         p = gl.exp2(s_cur * qk_scale - gl.expand_dims(lse, 1))
-        p = gl.where(gl.expand_dims(j * BN + cols < kv_len, 0), p, 0.0)
+        if BAND:  # band tiles: causal; summary tiles: the slots before the query's block
+            band_ok = (gl.expand_dims(blk0 + j * BN + cols, 0) <= gl.expand_dims(rows_s, 1)) & (j < n_band)
+            sum_ok = gl.expand_dims((j - n_band) * BN + cols < kv_len, 0) & (j >= n_band)
+            p = gl.where(band_ok | sum_ok, p, 0.0)
+        else:
+            p = gl.where(gl.expand_dims(j * BN + cols < kv_len, 0), p, 0.0)
         ds = p * (dp_cur - gl.expand_dims(delta, 1))
         dq = warpgroup_mma(gl.convert_layout(ds.to(k_desc.dtype), ds_layout), k_smem.index(stage), dq,
                            is_async=True)
         dq, s_cur, dp_cur = warpgroup_mma_wait(0, deps=(dq, s_next, dp_next))
         # tile j's stage is free: load tile j + STAGES into it
-        _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, j + STAGES, bh * G, j + STAGES < n_tiles, STAGES, BN, D)
+        if BAND:
+            _load_band_or_summary(kb_desc, vb_desc, k_desc, v_desc, k_smem, v_smem, kv_bar, j + STAGES, n_band,
+                                  bh * N + blk0, bh * G, j + STAGES < n_tiles, STAGES, BN, D)
+        else:
+            _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, j + STAGES, bh * G, j + STAGES < n_tiles, STAGES, BN,
+                     D)
     mbarrier.invalidate(q_bar)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(kv_bar.index(s))
@@ -316,7 +350,9 @@ def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_pt
     offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
     dq_ptrs = dq_ptr + (bh.to(gl.int64) * N + gl.expand_dims(rows_o, 1)) * D + gl.expand_dims(offs_d, 0)
     ok = gl.expand_dims(rows_o < N, 1)
-    dq = dq * sm_scale + gl.load(dq_ptrs, mask=ok, other=0.0).to(gl.float32)
+    dq = dq * sm_scale
+    if not BAND:  # add to the band's dQ
+        dq += gl.load(dq_ptrs, mask=ok, other=0.0).to(gl.float32)
     gl.store(dq_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=ok)
 
 
@@ -473,19 +509,23 @@ def gather_forward(q, k_sum, v_sum, o, lse, L, c, scale, merge, BM=128, BN=64, s
     LAUNCHES += 1
 
 
-def gather_dq(q, do, k_sum, v_sum, lse, delta, dq, L, c, scale, BM=128, BN=64, stages=3, warps=8, memo=None):
+def gather_dq(q, do, k_sum, v_sum, lse, delta, dq, L, c, scale, BM=128, BN=64, stages=3, warps=8, memo=None, k=None,
+              v=None, o=None):
     """Add the gathered part's dQ to dq [B, H, n, D] (fp32 or q's dtype, contiguous like do); lse and delta: fp32
-    [B, H, n], delta already written by the first segment's dQ kernel."""
+    [B, H, n], delta already written by the first segment's dQ kernel. With k, v, o (contiguous, experimental): the
+    own block's keys too (causal), Delta computed from o and do and stored, dQ stored (the whole fixed pattern)."""
     global LAUNCHES
     B, H, n, D = q.shape
     G = k_sum.shape[2]
     assert L % BM == 0 and do.is_contiguous() and dq.is_contiguous()
+    band = k is not None
     q_desc, do_desc = _desc(q, BM, memo), _desc(do, BM, memo)
     k_desc, v_desc = _desc(k_sum, BN, memo), _desc(v_sum, BN, memo)
+    kb_desc, vb_desc = (_desc(k, BN, memo), _desc(v, BN, memo)) if band else (k_desc, v_desc)
     nqb = triton.cdiv(n, BM)
-    launch_kernel(_gather_dq_kernel, (B * H, nqb), (q_desc, do_desc, k_desc, v_desc, dq, lse, delta),
-                  (scale * 1.4426950408889634, scale, n, G, nqb, L, c),
-                  dict(BM=BM, BN=BN, D=D, STAGES=stages, num_warps=warps))
+    launch_kernel(_gather_dq_kernel, (B * H, nqb), (q_desc, do_desc, k_desc, v_desc, kb_desc, vb_desc, dq,
+                  o if band else dq, do, lse, delta), (scale * 1.4426950408889634, scale, n, G, nqb, L, c),
+                  dict(BM=BM, BN=BN, D=D, STAGES=stages, BAND=band, num_warps=warps))
     LAUNCHES += 1
 
 
@@ -588,6 +628,15 @@ def forward_fixed(q, k, v, o, lse, seg, scale):
     st = dict(SETTINGS[q.shape[-1]], pipe=0)
     gather_forward(q.contiguous(), summary_kv(k, seg.L, lo, seg.C), summary_kv(v, seg.L, lo, seg.C), o, lse, seg.L,
                    seg.C, scale, False, **st, k=_tma_ready(k), v=_tma_ready(v))
+
+
+def backward_fixed_dq(q, k, v, o, do, dq, lse, delta, seg, scale):
+    """Experimental (FUSE_BAND): the whole fixed pattern's dQ in one launch, the own block's keys (causal) and the
+    summary keys of the blocks before; it also computes Delta = rowsum(dO * O) and stores it (for the dK / dV kernels
+    after it) and stores dQ. The caller checked band_fusable and eligible (o, do, dq contiguous)."""
+    lo = _summary_offset(seg)
+    gather_dq(q.contiguous(), do, summary_kv(k, seg.L, lo, seg.C), summary_kv(v, seg.L, lo, seg.C), lse, delta, dq,
+              seg.L, seg.C, scale, **DQ_SETTINGS[q.shape[-1]], k=_tma_ready(k), v=_tma_ready(v), o=o)
 
 
 def _tma_ready(x):
