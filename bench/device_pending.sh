@@ -9,12 +9,14 @@
 #   bash bench/device_pending.sh gather OUT    # the fixed setups on tiles that compile without spills (compile_probe)
 #   bash bench/device_pending.sh order OUT     # program order: heads one after another, in groups, all interleaved
 #   bash bench/device_pending.sh gluon OUT     # the Gluon kernels (bench/gluon_gather.py): correctness, timing, eager host
+#   bash bench/device_pending.sh band OUT      # experimental: the fixed pattern's forward and dQ in one Gluon launch each
+#                                              # (SPARSE_TRANSFORMER_GLUON_BAND=1): its GPU tests, then the table with it
 #   bash bench/device_pending.sh verify OUT    # owed since 2026-11-30 (evening): every kernel and model GPU test (the
 #                                              # last run was cut at 300 s; the Gluon layout / descriptor sharing and
 #                                              # test_model's GPU tests have not run), then the full table
 # Run from the repository root on the device machine; JSON and logs land in OUT (pass $OUT there).
 set -uo pipefail
-WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon or verify}; OUT=${2:?output folder}
+WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, band or verify}; OUT=${2:?output folder}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 ST="python -m sparse_transformer.cli"
 mkdir -p "$OUT"
@@ -73,5 +75,12 @@ case "$WHAT" in
   order)
     OUT="$OUT" timeout 400 python bench/dev_probe.py order 2>&1 | tee "$OUT/order.log"
     ;;
-  *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles | gather | order | gluon | verify)"; exit 2 ;;
+  band)
+    timeout 150 python -m pytest -m gpu tests/test_triton_attention.py -k "one_launch or edge_cases or gluon_gather" -q \
+      -n 12 -p no:cacheprovider -rf 2>&1 | tail -n 6 | tee "$OUT/gpu-tests-band.log"
+    SPARSE_TRANSFORMER_GLUON_BAND=1 timeout 120 $ST bench attention --methods triton sdpa-cudnn --out "$OUT" 2>&1 \
+      | tee "$OUT/attention-band.log"
+    ;;
+  *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles | gather | order | gluon | band | verify)"
+     exit 2 ;;
 esac
