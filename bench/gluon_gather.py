@@ -71,20 +71,21 @@ def check(full=False):
                   f"empty rows ok {empty_ok}", flush=True)
         # experimental: the whole fixed pattern's forward in one launch (the own block, causal, then the summary)
         qf2 = q.float().requires_grad_()
-        full, full_lse = attention_ref(qf2, k.float(), v.float(), layouts.fixed(n, L, c))
-        full, full_lse = full.float(), full_lse.float()
+        ref_full, full_lse = attention_ref(qf2, k.float(), v.float(), layouts.fixed(n, L, c))
+        ref_full, full_lse = ref_full.float(), full_lse.float()
         o, lse = torch.empty_like(q), torch.empty(B, H, n, device="cuda", dtype=torch.float32)
         gather_forward(q, ks, vs, o, lse, L, c, scale, False, **dict(LIBRARY[D], pipe=0), k=k, v=v)
-        err = ((o.float() - full).abs().max() / full.abs().max()).item()
+        err = ((o.float() - ref_full).abs().max() / ref_full.abs().max()).item()
         lse_err = (lse - full_lse).abs().max().item()
         worst.append(("band", err < 2e-2 and lse_err < 2e-2))
         print(f"{dt} D={D} n={n} L={L} c={c} fwd with the band {LIBRARY[D]}: max rel err {err:.2e}, lse err "
               f"{lse_err:.2e}", flush=True)
         # and its dQ in one launch, which also writes Delta (against autograd of the whole pattern)
         do_b = torch.randn_like(q)
-        (full_dq,) = torch.autograd.grad(full, qf2, do_b.float())
-        o_b = full.detach().to(dt)
-        dq, delta_b = torch.full(q.shape, float("nan"), device="cuda", dtype=dt), torch.full_like(full_lse, float("nan"))
+        (full_dq,) = torch.autograd.grad(ref_full, qf2, do_b.float())
+        o_b = ref_full.detach().to(dt)
+        dq = torch.full(q.shape, float("nan"), device="cuda", dtype=dt)  # every row must be stored, not added to
+        delta_b = torch.full_like(full_lse, float("nan"))
         gather_dq(q, do_b, ks, vs, full_lse.detach().contiguous(), delta_b, dq, L, c, scale, **LIBRARY_DQ[D], k=k, v=v,
                   o=o_b)
         err = ((dq.float() - full_dq).abs().max() / full_dq.abs().max()).item()
@@ -186,7 +187,7 @@ def time_against_triton():
         runs["ours fwd, Gluon"] = lambda: _gluon(True, lambda: sparse_attention(q, k, v, lay))
         runs["ours fwd, Gluon with the band in one launch (FUSE_BAND)"] = \
             lambda: _gluon(True, lambda: sparse_attention(q, k, v, lay), band=True)
-        runs["ours fwd+bwd, Gluon with the band in one forward launch (FUSE_BAND)"] = \
+        runs["ours fwd+bwd, Gluon with the band in one forward and one dQ launch (FUSE_BAND)"] = \
             lambda: _gluon(True, lambda: sparse_attention(qg, k, v, lay).backward(go), band=True)
         for st in [LIBRARY[D]] if D == 64 else [LIBRARY[128]]:
             runs[f"gluon fwd {st}"] = lambda st=st: gather_forward(q, ks, vs, o, lse, L, c, D ** -0.5, False, **st)

@@ -506,7 +506,7 @@ def test_gluon_band_fusable(lay, fusable):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n,L", [(1025, 128), (4096, 256), (300, 128), (100, 128)])
+@pytest.mark.parametrize("n,L", [(1025, 128), (4096, 256), (1000, 256), (300, 128), (100, 128)])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_gpu_gluon_fixed_forward_in_one_launch(n, L, D, dtype, monkeypatch):
@@ -530,3 +530,28 @@ def test_gpu_gluon_fixed_forward_in_one_launch(n, L, D, dtype, monkeypatch):
     check_against_reference(_run(), q, k, v, lay, floor=FLOOR[dtype])
     assert not triton_fwd and backward._attn_bwd_dq_kernel not in bwd_kernels
     assert backward._attn_bwd_dkdv_kernel in bwd_kernels  # the band's dK / dV stays with Triton
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["strided-kv", "dkdv-off"])
+def test_gpu_gluon_one_launch_steps_aside_or_combines(case, monkeypatch):
+    """FUSE_BAND with k / v views (as the model's projections): the per-segment path runs (no copy of K and V); with
+    the Gluon dK / dV off, the Triton summary dK / dV adds to the band's after the one-launch dQ."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernels are for Hopper (sm_90)")
+    from sparse_transformer.attention.triton import backward, forward, function, gluon_gather
+
+    monkeypatch.setattr(forward, "GLUON_GATHER", True)
+    monkeypatch.setattr(gluon_gather, "FUSE_BAND", True)
+    triton_fwd = []
+    monkeypatch.setattr(function, "attn_forward",
+                        lambda *a, **kw: triton_fwd.append(1) or forward.attn_forward(*a, **kw))
+    n = 1025
+    q, k, v = make_qkv(2, 3, n, 64, torch.bfloat16, device="cuda")
+    if case == "strided-kv":
+        k, v = (torch.randn(2, n, 3, 64, dtype=torch.bfloat16, device="cuda").transpose(1, 2).requires_grad_()
+                for _ in range(2))
+    else:
+        monkeypatch.setattr(gluon_gather, "DKDV", False)
+    check_against_reference(_run(), q, k, v, layouts.fixed(n, 128, 32), floor=FLOOR[torch.bfloat16])
+    assert bool(triton_fwd) == (case == "strided-kv")

@@ -188,7 +188,7 @@ def fused_fixed_dq(q, k, v, o, do, dq, lse, delta, launches, scale) -> bool:
         return False
     band, seg = launches[0].seg, launches[1].seg
     gg = _forward.gluon_for(q, seg)
-    if gg is None or not gg.FUSE_BAND or not gg.band_fusable(band, seg) or \
+    if gg is None or not gg.FUSE_BAND or not gg.band_fusable(band, seg) or not gg.tma_rows(k, v) or \
             not gg.eligible(q, seg, scale, True, others=(o, do, dq)):
         return False
     gg.backward_fixed_dq(q, k, v, o, do, dq, lse, delta, seg, scale)

@@ -171,7 +171,7 @@ def fused_fixed_forward(q, k, v, o, lse, launches, scale) -> bool:
         return False
     band, seg = launches[0].seg, launches[1].seg
     gg = gluon_for(q, seg)
-    if gg is None or not gg.FUSE_BAND or not gg.band_fusable(band, seg) or \
+    if gg is None or not gg.FUSE_BAND or not gg.band_fusable(band, seg) or not gg.tma_rows(k, v) or \
             not gg.eligible(q, seg, scale, True, others=(o,)):
         return False
     gg.forward_fixed(q, k, v, o, lse, seg, scale)

@@ -83,7 +83,8 @@ def _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, tile, row0, pred, STAGES: g
 def _load_band_or_summary(kb_desc, vb_desc, k_desc, v_desc, k_smem, v_smem, kv_bar, tile, n_band, band_row0, sum_row0,
                           pred, STAGES: gl.constexpr, BN: gl.constexpr, D: gl.constexpr):
     """TMA-load tile `tile` of the sequence: the band's key / value tiles first (full K, V rows band_row0 + tile * BN
-    ..), then the summary copies' (rows sum_row0 + (tile - n_band) * BN ..), into slot tile % STAGES, when pred holds."""
+    ..), then the summary copies' (rows sum_row0 + (tile - n_band) * BN ..), into slot tile % STAGES, when pred
+    holds."""
     s = tile % STAGES
     in_band = tile < n_band
     mbarrier.expect(kv_bar.index(s), 2 * BN * D * 2, pred=pred)
@@ -92,8 +93,9 @@ def _load_band_or_summary(kb_desc, vb_desc, k_desc, v_desc, k_smem, v_smem, kv_b
     tma.async_copy_global_to_shared(vb_desc, [band_row0 + tile * BN, 0], kv_bar.index(s), v_smem.index(s),
                                     pred=pred & in_band)
     sum_row = sum_row0 + gl.maximum(tile - n_band, 0) * BN
-    tma.async_copy_global_to_shared(k_desc, [sum_row, 0], kv_bar.index(s), k_smem.index(s), pred=pred & (tile >= n_band))
-    tma.async_copy_global_to_shared(v_desc, [sum_row, 0], kv_bar.index(s), v_smem.index(s), pred=pred & (tile >= n_band))
+    in_sum = tile >= n_band
+    tma.async_copy_global_to_shared(k_desc, [sum_row, 0], kv_bar.index(s), k_smem.index(s), pred=pred & in_sum)
+    tma.async_copy_global_to_shared(v_desc, [sum_row, 0], kv_bar.index(s), v_smem.index(s), pred=pred & in_sum)
 
 
 @gluon.jit
@@ -479,6 +481,7 @@ def _desc(x, rows, memo=None):
     shares descriptors between the launches of one call."""
     if memo is not None and (id(x), rows) in memo:
         return memo[id(x), rows]
+    assert x.is_contiguous(), "a TMA descriptor of rows needs a contiguous tensor"
     D = x.shape[-1]
     x2 = x.view(-1, D)
     d = TensorDescriptor(x2, list(x2.shape), [D, 1], [rows, D], _layout(rows, D, x.dtype))
@@ -612,6 +615,13 @@ def forward(q, k, v, o, lse, seg, scale, merge):
                    seg.C, scale, merge, **SETTINGS[q.shape[-1]])
 
 
+def tma_rows(*xs) -> bool:
+    """Can TMA read each of xs as rows of a [B * H * n, D] matrix (contiguous, 16-byte aligned)? The one-launch
+    experiment reads full K and V so, and steps aside where they are views (a copy of K and V per pass would cost
+    more than the band kernels it saves)."""
+    return all(x.is_contiguous() and x.data_ptr() % 16 == 0 for x in xs)
+
+
 def band_fusable(band, seg) -> bool:
     """Is `band` (the first segment) exactly the causal block part of the fixed pattern whose summary part is seg, for
     every head: nothing else (dense, window, custom tiles) in it?"""
@@ -622,23 +632,20 @@ def band_fusable(band, seg) -> bool:
 
 def forward_fixed(q, k, v, o, lse, seg, scale):
     """Experimental (FUSE_BAND): the whole fixed pattern's forward in one launch, the own block's keys (causal) and
-    the summary keys of the blocks before, written to o / lse (no merge); the caller checked band_fusable and
-    eligible."""
+    the summary keys of the blocks before, written to o / lse (no merge); the caller checked band_fusable, tma_rows
+    (k, v) and eligible."""
     lo = _summary_offset(seg)
     st = dict(SETTINGS[q.shape[-1]], pipe=0)
     gather_forward(q.contiguous(), summary_kv(k, seg.L, lo, seg.C), summary_kv(v, seg.L, lo, seg.C), o, lse, seg.L,
-                   seg.C, scale, False, **st, k=_tma_ready(k), v=_tma_ready(v))
+                   seg.C, scale, False, **st, k=k, v=v)
 
 
 def backward_fixed_dq(q, k, v, o, do, dq, lse, delta, seg, scale):
     """Experimental (FUSE_BAND): the whole fixed pattern's dQ in one launch, the own block's keys (causal) and the
     summary keys of the blocks before; it also computes Delta = rowsum(dO * O) and stores it (for the dK / dV kernels
-    after it) and stores dQ. The caller checked band_fusable and eligible (o, do, dq contiguous)."""
+    after it) and stores dQ. The caller checked band_fusable, tma_rows (k, v) and eligible (o, do, dq contiguous)."""
     lo = _summary_offset(seg)
     gather_dq(q.contiguous(), do, summary_kv(k, seg.L, lo, seg.C), summary_kv(v, seg.L, lo, seg.C), lse, delta, dq,
-              seg.L, seg.C, scale, **DQ_SETTINGS[q.shape[-1]], k=_tma_ready(k), v=_tma_ready(v), o=o)
+              seg.L, seg.C, scale, **DQ_SETTINGS[q.shape[-1]], k=k, v=v, o=o)
 
 
-def _tma_ready(x):
-    """x if TMA can read it as rows (contiguous, 16-byte aligned), else a contiguous copy."""
-    return x if x.is_contiguous() and x.data_ptr() % 16 == 0 else x.clone(memory_format=torch.contiguous_format)
