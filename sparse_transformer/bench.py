@@ -56,6 +56,14 @@ def _versions():
     return dev, torch.__version__, tv
 
 
+def _gluon_state() -> tuple[int, bool]:
+    """(Gluon kernels launched so far, the one-launch experiment switched on): which kernels a `triton` row ran."""
+    from .attention.triton import forward
+
+    module = forward._GLUON[0] if forward._GLUON else None
+    return (module.LAUNCHES, bool(module.FUSE_BAND)) if module is not None else (0, False)
+
+
 def _time(fn, go=None):
     import triton.testing as tt
 
@@ -143,8 +151,12 @@ def bench_attention(setups, methods=METHODS, out_dir="bench/results", torch_max_
             try:
                 t0 = time.time()
                 fn = _method_fn(method, q, k, v, lay, flex_cache)
+                launched = _gluon_state()[0]
                 fn().backward(go)  # compile / build tables outside the timing
                 torch.cuda.synchronize()
+                if method == "triton":  # the fixed pattern's summary part runs Gluon kernels on Hopper
+                    row["gluon"] = _gluon_state()[0] > launched
+                    row["gluon_band"] = row["gluon"] and _gluon_state()[1]
                 row["setup_s"] = round(time.time() - t0, 2)
                 row["fwd_ms"], row["fwdbwd_ms"] = _time(fn, go)
                 if method in GRAPH_METHODS:  # GPU time alone: the same calls replayed from a CUDA graph

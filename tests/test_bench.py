@@ -136,3 +136,16 @@ def test_attention_table_ratios_and_graph_columns():
     flex = row["flex"]
     assert flex[-4:] == ["2.000", "5.000", "0.60x", "1.00x"]  # no graph columns for FlexAttention
     assert "skipped:" in row["torch"]
+
+
+def test_gluon_state_reads_the_launch_count(monkeypatch):
+    """bench attention marks a triton row `gluon` when Gluon kernels launched during it (none on the CPU)."""
+    import types
+
+    from sparse_transformer import bench
+    from sparse_transformer.attention.triton import forward
+
+    monkeypatch.setattr(forward, "_GLUON", [None])
+    assert bench._gluon_state() == (0, False)
+    monkeypatch.setattr(forward, "_GLUON", [types.SimpleNamespace(LAUNCHES=7, FUSE_BAND=True)])
+    assert bench._gluon_state() == (7, True)
