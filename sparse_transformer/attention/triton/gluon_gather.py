@@ -1,20 +1,24 @@
-"""The fixed pattern's gathered summary part, forward and dQ, as Gluon kernels for Hopper (its dK / dV stay with the
-Triton kernel); on by default where they apply (`eligible`), SPARSE_TRANSFORMER_GLUON=0 turns them off.
+"""The fixed pattern's gathered summary part (forward, dQ, dK / dV) as Gluon kernels for Hopper; on by default where
+they apply (`eligible`, Triton 3.6), SPARSE_TRANSFORMER_GLUON=0 turns them off.
 
-TMA loads into a ring of shared-memory stages, asynchronous wgmma, and (PIPE) the next tile's Q K^T issued before this
-tile's softmax and this tile's P V left running into the next softmax, so that the tensor cores and the exponentials
-can work at the same time (FlashAttention-3's intra-warpgroup overlap). The Triton forward of that part runs its units
-one after another (BENCHMARKS.md, "What limits the fixed pattern"). The summary keys of every block (rows lo .. lo + c
+TMA loads into a ring of shared-memory stages and asynchronous wgmma. The summary keys of every block (rows lo .. lo + c
 of each L-row block) are first copied into a contiguous [B, H, n / L * c, D] tensor, so that every key tile is one TMA
 box; a query tile of block b sees the summary keys of blocks 0 .. b - 1: key slots [0, b * c), a column limit.
-
-The dQ kernel (`_gather_dq_kernel`) has the same structure: per key tile S = Q K^T and dP = dO V^T, the next tile's
-two products issued before this tile's element-wise work, dQ += dS K waited within the iteration.
+- Forward (`_gather_fwd_kernel`): online softmax over the summary tiles, merged into the band's O / LSE. PIPE 1 / 2
+  issue the next tile's Q K^T before this tile's softmax (2: FlashAttention-3's order, this tile's P V running into the
+  next softmax); measured slower than PIPE 0 on an H200 (BENCHMARKS.md), which the library runs.
+- dQ (`_gather_dq_kernel`): per key tile S = Q K^T and dP = dO V^T, the next tile's two products issued before this
+  tile's element-wise work, dQ += dS K waited within the iteration; added to the band's dQ.
+- dK / dV (`_gather_dkdv_kernel`): per tile of summary keys, the query and dO tiles of the later blocks stream through
+  the ring (the mirror of dQ); added to the band's dK / dV at the summary rows.
+- Experimental, off by default (FUSE_BAND, SPARSE_TRANSFORMER_GLUON_BAND=1; not yet run on a GPU): BAND folds the
+  band (the own block, causal) into the forward and dQ kernels, so the fixed pattern's forward and dQ are one launch
+  each (`forward_fixed`, `backward_fixed_dq`).
 
 Gluon has no interpreter: `python bench/gluon_gather.py compile` compiles every setting for sm_90 on a CPU machine,
-`check` compares them with a float32 reference on a GPU and `time` times them beside the Triton kernels; the GPU test
-test_gpu_gluon_gather_matches_reference checks the library path (outputs and gradients) against the float64 reference.
-On an H200 the forward took 1217 us against the Triton kernel's 1727 at fixed-64k, the dQ 1318 against 2080
+`check` compares them with a float32 reference on a GPU and `time` times them beside the Triton kernels; the GPU tests
+(test_gpu_gluon_*) check the library path (outputs and gradients) against the float64 reference. On an H200 at
+fixed-64k: forward 1215 us against the Triton kernel's 1738, dQ 1300 against 2086, dK / dV 2429 against 2660
 (BENCHMARKS.md).
 """
 import functools
