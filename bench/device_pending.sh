@@ -11,12 +11,13 @@
 #   bash bench/device_pending.sh gluon OUT     # the Gluon kernels (bench/gluon_gather.py): correctness, timing, eager host
 #   bash bench/device_pending.sh band OUT      # experimental: the fixed pattern's forward and dQ in one Gluon launch each
 #                                              # (SPARSE_TRANSFORMER_GLUON_BAND=1): its GPU tests, then the table with it
-#   bash bench/device_pending.sh verify OUT    # owed since 2026-11-30 (evening): every kernel and model GPU test (the
-#                                              # last run was cut at 300 s; the Gluon layout / descriptor sharing and
-#                                              # test_model's GPU tests have not run), then the full table
+#   bash bench/device_pending.sh verify OUT    # owed since 2026-11-30 (evening): every kernel GPU test (the last run
+#                                              # was cut at 300 s; the Gluon layout / descriptor sharing, the version
+#                                              # gate and the new edge-case tests have not run)
+#   bash bench/device_pending.sh verify-model OUT  # test_model's GPU tests (the evening run was cut), then the table
 # Run from the repository root on the device machine; JSON and logs land in OUT (pass $OUT there).
 set -uo pipefail
-WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, band or verify}; OUT=${2:?output folder}
+WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, band, verify or verify-model}; OUT=${2:?output folder}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 ST="python -m sparse_transformer.cli"
 mkdir -p "$OUT"
@@ -67,9 +68,13 @@ case "$WHAT" in
     timeout 60 python bench/eager_host.py fixed-12k 2>&1 | tee "$OUT/eager-host.log"
     ;;
   verify)
-    timeout 400 python -m pytest -m gpu tests/test_triton_attention.py tests/test_model.py -q -n 14 \
-      -p no:cacheprovider -rf 2>&1 | tail -n 6 | tee "$OUT/gpu-tests-kernels.log"
-    timeout 180 $ST bench attention --methods triton sdpa-cudnn sdpa-flash flex --out "$OUT" 2>&1 \
+    timeout 560 python -m pytest -m gpu tests/test_triton_attention.py -q -n 14 -p no:cacheprovider -rf 2>&1 \
+      | tail -n 8 | tee "$OUT/gpu-tests-kernels.log"
+    ;;
+  verify-model)
+    timeout 330 python -m pytest -m gpu tests/test_model.py -q -n 8 -p no:cacheprovider -rf 2>&1 | tail -n 8 \
+      | tee "$OUT/gpu-tests-model.log"
+    timeout 220 $ST bench attention --methods triton sdpa-cudnn sdpa-flash flex --out "$OUT" 2>&1 \
       | tee "$OUT/attention.log"
     ;;
   order)
@@ -81,6 +86,7 @@ case "$WHAT" in
     SPARSE_TRANSFORMER_GLUON_BAND=1 timeout 120 $ST bench attention --methods triton sdpa-cudnn --out "$OUT" 2>&1 \
       | tee "$OUT/attention-band.log"
     ;;
-  *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles | gather | order | gluon | band | verify)"
+  *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles | gather | order | gluon | band | verify |"\
+       "verify-model)"
      exit 2 ;;
 esac
