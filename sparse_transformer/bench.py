@@ -58,9 +58,9 @@ def _versions():
 
 def _gluon_state() -> tuple[int, bool]:
     """(Gluon kernels launched so far, the one-launch experiment switched on): which kernels a `triton` row ran."""
-    from .attention.triton import forward
+    from .attention.triton.forward import gluon_module
 
-    module = forward._GLUON[0] if forward._GLUON else None
+    module = gluon_module()
     return (module.LAUNCHES, bool(module.FUSE_BAND)) if module is not None else (0, False)
 
 
@@ -155,8 +155,8 @@ def bench_attention(setups, methods=METHODS, out_dir="bench/results", torch_max_
                 fn().backward(go)  # compile / build tables outside the timing
                 torch.cuda.synchronize()
                 if method == "triton":  # the fixed pattern's summary part runs Gluon kernels on Hopper
-                    row["gluon"] = _gluon_state()[0] > launched
-                    row["gluon_band"] = row["gluon"] and _gluon_state()[1]
+                    now, band = _gluon_state()
+                    row["gluon"], row["gluon_band"] = now > launched, now > launched and band
                 row["setup_s"] = round(time.time() - t0, 2)
                 row["fwd_ms"], row["fwdbwd_ms"] = _time(fn, go)
                 if method in GRAPH_METHODS:  # GPU time alone: the same calls replayed from a CUDA graph

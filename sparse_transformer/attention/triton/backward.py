@@ -182,17 +182,12 @@ def _attn_bwd_dkdv_kernel(
 
 
 def fused_fixed_dq(q, k, v, o, do, dq, lse, delta, launches, scale) -> bool:
-    """Experimental (gluon_gather.FUSE_BAND, off by default): the fixed pattern's whole dQ (band and summary) in one
-    Gluon launch, which also writes Delta; True if it ran (then each segment's backward skips its dQ: with_dq)."""
-    if len(launches) != 2:
-        return False
-    band, seg = launches[0].seg, launches[1].seg
-    gg = _forward.gluon_for(q, seg)
-    if gg is None or not gg.FUSE_BAND or not gg.band_fusable(band, seg) or not gg.tma_rows(k, v) or \
-            not gg.eligible(q, seg, scale, True, others=(o, do, dq)):
-        return False
-    gg.backward_fixed_dq(q, k, v, o, do, dq, lse, delta, seg, scale)
-    return True
+    """The fixed pattern's whole dQ (band and summary) in one Gluon launch, which also writes Delta
+    (forward.one_launch_fixed); True if it ran (then each segment's backward skips its dQ: with_dq)."""
+    hit = _forward.one_launch_fixed(q, k, v, launches, scale, (o, do, dq))
+    if hit is not None:
+        hit[0].backward_fixed_dq(q, k, v, o, do, dq, lse, delta, hit[1], scale)
+    return hit is not None
 
 
 def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, fuse_dq, first, accum, accum_kv,

@@ -164,18 +164,27 @@ def gluon_for(q, seg):
     return gluon_module()
 
 
-def fused_fixed_forward(q, k, v, o, lse, launches, scale) -> bool:
-    """Experimental (gluon_gather.FUSE_BAND, off by default): the fixed pattern's band and summary parts in one Gluon
-    launch, writing o / lse; True if it ran (else the caller launches each segment)."""
+def one_launch_fixed(q, k, v, launches, scale, others):
+    """(gluon_gather, the summary segment) where the experimental one-launch path (gluon_gather.FUSE_BAND, off by
+    default) takes this fixed-pattern call: a band that is exactly its causal block part, K and V readable as TMA
+    rows, and an eligible summary part (`others`: the tensors the kernels read or write through TMA); else None."""
     if len(launches) != 2:
-        return False
+        return None
     band, seg = launches[0].seg, launches[1].seg
     gg = gluon_for(q, seg)
     if gg is None or not gg.FUSE_BAND or not gg.band_fusable(band, seg) or not gg.tma_rows(k, v) or \
-            not gg.eligible(q, seg, scale, True, others=(o,)):
-        return False
-    gg.forward_fixed(q, k, v, o, lse, seg, scale)
-    return True
+            not gg.eligible(q, seg, scale, True, others=others):
+        return None
+    return gg, seg
+
+
+def fused_fixed_forward(q, k, v, o, lse, launches, scale) -> bool:
+    """The fixed pattern's band and summary parts in one Gluon launch (one_launch_fixed), writing o / lse; True if it
+    ran (else the caller launches each segment)."""
+    hit = one_launch_fixed(q, k, v, launches, scale, (o,))
+    if hit is not None:
+        hit[0].forward_fixed(q, k, v, o, lse, hit[1], scale)
+    return hit is not None
 
 
 def attn_forward(q, k, v, o, lse, launch, scale, merge):

@@ -53,13 +53,19 @@ LAUNCHES = 0  # kernels launched through this path (tests check that it ran)
 
 
 @gluon.jit
-def _query_tile(NQB, G, SEG_L, SEG_C, BM: gl.constexpr, BN: gl.constexpr):
-    """(batch x head, first query row, visible summary keys, key tiles) of this program: every head's longest query
-    tile first; a tile of block b sees the summary keys of blocks 0 .. b - 1 (BM divides SEG_L)."""
+def _query_tile(NQB, G, SEG_L, SEG_C, BM: gl.constexpr, BN: gl.constexpr, BAND: gl.constexpr):
+    """(batch x head, first query row, visible summary keys, first key of its own block, band key tiles, key tiles) of
+    this program: every head's longest query tile first; a tile of block b sees the summary keys of blocks 0 .. b - 1
+    (BM divides SEG_L) and, with BAND, first its own block's keys up to its last row (BN divides BM)."""
     bh = gl.program_id(0)
     q0 = (NQB - 1 - gl.program_id(1)) * BM
     kv_len = gl.minimum((q0 // SEG_L) * SEG_C, G)
-    return bh, q0, kv_len, gl.cdiv(kv_len, BN)
+    blk0 = (q0 // SEG_L) * SEG_L
+    if BAND:
+        n_band = (q0 + BM - blk0) // BN
+    else:
+        n_band = 0
+    return bh, q0, kv_len, blk0, n_band, n_band + gl.cdiv(kv_len, BN)
 
 
 @gluon.jit
@@ -84,22 +90,37 @@ def _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, tile, row0, pred, STAGES: g
 
 
 @gluon.jit
-def _load_band_or_summary(kb_desc, vb_desc, k_desc, v_desc, k_smem, v_smem, kv_bar, tile, n_band, band_row0, sum_row0,
-                          pred, STAGES: gl.constexpr, BN: gl.constexpr, D: gl.constexpr):
-    """TMA-load tile `tile` of the sequence: the band's key / value tiles first (full K, V rows band_row0 + tile * BN
-    ..), then the summary copies' (rows sum_row0 + (tile - n_band) * BN ..), into slot tile % STAGES, when pred
-    holds."""
-    s = tile % STAGES
-    in_band = tile < n_band
-    mbarrier.expect(kv_bar.index(s), 2 * BN * D * 2, pred=pred)
-    tma.async_copy_global_to_shared(kb_desc, [band_row0 + tile * BN, 0], kv_bar.index(s), k_smem.index(s),
-                                    pred=pred & in_band)
-    tma.async_copy_global_to_shared(vb_desc, [band_row0 + tile * BN, 0], kv_bar.index(s), v_smem.index(s),
-                                    pred=pred & in_band)
-    sum_row = sum_row0 + gl.maximum(tile - n_band, 0) * BN
-    in_sum = tile >= n_band
-    tma.async_copy_global_to_shared(k_desc, [sum_row, 0], kv_bar.index(s), k_smem.index(s), pred=pred & in_sum)
-    tma.async_copy_global_to_shared(v_desc, [sum_row, 0], kv_bar.index(s), v_smem.index(s), pred=pred & in_sum)
+def _load_tile(kb_desc, vb_desc, k_desc, v_desc, k_smem, v_smem, kv_bar, tile, n_band, band_row0, sum_row0, pred,
+               STAGES: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, BAND: gl.constexpr):
+    """TMA-load key / value tile `tile` of a query tile's sequence into slot tile % STAGES, when pred holds: with BAND
+    the band's tiles first (full K, V rows band_row0 + tile * BN ..), then the summary copies' (rows sum_row0 +
+    (tile - n_band) * BN ..); without, the summary copies' alone."""
+    if BAND:
+        s = tile % STAGES
+        in_band = tile < n_band
+        mbarrier.expect(kv_bar.index(s), 2 * BN * D * 2, pred=pred)
+        tma.async_copy_global_to_shared(kb_desc, [band_row0 + tile * BN, 0], kv_bar.index(s), k_smem.index(s),
+                                        pred=pred & in_band)
+        tma.async_copy_global_to_shared(vb_desc, [band_row0 + tile * BN, 0], kv_bar.index(s), v_smem.index(s),
+                                        pred=pred & in_band)
+        sum_row = sum_row0 + gl.maximum(tile - n_band, 0) * BN
+        in_sum = tile >= n_band
+        tma.async_copy_global_to_shared(k_desc, [sum_row, 0], kv_bar.index(s), k_smem.index(s), pred=pred & in_sum)
+        tma.async_copy_global_to_shared(v_desc, [sum_row, 0], kv_bar.index(s), v_smem.index(s), pred=pred & in_sum)
+    else:
+        _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, tile, sum_row0, pred, STAGES, BN, D)
+
+
+@gluon.jit
+def _visible(j, cols, rows, blk0, n_band, kv_len, BN: gl.constexpr, BAND: gl.constexpr):
+    """Which entries of key tile j a query tile sees (rows: its query rows, cols: arange(BN)): the summary slots before
+    its block; with BAND, band tiles (j < n_band) causal from the block's first key blk0."""
+    if BAND:
+        band_ok = (gl.expand_dims(blk0 + j * BN + cols, 0) <= gl.expand_dims(rows, 1)) & (j < n_band)
+        vis = band_ok | (gl.expand_dims((j - n_band) * BN + cols < kv_len, 0) & (j >= n_band))
+    else:
+        vis = gl.expand_dims(j * BN + cols < kv_len, 0)
+    return vis
 
 
 @gluon.jit
@@ -114,13 +135,7 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, kb_desc, vb_desc, o_ptr, lse_ptr,
     before the summary keys, from full K / V (kb_desc, vb_desc): the whole fixed pattern in one launch, no merge."""
     gl.static_assert(PIPE == 0 or STAGES >= 2)
     gl.static_assert(not BAND or (PIPE == 0 and not MERGE))
-    bh, q0, kv_len, n_sum = _query_tile(NQB, G, SEG_L, SEG_C, BM, BN)
-    blk0 = (q0 // SEG_L) * SEG_L  # the first key of the query tile's own block
-    if BAND:
-        n_band = (q0 + BM - blk0) // BN  # key tiles blk0 .. q0 + BM (BN divides BM, BM divides SEG_L)
-    else:
-        n_band = 0
-    n_tiles = n_band + n_sum
+    bh, q0, kv_len, blk0, n_band, n_tiles = _query_tile(NQB, G, SEG_L, SEG_C, BM, BN, BAND)
 
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                         instr_shape=[16, BN, 16])
@@ -139,11 +154,8 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, kb_desc, vb_desc, o_ptr, lse_ptr,
     mbarrier.expect(q_bar, BM * D * 2)
     tma.async_copy_global_to_shared(q_desc, [bh * N + q0, 0], q_bar, q_smem)
     for s in gl.static_range(STAGES):  # the first STAGES key / value tiles
-        if BAND:
-            _load_band_or_summary(kb_desc, vb_desc, k_desc, v_desc, k_smem, v_smem, kv_bar, s, n_band, bh * N + blk0,
-                                  bh * G, s < n_tiles, STAGES, BN, D)
-        else:
-            _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, s, bh * G, s < n_tiles, STAGES, BN, D)
+        _load_tile(kb_desc, vb_desc, k_desc, v_desc, k_smem, v_smem, kv_bar, s, n_band, bh * N + blk0, bh * G,
+                   s < n_tiles, STAGES, BN, D, BAND)
 
     acc = gl.zeros([BM, D], gl.float32, o_layout)
     cols = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
@@ -192,13 +204,8 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, kb_desc, vb_desc, o_ptr, lse_ptr,
                 mbarrier.wait(kv_bar.index(nxt % STAGES), (nxt // STAGES) & 1)
                 s_next = warpgroup_mma(q_smem, k_smem.index(nxt % STAGES).permute((1, 0)),
                                        gl.zeros([BM, BN], gl.float32, s_layout), use_acc=False, is_async=True)
-            if BAND:  # band tiles: causal; summary tiles: the slots before the query's block
-                rows_q = q0 + gl.arange(0, BM, layout=row_s)
-                band_ok = (gl.expand_dims(blk0 + j * BN + cols, 0) <= gl.expand_dims(rows_q, 1)) & (j < n_band)
-                sum_ok = gl.expand_dims((j - n_band) * BN + cols < kv_len, 0) & (j >= n_band)
-                sc = gl.where(band_ok | sum_ok, s_cur, float("-inf"))
-            else:
-                sc = gl.where(gl.expand_dims(j * BN + cols < kv_len, 0), s_cur, float("-inf"))
+            vis = _visible(j, cols, q0 + gl.arange(0, BM, layout=row_s), blk0, n_band, kv_len, BN, BAND)
+            sc = gl.where(vis, s_cur, float("-inf"))
             # every row sees a key in tile 0 (kv_len > 0 without BAND; its own block's first key with BAND)
             m_new = gl.maximum(m_i, gl.max(sc, 1) * qk_scale)
             alpha = gl.exp2(m_i - m_new)
@@ -214,12 +221,8 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, kb_desc, vb_desc, o_ptr, lse_ptr,
             else:
                 acc = warpgroup_mma_wait(0, deps=(acc,))
             # tile j's stage is free: load tile j + STAGES into it
-            if BAND:
-                _load_band_or_summary(kb_desc, vb_desc, k_desc, v_desc, k_smem, v_smem, kv_bar, j + STAGES, n_band,
-                                      bh * N + blk0, bh * G, j + STAGES < n_tiles, STAGES, BN, D)
-            else:
-                _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, j + STAGES, bh * G, j + STAGES < n_tiles, STAGES,
-                         BN, D)
+            _load_tile(kb_desc, vb_desc, k_desc, v_desc, k_smem, v_smem, kv_bar, j + STAGES, n_band, bh * N + blk0,
+                       bh * G, j + STAGES < n_tiles, STAGES, BN, D, BAND)
             if PIPE == 0:
                 nxt = gl.minimum(j + 1, n_tiles - 1)
                 mbarrier.wait(kv_bar.index(nxt % STAGES), (nxt // STAGES) & 1)
@@ -267,13 +270,7 @@ def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, kb_desc, vb_desc, dq_ptr,
     keys), Delta computed here from O and dO (o_ptr, do_ptr) and stored for the dK / dV kernels, dQ stored, not
     added: the whole fixed pattern's dQ in one launch."""
     gl.static_assert(STAGES >= 2)
-    bh, q0, kv_len, n_sum = _query_tile(NQB, G, SEG_L, SEG_C, BM, BN)
-    blk0 = (q0 // SEG_L) * SEG_L  # the first key of the query tile's own block
-    if BAND:
-        n_band = (q0 + BM - blk0) // BN  # key tiles blk0 .. q0 + BM (BN divides BM, BM divides SEG_L)
-    else:
-        n_band = 0
-    n_tiles = n_band + n_sum
+    bh, q0, kv_len, blk0, n_band, n_tiles = _query_tile(NQB, G, SEG_L, SEG_C, BM, BN, BAND)
 
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                         instr_shape=[16, BN, 16])
@@ -294,11 +291,8 @@ def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, kb_desc, vb_desc, dq_ptr,
     tma.async_copy_global_to_shared(q_desc, [bh * N + q0, 0], q_bar, q_smem)
     tma.async_copy_global_to_shared(do_desc, [bh * N + q0, 0], q_bar, do_smem)
     for s in gl.static_range(STAGES):
-        if BAND:
-            _load_band_or_summary(kb_desc, vb_desc, k_desc, v_desc, k_smem, v_smem, kv_bar, s, n_band, bh * N + blk0,
-                                  bh * G, s < n_tiles, STAGES, BN, D)
-        else:
-            _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, s, bh * G, s < n_tiles, STAGES, BN, D)
+        _load_tile(kb_desc, vb_desc, k_desc, v_desc, k_smem, v_smem, kv_bar, s, n_band, bh * N + blk0, bh * G,
+                   s < n_tiles, STAGES, BN, D, BAND)
 
     rows_s = q0 + gl.arange(0, BM, layout=row_s)
     lse = gl.load(lse_ptr + bh.to(gl.int64) * N + rows_s, mask=rows_s < N, other=float("-inf")) * 1.4426950408889634
@@ -332,23 +326,14 @@ def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, kb_desc, vb_desc, dq_ptr,
         dp_next = warpgroup_mma(do_smem, v_smem.index(nxt % STAGES).permute((1, 0)), zero_s, use_acc=False,
                                 is_async=True)
         p = gl.exp2(s_cur * qk_scale - gl.expand_dims(lse, 1))
-        if BAND:  # band tiles: causal; summary tiles: the slots before the query's block
-            band_ok = (gl.expand_dims(blk0 + j * BN + cols, 0) <= gl.expand_dims(rows_s, 1)) & (j < n_band)
-            sum_ok = gl.expand_dims((j - n_band) * BN + cols < kv_len, 0) & (j >= n_band)
-            p = gl.where(band_ok | sum_ok, p, 0.0)
-        else:
-            p = gl.where(gl.expand_dims(j * BN + cols < kv_len, 0), p, 0.0)
+        p = gl.where(_visible(j, cols, rows_s, blk0, n_band, kv_len, BN, BAND), p, 0.0)
         ds = p * (dp_cur - gl.expand_dims(delta, 1))
         dq = warpgroup_mma(gl.convert_layout(ds.to(k_desc.dtype), ds_layout), k_smem.index(stage), dq,
                            is_async=True)
         dq, s_cur, dp_cur = warpgroup_mma_wait(0, deps=(dq, s_next, dp_next))
         # tile j's stage is free: load tile j + STAGES into it
-        if BAND:
-            _load_band_or_summary(kb_desc, vb_desc, k_desc, v_desc, k_smem, v_smem, kv_bar, j + STAGES, n_band,
-                                  bh * N + blk0, bh * G, j + STAGES < n_tiles, STAGES, BN, D)
-        else:
-            _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, j + STAGES, bh * G, j + STAGES < n_tiles, STAGES, BN,
-                     D)
+        _load_tile(kb_desc, vb_desc, k_desc, v_desc, k_smem, v_smem, kv_bar, j + STAGES, n_band, bh * N + blk0, bh * G,
+                   j + STAGES < n_tiles, STAGES, BN, D, BAND)
     mbarrier.invalidate(q_bar)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(kv_bar.index(s))
