@@ -9,15 +9,13 @@
 #   bash bench/device_pending.sh gather OUT    # the fixed setups on tiles that compile without spills (compile_probe)
 #   bash bench/device_pending.sh order OUT     # program order: heads one after another, in groups, all interleaved
 #   bash bench/device_pending.sh gluon OUT     # the Gluon kernels (bench/gluon_gather.py): correctness, timing, eager host
-#   bash bench/device_pending.sh band OUT      # experimental: the fixed pattern's forward and dQ in one Gluon launch each
-#                                              # (SPARSE_TRANSFORMER_GLUON_BAND=1): its GPU tests, then the table with it
-#   bash bench/device_pending.sh verify OUT    # owed since 2026-11-30 (evening): every kernel GPU test (the last run
-#                                              # was cut at 300 s; the Gluon layout / descriptor sharing, the version
-#                                              # gate and the new edge-case tests have not run)
-#   bash bench/device_pending.sh verify-model OUT  # test_model's GPU tests (the evening run was cut), then the table
+#   bash bench/device_pending.sh summary OUT   # the Gluon path's GPU tests, its check and kernel times, and the fixed
+#                                              # setups beside cuDNN (the summary rows read in place)
+#   bash bench/device_pending.sh verify OUT    # every kernel GPU test
+#   bash bench/device_pending.sh verify-model OUT  # test_model's GPU tests, then the table
 # Run from the repository root on the device machine; JSON and logs land in OUT (pass $OUT there).
 set -uo pipefail
-WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, band, verify or verify-model}; OUT=${2:?output folder}
+WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, verify or verify-model}; OUT=${2:?output folder}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 ST="python -m sparse_transformer.cli"
 mkdir -p "$OUT"
@@ -68,7 +66,7 @@ case "$WHAT" in
     timeout 60 python bench/eager_host.py fixed-12k 2>&1 | tee "$OUT/eager-host.log"
     ;;
   verify)
-    timeout 560 python -m pytest -m gpu tests/test_triton_attention.py -q -n 14 -p no:cacheprovider -rf 2>&1 \
+    timeout 570 python -m pytest -m gpu tests/test_triton_attention.py -q -n 14 -p no:cacheprovider -rf 2>&1 \
       | tail -n 8 | tee "$OUT/gpu-tests-kernels.log"
     ;;
   verify-model)
@@ -80,13 +78,16 @@ case "$WHAT" in
   order)
     OUT="$OUT" timeout 400 python bench/dev_probe.py order 2>&1 | tee "$OUT/order.log"
     ;;
-  band)
-    timeout 150 python -m pytest -m gpu tests/test_triton_attention.py -k "one_launch or edge_cases or gluon_gather" -q \
-      -n 12 -p no:cacheprovider -rf 2>&1 | tail -n 6 | tee "$OUT/gpu-tests-band.log"
-    SPARSE_TRANSFORMER_GLUON_BAND=1 timeout 120 $ST bench attention --methods triton sdpa-cudnn --out "$OUT" 2>&1 \
-      | tee "$OUT/attention-band.log"
+  summary)
+    timeout 90 python bench/gluon_gather.py check 2>&1 | tee "$OUT/gluon-check.log" | tail -n 12
+    timeout 200 python -m pytest -m gpu tests/test_triton_attention.py -k "gluon or gather" -q -n 14 \
+      -p no:cacheprovider -rf 2>&1 | tail -n 8 | tee "$OUT/gpu-tests-gluon.log"
+    timeout 90 python bench/gluon_gather.py time 2>&1 | tee "$OUT/gluon-time.log" | grep -v dkdv
+    timeout 110 $ST bench attention --setups fixed-12k fixed-64k --methods triton sdpa-cudnn --out "$OUT" 2>&1 \
+      | tee "$OUT/attention-fixed.log" | tail -n 6
+    timeout 50 python bench/eager_host.py fixed-12k 2>&1 | tee "$OUT/eager-host.log" | head -n 12
     ;;
-  *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles | gather | order | gluon | band | verify |"\
+  *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles | gather | order | gluon | summary | verify |"\
        "verify-model)"
      exit 2 ;;
 esac

@@ -1,9 +1,8 @@
 """The Gluon kernels of the fixed pattern's summary part (sparse_transformer/attention/triton/gluon_gather.py) on their
-own: `python bench/gluon_gather.py compile [fwd dq dkdv band]` compiles each setting for sm_90 without a GPU and
+own: `python bench/gluon_gather.py compile [fwd dq dkdv] [c=32]` compiles each setting for sm_90 without a GPU and
 reports registers, spills and shared memory (Triton 3.6 is the device's version); on a GPU, `check` (`check-all`: every
 setting) compares them with a float32 torch reference on small shapes, gradients against autograd, and `time` sets
-their kernel times beside our Triton kernels' (profiler medians) at the fixed-12k and fixed-64k shapes, with the
-experimental one-launch forward (FUSE_BAND) beside them."""
+their kernel times beside our Triton kernels' (profiler medians) at the fixed-12k and fixed-64k shapes."""
 import math
 import os
 import sys
@@ -12,8 +11,8 @@ import torch
 import triton
 
 from sparse_transformer.attention.triton.gluon_gather import DKDV_SETTINGS as LIBRARY_KV, DQ_SETTINGS as LIBRARY_DQ, \
-    SETTINGS as LIBRARY, _gather_dkdv_kernel, _gather_dq_kernel, _gather_fwd_kernel, _layouts, \
-    gather_dkdv, gather_dq, gather_forward, summary_kv
+    SETTINGS as LIBRARY, _gather_dkdv_kernel, _gather_dq_kernel, _gather_fwd_kernel, _layout, gather_dkdv, \
+    gather_dq, gather_forward, summary_box
 
 
 def reference(q, k, v, L, lo, c, scale):
@@ -40,59 +39,38 @@ DQ_SWEEP = [dict(BM=bm, BN=64, stages=st, warps=w) for (bm, st, w) in
 
 def check(full=False):
     """The library's settings (full: every forward and dQ setting too) and every dK / dV setting against the float32
-    reference of the gathered part alone, gradients against autograd, and the experimental one-launch forward of the
-    whole fixed pattern against its reference; exits non-zero past the bounds."""
-    from sparse_transformer import layouts
-    from sparse_transformer.attention.reference import attention_ref
-
+    reference of the gathered part alone, gradients against autograd; K and V contiguous, or views of one [B, n, 2,
+    H, D] projection (as the model's), the summary read in place either way; exits non-zero past the bounds."""
     torch.manual_seed(0)
     worst = []
-    cases = [(1, 2, 1024, 64, 128, 32, torch.bfloat16), (2, 3, 1000, 64, 256, 32, torch.bfloat16),
-             (1, 1, 512, 64, 128, 16, torch.float16), (1, 2, 4096, 64, 128, 64, torch.bfloat16),
-             (1, 2, 1000, 128, 256, 32, torch.bfloat16)]
-    for (B, H, n, D, L, c, dt) in cases:
+    cases = [(1, 2, 1024, 64, 128, 32, torch.bfloat16, False), (2, 3, 1000, 64, 256, 32, torch.bfloat16, True),
+             (1, 1, 512, 64, 128, 16, torch.float16, False), (1, 2, 4096, 64, 128, 64, torch.bfloat16, False),
+             (1, 2, 1000, 128, 256, 32, torch.bfloat16, False), (2, 2, 2100, 64, 256, 128, torch.bfloat16, True),
+             (1, 3, 1536, 128, 128, 8, torch.float16, True)]
+    for (B, H, n, D, L, c, dt, views) in cases:
         lo = L - c
         scale = 1 / math.sqrt(D)
-        q, k, v = (torch.randn(B, H, n, D, device="cuda", dtype=dt) for _ in range(3))
+        q = torch.randn(B, H, n, D, device="cuda", dtype=dt)
+        if views:  # strided K and V, as the model's projections
+            kv = torch.randn(B, n, 2, H, D, device="cuda", dtype=dt)
+            k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+        else:
+            k, v = (torch.randn(B, H, n, D, device="cuda", dtype=dt) for _ in range(2))
         qf, kf, vf = (t.float().requires_grad_() for t in (q, k, v))
         ref, ref_lse = reference(qf, kf, vf, L, lo, c, scale)
-        ks, vs = summary_kv(k, L, lo, c), summary_kv(v, L, lo, c)
         seen = ref_lse > float("-inf")
+        tag = f"{dt} D={D} n={n} L={L} c={c}{' (K, V views)' if views else ''}"
         for st in (SETTINGS if full else [LIBRARY[64]]) if D == 64 else [LIBRARY[128]]:
             if L % st["BM"]:
                 continue
             o, lse = torch.empty_like(q), torch.empty(B, H, n, device="cuda", dtype=torch.float32)
-            gather_forward(q, ks, vs, o, lse, L, c, scale, False, **st)
+            gather_forward(q, k, v, o, lse, L, lo, c, scale, False, **st)
             err = ((o.float() - ref.detach())[seen].abs().max() / ref.detach()[seen].abs().max()).item()
             empty_ok = bool(torch.equal(seen, lse > float("-inf"))) and bool((o[~seen] == 0).all())
             lse_err = (lse[seen] - ref_lse.detach()[seen]).abs().max().item()
             worst.append(("fwd", err < 2e-2 and lse_err < 2e-2 and empty_ok))
-            print(f"{dt} D={D} n={n} L={L} c={c} fwd {st}: max rel err {err:.2e}, lse err {lse_err:.2e}, "
+            print(f"{tag} fwd {st}: max rel err {err:.2e}, lse err {lse_err:.2e}, "
                   f"empty rows ok {empty_ok}", flush=True)
-        # experimental: the whole fixed pattern's forward in one launch (the own block, causal, then the summary)
-        qf2 = q.float().requires_grad_()
-        ref_full, full_lse = attention_ref(qf2, k.float(), v.float(), layouts.fixed(n, L, c))
-        ref_full, full_lse = ref_full.float(), full_lse.float()
-        o, lse = torch.empty_like(q), torch.empty(B, H, n, device="cuda", dtype=torch.float32)
-        gather_forward(q, ks, vs, o, lse, L, c, scale, False, **dict(LIBRARY[D], pipe=0), k=k, v=v)
-        err = ((o.float() - ref_full).abs().max() / ref_full.abs().max()).item()
-        lse_err = (lse - full_lse).abs().max().item()
-        worst.append(("band", err < 2e-2 and lse_err < 2e-2))
-        print(f"{dt} D={D} n={n} L={L} c={c} fwd with the band {LIBRARY[D]}: max rel err {err:.2e}, lse err "
-              f"{lse_err:.2e}", flush=True)
-        # and its dQ in one launch, which also writes Delta (against autograd of the whole pattern)
-        do_b = torch.randn_like(q)
-        (full_dq,) = torch.autograd.grad(ref_full, qf2, do_b.float())
-        o_b = ref_full.detach().to(dt)
-        dq = torch.full(q.shape, float("nan"), device="cuda", dtype=dt)  # every row must be stored, not added to
-        delta_b = torch.full_like(full_lse, float("nan"))
-        gather_dq(q, do_b, ks, vs, full_lse.detach().contiguous(), delta_b, dq, L, c, scale, **LIBRARY_DQ[D], k=k, v=v,
-                  o=o_b)
-        err = ((dq.float() - full_dq).abs().max() / full_dq.abs().max()).item()
-        delta_err = (delta_b - (do_b.float() * o_b.float()).sum(-1)).abs().max().item()
-        worst.append(("band dq", err < 3e-2 and delta_err < 1e-3))
-        print(f"{dt} D={D} n={n} L={L} c={c} dq with the band {LIBRARY_DQ[D]}: max rel err {err:.2e}, delta err "
-              f"{delta_err:.2e}", flush=True)
         # dQ alone, added to a random dq already in memory (fp32 and the input dtype): Delta and the LSE from the
         # float32 reference, against autograd
         do = torch.randn_like(q)
@@ -104,12 +82,12 @@ def check(full=False):
                     continue
                 dq0 = torch.randn(B, H, n, D, device="cuda").to(dq_dtype)
                 dq = dq0.clone()
-                gather_dq(q, do, ks, vs, ref_lse.detach().contiguous(), delta, dq, L, c, scale, **st)
+                gather_dq(q, do, k, v, ref_lse.detach().contiguous(), delta, dq, L, lo, c, scale, **st)
                 got = dq.float() - dq0.float()
                 err = ((got - ref_dq).abs().max() / ref_dq.abs().max()).item()
                 bound = 3e-2 if dq_dtype == torch.float32 else 6e-2  # a 16-bit dq rounds dq0 + dQ once more
                 worst.append(("dq", err < bound))
-                print(f"{dt} D={D} n={n} L={L} c={c} dq ({dq_dtype}) {st}: max rel err {err:.2e}", flush=True)
+                print(f"{tag} dq ({dq_dtype}) {st}: max rel err {err:.2e}", flush=True)
         # dK / dV, added to random values at the summary rows; every other row must stay as it was
         summary = (torch.arange(n, device="cuda") % L >= lo) & (torch.arange(n, device="cuda") < n // L * L)
         for st in DKDV_SWEEP + [LIBRARY_KV[64]] if D == 64 else [LIBRARY_KV[128], dict(BM=64, BN=128, stages=2,
@@ -117,13 +95,13 @@ def check(full=False):
             dk0 = (torch.randn_like(q).float() * ref_dk.abs().max()).to(dt)
             dv0 = (torch.randn_like(q).float() * ref_dv.abs().max()).to(dt)
             dk, dv = dk0.clone(), dv0.clone()
-            gather_dkdv(q, do, ks, vs, ref_lse.detach().contiguous(), delta, dk, dv, L, lo, c, scale, **st)
+            gather_dkdv(q, do, k, v, ref_lse.detach().contiguous(), delta, dk, dv, L, lo, c, scale, **st)
             errs = [((got.float() - t0.float() - ref).abs().max() / ref.abs().max()).item()
                     for got, t0, ref in ((dk, dk0, ref_dk), (dv, dv0, ref_dv))]
             kept = torch.equal(dk[:, :, ~summary], dk0[:, :, ~summary]) and \
                 torch.equal(dv[:, :, ~summary], dv0[:, :, ~summary])
             worst.append(("dkdv", max(errs) < 6e-2 and kept))  # 16-bit dk / dv round dk0 + dK once more
-            print(f"{dt} D={D} n={n} L={L} c={c} dkdv {st}: max rel err dk {errs[0]:.2e} dv {errs[1]:.2e}, other "
+            print(f"{tag} dkdv {st}: max rel err dk {errs[0]:.2e} dv {errs[1]:.2e}, other "
                   f"rows kept {kept}", flush=True)
     bad = [w for w in worst if not w[1]]
     print(f"{len(worst) - len(bad)} of {len(worst)} within bounds", flush=True)
@@ -131,16 +109,16 @@ def check(full=False):
         raise SystemExit(1)
 
 
-def _gluon(on, f, dkdv=True, band=False):
-    """Run f with the library's Gluon dispatch on or off (dkdv: its dK / dV kernel too; band: FUSE_BAND)."""
+def _gluon(on, f, dkdv=True):
+    """Run f with the library's Gluon dispatch on or off (dkdv: its dK / dV kernel too)."""
     from sparse_transformer.attention.triton import forward, gluon_gather
 
-    was = forward.GLUON_GATHER, gluon_gather.DKDV, gluon_gather.FUSE_BAND
-    forward.GLUON_GATHER, gluon_gather.DKDV, gluon_gather.FUSE_BAND = on, dkdv, band
+    was = forward.GLUON_GATHER, gluon_gather.DKDV
+    forward.GLUON_GATHER, gluon_gather.DKDV = on, dkdv
     try:
         return f()
     finally:
-        forward.GLUON_GATHER, gluon_gather.DKDV, gluon_gather.FUSE_BAND = was
+        forward.GLUON_GATHER, gluon_gather.DKDV = was
 
 
 def _profile(label, f):
@@ -175,104 +153,91 @@ def time_against_triton():
     for name, (B, H, n, L, c, D) in setups.items():
         q, k, v = (torch.randn(B, H, n, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         lay = layouts.fixed(n, L, c)
-        ks, vs = summary_kv(k, L, L - c, c), summary_kv(v, L, L - c, c)
         o, lse = torch.empty_like(q), torch.empty(B, H, n, device="cuda", dtype=torch.float32)
         qg = q.detach().requires_grad_()
         go = torch.randn_like(q)
-        runs = {"the summary copy (K and V)": lambda: (summary_kv(k, L, L - c, c), summary_kv(v, L, L - c, c))}
+        runs = {}
         for on, dkdv, what in ((False, False, "Triton only"), (True, False, "Gluon gathered fwd and dQ"),
                                (True, True, "Gluon gathered fwd, dQ and dK/dV")):
             runs[f"ours fwd+bwd, {what}"] = \
                 lambda on=on, dkdv=dkdv: _gluon(on, lambda: sparse_attention(qg, k, v, lay).backward(go), dkdv)
         runs["ours fwd, Gluon"] = lambda: _gluon(True, lambda: sparse_attention(q, k, v, lay))
-        runs["ours fwd, Gluon with the band in one launch (FUSE_BAND)"] = \
-            lambda: _gluon(True, lambda: sparse_attention(q, k, v, lay), band=True)
-        runs["ours fwd+bwd, Gluon with the band in one forward and one dQ launch (FUSE_BAND)"] = \
-            lambda: _gluon(True, lambda: sparse_attention(qg, k, v, lay).backward(go), band=True)
         for st in [LIBRARY[D]] if D == 64 else [LIBRARY[128]]:
-            runs[f"gluon fwd {st}"] = lambda st=st: gather_forward(q, ks, vs, o, lse, L, c, D ** -0.5, False, **st)
-        gather_forward(q, ks, vs, o, lse, L, c, D ** -0.5, False, **LIBRARY[D])
+            runs[f"gluon fwd {st}"] = lambda st=st: gather_forward(q, k, v, o, lse, L, L - c, c, D ** -0.5, False,
+                                                                   **st)
+        gather_forward(q, k, v, o, lse, L, L - c, c, D ** -0.5, False, **LIBRARY[D])
         lse_ok = torch.where(lse > float("-inf"), lse, 0.0)  # rows that see no summary key: any finite value
         delta = torch.randn_like(lse)
         dq = torch.zeros(q.shape, device="cuda", dtype=torch.float32)
         for st in [LIBRARY_DQ[D]]:
-            runs[f"gluon dq {st}"] = lambda st=st: gather_dq(q, go, ks, vs, lse_ok, delta, dq, L, c, D ** -0.5, **st)
+            runs[f"gluon dq {st}"] = lambda st=st: gather_dq(q, go, k, v, lse_ok, delta, dq, L, L - c, c, D ** -0.5,
+                                                             **st)
         dk, dv = torch.zeros_like(q), torch.zeros_like(q)
         for st in DKDV_SWEEP if D == 64 else [LIBRARY_KV[128], dict(BM=64, BN=128, stages=2, warps=8)]:
-            runs[f"gluon dkdv {st}"] = lambda st=st: gather_dkdv(q, go, ks, vs, lse_ok, delta, dk, dv, L, L - c, c,
+            runs[f"gluon dkdv {st}"] = lambda st=st: gather_dkdv(q, go, k, v, lse_ok, delta, dk, dv, L, L - c, c,
                                                                  D ** -0.5, **st)
         for label, f in runs.items():
             _profile(f"{name:14s} {label}", f)
 
 
-def compile_only(which=("fwd", "dq", "dkdv")):
+def compile_only(which=("fwd", "dq", "dkdv"), c=32):
     """Compile every setting (d=64) and the library's settings for sm_90 without a GPU and report registers / spills
-    (ptxas -v), shared memory, and whether ptxas serialized the asynchronous wgmma (which undoes the pipelining)."""
+    (ptxas -v), shared memory, and whether ptxas serialized the asynchronous wgmma (which undoes the pipelining);
+    c: the summary width the key / value descriptors' boxes are cut for."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    print(f"triton {triton.__version__}, target sm_90")
+    print(f"triton {triton.__version__}, target sm_90, summary width c={c}")
+
+    def descs(st, D):
+        box = (1, 1, *summary_box(c, st["BN"]), D)
+        return (f"tensordesc<bf16[{st['BM']}, {D}],{_layout((st['BM'], D), torch.bfloat16)!r}>",
+                f"tensordesc<bf16[{', '.join(map(str, box))}],{_layout(box, torch.bfloat16)!r}>")
+
+    def build(kernel, label, st, sig, cex):
+        try:
+            k = triton.compile(GluonASTSource(kernel, sig, dict(cex, num_warps=st["warps"])),
+                               target=GPUTarget("cuda", 90, 32), options=dict(num_warps=st["warps"]))
+        except Exception as e:
+            print(f"{label}: failed: {type(e).__name__}: {str(e)[-1500:]}", flush=True)
+            return
+        _report(label, k)
+
+    scalars = dict(N="i32", H="i32")
     for st in [dict(s, D=64) for s in SETTINGS if "fwd" in which] + \
-            [dict(s, D=d, library=True) for d, s in LIBRARY.items() if "fwd" in which] + \
-            [dict(s, D=d, library=True, band=True) for d, s in LIBRARY.items() if "band" in which]:
+            [dict(s, D=d, library=True) for d, s in LIBRARY.items() if "fwd" in which]:
         D = st["D"]
-        q_layout, kv_layout = _layouts(st["BM"], st["BN"], D, torch.bfloat16)
-        kd = f"tensordesc<bf16[{st['BN']}, {D}],{kv_layout!r}>"
-        sig = dict(q_desc=f"tensordesc<bf16[{st['BM']}, {D}],{q_layout!r}>", k_desc=kd, v_desc=kd, kb_desc=kd,
-                   vb_desc=kd, o_ptr="*bf16", lse_ptr="*fp32", qk_scale="fp32", N="i32", G="i32", NQB="i32",
-                   SEG_L="i32", SEG_C="i32", BM="constexpr", BN="constexpr", D="constexpr", STAGES="constexpr",
-                   PIPE="constexpr", MERGE="constexpr", BAND="constexpr", num_warps="constexpr")
-        band = st.get("band", False)
-        cex = dict(BM=st["BM"], BN=st["BN"], D=D, STAGES=st["stages"], PIPE=st["pipe"], MERGE=not band, BAND=band,
-                   num_warps=st["warps"])
-        try:
-            src = GluonASTSource(_gather_fwd_kernel, sig, cex)
-            k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=st["warps"]))
-        except Exception as e:
-            print(f"{st}: failed: {type(e).__name__}: {str(e)[-900:]}", flush=True)
-            continue
-        _report(st, k)
-    for st in [dict(s, D=64) for s in DQ_SWEEP if "dq" in which] + \
-            [dict(s, D=d, library=True) for d, s in LIBRARY_DQ.items() if "dq" in which] + \
-            [dict(s, D=d, library=True, band=True) for d, s in LIBRARY_DQ.items() if "band" in which]:
-        D = st["D"]
-        q_layout, kv_layout = _layouts(st["BM"], st["BN"], D, torch.bfloat16)
-        qd = f"tensordesc<bf16[{st['BM']}, {D}],{q_layout!r}>"
-        kd = f"tensordesc<bf16[{st['BN']}, {D}],{kv_layout!r}>"
-        sig = dict(q_desc=qd, do_desc=qd, k_desc=kd, v_desc=kd, kb_desc=kd, vb_desc=kd, dq_ptr="*fp32", o_ptr="*bf16",
-                   do_ptr="*bf16", lse_ptr="*fp32", delta_ptr="*fp32", qk_scale="fp32", sm_scale="fp32", N="i32",
+        qd, kd = descs(st, D)
+        rb, rc = summary_box(c, st["BN"])
+        sig = dict(q_desc=qd, k_desc=kd, v_desc=kd, o_ptr="*bf16", lse_ptr="*fp32", qk_scale="fp32", **scalars,
                    G="i32", NQB="i32", SEG_L="i32", SEG_C="i32", BM="constexpr", BN="constexpr", D="constexpr",
-                   STAGES="constexpr", BAND="constexpr", num_warps="constexpr")
-        cex = dict(BM=st["BM"], BN=st["BN"], D=D, STAGES=st["stages"], BAND=st.get("band", False),
-                   num_warps=st["warps"])
-        try:
-            k = triton.compile(GluonASTSource(_gather_dq_kernel, sig, cex), target=GPUTarget("cuda", 90, 32),
-                               options=dict(num_warps=st["warps"]))
-        except Exception as e:
-            print(f"dq {st}: failed: {type(e).__name__}: {str(e)[-900:]}", flush=True)
-            continue
-        _report(f"dq {st}", k)
-
-
+                   RB="constexpr", RC="constexpr", STAGES="constexpr", PIPE="constexpr", MERGE="constexpr",
+                   num_warps="constexpr")
+        build(_gather_fwd_kernel, f"fwd {st}", st, sig, dict(BM=st["BM"], BN=st["BN"], D=D, RB=rb, RC=rc,
+                                                             STAGES=st["stages"], PIPE=st["pipe"], MERGE=True))
+    for st in [dict(s, D=64) for s in DQ_SWEEP if "dq" in which] + \
+            [dict(s, D=d, library=True) for d, s in LIBRARY_DQ.items() if "dq" in which]:
+        D = st["D"]
+        qd, kd = descs(st, D)
+        rb, rc = summary_box(c, st["BN"])
+        sig = dict(q_desc=qd, do_desc=qd, k_desc=kd, v_desc=kd, dq_ptr="*fp32", lse_ptr="*fp32", delta_ptr="*fp32",
+                   qk_scale="fp32", sm_scale="fp32", **scalars, G="i32", NQB="i32", SEG_L="i32", SEG_C="i32",
+                   BM="constexpr", BN="constexpr", D="constexpr", RB="constexpr", RC="constexpr",
+                   STAGES="constexpr", num_warps="constexpr")
+        build(_gather_dq_kernel, f"dq {st}", st, sig, dict(BM=st["BM"], BN=st["BN"], D=D, RB=rb, RC=rc,
+                                                           STAGES=st["stages"]))
     for st in [s for s in DKDV_SWEEP if "dkdv" in which] + \
             [dict(s, D=d, library=True) for d, s in LIBRARY_KV.items() if "dkdv" in which]:
         st = dict(st, D=st.get("D", 64))
         D = st["D"]
-        q_layout, kv_layout = _layouts(st["BM"], st["BN"], D, torch.bfloat16)
-        qd = f"tensordesc<bf16[{st['BM']}, {D}],{q_layout!r}>"
-        kd = f"tensordesc<bf16[{st['BN']}, {D}],{kv_layout!r}>"
+        qd, kd = descs(st, D)
+        rb, rc = summary_box(c, st["BN"])
         sig = dict(q_desc=qd, do_desc=qd, k_desc=kd, v_desc=kd, dk_ptr="*bf16", dv_ptr="*bf16", lse_ptr="*fp32",
-                   delta_ptr="*fp32", qk_scale="fp32", sm_scale="fp32", N="i32", G="i32", NB="i32", SEG_L="i32",
-                   SEG_LO="i32", SEG_C="i32", BM="constexpr", BN="constexpr", D="constexpr", STAGES="constexpr",
-                   num_warps="constexpr")
-        cex = dict(BM=st["BM"], BN=st["BN"], D=D, STAGES=st["stages"], num_warps=st["warps"])
-        try:
-            k = triton.compile(GluonASTSource(_gather_dkdv_kernel, sig, cex), target=GPUTarget("cuda", 90, 32),
-                               options=dict(num_warps=st["warps"]))
-        except Exception as e:
-            print(f"dkdv {st}: failed: {type(e).__name__}: {str(e)[-1500:]}", flush=True)
-            continue
-        _report(f"dkdv {st}", k)
+                   delta_ptr="*fp32", qk_scale="fp32", sm_scale="fp32", **scalars, NB="i32", SEG_L="i32",
+                   SEG_LO="i32", SEG_C="i32", BM="constexpr", BN="constexpr", D="constexpr", RB="constexpr",
+                   RC="constexpr", STAGES="constexpr", num_warps="constexpr")
+        build(_gather_dkdv_kernel, f"dkdv {st}", st, sig, dict(BM=st["BM"], BN=st["BN"], D=D, RB=rb, RC=rc,
+                                                               STAGES=st["stages"]))
 
 
 def _report(label, k):
@@ -287,7 +252,10 @@ def _report(label, k):
 
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "compile"
-    if what == "compile":  # optionally: which kernels (fwd, dq, dkdv)
-        compile_only(tuple(sys.argv[2:]) or ("fwd", "dq", "dkdv"))
+    if what == "compile":  # optionally: which kernels (fwd, dq, dkdv) and c=WIDTH
+        args = [a for a in sys.argv[2:] if not a.startswith("c=")]
+        widths = [int(a[2:]) for a in sys.argv[2:] if a.startswith("c=")] or [32]
+        for width in widths:
+            compile_only(tuple(args) or ("fwd", "dq", "dkdv"), width)
     else:
         {"check": check, "check-all": lambda: check(True), "time": time_against_triton}[what]()

@@ -56,12 +56,12 @@ def _versions():
     return dev, torch.__version__, tv
 
 
-def _gluon_state() -> tuple[int, bool]:
-    """(Gluon kernels launched so far, the one-launch experiment switched on): which kernels a `triton` row ran."""
+def _gluon_launches() -> int:
+    """Gluon kernels launched so far (0 where this Triton does not run them): which kernels a `triton` row ran."""
     from .attention.triton.forward import gluon_module
 
     module = gluon_module()
-    return (module.LAUNCHES, bool(module.FUSE_BAND)) if module is not None else (0, False)
+    return module.LAUNCHES if module is not None else 0
 
 
 def _time(fn, go=None):
@@ -151,12 +151,11 @@ def bench_attention(setups, methods=METHODS, out_dir="bench/results", torch_max_
             try:
                 t0 = time.time()
                 fn = _method_fn(method, q, k, v, lay, flex_cache)
-                launched = _gluon_state()[0]
+                launched = _gluon_launches()
                 fn().backward(go)  # compile / build tables outside the timing
                 torch.cuda.synchronize()
                 if method == "triton":  # the fixed pattern's summary part runs Gluon kernels on Hopper
-                    now, band = _gluon_state()
-                    row["gluon"], row["gluon_band"] = now > launched, now > launched and band
+                    row["gluon"] = _gluon_launches() > launched
                 row["setup_s"] = round(time.time() - t0, 2)
                 row["fwd_ms"], row["fwdbwd_ms"] = _time(fn, go)
                 if method in GRAPH_METHODS:  # GPU time alone: the same calls replayed from a CUDA graph

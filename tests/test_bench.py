@@ -138,7 +138,7 @@ def test_attention_table_ratios_and_graph_columns():
     assert "skipped:" in row["torch"]
 
 
-def test_gluon_state_reads_the_launch_count(monkeypatch):
+def test_gluon_launches_reads_the_launch_count(monkeypatch):
     """bench attention marks a triton row `gluon` when Gluon kernels launched during it (none on the CPU)."""
     import types
 
@@ -146,6 +146,6 @@ def test_gluon_state_reads_the_launch_count(monkeypatch):
     from sparse_transformer.attention.triton import forward
 
     monkeypatch.setattr(forward, "_GLUON", [None])
-    assert bench._gluon_state() == (0, False)
-    monkeypatch.setattr(forward, "_GLUON", [types.SimpleNamespace(LAUNCHES=7, FUSE_BAND=True)])
-    assert bench._gluon_state() == (7, True)
+    assert bench._gluon_launches() == 0
+    monkeypatch.setattr(forward, "_GLUON", [types.SimpleNamespace(LAUNCHES=7)])
+    assert bench._gluon_launches() == 7

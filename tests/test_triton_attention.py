@@ -269,11 +269,12 @@ def test_gpu_program_grids_match_reference(group, max_y, name, make, monkeypatch
 @pytest.mark.parametrize("n,L", [(1025, 128), (4096, 256), (300, 128)])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("strided_q", [False, True], ids=["contiguous", "strided-q"])
-def test_gpu_gluon_gather_matches_reference(n, L, D, dtype, strided_q, monkeypatch):
+@pytest.mark.parametrize("views", [False, True], ids=["contiguous", "views"])
+def test_gpu_gluon_gather_matches_reference(n, L, D, dtype, views, monkeypatch):
     """The Gluon forward, dQ and dK / dV of the gathered summary part (forward.GLUON_GATHER, Hopper only), merged into
-    or added to the band's results; all three kernels must have run (the launch count grows by 3 per call). A strided
-    q (a view of a [B, n, H, D] projection, as in the model) is copied for the kernels."""
+    or added to the band's results; all three kernels must have run (the launch count grows by 3 per call). With
+    views, q, k and v are views of one [B, n, 3, H, D] projection, as in the model: the kernels read K's and V's
+    summary rows in place, and q is copied."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon kernel is for Hopper (sm_90)")
     from sparse_transformer.attention.triton import forward, gluon_gather
@@ -283,9 +284,10 @@ def test_gpu_gluon_gather_matches_reference(n, L, D, dtype, strided_q, monkeypat
     lay = layouts.fixed(n, L, 32)
     for _ in range(2):  # fresh inputs; the second call's launches go through the direct launcher
         q, k, v = make_qkv(2, 3, n, D, dtype, device="cuda")
-        if strided_q:
-            q = torch.randn(2, n, 3, D, dtype=dtype, device="cuda").transpose(1, 2).requires_grad_()
-            assert not q.is_contiguous()
+        if views:
+            qkv = torch.randn(2, n, 3, 3, D, dtype=dtype, device="cuda")
+            q, k, v = (qkv[:, :, i].transpose(1, 2).requires_grad_() for i in range(3))
+            assert not k.is_contiguous()
         check_against_reference(_run(), q, k, v, lay, floor=FLOOR[dtype])
     assert gluon_gather.LAUNCHES >= before + 2 * (2 + gluon_gather.DKDV)
 
@@ -369,18 +371,36 @@ def test_gpu_direct_launch_equals_triton_launch_and_respects_alignment():
         launcher.FAST = True
 
 
-@pytest.mark.parametrize("n,L,lo,c", [(1000, 128, 96, 32), (4096, 256, 224, 32), (300, 128, 100, 16)])
-def test_gluon_summary_copy_gathers_the_summary_rows(n, L, lo, c):
-    """summary_kv: rows lo .. lo + c of every whole L-row block, in order, contiguous, zero-padded to 128 rows, from a
-    strided view (the Gluon kernels' keys; Gluon itself needs a Hopper GPU)."""
-    from sparse_transformer.attention.triton.gluon_gather import summary_kv
+@pytest.mark.parametrize("n,L,lo,c", [(1000, 128, 96, 32), (4096, 256, 224, 32), (300, 128, 100, 16),
+                                       (1000, 256, 128, 128), (1000, 128, 0, 1)])
+def test_gluon_summary_view_holds_the_summary_rows(n, L, lo, c):
+    """summary_view: rows lo .. lo + c of every whole L-row block, in order, read in place from a strided view (the
+    Gluon kernels' K and V through a 5-D TMA descriptor; Gluon itself needs a Hopper GPU)."""
+    from sparse_transformer.attention.triton.gluon_gather import summary_box, summary_view
 
     x = torch.randn(2, n, 3, 3, 8)[:, :, 1].transpose(1, 2)  # k of a [B, n, qkv, H, D] projection: offset, strided
-    got = summary_kv(x, L, lo, c)
+    got = summary_view(x, L, lo, c)
     rows = torch.tensor([b * L + lo + j for b in range(n // L) for j in range(c)])
-    g = rows.numel()
-    assert got.is_contiguous() and got.shape[2] % 128 == 0 and got.shape[2] - g < 128
-    assert torch.equal(got[:, :, :g], x[:, :, rows]) and bool((got[:, :, g:] == 0).all())
+    assert got.shape == (2, 3, n // L, c, 8) and got.data_ptr() == x[:, :, lo:].data_ptr()
+    assert torch.equal(got.reshape(2, 3, -1, 8), x[:, :, rows])
+    rb, rc = summary_box(c, 64)
+    assert rb * rc == 64 and (rc == c or c % 64 == 0)
+
+
+def test_gluon_summary_fits_only_what_tma_reads():
+    """summary_fits: c must divide the 64-key tile or be a multiple of it, and the view's start and strides multiples
+    of 16 bytes; a size-one dimension's stride does not count (summary_view gives it a dense one)."""
+    from sparse_transformer.attention.triton.gluon_gather import summary_fits, summary_view
+
+    x = torch.randn(2, 3, 1024, 64, dtype=torch.bfloat16)
+    assert summary_fits(x, 128, 96, 32, 64) and summary_fits(x, 256, 128, 128, 64) and summary_fits(x, 128, 0, 8, 64)
+    assert not summary_fits(x, 128, 80, 48, 64)  # 64-key tiles straddle 48-row blocks unevenly
+    odd = torch.randn(2, 1024, 2 * 3 * 64 + 4, dtype=torch.bfloat16)[:, :, :3 * 64].view(2, 1024, 3, 64)
+    assert not summary_fits(odd.transpose(1, 2), 128, 96, 32, 64)  # a row stride of 388 elements: 776 bytes
+    assert not summary_fits(x.transpose(2, 3).contiguous().transpose(2, 3), 128, 96, 32, 64)  # D not contiguous
+    one = torch.randn(1, 1, 1024, 64, dtype=torch.bfloat16).as_strided((1, 1, 1024, 64), (3, 5, 64, 1))
+    assert summary_fits(one, 128, 96, 32, 64)
+    assert summary_view(one, 128, 96, 32).stride()[:2] == (8 * 32 * 64, 8 * 32 * 64)
 
 
 def test_gluon_path_is_not_taken_off_hopper(monkeypatch):
@@ -393,13 +413,6 @@ def test_gluon_path_is_not_taken_off_hopper(monkeypatch):
     assert GATHER in segs and len(segs) == 2
     q = torch.randn(1, 2, 512, 64)
     assert all(forward.gluon_for(q, seg) is None for seg in segs.values())
-    from sparse_transformer.attention.triton import backward, gluon_gather
-
-    monkeypatch.setattr(gluon_gather, "FUSE_BAND", True)  # the one-launch experiment steps aside on the CPU too
-    launches = get_launches(layouts.fixed(512, 128, 32), 64, "cpu")
-    o, lse = torch.empty_like(q), torch.empty(1, 2, 512)
-    assert not forward.fused_fixed_forward(q, q, q, o, lse, launches, 0.125)
-    assert not backward.fused_fixed_dq(q, q, q, o, o, o, lse, lse, launches, 0.125)
     if torch.cuda.is_available():
         qc = q.cuda()
         assert forward.gluon_for(qc, segs[GATHER]) is not None
@@ -428,8 +441,10 @@ def _gluon_edge_layout(case):
     """(layout, Gluon launches expected per fwd+bwd) for the edge cases of the Gluon path."""
     if case == "c128-l256":  # summary wider than a 64-key tile
         return layouts.fixed(1100, 256, 128), 3
-    if case == "c48":  # tiles of 64 summary keys straddle blocks unevenly
-        return layouts.fixed(1000, 128, 48), 3
+    if case == "c48":  # tiles of 64 summary keys would straddle blocks unevenly: the Triton kernels
+        return layouts.fixed(1000, 128, 48), 0
+    if case == "c8":  # a tile of 64 summary keys holds eight blocks' summaries
+        return layouts.fixed(1100, 128, 8), 3
     if case == "lo-inside":  # summary columns 64..95 of each block, not its last ones
         return layouts.Layout(1000, (layouts.HeadPattern(block=128, summary=(128, 64, 96)),)), 3
     if case == "two-blocks":  # one block of queries sees one block of summary keys
@@ -441,11 +456,12 @@ def _gluon_edge_layout(case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", ["c128-l256", "c48", "lo-inside", "two-blocks", "n-below-l", "num-verts-2",
-                                  "dkdv-off"])
+@pytest.mark.parametrize("case", ["c128-l256", "c48", "c8", "lo-inside", "two-blocks", "n-below-l", "num-verts-2",
+                                  "dkdv-off", "odd-stride-kv"])
 def test_gpu_gluon_gather_edge_cases(case, monkeypatch):
-    """The Gluon path on the layouts its masks and scatter must get right, and where it must step aside; with dK / dV
-    off (SPARSE_TRANSFORMER_GLUON_DKDV=0) the Triton dK / dV kernel adds to the band's."""
+    """The Gluon path on the layouts its masks and scatter must get right, and where it must step aside (K / V whose
+    strides TMA cannot read: the Triton kernels); with dK / dV off (SPARSE_TRANSFORMER_GLUON_DKDV=0) the Triton dK /
+    dV kernel adds to the band's."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon kernels are for Hopper (sm_90)")
     from sparse_transformer.attention.triton import forward, gluon_gather
@@ -454,15 +470,20 @@ def test_gpu_gluon_gather_edge_cases(case, monkeypatch):
     if case == "dkdv-off":
         monkeypatch.setattr(gluon_gather, "DKDV", False)
         lay, launches = layouts.fixed(1025, 128, 32), 2
+    elif case == "odd-stride-kv":
+        lay, launches = layouts.fixed(1025, 128, 32), 0
     else:
         lay, launches = _gluon_edge_layout(case)
     before = gluon_gather.LAUNCHES
     q, k, v = make_qkv(2, 2, lay.n, 64, torch.bfloat16, device="cuda")
+    if case == "odd-stride-kv":  # rows of 2 * 2 * 64 + 4 elements: not a multiple of 16 bytes
+        kv = torch.randn(2, lay.n, 2 * 2 * 64 + 4, dtype=torch.bfloat16, device="cuda")[:, :, :256]
+        k, v = (kv.view(2, lay.n, 2, 2, 64)[:, :, i].transpose(1, 2).requires_grad_() for i in range(2))
     check_against_reference(_run(), q, k, v, lay, floor=FLOOR[torch.bfloat16])
     assert gluon_gather.LAUNCHES == before + launches
 
 
-@pytest.mark.parametrize("case", ["c128-l256", "c48", "lo-inside", "two-blocks", "n-below-l", "num-verts-2"])
+@pytest.mark.parametrize("case", ["c128-l256", "c48", "c8", "lo-inside", "two-blocks", "n-below-l", "num-verts-2"])
 def test_gluon_edge_layouts_are_valid(case):
     """The GPU edge-case layouts build, and the torch backend's output and gradients match the reference on them
     (small heads; the log-sum-exp is the reference's own, the torch backend returns none)."""
@@ -475,8 +496,8 @@ def test_gluon_edge_layouts_are_valid(case):
                             q, k, v, lay, floor=1e-9)
 
 
-@pytest.mark.parametrize("case,lo", [("c128-l256", 128), ("c48", 80), ("lo-inside", 64), ("two-blocks", 96),
-                                     ("num-verts-2", None)])
+@pytest.mark.parametrize("case,lo", [("c128-l256", 128), ("c48", 80), ("c8", 120), ("lo-inside", 64),
+                                     ("two-blocks", 96), ("num-verts-2", None)])
 def test_gluon_summary_offset_of_the_edge_layouts(case, lo):
     """The host side of the Gluon path's choice: the gathered segment after a band, and its one summary offset (None
     where heads differ, so the Triton kernels take it)."""
@@ -488,70 +509,3 @@ def test_gluon_summary_offset_of_the_edge_layouts(case, lo):
     segs = [launch.seg for launch in get_launches(lay, 64, "cpu")]
     assert [s.kind == GATHER for s in segs] == [False, True]
     assert gluon_gather._summary_offset(segs[1]) == lo
-
-
-@pytest.mark.parametrize("lay,fusable", [
-    (layouts.fixed(1000, 128, 32), True), (layouts.fixed(1000, 256, 32, heads=2, num_verts=2), True),
-    (layouts.stack([layouts.fixed(1000, 128, 32, "local"), layouts.fixed(1000, 128, 32, "summary")]), False),
-    (layouts.stack([layouts.fixed(1000, 128, 32), layouts.fixed(1000, 128, 32, "summary")]), False)],
-    ids=["fixed", "num-verts", "split-heads", "one-head-without-band"])
-def test_gluon_band_fusable(lay, fusable):
-    """Only a band that is exactly the fixed pattern's causal block part (the summary's block length, nothing else)
-    folds into the Gluon summary kernel."""
-    from sparse_transformer.attention.triton import gluon_gather
-    from sparse_transformer.attention.triton.function import get_launches
-
-    segs = [launch.seg for launch in get_launches(lay, 64, "cpu")]
-    assert gluon_gather.band_fusable(segs[0], segs[1]) == fusable
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("n,L", [(1025, 128), (4096, 256), (1000, 256), (300, 128), (100, 128)])
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_gpu_gluon_fixed_forward_in_one_launch(n, L, D, dtype, monkeypatch):
-    """Experimental (gluon_gather.FUSE_BAND): the band's forward and dQ folded into the Gluon summary kernels (the dQ
-    kernel also writes Delta); outputs and gradients against the float64 reference, and neither the Triton forward nor
-    the Triton dQ kernel may have run."""
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the Gluon kernels are for Hopper (sm_90)")
-    from sparse_transformer.attention.triton import backward, forward, function, gluon_gather
-
-    monkeypatch.setattr(forward, "GLUON_GATHER", True)
-    monkeypatch.setattr(gluon_gather, "FUSE_BAND", True)
-    triton_fwd, bwd_kernels = [], []
-    monkeypatch.setattr(function, "attn_forward",
-                        lambda *a, **kw: triton_fwd.append(1) or forward.attn_forward(*a, **kw))
-    launch = backward.launch_kernel
-    monkeypatch.setattr(backward, "launch_kernel", lambda kernel, *a: bwd_kernels.append(kernel) or launch(kernel, *a))
-    lay = layouts.fixed(n, L, 32)
-    q = torch.randn(2, n, 3, D, dtype=dtype, device="cuda").transpose(1, 2).requires_grad_()  # strided, as the model's
-    _, k, v = make_qkv(2, 3, n, D, dtype, device="cuda")
-    check_against_reference(_run(), q, k, v, lay, floor=FLOOR[dtype])
-    assert not triton_fwd and backward._attn_bwd_dq_kernel not in bwd_kernels
-    assert backward._attn_bwd_dkdv_kernel in bwd_kernels  # the band's dK / dV stays with Triton
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", ["strided-kv", "dkdv-off"])
-def test_gpu_gluon_one_launch_steps_aside_or_combines(case, monkeypatch):
-    """FUSE_BAND with k / v views (as the model's projections): the per-segment path runs (no copy of K and V); with
-    the Gluon dK / dV off, the Triton summary dK / dV adds to the band's after the one-launch dQ."""
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the Gluon kernels are for Hopper (sm_90)")
-    from sparse_transformer.attention.triton import backward, forward, function, gluon_gather
-
-    monkeypatch.setattr(forward, "GLUON_GATHER", True)
-    monkeypatch.setattr(gluon_gather, "FUSE_BAND", True)
-    triton_fwd = []
-    monkeypatch.setattr(function, "attn_forward",
-                        lambda *a, **kw: triton_fwd.append(1) or forward.attn_forward(*a, **kw))
-    n = 1025
-    q, k, v = make_qkv(2, 3, n, 64, torch.bfloat16, device="cuda")
-    if case == "strided-kv":
-        k, v = (torch.randn(2, n, 3, 64, dtype=torch.bfloat16, device="cuda").transpose(1, 2).requires_grad_()
-                for _ in range(2))
-    else:
-        monkeypatch.setattr(gluon_gather, "DKDV", False)
-    check_against_reference(_run(), q, k, v, layouts.fixed(n, 128, 32), floor=FLOOR[torch.bfloat16])
-    assert bool(triton_fwd) == (case == "strided-kv")

@@ -181,33 +181,21 @@ def _attn_bwd_dkdv_kernel(
     tl.store(dv_ptr + g_off, dv.to(dv_ptr.dtype.element_ty), mask=k_ok[:, None])
 
 
-def fused_fixed_dq(q, k, v, o, do, dq, lse, delta, launches, scale) -> bool:
-    """The fixed pattern's whole dQ (band and summary) in one Gluon launch, which also writes Delta
-    (forward.one_launch_fixed); True if it ran (then each segment's backward skips its dQ: with_dq)."""
-    hit = _forward.one_launch_fixed(q, k, v, launches, scale, (o, do, dq))
-    if hit is not None:
-        hit[0].backward_fixed_dq(q, k, v, o, do, dq, lse, delta, hit[1], scale)
-    return hit is not None
-
-
-def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, fuse_dq, first, accum, accum_kv,
-                  with_dq=True):
+def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, fuse_dq, first, accum, accum_kv):
     """Launch one segment's backward: dQ and dK/dV, or (fuse_dq) one dK/dV kernel on launch.fused's tiles that also
     adds its dQ share with fp32 atomics (never the first segment: its dQ kernel stores every row). q, k, v, o, do:
     [B, H, N, D]; o, do and dq share strides, dk and dv share theirs; dq is fp32 when any segment fuses; lse: fp32
     [B, H, N] of the whole layout; delta: fp32 [B, H, N], written by the first segment's dQ kernel (first), read by
-    the rest; accum / accum_kv: add to what an earlier segment wrote; with_dq=False: dK / dV only (dQ and Delta
-    are written already, fused_fixed_dq)."""
+    the rest; accum / accum_kv: add to what an earlier segment wrote."""
     B, H, N, D = q.shape
     seg = launch.seg
     assert dq.stride() == do.stride() == o.stride() and dk.stride() == dv.stride()
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     qk_scale = scale * 1.4426950408889634
-    assert with_dq or not fuse_dq
-    dq_kernel = not fuse_dq and with_dq
+    dq_kernel = not fuse_dq
     kv_kernel = True
     gg = _forward.gluon_for(q, seg) if not (first or fuse_dq) else None
-    if gg is not None and gg.eligible(q, seg, scale, True, others=(do, dq, dk, dv)):
+    if gg is not None and gg.eligible(q, k, v, seg, scale, True, others=(do, dq, dk, dv)):
         # the gathered part's dQ and dK / dV in Gluon (Hopper); dK / dV add to the band's
         kv_kernel = not (accum_kv and gg.DKDV)
         gg.backward(q, k, v, do, dq, dk, dv, lse, delta, seg, scale, dq_kernel, not kv_kernel)

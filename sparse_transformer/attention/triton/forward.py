@@ -164,29 +164,6 @@ def gluon_for(q, seg):
     return gluon_module()
 
 
-def one_launch_fixed(q, k, v, launches, scale, others):
-    """(gluon_gather, the summary segment) where the experimental one-launch path (gluon_gather.FUSE_BAND, off by
-    default) takes this fixed-pattern call: a band that is exactly its causal block part, K and V readable as TMA
-    rows, and an eligible summary part (`others`: the tensors the kernels read or write through TMA); else None."""
-    if len(launches) != 2:
-        return None
-    band, seg = launches[0].seg, launches[1].seg
-    gg = gluon_for(q, seg)
-    if gg is None or not gg.FUSE_BAND or not gg.band_fusable(band, seg) or not gg.tma_rows(k, v) or \
-            not gg.eligible(q, seg, scale, True, others=others):
-        return None
-    return gg, seg
-
-
-def fused_fixed_forward(q, k, v, o, lse, launches, scale) -> bool:
-    """The fixed pattern's band and summary parts in one Gluon launch (one_launch_fixed), writing o / lse; True if it
-    ran (else the caller launches each segment)."""
-    hit = one_launch_fixed(q, k, v, launches, scale, (o,))
-    if hit is not None:
-        hit[0].forward_fixed(q, k, v, o, lse, hit[1], scale)
-    return hit is not None
-
-
 def attn_forward(q, k, v, o, lse, launch, scale, merge):
     """Launch the forward kernel for one segment. q, k, v, o: [B, H, N, D] (last dim contiguous); lse: fp32 [B, H, N]
     contiguous; launch: a function.Launch (segment, tables, params, settings); merge: fold into the o / lse an
@@ -194,7 +171,7 @@ def attn_forward(q, k, v, o, lse, launch, scale, merge):
     B, H, N, D = q.shape
     seg, tab = launch.seg, launch.fwd.tab
     gg = gluon_for(q, seg)
-    if gg is not None and gg.eligible(q, seg, scale, merge, others=(o,)):
+    if gg is not None and gg.eligible(q, k, v, seg, scale, merge, others=(o,)):
         gg.forward(q, k, v, o, lse, seg, scale, merge)
         return
     qk_scale = scale * 1.4426950408889634

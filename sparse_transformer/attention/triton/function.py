@@ -18,8 +18,8 @@ import torch
 
 from ..plan import (GATHER, P_ALL, P_BLK, P_CUSTOM, P_STR, P_SUM_L, P_WIN, TRANSPOSED, LRUCache, Segment, Tables,
                     get_segments, get_tables)
-from .backward import attn_backward, fused_fixed_dq
-from .forward import attn_forward, fused_fixed_forward
+from .backward import attn_backward
+from .forward import attn_forward
 
 # Launch settings per (segment kind, head-dim bucket) and kernel: (BM, BN, num_warps, num_stages); "fused" is the dK/dV
 # kernel that also adds dQ (None: that kind keeps its dQ kernel). Measured on an H100 with bench/dev_kernels.py;
@@ -157,9 +157,8 @@ class SparseAttentionFunction(torch.autograd.Function):
         launches = get_launches(layout, D, q.device, block_m, block_n)
         o = torch.empty(q.shape, device=q.device, dtype=q.dtype)  # contiguous: the backward gives dO its strides
         lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
-        if not fused_fixed_forward(q, k, v, o, lse, launches, scale):
-            for idx, launch in enumerate(launches):
-                attn_forward(q, k, v, o, lse, launch, scale, merge=idx > 0)
+        for idx, launch in enumerate(launches):
+            attn_forward(q, k, v, o, lse, launch, scale, merge=idx > 0)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.launches, ctx.scale = launches, scale
         ctx.mark_non_differentiable(lse)
@@ -182,11 +181,9 @@ class SparseAttentionFunction(torch.autograd.Function):
         alloc = torch.zeros if gather_only else torch.empty
         dk = alloc(k.shape, device=k.device, dtype=k.dtype)  # contiguous, whatever views k and v are
         dv = alloc(v.shape, device=v.device, dtype=v.dtype)
-        # experimental (off by default): the fixed pattern's whole dQ and Delta in one Gluon launch
-        dq_done = not any(fused) and fused_fixed_dq(q, k, v, o, do, dq, lse, delta, launches, ctx.scale)
         for idx, launch in enumerate(launches):
             attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, ctx.scale, fused[idx], first=idx == 0,
-                          accum=idx > 0, accum_kv=idx > 0 or gather_only, with_dq=not dq_done)
+                          accum=idx > 0, accum_kv=idx > 0 or gather_only)
         return dq.to(q.dtype), dk, dv, None, None, None, None
 
 

@@ -1,9 +1,11 @@
 """The fixed pattern's gathered summary part (forward, dQ, dK / dV) as Gluon kernels for Hopper; on by default where
 they apply (`eligible`, Triton 3.6), SPARSE_TRANSFORMER_GLUON=0 turns them off.
 
-TMA loads into a ring of shared-memory stages and asynchronous wgmma. The summary keys of every block (rows lo .. lo + c
-of each L-row block) are first copied into a contiguous [B, H, n / L * c, D] tensor, so that every key tile is one TMA
-box; a query tile of block b sees the summary keys of blocks 0 .. b - 1: key slots [0, b * c), a column limit.
+TMA loads into a ring of shared-memory stages and asynchronous wgmma. The summary keys (rows lo .. lo + c of each
+L-row block) are read in place, without a copy: a 5-D TMA descriptor sees K (and V) as [B, H, n / L, c, D] with the
+block stride (`summary_desc`), and one box of BN summary slots (whole blocks when c divides BN, part of one when BN
+divides c) lands in shared memory as the [BN, D] tile the wgmma reads. Slot s is row (s // c) * L + lo + s % c; a
+query tile of block b sees slots [0, b * c), a column limit.
 - Forward (`_gather_fwd_kernel`): online softmax over the summary tiles, merged into the band's O / LSE. PIPE 1 / 2
   issue the next tile's Q K^T before this tile's softmax (2: FlashAttention-3's order, this tile's P V running into the
   next softmax); measured slower than PIPE 0 on an H200 (BENCHMARKS.md), which the library runs.
@@ -11,9 +13,9 @@ box; a query tile of block b sees the summary keys of blocks 0 .. b - 1: key slo
   tile's element-wise work, dQ += dS K waited within the iteration; added to the band's dQ.
 - dK / dV (`_gather_dkdv_kernel`): per tile of summary keys, the query and dO tiles of the later blocks stream through
   the ring (the mirror of dQ); added to the band's dK / dV at the summary rows.
-- Experimental, off by default (FUSE_BAND, SPARSE_TRANSFORMER_GLUON_BAND=1; not yet run on a GPU): BAND folds the
-  band (the own block, causal) into the forward and dQ kernels, so the fixed pattern's forward and dQ are one launch
-  each (`forward_fixed`, `backward_fixed_dq`).
+- Tried and removed (2026-11-30, H200): the band folded into the forward and dQ kernels (the fixed pattern in one
+  launch each) was correct but slower: forward 2021 us against 1209 + 139 apart at fixed-64k, fwd+bwd 1.192 ms
+  against 1.039 at fixed-12k (BENCHMARKS.md).
 
 Gluon has no interpreter: `python bench/gluon_gather.py compile` compiles every setting for sm_90 on a CPU machine,
 `check` compares them with a float32 reference on a GPU and `time` times them beside the Triton kernels; the GPU tests
@@ -32,8 +34,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
     warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from ...layouts import P_ALL, P_BLK, P_CUSTOM, P_WIN
-from ..plan import GATHER, NATURAL, P_SUM_EXCL, P_SUM_L, P_SUM_LO
+from ..plan import GATHER, P_SUM_EXCL, P_SUM_L, P_SUM_LO
 from .launcher import launch as launch_kernel
 
 # per head dim, measured on an H200 (bench/gluon_gather.py time, BENCHMARKS.md): the forward without the in-loop
@@ -45,97 +46,86 @@ SETTINGS = {64: dict(BM=128, BN=64, stages=3, warps=4, pipe=0), 128: dict(BM=128
 DQ_SETTINGS = {64: dict(BM=64, BN=64, stages=3, warps=4), 128: dict(BM=128, BN=64, stages=3, warps=8)}
 # dK / dV (the summary keys' tiles, BN, against streamed query tiles, BM)
 DKDV_SETTINGS = {64: dict(BM=64, BN=64, stages=3, warps=4), 128: dict(BM=64, BN=64, stages=2, warps=4)}
+KV_TILE = 64  # every kernel's key tile (BN above): summary_fits checks the summary width against it
+assert all(s["BN"] == KV_TILE for t in (SETTINGS, DQ_SETTINGS, DKDV_SETTINGS) for s in t.values())
 # the dK / dV kernel too (SPARSE_TRANSFORMER_GLUON_DKDV=0 leaves dK / dV to the Triton kernel)
 DKDV = os.environ.get("SPARSE_TRANSFORMER_GLUON_DKDV", "1") != "0"
-# experimental, off until checked on a GPU: the band's forward folded into the summary kernel (forward_fixed)
-FUSE_BAND = os.environ.get("SPARSE_TRANSFORMER_GLUON_BAND", "0") == "1"
 LAUNCHES = 0  # kernels launched through this path (tests check that it ran)
 
 
 @gluon.jit
-def _query_tile(NQB, G, SEG_L, SEG_C, BM: gl.constexpr, BN: gl.constexpr, BAND: gl.constexpr):
-    """(batch x head, first query row, visible summary keys, first key of its own block, band key tiles, key tiles) of
-    this program: every head's longest query tile first; a tile of block b sees the summary keys of blocks 0 .. b - 1
-    (BM divides SEG_L) and, with BAND, first its own block's keys up to its last row (BN divides BM)."""
+def _query_tile(NQB, G, SEG_L, SEG_C, BM: gl.constexpr, BN: gl.constexpr):
+    """(batch x head, first query row, visible summary slots, key tiles) of this program: every head's longest query
+    tile first; a tile of block b sees the summary keys of blocks 0 .. b - 1 (BM divides SEG_L)."""
     bh = gl.program_id(0)
     q0 = (NQB - 1 - gl.program_id(1)) * BM
     kv_len = gl.minimum((q0 // SEG_L) * SEG_C, G)
-    blk0 = (q0 // SEG_L) * SEG_L
-    if BAND:
-        n_band = (q0 + BM - blk0) // BN
-    else:
-        n_band = 0
-    return bh, q0, kv_len, blk0, n_band, n_band + gl.cdiv(kv_len, BN)
+    return bh, q0, kv_len, gl.cdiv(kv_len, BN)
 
 
 @gluon.jit
-def _kv_ring(k_desc, v_desc, STAGES: gl.constexpr, BN: gl.constexpr, D: gl.constexpr):
-    """STAGES shared-memory slots for key / value tiles and one mbarrier per slot (initialised)."""
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BN, D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BN, D], v_desc.layout)
-    kv_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+def _ring(desc, STAGES: gl.constexpr, ROWS: gl.constexpr, D: gl.constexpr):
+    """STAGES shared-memory slots of ROWS x D tiles (the default layout, as _desc's) for two tensors of desc's dtype
+    and one mbarrier per slot (initialised)."""
+    layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, D], desc.dtype)
+    a_smem = gl.allocate_shared_memory(desc.dtype, [STAGES, ROWS, D], layout)
+    b_smem = gl.allocate_shared_memory(desc.dtype, [STAGES, ROWS, D], layout)
+    bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
-        mbarrier.init(kv_bar.index(s), count=1)
-    return k_smem, v_smem, kv_bar
+        mbarrier.init(bar.index(s), count=1)
+    return a_smem, b_smem, bar
 
 
 @gluon.jit
-def _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, tile, row0, pred, STAGES: gl.constexpr, BN: gl.constexpr,
-             D: gl.constexpr):
-    """TMA-load key / value tile `tile` (rows row0 + tile * BN ..) into its slot, tile % STAGES, when pred holds."""
+def _load_rows(a_desc, b_desc, a_smem, b_smem, bar, tile, row0, pred, STAGES: gl.constexpr, ROWS: gl.constexpr,
+               D: gl.constexpr):
+    """TMA-load tile `tile` (rows row0 + tile * ROWS ..) of two row descriptors into slot tile % STAGES, when pred
+    holds."""
     s = tile % STAGES
-    mbarrier.expect(kv_bar.index(s), 2 * BN * D * 2, pred=pred)
-    tma.async_copy_global_to_shared(k_desc, [row0 + tile * BN, 0], kv_bar.index(s), k_smem.index(s), pred=pred)
-    tma.async_copy_global_to_shared(v_desc, [row0 + tile * BN, 0], kv_bar.index(s), v_smem.index(s), pred=pred)
+    mbarrier.expect(bar.index(s), 2 * ROWS * D * 2, pred=pred)
+    tma.async_copy_global_to_shared(a_desc, [row0 + tile * ROWS, 0], bar.index(s), a_smem.index(s), pred=pred)
+    tma.async_copy_global_to_shared(b_desc, [row0 + tile * ROWS, 0], bar.index(s), b_smem.index(s), pred=pred)
 
 
 @gluon.jit
-def _load_tile(kb_desc, vb_desc, k_desc, v_desc, k_smem, v_smem, kv_bar, tile, n_band, band_row0, sum_row0, pred,
-               STAGES: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, BAND: gl.constexpr):
-    """TMA-load key / value tile `tile` of a query tile's sequence into slot tile % STAGES, when pred holds: with BAND
-    the band's tiles first (full K, V rows band_row0 + tile * BN ..), then the summary copies' (rows sum_row0 +
-    (tile - n_band) * BN ..); without, the summary copies' alone."""
-    if BAND:
-        s = tile % STAGES
-        in_band = tile < n_band
-        mbarrier.expect(kv_bar.index(s), 2 * BN * D * 2, pred=pred)
-        tma.async_copy_global_to_shared(kb_desc, [band_row0 + tile * BN, 0], kv_bar.index(s), k_smem.index(s),
-                                        pred=pred & in_band)
-        tma.async_copy_global_to_shared(vb_desc, [band_row0 + tile * BN, 0], kv_bar.index(s), v_smem.index(s),
-                                        pred=pred & in_band)
-        sum_row = sum_row0 + gl.maximum(tile - n_band, 0) * BN
-        in_sum = tile >= n_band
-        tma.async_copy_global_to_shared(k_desc, [sum_row, 0], kv_bar.index(s), k_smem.index(s), pred=pred & in_sum)
-        tma.async_copy_global_to_shared(v_desc, [sum_row, 0], kv_bar.index(s), v_smem.index(s), pred=pred & in_sum)
-    else:
-        _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, tile, sum_row0, pred, STAGES, BN, D)
+def _load_summary(k_desc, v_desc, k_tile, v_tile, bar, tile, b, h, SEG_C, pred, BN: gl.constexpr, D: gl.constexpr,
+                  RB: gl.constexpr, RC: gl.constexpr):
+    """TMA-load the keys / values of summary tile `tile` (slots tile * BN .. + BN; one box of the 5-D descriptors: RB
+    blocks of RC rows) into the [BN, D] tiles k_tile, v_tile (the box's rows in order, the same swizzle), when pred
+    holds. Slots past the last block read as zeros."""
+    mbarrier.expect(bar, 2 * BN * D * 2, pred=pred)
+    box: gl.constexpr = [1, 1, RB, RC, D]
+    if RB > 1:  # whole blocks (RC = SEG_C)
+        coord = [b, h, tile * RB, 0, 0]
+    else:  # part of one block
+        coord = [b, h, (tile * BN) // SEG_C, (tile * BN) % SEG_C, 0]
+    tma.async_copy_global_to_shared(k_desc, coord, bar, k_tile._reinterpret(k_desc.dtype, box, k_desc.layout),
+                                    pred=pred)
+    tma.async_copy_global_to_shared(v_desc, coord, bar, v_tile._reinterpret(v_desc.dtype, box, v_desc.layout),
+                                    pred=pred)
 
 
 @gluon.jit
-def _visible(j, cols, rows, blk0, n_band, kv_len, BN: gl.constexpr, BAND: gl.constexpr):
-    """Which entries of key tile j a query tile sees (rows: its query rows, cols: arange(BN)): the summary slots before
-    its block; with BAND, band tiles (j < n_band) causal from the block's first key blk0."""
-    if BAND:
-        band_ok = (gl.expand_dims(blk0 + j * BN + cols, 0) <= gl.expand_dims(rows, 1)) & (j < n_band)
-        vis = band_ok | (gl.expand_dims((j - n_band) * BN + cols < kv_len, 0) & (j >= n_band))
-    else:
-        vis = gl.expand_dims(j * BN + cols < kv_len, 0)
-    return vis
+def _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, tile, b, h, SEG_C, pred, STAGES: gl.constexpr,
+             BN: gl.constexpr, D: gl.constexpr, RB: gl.constexpr, RC: gl.constexpr):
+    """Summary key / value tile `tile` (slots tile * BN ..) into ring slot tile % STAGES, when pred holds."""
+    s = tile % STAGES
+    _load_summary(k_desc, v_desc, k_smem.index(s), v_smem.index(s), kv_bar.index(s), tile, b, h, SEG_C, pred, BN, D,
+                  RB, RC)
 
 
 @gluon.jit
-def _gather_fwd_kernel(q_desc, k_desc, v_desc, kb_desc, vb_desc, o_ptr, lse_ptr, qk_scale, N, G, NQB, SEG_L, SEG_C,
-                       BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
-                       PIPE: gl.constexpr, MERGE: gl.constexpr, BAND: gl.constexpr, num_warps: gl.constexpr):
+def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, qk_scale, N, H, G, NQB, SEG_L, SEG_C,
+                       BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, RB: gl.constexpr, RC: gl.constexpr,
+                       STAGES: gl.constexpr, PIPE: gl.constexpr, MERGE: gl.constexpr, num_warps: gl.constexpr):
     """PIPE 0: each tile's Q K^T, softmax and P V one after another; 1: the next tile's Q K^T issued before this tile's
     softmax; 2 (FlashAttention-3's order): each iteration issues the next tile's Q K^T and this tile's P V, then runs
     the next tile's softmax while the P V runs, and waits for it before the loop turns (an accumulator still being
-    written across the loop's back edge makes ptxas serialize the wgmma).
-    BAND (PIPE 0 only; experimental): the query's own block too, causal (keys from the block's start to the query),
-    before the summary keys, from full K / V (kb_desc, vb_desc): the whole fixed pattern in one launch, no merge."""
+    written across the loop's back edge makes ptxas serialize the wgmma)."""
     gl.static_assert(PIPE == 0 or STAGES >= 2)
-    gl.static_assert(not BAND or (PIPE == 0 and not MERGE))
-    bh, q0, kv_len, blk0, n_band, n_tiles = _query_tile(NQB, G, SEG_L, SEG_C, BM, BN, BAND)
+    bh, q0, kv_len, n_tiles = _query_tile(NQB, G, SEG_L, SEG_C, BM, BN)
+    b = bh // H
+    h = bh % H
 
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                         instr_shape=[16, BN, 16])
@@ -148,14 +138,13 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, kb_desc, vb_desc, o_ptr, lse_ptr,
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [BM, D], q_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
-    k_smem, v_smem, kv_bar = _kv_ring(k_desc, v_desc, STAGES, BN, D)
+    k_smem, v_smem, kv_bar = _ring(k_desc, STAGES, BN, D)
     fence_async_shared()
 
     mbarrier.expect(q_bar, BM * D * 2)
     tma.async_copy_global_to_shared(q_desc, [bh * N + q0, 0], q_bar, q_smem)
     for s in gl.static_range(STAGES):  # the first STAGES key / value tiles
-        _load_tile(kb_desc, vb_desc, k_desc, v_desc, k_smem, v_smem, kv_bar, s, n_band, bh * N + blk0, bh * G,
-                   s < n_tiles, STAGES, BN, D, BAND)
+        _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, s, b, h, SEG_C, s < n_tiles, STAGES, BN, D, RB, RC)
 
     acc = gl.zeros([BM, D], gl.float32, o_layout)
     cols = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
@@ -192,7 +181,8 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, kb_desc, vb_desc, o_ptr, lse_ptr,
             p_op = gl.convert_layout(p.to(v_desc.dtype), p_layout)
             acc = warpgroup_mma_wait(0, deps=(acc,))
             # tile j's stage is free: load tile j + STAGES into it
-            _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, j + STAGES, bh * G, j + STAGES < n_tiles, STAGES, BN, D)
+            _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, j + STAGES, b, h, SEG_C, j + STAGES < n_tiles, STAGES, BN,
+                     D, RB, RC)
     else:
         m_i = gl.full([BM], float("-inf"), gl.float32, row_s)
         l_i = gl.zeros([BM], gl.float32, row_s)
@@ -204,9 +194,8 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, kb_desc, vb_desc, o_ptr, lse_ptr,
                 mbarrier.wait(kv_bar.index(nxt % STAGES), (nxt // STAGES) & 1)
                 s_next = warpgroup_mma(q_smem, k_smem.index(nxt % STAGES).permute((1, 0)),
                                        gl.zeros([BM, BN], gl.float32, s_layout), use_acc=False, is_async=True)
-            vis = _visible(j, cols, q0 + gl.arange(0, BM, layout=row_s), blk0, n_band, kv_len, BN, BAND)
-            sc = gl.where(vis, s_cur, float("-inf"))
-            # every row sees a key in tile 0 (kv_len > 0 without BAND; its own block's first key with BAND)
+            sc = gl.where(gl.expand_dims(j * BN + cols < kv_len, 0), s_cur, float("-inf"))
+            # every row sees a key in tile 0 (kv_len > 0)
             m_new = gl.maximum(m_i, gl.max(sc, 1) * qk_scale)
             alpha = gl.exp2(m_i - m_new)
             p = gl.exp2(sc * qk_scale - gl.expand_dims(m_new, 1))
@@ -221,8 +210,8 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, kb_desc, vb_desc, o_ptr, lse_ptr,
             else:
                 acc = warpgroup_mma_wait(0, deps=(acc,))
             # tile j's stage is free: load tile j + STAGES into it
-            _load_tile(kb_desc, vb_desc, k_desc, v_desc, k_smem, v_smem, kv_bar, j + STAGES, n_band, bh * N + blk0,
-                       bh * G, j + STAGES < n_tiles, STAGES, BN, D, BAND)
+            _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, j + STAGES, b, h, SEG_C, j + STAGES < n_tiles, STAGES, BN,
+                     D, RB, RC)
             if PIPE == 0:
                 nxt = gl.minimum(j + 1, n_tiles - 1)
                 mbarrier.wait(kv_bar.index(nxt % STAGES), (nxt // STAGES) & 1)
@@ -260,17 +249,16 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, kb_desc, vb_desc, o_ptr, lse_ptr,
 
 
 @gluon.jit
-def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, kb_desc, vb_desc, dq_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr,
-                      qk_scale, sm_scale, N, G, NQB, SEG_L, SEG_C, BM: gl.constexpr, BN: gl.constexpr,
-                      D: gl.constexpr, STAGES: gl.constexpr, BAND: gl.constexpr, num_warps: gl.constexpr):
+def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_ptr, qk_scale, sm_scale, N, H, G, NQB,
+                      SEG_L, SEG_C, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, RB: gl.constexpr,
+                      RC: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
     """dQ of the gathered part, added to the dQ an earlier segment stored (which also stored Delta = rowsum(dO * O)):
     per key tile S = Q K^T and dP = dO V^T, then dS = P * (dP - Delta) and dQ += dS K. The next tile's two products
-    are issued before this tile's element-wise work and run during it; dQ's product is waited within the iteration.
-    BAND (experimental): the query's own block too (causal, from full K / V: kb_desc, vb_desc, before the summary
-    keys), Delta computed here from O and dO (o_ptr, do_ptr) and stored for the dK / dV kernels, dQ stored, not
-    added: the whole fixed pattern's dQ in one launch."""
+    are issued before this tile's element-wise work and run during it; dQ's product is waited within the iteration."""
     gl.static_assert(STAGES >= 2)
-    bh, q0, kv_len, blk0, n_band, n_tiles = _query_tile(NQB, G, SEG_L, SEG_C, BM, BN, BAND)
+    bh, q0, kv_len, n_tiles = _query_tile(NQB, G, SEG_L, SEG_C, BM, BN)
+    b = bh // H
+    h = bh % H
 
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                         instr_shape=[16, BN, 16])
@@ -284,31 +272,19 @@ def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, kb_desc, vb_desc, dq_ptr,
     do_smem = gl.allocate_shared_memory(do_desc.dtype, [BM, D], do_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
-    k_smem, v_smem, kv_bar = _kv_ring(k_desc, v_desc, STAGES, BN, D)
+    k_smem, v_smem, kv_bar = _ring(k_desc, STAGES, BN, D)
     fence_async_shared()
 
     mbarrier.expect(q_bar, 2 * BM * D * 2)
     tma.async_copy_global_to_shared(q_desc, [bh * N + q0, 0], q_bar, q_smem)
     tma.async_copy_global_to_shared(do_desc, [bh * N + q0, 0], q_bar, do_smem)
     for s in gl.static_range(STAGES):
-        _load_tile(kb_desc, vb_desc, k_desc, v_desc, k_smem, v_smem, kv_bar, s, n_band, bh * N + blk0, bh * G,
-                   s < n_tiles, STAGES, BN, D, BAND)
+        _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, s, b, h, SEG_C, s < n_tiles, STAGES, BN, D, RB, RC)
 
     rows_s = q0 + gl.arange(0, BM, layout=row_s)
     lse = gl.load(lse_ptr + bh.to(gl.int64) * N + rows_s, mask=rows_s < N, other=float("-inf")) * 1.4426950408889634
     lse = gl.where(lse == float("-inf"), float("inf"), lse)  # rows that see no key: P = 0
-    if BAND:  # Delta = rowsum(dO * O), for this kernel and the dK / dV kernels after it
-        blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
-        rows_b = q0 + gl.arange(0, BM, layout=gl.SliceLayout(1, blk))
-        cols_b = gl.arange(0, D, layout=gl.SliceLayout(0, blk))
-        off = (bh.to(gl.int64) * N + gl.expand_dims(rows_b, 1)) * D + gl.expand_dims(cols_b, 0)
-        ok_b = gl.expand_dims(rows_b < N, 1)
-        delta_b = gl.sum(gl.load(o_ptr + off, mask=ok_b, other=0.0).to(gl.float32)
-                         * gl.load(do_ptr + off, mask=ok_b, other=0.0).to(gl.float32), 1)
-        gl.store(delta_ptr + bh.to(gl.int64) * N + rows_b, delta_b, mask=rows_b < N)
-        delta = gl.convert_layout(delta_b, row_s)
-    else:
-        delta = gl.load(delta_ptr + bh.to(gl.int64) * N + rows_s, mask=rows_s < N, other=0.0)
+    delta = gl.load(delta_ptr + bh.to(gl.int64) * N + rows_s, mask=rows_s < N, other=0.0)
     cols = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
     dq = gl.zeros([BM, D], gl.float32, o_layout)
     zero_s = gl.zeros([BM, BN], gl.float32, s_layout)
@@ -326,14 +302,14 @@ def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, kb_desc, vb_desc, dq_ptr,
         dp_next = warpgroup_mma(do_smem, v_smem.index(nxt % STAGES).permute((1, 0)), zero_s, use_acc=False,
                                 is_async=True)
         p = gl.exp2(s_cur * qk_scale - gl.expand_dims(lse, 1))
-        p = gl.where(_visible(j, cols, rows_s, blk0, n_band, kv_len, BN, BAND), p, 0.0)
+        p = gl.where(gl.expand_dims(j * BN + cols < kv_len, 0), p, 0.0)
         ds = p * (dp_cur - gl.expand_dims(delta, 1))
         dq = warpgroup_mma(gl.convert_layout(ds.to(k_desc.dtype), ds_layout), k_smem.index(stage), dq,
                            is_async=True)
         dq, s_cur, dp_cur = warpgroup_mma_wait(0, deps=(dq, s_next, dp_next))
         # tile j's stage is free: load tile j + STAGES into it
-        _load_tile(kb_desc, vb_desc, k_desc, v_desc, k_smem, v_smem, kv_bar, j + STAGES, n_band, bh * N + blk0, bh * G,
-                   j + STAGES < n_tiles, STAGES, BN, D, BAND)
+        _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, j + STAGES, b, h, SEG_C, j + STAGES < n_tiles, STAGES, BN, D,
+                 RB, RC)
     mbarrier.invalidate(q_bar)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(kv_bar.index(s))
@@ -341,16 +317,14 @@ def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, kb_desc, vb_desc, dq_ptr,
     offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
     dq_ptrs = dq_ptr + (bh.to(gl.int64) * N + gl.expand_dims(rows_o, 1)) * D + gl.expand_dims(offs_d, 0)
     ok = gl.expand_dims(rows_o < N, 1)
-    dq = dq * sm_scale
-    if not BAND:  # add to the band's dQ
-        dq += gl.load(dq_ptrs, mask=ok, other=0.0).to(gl.float32)
+    dq = dq * sm_scale + gl.load(dq_ptrs, mask=ok, other=0.0).to(gl.float32)  # added to the band's dQ
     gl.store(dq_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=ok)
 
 
 @gluon.jit
 def _gather_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr, delta_ptr, qk_scale, sm_scale, N,
-                        G, NB, SEG_L, SEG_LO, SEG_C, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
-                        STAGES: gl.constexpr, num_warps: gl.constexpr):
+                        H, NB, SEG_L, SEG_LO, SEG_C, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
+                        RB: gl.constexpr, RC: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
     """dK / dV of the gathered part for BN summary keys (slots k0 .. k0 + BN), added to the dK / dV an earlier
     segment stored at their rows: per query tile S^T = K Q^T and dP^T = V dO^T, then P^T = exp(S^T - LSE), dV += P^T dO,
     dS^T = P^T * (dP^T - Delta), dK += dS^T Q. Summary slot s (block s // SEG_C) is seen by the queries of the later
@@ -370,19 +344,19 @@ def _gather_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr
     col_st: gl.constexpr = gl.SliceLayout(0, st_layout)  # along the query rows of a tile
     row_st: gl.constexpr = gl.SliceLayout(1, st_layout)  # along the key slots
 
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [BN, D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [BN, D], v_desc.layout)
+    kv_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, D], k_desc.dtype)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [BN, D], kv_smem_layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [BN, D], kv_smem_layout)
     k_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(k_bar, count=1)
-    q_smem, do_smem, q_bar = _kv_ring(q_desc, do_desc, STAGES, BM, D)
+    q_smem, do_smem, q_bar = _ring(q_desc, STAGES, BM, D)
     fence_async_shared()
 
-    mbarrier.expect(k_bar, 2 * BN * D * 2)
-    tma.async_copy_global_to_shared(k_desc, [bh * G + k0, 0], k_bar, k_smem)
-    tma.async_copy_global_to_shared(v_desc, [bh * G + k0, 0], k_bar, v_smem)
+    _load_summary(k_desc, v_desc, k_smem, v_smem, k_bar, gl.program_id(1), bh // H, bh % H, SEG_C, True, BN, D, RB,
+                  RC)
     row0 = bh * N + q_start
     for s in gl.static_range(STAGES):
-        _load_kv(q_desc, do_desc, q_smem, do_smem, q_bar, s, row0, s < n_tiles, STAGES, BM, D)
+        _load_rows(q_desc, do_desc, q_smem, do_smem, q_bar, s, row0, s < n_tiles, STAGES, BM, D)
 
     slots = k0 + gl.arange(0, BN, layout=row_st)
     first_row = gl.expand_dims((slots // SEG_C + 1) * SEG_L, 1)  # of the queries that see each slot
@@ -422,7 +396,7 @@ def _gather_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr
         lse_cur = gl.where(lse_next == float("-inf"), float("inf"), lse_next)
         delta_cur = delta_next
         # tile j's stage is free: load tile j + STAGES into it
-        _load_kv(q_desc, do_desc, q_smem, do_smem, q_bar, j + STAGES, row0, j + STAGES < n_tiles, STAGES, BM, D)
+        _load_rows(q_desc, do_desc, q_smem, do_smem, q_bar, j + STAGES, row0, j + STAGES < n_tiles, STAGES, BM, D)
     mbarrier.invalidate(k_bar)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(q_bar.index(s))
@@ -438,31 +412,41 @@ def _gather_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr
     gl.store(dv_ptr + off, dv.to(dv_ptr.dtype.element_ty), mask=ok)
 
 
-def summary_kv(x, L, lo, c, multiple=128):
-    """The summary rows (lo .. lo + c of every L-row block) of x [B, H, n, D], contiguous: [B, H, G, D] with
-    G = n // L * c rounded up to `multiple` with zero rows, so that no key tile reaches into the next head's keys.
-    One strided copy (and a fill of the padding rows where there are any)."""
+def summary_view(x, L, lo, c):
+    """Rows lo .. lo + c of every whole L-row block of x [B, H, n, D] (last dim contiguous), in place: a
+    [B, H, n // L, c, D] view. A dimension of size one gets the stride a contiguous tensor would give it (TMA checks
+    every stride; this one is never stepped)."""
     B, H, n, D = x.shape
-    nb = n // L
-    g = nb * c
-    gp = max(-(-g // multiple), 1) * multiple  # never empty: a TMA descriptor needs a row
-    sb, sh, sn, sd = x.stride()
-    out = x.new_empty(B, H, gp, D)
-    out.as_strided((B, H, nb, c, D), (H * gp * D, gp * D, c * D, D, 1)).copy_(
-        x.as_strided((B, H, nb, c, D), (sb, sh, L * sn, sn, sd), x.storage_offset() + lo * sn))
-    if gp > g:
-        out[:, :, g:].zero_()
-    return out
+    shape = (B, H, n // L, c, D)
+    sb, sh, sn, _ = x.stride()
+    strides = [sb, sh, L * sn, sn, 1]
+    dense = 1
+    for i in range(4, -1, -1):
+        if shape[i] == 1:
+            strides[i] = dense
+        dense *= shape[i]
+    return x.as_strided(shape, strides, x.storage_offset() + lo * sn)
+
+
+def summary_box(c, BN):
+    """(RB, RC): a tile of BN summary slots is RB blocks of RC rows (c divides BN, or BN divides c)."""
+    rc = min(BN, c)
+    return BN // rc, rc
+
+
+def summary_fits(x, L, lo, c, BN) -> bool:
+    """Can a TMA descriptor read BN-slot tiles of x's summary rows in place (summary_desc): c divides BN or BN
+    divides c, and the view's start and strides are multiples of 16 bytes?"""
+    if not (BN % c == 0 or c % BN == 0) or x.stride(-1) != 1:
+        return False
+    view = summary_view(x, L, lo, c)
+    return view.data_ptr() % 16 == 0 and all(s * x.element_size() % 16 == 0 for s in view.stride()[:-1])
 
 
 @functools.lru_cache(maxsize=None)
-def _layout(rows, D, dtype):
-    """The shared-memory layout of a rows x D tile of a torch dtype (built once: about 7 us each on the host)."""
-    return gl.NVMMASharedLayout.get_default_for([rows, D], _GL_DTYPES[dtype])
-
-
-def _layouts(BM, BN, D, dtype):
-    return _layout(BM, D, dtype), _layout(BN, D, dtype)
+def _layout(shape, dtype):
+    """The shared-memory layout of a tile (a tuple) of a torch dtype (built once: about 7 us each on the host)."""
+    return gl.NVMMASharedLayout.get_default_for(list(shape), _GL_DTYPES[dtype])
 
 
 def _desc(x, rows, memo=None):
@@ -473,77 +457,82 @@ def _desc(x, rows, memo=None):
     assert x.is_contiguous(), "a TMA descriptor of rows needs a contiguous tensor"
     D = x.shape[-1]
     x2 = x.view(-1, D)
-    d = TensorDescriptor(x2, list(x2.shape), [D, 1], [rows, D], _layout(rows, D, x.dtype))
+    d = TensorDescriptor(x2, list(x2.shape), [D, 1], [rows, D], _layout((rows, D), x.dtype))
     if memo is not None:
         memo[id(x), rows] = d
+    return d
+
+
+def summary_desc(x, L, lo, c, BN, memo=None):
+    """A 5-D TMA descriptor over x's summary rows in place (summary_view: [B, H, n // L, c, D]), in boxes of BN slots
+    (summary_box); slots past the last whole block read as zeros. x passed summary_fits."""
+    key = (id(x), "summary", BN)
+    if memo is not None and key in memo:
+        return memo[key]
+    view = summary_view(x, L, lo, c)
+    box = (1, 1, *summary_box(c, BN), x.shape[-1])
+    d = TensorDescriptor(view, list(view.shape), list(view.stride()), list(box), _layout(box, x.dtype))
+    if memo is not None:
+        memo[key] = d
     return d
 
 
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
-def gather_forward(q, k_sum, v_sum, o, lse, L, c, scale, merge, BM=128, BN=64, stages=3, warps=4, pipe=2, k=None,
-                   v=None):
-    """Attention of each query over the summary keys of the blocks before its own (k_sum, v_sum from summary_kv),
-    written to o [B, H, n, D] and lse fp32 [B, H, n] (contiguous), or merged into what they hold (merge). With k, v
-    (contiguous, experimental): over its own block's keys too, causal (the whole fixed pattern; PIPE 0, no merge)."""
+def gather_forward(q, k, v, o, lse, L, lo, c, scale, merge, BM=128, BN=64, stages=3, warps=4, pipe=0):
+    """Attention of each query over the summary keys (rows lo .. lo + c of each L-row block of k, v, read in place)
+    of the blocks before its own, written to o [B, H, n, D] and lse fp32 [B, H, n] (contiguous, like q), or merged
+    into what they hold (merge)."""
     global LAUNCHES
     B, H, n, D = q.shape
-    G = k_sum.shape[2]
-    assert L % BM == 0 and q.is_contiguous() and k_sum.is_contiguous() and v_sum.is_contiguous() and o.is_contiguous()
-    band = k is not None
-    q_desc, k_desc, v_desc = _desc(q, BM), _desc(k_sum, BN), _desc(v_sum, BN)
-    kb_desc, vb_desc = (_desc(k, BN), _desc(v, BN)) if band else (k_desc, v_desc)
+    assert L % BM == 0 and q.is_contiguous() and o.is_contiguous()
+    rb, rc = summary_box(c, BN)
     nqb = triton.cdiv(n, BM)
-    launch_kernel(_gather_fwd_kernel, (B * H, nqb), (q_desc, k_desc, v_desc, kb_desc, vb_desc, o, lse),
-                  (scale * 1.4426950408889634, n, G, nqb, L, c),
-                  dict(BM=BM, BN=BN, D=D, STAGES=stages, PIPE=pipe, MERGE=merge, BAND=band, num_warps=warps))
+    launch_kernel(_gather_fwd_kernel, (B * H, nqb), (_desc(q, BM), summary_desc(k, L, lo, c, BN),
+                  summary_desc(v, L, lo, c, BN), o, lse), (scale * 1.4426950408889634, n, H, n // L * c, nqb, L, c),
+                  dict(BM=BM, BN=BN, D=D, RB=rb, RC=rc, STAGES=stages, PIPE=pipe, MERGE=merge, num_warps=warps))
     LAUNCHES += 1
 
 
-def gather_dq(q, do, k_sum, v_sum, lse, delta, dq, L, c, scale, BM=128, BN=64, stages=3, warps=8, memo=None, k=None,
-              v=None, o=None):
-    """Add the gathered part's dQ to dq [B, H, n, D] (fp32 or q's dtype, contiguous like do); lse and delta: fp32
-    [B, H, n], delta already written by the first segment's dQ kernel. With k, v, o (contiguous, experimental): the
-    own block's keys too (causal), Delta computed from o and do and stored, dQ stored (the whole fixed pattern)."""
+def gather_dq(q, do, k, v, lse, delta, dq, L, lo, c, scale, BM=128, BN=64, stages=3, warps=8, memo=None):
+    """Add the gathered part's dQ to dq [B, H, n, D] (fp32 or q's dtype, contiguous like q and do); lse and delta:
+    fp32 [B, H, n], delta already written by the first segment's dQ kernel."""
     global LAUNCHES
     B, H, n, D = q.shape
-    G = k_sum.shape[2]
     assert L % BM == 0 and do.is_contiguous() and dq.is_contiguous()
-    band = k is not None
-    q_desc, do_desc = _desc(q, BM, memo), _desc(do, BM, memo)
-    k_desc, v_desc = _desc(k_sum, BN, memo), _desc(v_sum, BN, memo)
-    kb_desc, vb_desc = (_desc(k, BN, memo), _desc(v, BN, memo)) if band else (k_desc, v_desc)
+    rb, rc = summary_box(c, BN)
     nqb = triton.cdiv(n, BM)
-    launch_kernel(_gather_dq_kernel, (B * H, nqb), (q_desc, do_desc, k_desc, v_desc, kb_desc, vb_desc, dq,
-                  o if band else dq, do, lse, delta), (scale * 1.4426950408889634, scale, n, G, nqb, L, c),
-                  dict(BM=BM, BN=BN, D=D, STAGES=stages, BAND=band, num_warps=warps))
+    launch_kernel(_gather_dq_kernel, (B * H, nqb), (_desc(q, BM, memo), _desc(do, BM, memo),
+                  summary_desc(k, L, lo, c, BN, memo), summary_desc(v, L, lo, c, BN, memo), dq, lse, delta),
+                  (scale * 1.4426950408889634, scale, n, H, n // L * c, nqb, L, c),
+                  dict(BM=BM, BN=BN, D=D, RB=rb, RC=rc, STAGES=stages, num_warps=warps))
     LAUNCHES += 1
 
 
-def gather_dkdv(q, do, k_sum, v_sum, lse, delta, dk, dv, L, lo, c, scale, BM=64, BN=64, stages=3, warps=4,
-                memo=None):
+def gather_dkdv(q, do, k, v, lse, delta, dk, dv, L, lo, c, scale, BM=64, BN=64, stages=3, warps=4, memo=None):
     """Add the gathered part's dK / dV to the summary rows of dk, dv [B, H, n, D] (contiguous); q, do contiguous;
     lse and delta: fp32 [B, H, n] of the whole layout."""
     global LAUNCHES
     B, H, n, D = q.shape
-    G = k_sum.shape[2]
-    assert q.is_contiguous() and do.is_contiguous() and dk.is_contiguous() and dv.is_contiguous() and G % BN == 0
-    q_desc, do_desc = _desc(q, BM, memo), _desc(do, BM, memo)
-    k_desc, v_desc = _desc(k_sum, BN, memo), _desc(v_sum, BN, memo)
+    assert q.is_contiguous() and do.is_contiguous() and dk.is_contiguous() and dv.is_contiguous()
+    rb, rc = summary_box(c, BN)
     nb = n // L
-    launch_kernel(_gather_dkdv_kernel, (B * H, triton.cdiv(nb * c, BN)), (q_desc, do_desc, k_desc, v_desc, dk, dv,
-                  lse, delta), (scale * 1.4426950408889634, scale, n, G, nb, L, lo, c),
-                  dict(BM=BM, BN=BN, D=D, STAGES=stages, num_warps=warps))
+    launch_kernel(_gather_dkdv_kernel, (B * H, triton.cdiv(nb * c, BN)), (
+        _desc(q, BM, memo), _desc(do, BM, memo), summary_desc(k, L, lo, c, BN, memo),
+        summary_desc(v, L, lo, c, BN, memo), dk, dv, lse, delta), (scale * 1.4426950408889634, scale, n, H, nb, L, lo,
+        c), dict(BM=BM, BN=BN, D=D, RB=rb, RC=rc, STAGES=stages, num_warps=warps))
     LAUNCHES += 1
 
 
-def eligible(q, seg, scale, merge, others=()) -> bool:
+def eligible(q, k, v, seg, scale, merge, others=()) -> bool:
     """This path covers: a Hopper GPU, fp16 / bf16, head dim 64 or 128, q with fewer than 2^31 rows, 65535 query
     tiles per head (forward and dQ tiles) and 65535 summary-key tiles (dK / dV), `others` (the output, dO, dQ)
-    contiguous and 16-byte aligned like a contiguous q (a strided q is copied), a positive scale (the kernel scales
-    the row max of the raw scores), the gathered part of a layout whose every head has it, with one summary offset,
-    after a band that holds each query's own block (merge)."""
+    contiguous and 16-byte aligned like a contiguous q (a strided q is copied), k and v whose summary rows TMA reads
+    in place (summary_fits: any strides that are multiples of 16 bytes, a summary width c that divides the key tile or
+    that it divides), a positive scale (the kernel scales the row max of the raw scores), the gathered part of a
+    layout whose every head has it, with one summary offset, after a band that holds each query's own block
+    (merge)."""
     if not (merge and seg.kind == GATHER and q.is_cuda and q.dtype in _GL_DTYPES and q.shape[-1] in (64, 128)
             and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in others)
             and (not q.is_contiguous() or q.data_ptr() % 16 == 0)
@@ -552,7 +541,9 @@ def eligible(q, seg, scale, merge, others=()) -> bool:
             and triton.cdiv(q.shape[2] // seg.L * seg.C, DKDV_SETTINGS[q.shape[-1]]["BN"]) <= 65535
             and scale * 1.4426950408889634 >= 2.0 ** -126 and seg.L % SETTINGS[q.shape[-1]]["BM"] == 0):
         return False
-    return _capability(q.device)[0] == 9 and _summary_offset(seg) is not None
+    lo = _summary_offset(seg)
+    return _capability(q.device)[0] == 9 and lo is not None and \
+        all(summary_fits(x, seg.L, lo, seg.C, KV_TILE) for x in (k, v))
 
 
 _SEG: dict = {}  # id(segment) -> (segment, its one summary offset or None); segments live in function's launch cache
@@ -581,60 +572,21 @@ def _capability(device):
 
 def backward(q, k, v, do, dq, dk, dv, lse, delta, seg, scale, with_dq, with_dkdv):
     """The gathered part's dQ (with_dq) and dK / dV (with_dkdv: added to what the band stored) for an eligible
-    launch, over one summary copy."""
+    launch; the summary keys are read in place."""
     if q.shape[2] < seg.L or not (with_dq or with_dkdv):
         return
     lo = _summary_offset(seg)
     q = q.contiguous()
-    ks, vs = summary_kv(k, seg.L, lo, seg.C), summary_kv(v, seg.L, lo, seg.C)
-    memo = {}  # descriptors of the same tensor and tile height, shared by the two kernels
+    memo = {}  # descriptors of the same tensor and tile shape, shared by the two kernels
     if with_dq:
-        gather_dq(q, do, ks, vs, lse, delta, dq, seg.L, seg.C, scale, **DQ_SETTINGS[q.shape[-1]], memo=memo)
+        gather_dq(q, do, k, v, lse, delta, dq, seg.L, lo, seg.C, scale, **DQ_SETTINGS[q.shape[-1]], memo=memo)
     if with_dkdv:
-        gather_dkdv(q, do, ks, vs, lse, delta, dk, dv, seg.L, lo, seg.C, scale, **DKDV_SETTINGS[q.shape[-1]],
-                    memo=memo)
+        gather_dkdv(q, do, k, v, lse, delta, dk, dv, seg.L, lo, seg.C, scale, **DKDV_SETTINGS[q.shape[-1]], memo=memo)
 
 
 def forward(q, k, v, o, lse, seg, scale, merge):
-    """The gathered part's forward for an eligible launch: copy the summary keys, run the kernel, merge."""
+    """The gathered part's forward for an eligible launch (the summary keys read in place), merged into o / lse."""
     if q.shape[2] < seg.L:  # one block: no query sees a summary key, and merging nothing changes nothing
         return
-    lo = _summary_offset(seg)
-    gather_forward(q.contiguous(), summary_kv(k, seg.L, lo, seg.C), summary_kv(v, seg.L, lo, seg.C), o, lse, seg.L,
-                   seg.C, scale, merge, **SETTINGS[q.shape[-1]])
-
-
-def tma_rows(*xs) -> bool:
-    """Can TMA read each of xs as rows of a [B * H * n, D] matrix (contiguous, 16-byte aligned)? The one-launch
-    experiment reads full K and V so, and steps aside where they are views (a copy of K and V per pass would cost
-    more than the band kernels it saves)."""
-    return all(x.is_contiguous() and x.data_ptr() % 16 == 0 for x in xs)
-
-
-def band_fusable(band, seg) -> bool:
-    """Is `band` (the first segment) exactly the causal block part of the fixed pattern whose summary part is seg, for
-    every head: nothing else (dense, window, custom tiles) in it?"""
-    p = band.params
-    return (band.kind == NATURAL and seg.kind == GATHER and bool((p[:, P_BLK] == seg.L).all())
-            and not bool(p[:, [P_ALL, P_WIN, P_CUSTOM]].any()))
-
-
-def forward_fixed(q, k, v, o, lse, seg, scale):
-    """Experimental (FUSE_BAND): the whole fixed pattern's forward in one launch, the own block's keys (causal) and
-    the summary keys of the blocks before, written to o / lse (no merge); the caller checked band_fusable, tma_rows
-    (k, v) and eligible."""
-    lo = _summary_offset(seg)
-    st = dict(SETTINGS[q.shape[-1]], pipe=0)
-    gather_forward(q.contiguous(), summary_kv(k, seg.L, lo, seg.C), summary_kv(v, seg.L, lo, seg.C), o, lse, seg.L,
-                   seg.C, scale, False, **st, k=k, v=v)
-
-
-def backward_fixed_dq(q, k, v, o, do, dq, lse, delta, seg, scale):
-    """Experimental (FUSE_BAND): the whole fixed pattern's dQ in one launch, the own block's keys (causal) and the
-    summary keys of the blocks before; it also computes Delta = rowsum(dO * O) and stores it (for the dK / dV kernels
-    after it) and stores dQ. The caller checked band_fusable, tma_rows (k, v) and eligible (o, do, dq contiguous)."""
-    lo = _summary_offset(seg)
-    gather_dq(q.contiguous(), do, summary_kv(k, seg.L, lo, seg.C), summary_kv(v, seg.L, lo, seg.C), lse, delta, dq,
-              seg.L, seg.C, scale, **DQ_SETTINGS[q.shape[-1]], k=k, v=v, o=o)
-
-
+    gather_forward(q.contiguous(), k, v, o, lse, seg.L, _summary_offset(seg), seg.C, scale, merge,
+                   **SETTINGS[q.shape[-1]])
