@@ -11,11 +11,14 @@
 #   bash bench/device_pending.sh gluon OUT     # the Gluon kernels (bench/gluon_gather.py): correctness, timing, eager host
 #   bash bench/device_pending.sh summary OUT   # the Gluon path's GPU tests, its check and kernel times, and the fixed
 #                                              # setups beside cuDNN (the summary rows read in place)
+#   bash bench/device_pending.sh block OUT     # the block-causal band's one-kernel backward: its GPU tests (and every
+#                                              # fixed-pattern kernel test), its timing against the generic pair, and
+#                                              # test_model's GPU tests
 #   bash bench/device_pending.sh verify OUT    # every kernel GPU test
 #   bash bench/device_pending.sh verify-model OUT  # test_model's GPU tests, then the table
 # Run from the repository root on the device machine; JSON and logs land in OUT (pass $OUT there).
 set -uo pipefail
-WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, verify or verify-model}; OUT=${2:?output folder}
+WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, verify or verify-model}; OUT=${2:?output folder}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 ST="python -m sparse_transformer.cli"
 mkdir -p "$OUT"
@@ -65,6 +68,13 @@ case "$WHAT" in
     timeout 200 python bench/gluon_gather.py time 2>&1 | tee "$OUT/gluon-time.log"
     timeout 60 python bench/eager_host.py fixed-12k 2>&1 | tee "$OUT/eager-host.log"
     ;;
+  block)
+    timeout 170 python -m pytest -m gpu tests/test_triton_attention.py -k "block or fixed or gluon" -q -n 14 \
+      -p no:cacheprovider -rf 2>&1 | tail -n 8 | tee "$OUT/gpu-tests-block.log"
+    OUT="$OUT" timeout 120 python bench/block_bwd.py fixed-12k fixed-64k 2>&1 | tee "$OUT/block-bwd.log"
+    timeout 250 python -m pytest -m gpu tests/test_model.py -q -n 8 -p no:cacheprovider -rf 2>&1 | tail -n 8 \
+      | tee "$OUT/gpu-tests-model.log"
+    ;;
   verify)
     timeout 570 python -m pytest -m gpu tests/test_triton_attention.py -q -n 14 -p no:cacheprovider -rf 2>&1 \
       | tail -n 8 | tee "$OUT/gpu-tests-kernels.log"
@@ -87,7 +97,7 @@ case "$WHAT" in
       | tee "$OUT/attention-fixed.log" | tail -n 6
     timeout 50 python bench/eager_host.py fixed-12k 2>&1 | tee "$OUT/eager-host.log" | head -n 12
     ;;
-  *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles | gather | order | gluon | summary | verify |"\
+  *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles | gather | order | gluon | summary | block | verify |"\
        "verify-model)"
      exit 2 ;;
 esac

@@ -51,6 +51,85 @@ def test_interpreter_matches_reference(name, make, dtype):
     check_against_reference(_run(16, 16), q, k, v, lay, floor=1e-5 if dtype == torch.float32 else 2e-3)
 
 
+BLOCK_CASES = [  # (name, layout, head dim): block-causal bands the one-kernel backward takes (block_backward)
+    ("fixed-n97-l16-c4", lambda: layouts.fixed(97, 16, 4), 16),  # one tile per block, the last block cut by n
+    ("fixed-n130-l32-c8-verts", lambda: layouts.fixed(130, 32, 8, heads=2, num_verts=2), 32),  # per-head summaries
+    ("local-n100-l32", lambda: layouts.fixed(100, 32, 8, "local"), 16),  # the band alone: it stores every row
+    ("fixed-n300-l128-c32-d128", lambda: layouts.fixed(300, 128, 32), 128),  # d=128: 64-row tiles, two per block
+    ("fixed-n200-l64-c16", lambda: layouts.fixed(200, 64, 16), 32),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("name,make,D", BLOCK_CASES, ids=[c[0] for c in BLOCK_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_interpreter_block_backward_matches_reference(name, make, D, dtype, monkeypatch):
+    """The block-causal band's one-kernel backward (dQ, dK, dV and Delta, the later summary part reading its Delta)
+    against the reference; it must have run, in place of the band's dQ and dK/dV kernels."""
+    from sparse_transformer.attention.triton import backward, block_backward, function
+
+    ran, generic, run_block = [], [], block_backward.block_backward
+    monkeypatch.setattr(block_backward, "block_backward", lambda *a: ran.append(a[-2]) or run_block(*a))
+    monkeypatch.setattr(function, "attn_backward", lambda *a, **kw: generic.append(kw["first"]) or
+                        backward.attn_backward(*a, **kw))
+    lay = make()
+    q, k, v = make_qkv(1, 2, lay.n, D, dtype)
+    check_against_reference(_run(), q, k, v, lay, floor=1e-5 if dtype == torch.float32 else 2e-3)
+    assert ran == [lay.heads[0].block] and True not in generic
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,L", [(1025, 128), (4096, 256), (700, 64), (300, 48)])
+@pytest.mark.parametrize("D", [32, 64, 128])
+@pytest.mark.parametrize("dtype,tile", [(torch.bfloat16, 64), (torch.float16, 64), (torch.float32, 64),
+                                        (torch.bfloat16, 128)], ids=["bf16", "fp16", "fp32", "bf16-tile128"])
+def test_gpu_block_backward_matches_reference(n, L, D, dtype, tile, monkeypatch):
+    """The block-causal band's one-kernel backward on the GPU (both tile limits: 128-row tiles spill but must stay
+    exact), q / k / v as views of one projection; it must have run."""
+    from sparse_transformer.attention.triton import block_backward, function
+
+    monkeypatch.setattr(block_backward, "MAX_TILE", tile)
+    function.clear_cache()
+    ran, run_block = [], block_backward.block_backward
+    monkeypatch.setattr(block_backward, "block_backward", lambda *a: ran.append(a[-2]) or run_block(*a))
+    qkv = torch.randn(2, n, 3, 3, D, dtype=dtype, device="cuda")
+    q, k, v = (qkv[:, :, i].transpose(1, 2).requires_grad_() for i in range(3))
+    try:
+        check_against_reference(_run(), q, k, v, layouts.fixed(n, L, 16), floor=FLOOR[dtype])
+    finally:
+        function.clear_cache()
+    assert ran == [L]
+
+
+@pytest.mark.interpreter
+def test_interpreter_block_backward_switched_off(monkeypatch):
+    """SPARSE_TRANSFORMER_BLOCK_BWD=0 (block_backward.BLOCK_BWD): the generic dQ and dK/dV kernels take the band."""
+    from sparse_transformer.attention.triton import block_backward
+
+    monkeypatch.setattr(block_backward, "BLOCK_BWD", False)
+    monkeypatch.setattr(block_backward, "block_backward", lambda *a: pytest.fail("the block kernel ran"))
+    lay = layouts.fixed(97, 16, 4)
+    q, k, v = make_qkv(1, 2, lay.n, 16, torch.float32)
+    check_against_reference(_run(), q, k, v, lay, floor=1e-5)
+
+
+def test_block_length_only_for_exact_block_bands():
+    """Launch.block: the first segment's block length where it is exactly block-causal for every head with a tile
+    that divides it; None for windows, dense heads, mixed lengths, lengths no tile divides, or explicit tiles."""
+    from sparse_transformer.attention.triton.function import get_launches
+
+    def block(lay, D=64, **kw):
+        return get_launches(lay, D, "cpu", **kw)[0].block
+
+    assert block(layouts.fixed(1000, 128, 32)) == 128 and block(layouts.fixed(1000, 256, 32), 128) == 256
+    assert block(layouts.fixed(1000, 48, 16)) == 48 and block(layouts.fixed(1000, 24, 8)) is None  # tiles of 16
+    assert block(layouts.strided(1000, 32)) is None  # a sliding window
+    assert block(layouts.stack([layouts.fixed(1000, 128, 32, "local"), layouts.fixed(1000, 64, 32, "local")])) is None
+    assert block(layouts.stack([layouts.fixed(1000, 128, 32), layouts.dense(1000)])) is None
+    assert block(layouts.fixed(1000, 128, 32), block_m=32, block_n=32) is None
+    assert all(launch.block is None for launch in get_launches(layouts.fixed(1000, 128, 32), 64, "cpu")[1:])
+
+
 @pytest.fixture
 def fuse_dq(request, monkeypatch):
     """The segment kinds whose dK/dV kernel adds dQ with atomics (on its dK/dV tiles): "all", "none" or one kind. The

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..plan import (GATHER, P_ALL, P_BLK, P_CUSTOM, P_STR, P_SUM_L, P_WIN, TRANSPOSED, LRUCache, Segment, Tables,
-                    get_segments, get_tables)
+from ..plan import (GATHER, NATURAL, P_ALL, P_BLK, P_CUSTOM, P_STR, P_SUM_L, P_WIN, TRANSPOSED, LRUCache, Segment,
+                    Tables, get_segments, get_tables)
+from . import block_backward as _block
 from .backward import attn_backward
 from .forward import attn_forward
 
@@ -83,6 +84,7 @@ class Launch:
     dq: Pass
     dkdv: Pass
     fused: Pass | None  # dK/dV that also adds dQ with fp32 atomics (no dQ kernel); None: this kind never fuses
+    block: int | None = None  # the first segment exactly block-causal with this block length: block_backward runs
     _cex: dict = field(default_factory=dict, repr=False)
 
     def constexprs(self, q, p: Pass, **extra) -> dict:
@@ -145,8 +147,22 @@ def _build_launches(layout, head_dim, device, block_m, block_n) -> list[Launch]:
         settings = dict(cfg, fused=fused)
         passes = [None if settings[k] is None else _pass(layout, idx, seg, settings[k], head_dim, device, block_m,
                                                          block_n) for k in ("fwd", "dq", "dkdv", "fused")]
-        out.append(Launch(seg, prm, flags, *passes))
+        block = _block_length(seg, head_dim) if idx == 0 and block_m is None and block_n is None else None
+        out.append(Launch(seg, prm, flags, *passes, block=block))
     return out
+
+
+def _block_length(seg, head_dim) -> int | None:
+    """L where the segment is exactly the block-causal band (every head: own L-row block, keys up to the query, and
+    nothing else) and the block kernel has a tile for L, else None."""
+    p = seg.params
+    if seg.kind != NATURAL or bool(p[:, [P_ALL, P_WIN, P_CUSTOM]].any()):
+        return None
+    lengths = set(p[:, P_BLK].tolist())
+    if len(lengths) != 1 or min(lengths) <= 0:
+        return None
+    L = lengths.pop()
+    return L if _block.block_tile(L, head_dim) is not None else None
 
 
 class SparseAttentionFunction(torch.autograd.Function):
@@ -182,6 +198,9 @@ class SparseAttentionFunction(torch.autograd.Function):
         dk = alloc(k.shape, device=k.device, dtype=k.dtype)  # contiguous, whatever views k and v are
         dv = alloc(v.shape, device=v.device, dtype=v.dtype)
         for idx, launch in enumerate(launches):
+            if launch.block is not None and _block.BLOCK_BWD:  # a block-causal band (first): one kernel, Delta too
+                _block.block_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch.block, ctx.scale)
+                continue
             attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, ctx.scale, fused[idx], first=idx == 0,
                           accum=idx > 0, accum_kv=idx > 0 or gather_only)
         return dq.to(q.dtype), dk, dv, None, None, None, None

@@ -1,0 +1,115 @@
+"""Backward of a block-diagonal band (the fixed pattern's own-block part: query i sees keys j of its own L-row block
+with j <= i) in one kernel: dQ, dK, dV and Delta = rowsum(dO * O) for every row.
+
+Legend: B batch, H heads, N sequence, D head dim, L block, T tile (T divides L), NT = L / T tiles per block.
+
+No key outside a block reaches its queries, so one program per (block, batch x head) owns every gradient row of its
+block: no atomics, nothing added across programs. It walks the block's key tiles kt, and for each the query tiles
+qt >= kt (the diagonal tile masked causally): P = exp2(S - LSE) from the saved log-sum-exp of the whole layout,
+dV += P^T dO, dS = P * (dO V^T - Delta), dK += dS^T Q in registers, stored once per key tile; dQ += dS K goes to
+memory (stored at kt = 0, added to after), and a barrier after each key tile makes the program's own dQ stores
+visible to its next loads. Delta is computed from O and dO at each visit and stored at kt = 0 for the later
+segments' kernels. Against the generic pair (a dQ kernel, then a dK/dV kernel) it reads Q, K, V and dO once per
+tile pair instead of twice and launches once.
+Where it runs: function.backward, for a first segment that is exactly block-causal with one block length L for
+every head (Launch.block), L a multiple of the tile; SPARSE_TRANSFORMER_BLOCK_BWD=0 turns it off.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .forward import _dot
+from .launcher import launch as launch_kernel
+
+BLOCK_BWD = os.environ.get("SPARSE_TRANSFORMER_BLOCK_BWD", "1") != "0"
+# The largest tile: compiled for sm_90 (Triton 3.6, bench/compile_probe.py-style), 64-row tiles do not spill (d=64 on
+# 4 warps: 247 registers; d=128 on 8 warps: 255), 128-row tiles do (d=64 on 8 warps: 176 bytes; d=128: 928 bytes).
+MAX_TILE = 64
+
+
+def block_tile(L: int, head_dim: int) -> int | None:
+    """The tile T of the block kernel for block length L (None: the generic kernels take it): the largest power of
+    two from 16 to MAX_TILE that divides L."""
+    t = MAX_TILE
+    while t >= 16:
+        if L % t == 0:
+            return t
+        t //= 2
+    return None
+
+
+@triton.jit
+def _attn_bwd_block_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr,
+    qk_scale, sm_scale,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,  # shared by o, do and dq
+    stride_gb, stride_gh, stride_gn,  # dk's and dv's
+    BH, H, N, BLK,
+    IEEE: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = pid % BH
+    start = (pid // BH) * BLK
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    o_base = o_ptr + b * stride_ob + h * stride_oh
+    do_base = do_ptr + b * stride_ob + h * stride_oh
+    dq_base = dq_ptr + b * stride_ob + h * stride_oh
+    row = bh.to(tl.int64) * N  # lse / delta rows (64-bit: B * H * N may pass 2^31)
+    offs = tl.arange(0, TILE)
+    offs_d = tl.arange(0, HEAD_DIM)
+    nt = tl.cdiv(tl.minimum(BLK, N - start), TILE)  # the last block may be cut by N
+    for kt in range(0, nt):
+        j = start + kt * TILE + offs
+        k_ok = j < N
+        k = tl.load(k_base + j.to(tl.int64)[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        v = tl.load(v_base + j.to(tl.int64)[:, None] * stride_vn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        dk = tl.zeros([TILE, HEAD_DIM], tl.float32)
+        dv = tl.zeros([TILE, HEAD_DIM], tl.float32)
+        for qt in range(kt, nt):
+            i = start + qt * TILE + offs
+            q_ok = i < N
+            g_off = i.to(tl.int64)[:, None] * stride_on + offs_d[None, :]
+            q = tl.load(q_base + i.to(tl.int64)[:, None] * stride_qn + offs_d[None, :], mask=q_ok[:, None],
+                        other=0.0)
+            do = tl.load(do_base + g_off, mask=q_ok[:, None], other=0.0)
+            o = tl.load(o_base + g_off, mask=q_ok[:, None], other=0.0)
+            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+            tl.store(delta_ptr + row + i, delta, mask=q_ok & (kt == 0))
+            lse = tl.load(lse_ptr + row + i, mask=q_ok, other=float("-inf")) * 1.4426950408889634
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that see no key: P = 0
+            p = tl.math.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])  # (TILE queries, TILE keys)
+            p = tl.where((i[:, None] >= j[None, :]) & k_ok[None, :], p, 0.0)  # causal on the diagonal tile
+            dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+            ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+            dq = _dot(ds.to(k.dtype), k, IEEE) * sm_scale
+            if kt > 0:  # add to the earlier key tiles' share (this program's own stores, before the barrier)
+                dq += tl.load(dq_base + g_off, mask=q_ok[:, None], other=0.0).to(tl.float32)
+            tl.store(dq_base + g_off, dq.to(dq_ptr.dtype.element_ty), mask=q_ok[:, None])
+        g = b * stride_gb + h * stride_gh + j.to(tl.int64)[:, None] * stride_gn + offs_d[None, :]
+        tl.store(dk_ptr + g, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=k_ok[:, None])
+        tl.store(dv_ptr + g, dv.to(dv_ptr.dtype.element_ty), mask=k_ok[:, None])
+        tl.debug_barrier()  # this key tile's dQ stores before the next one's loads
+
+
+def block_backward(q, k, v, o, do, dq, dk, dv, lse, delta, L, scale):
+    """dQ, dK, dV (stored, not added) and Delta of a block-causal band with block length L for every head. q, k, v,
+    o, do: [B, H, N, D] (last dim contiguous); o, do and dq share strides, dk and dv share theirs; lse: fp32
+    [B, H, N] of the whole layout; delta: fp32 [B, H, N], written here for the later segments."""
+    B, H, N, D = q.shape
+    assert dq.stride() == do.stride() == o.stride() and dk.stride() == dv.stride()
+    tile = block_tile(L, D)
+    warps = 8 if tile * D > 64 * 64 else 4
+    launch_kernel(_attn_bwd_block_kernel, (triton.cdiv(N, L) * B * H,),
+                  (q, k, v, o, do, dq, dk, dv, lse, delta),
+                  (scale * 1.4426950408889634, scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                   *do.stride()[:3], *dk.stride()[:3], B * H, H, N, L),
+                  dict(IEEE=q.dtype == torch.float32, TILE=tile, HEAD_DIM=D, num_warps=warps,
+                       num_stages=1))
