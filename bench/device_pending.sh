@@ -11,9 +11,8 @@
 #   bash bench/device_pending.sh gluon OUT     # the Gluon kernels (bench/gluon_gather.py): correctness, timing, eager host
 #   bash bench/device_pending.sh summary OUT   # the Gluon path's GPU tests, its check and kernel times, and the fixed
 #                                              # setups beside cuDNN (the summary rows read in place)
-#   bash bench/device_pending.sh block OUT     # the block-causal band's one-kernel backward: its GPU tests (and every
-#                                              # fixed-pattern kernel test), its timing against the generic pair, and
-#                                              # test_model's GPU tests
+#   bash bench/device_pending.sh block OUT     # the block-causal band's one-kernel backward: its GPU tests, every
+#                                              # fixed-pattern kernel test, its timing against the generic pair
 #   bash bench/device_pending.sh verify OUT    # every kernel GPU test
 #   bash bench/device_pending.sh verify-model OUT  # test_model's GPU tests, then the table
 # Run from the repository root on the device machine; JSON and logs land in OUT (pass $OUT there).
@@ -69,11 +68,12 @@ case "$WHAT" in
     timeout 60 python bench/eager_host.py fixed-12k 2>&1 | tee "$OUT/eager-host.log"
     ;;
   block)
-    timeout 170 python -m pytest -m gpu tests/test_triton_attention.py -k "block or fixed or gluon" -q -n 14 \
-      -p no:cacheprovider -rf 2>&1 | tail -n 8 | tee "$OUT/gpu-tests-block.log"
+    timeout 150 python -m pytest -m gpu tests/test_triton_attention.py -k "block" -q -n 14 -p no:cacheprovider -rf \
+      2>&1 | grep -E "passed|failed|FAILED|Error" | head -n 30 | tee "$OUT/gpu-tests-block.log"
+    timeout 200 python -m pytest -m gpu tests/test_triton_attention.py -k "(fixed or gluon) and not block" -q -n 14 \
+      -p no:cacheprovider -rf 2>&1 | grep -E "passed|failed|FAILED|Error" | head -n 30 \
+      | tee "$OUT/gpu-tests-fixed.log"
     OUT="$OUT" timeout 120 python bench/block_bwd.py fixed-12k fixed-64k 2>&1 | tee "$OUT/block-bwd.log"
-    timeout 250 python -m pytest -m gpu tests/test_model.py -q -n 8 -p no:cacheprovider -rf 2>&1 | tail -n 8 \
-      | tee "$OUT/gpu-tests-model.log"
     ;;
   verify)
     timeout 570 python -m pytest -m gpu tests/test_triton_attention.py -q -n 14 -p no:cacheprovider -rf 2>&1 \

@@ -45,7 +45,8 @@ def fast(monkeypatch):
     launcher.clear()
 
 
-@pytest.mark.parametrize("grid,xyz", [((3, 5), (3, 5, 1)), ((2, 3, 4), (2, 3, 4))], ids=["2-d", "3-d"])
+@pytest.mark.parametrize("grid,xyz", [((7,), (7, 1, 1)), ((3, 5), (3, 5, 1)), ((2, 3, 4), (2, 3, 4))],
+                         ids=["1-d", "2-d", "3-d"])
 def test_second_call_goes_direct_with_every_parameter_in_order(fast, grid, xyz):
     kern = FakeKernel()
     a, b = torch.zeros(64), torch.zeros(64)

@@ -65,8 +65,8 @@ def launch(kernel, grid, tensors, scalars, constexprs):
         _COMPILED[key] = (ck, ck.function, ck.packed_metadata, ck.run, tail)
         return
     ck, fn, meta, run, tail = hit
-    run(grid[0], grid[1], grid[2] if len(grid) > 2 else 1, _stream(dev), fn, meta, None, None, None, *tensors, *scalars,
-        *tail)
+    run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, _stream(dev), fn, meta, None, None,
+        None, *tensors, *scalars, *tail)
 
 
 def _tensor(arg):
