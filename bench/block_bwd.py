@@ -1,9 +1,10 @@
 """The block-causal band's one-kernel backward (sparse_transformer/attention/triton/block_backward.py) against the
 generic dQ + dK/dV pair, side by side in one process on a GPU: graph-replayed fwd+bwd of the fixed setups (the same
 protocol as `bench attention`: do_bench medians, q / k / v accumulating their gradients) and the kernels' profiler
-times, with the block kernel off, on 64-row tiles and on 128-row tiles (which spill; see MAX_TILE).
+times, with the block kernel off, on 64-row tiles and on 128-row tiles (which spill; see MAX_TILE), and with other
+warps / pipeline stages (VARIANTS).
 Usage: python bench/block_bwd.py [fixed-12k fixed-64k ...]; writes block-bwd-<date>.json to $OUT (default
-bench/results)."""
+bench/results). python bench/block_bwd.py plot JSON OUT.png draws the kernel times of each variant, stacked."""
 import json
 import os
 import sys
@@ -15,8 +16,11 @@ from sparse_transformer import sparse_attention
 from sparse_transformer.attention.triton import block_backward, function
 from sparse_transformer.bench import SETUPS, _time_graph, _versions
 
-VARIANTS = {"generic dQ + dK/dV": (False, 64), "block kernel, 64-row tiles": (True, 64),
-            "block kernel, 128-row tiles": (True, 128)}
+# label: (block kernel on, MAX_TILE, STAGES, WARPS)
+VARIANTS = {"generic dQ + dK/dV": (False, 64, 1, None), "block kernel, 64-row tiles": (True, 64, 1, None),
+            "block kernel, 128-row tiles": (True, 128, 1, None), "block kernel, 64-row tiles, 2 stages": (True, 64, 2, None),
+            "block kernel, 64-row tiles, 8 warps": (True, 64, 1, 8),
+            "block kernel, 64-row tiles, 8 warps, 2 stages": (True, 64, 2, 8)}
 
 
 def _kernels(f):
@@ -45,8 +49,9 @@ def main(names):
         q, k, v = (torch.randn(B, H, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         go = torch.randn_like(q)
         ref = None
-        for label, (on, tile) in VARIANTS.items():
+        for label, (on, tile, stages, warps) in VARIANTS.items():
             block_backward.BLOCK_BWD, block_backward.MAX_TILE = on, tile
+            block_backward.STAGES, block_backward.WARPS = stages, warps
             function.clear_cache()
             fn = lambda: sparse_attention(q, k, v, lay, backend="triton")  # noqa: E731
             q.grad = k.grad = v.grad = None
@@ -61,9 +66,9 @@ def main(names):
                        fwdbwd_graph_ms=fwdbwd, grad_rel_diff_to_generic=diff, kernels_us=kernels, device=dev, torch=tv,
                        triton=trv)
             rows.append(row)
-            print(f"{name:10s} {label:30s} graph fwd {fwd:.3f} ms, fwd+bwd {fwdbwd:.3f} ms, grads vs generic "
+            print(f"{name:10s} {label:46s} graph fwd {fwd:.3f} ms, fwd+bwd {fwdbwd:.3f} ms, grads vs generic "
                   f"{diff:.1e} | " + "  ".join(f"{a} {b:.0f}" for a, b in kernels), flush=True)
-    block_backward.BLOCK_BWD, block_backward.MAX_TILE = True, 64
+    block_backward.BLOCK_BWD, block_backward.MAX_TILE, block_backward.STAGES, block_backward.WARPS = True, 64, 1, None
     function.clear_cache()
     out = os.path.join(os.environ.get("OUT", "bench/results"), f"block-bwd-{time.strftime('%Y%m%d-%H%M%S')}.json")
     with open(out, "w") as f:
@@ -71,5 +76,52 @@ def main(names):
     print("wrote", out)
 
 
+def plot(path, out, variants=("generic dQ + dK/dV", "block kernel, 64-row tiles")):
+    """Per setup, one bar per variant: its kernels' profiler times stacked (ms), the graph fwd+bwd as a tick and the
+    issue's target as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in json.load(open(path)) if r["variant"] in variants]
+    setups = list(dict.fromkeys(r["setup"] for r in rows))
+    targets = {"fixed-12k": 1.0, "fixed-64k": 6.4}
+    names = {"_attn_fwd_kernel": "band fwd", "_gather_fwd_kernel": "summary fwd (Gluon)",
+             "_attn_bwd_dq_kernel": "band dQ", "_attn_bwd_dkdv_kernel": "band dK/dV",
+             "_attn_bwd_block_kernel": "band dQ+dK/dV (block kernel)", "_gather_dq_kernel": "summary dQ (Gluon)",
+             "_gather_dkdv_kernel": "summary dK/dV (Gluon)"}
+    colors = dict(zip(names.values(), ("#4c72b0", "#8172b3", "#dd8452", "#55a868", "#c44e52", "#ccb974", "#64b5cd")))
+    fig, axes = plt.subplots(1, len(setups), figsize=(4.2 * len(setups), 4.2))
+    for ax, setup in zip(axes if len(setups) > 1 else [axes], setups):
+        for x, r in enumerate(r for r in rows if r["setup"] == setup):
+            bottom = 0.0
+            for kernel, us in r["kernels_us"]:
+                label = names.get(kernel, "torch (gradient accumulation)")
+                ax.bar(x, us / 1e3, bottom=bottom, color=colors.get(label, "#b0b0b0"), edgecolor="white",
+                       label=label)
+                bottom += us / 1e3
+            ax.plot([x - 0.4, x + 0.4], [r["fwdbwd_graph_ms"]] * 2, color="black")
+        ax.axhline(targets.get(setup, 0), color="red", linestyle="--", label="target")
+        ax.set_xticks(range(len(variants)), [v.replace(" + ", "\n+ ").replace(", ", "\n") for v in variants],
+                      fontsize=8)
+        ax.set_title(f"{setup}: fwd+bwd, kernels stacked", fontsize=10)
+        ax.set_ylabel("ms (black tick: graph-replayed fwd+bwd)")
+    handles, labels = [], []
+    for ax in fig.axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    fig.suptitle(f"{rows[0]['device']}, bf16 ({os.path.basename(path)})", fontsize=9)
+    fig.tight_layout(rect=(0, 0.16, 1, 0.96))
+    fig.savefig(out, dpi=110)
+    print("wrote", out)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["fixed-12k", "fixed-64k"])
+    if sys.argv[1:2] == ["plot"]:
+        plot(sys.argv[2], sys.argv[3])
+    else:
+        main(sys.argv[1:] or ["fixed-12k", "fixed-64k"])

@@ -27,6 +27,8 @@ BLOCK_BWD = os.environ.get("SPARSE_TRANSFORMER_BLOCK_BWD", "1") != "0"
 # The largest tile: compiled for sm_90 (Triton 3.6, bench/compile_probe.py-style), 64-row tiles do not spill (d=64 on
 # 4 warps: 247 registers; d=128 on 8 warps: 255), 128-row tiles do (d=64 on 8 warps: 176 bytes; d=128: 928 bytes).
 MAX_TILE = 64
+STAGES = 1  # software pipelining of the query-tile loop (bench/block_bwd.py times 1 and 2)
+WARPS = None  # None: 8 where a tile holds more than 64 x 64 elements (d=128), else 4
 
 
 def block_tile(L: int, head_dim: int) -> int | None:
@@ -106,10 +108,10 @@ def block_backward(q, k, v, o, do, dq, dk, dv, lse, delta, L, scale):
     B, H, N, D = q.shape
     assert dq.stride() == do.stride() == o.stride() and dk.stride() == dv.stride()
     tile = block_tile(L, D)
-    warps = 8 if tile * D > 64 * 64 else 4
+    warps = WARPS or (8 if tile * D > 64 * 64 else 4)
     launch_kernel(_attn_bwd_block_kernel, (triton.cdiv(N, L) * B * H,),
                   (q, k, v, o, do, dq, dk, dv, lse, delta),
                   (scale * 1.4426950408889634, scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                    *do.stride()[:3], *dk.stride()[:3], B * H, H, N, L),
                   dict(IEEE=q.dtype == torch.float32, TILE=tile, HEAD_DIM=D, num_warps=warps,
-                       num_stages=1))
+                       num_stages=STAGES))
