@@ -68,7 +68,7 @@ def main(names):
             rows.append(row)
             print(f"{name:10s} {label:46s} graph fwd {fwd:.3f} ms, fwd+bwd {fwdbwd:.3f} ms, grads vs generic "
                   f"{diff:.1e} | " + "  ".join(f"{a} {b:.0f}" for a, b in kernels), flush=True)
-    block_backward.BLOCK_BWD, block_backward.MAX_TILE, block_backward.STAGES, block_backward.WARPS = True, 64, 2, None
+    block_backward.BLOCK_BWD, block_backward.MAX_TILE, block_backward.STAGES, block_backward.WARPS = True, 64, 1, None
     function.clear_cache()
     out = os.path.join(os.environ.get("OUT", "bench/results"), f"block-bwd-{time.strftime('%Y%m%d-%H%M%S')}.json")
     with open(out, "w") as f:

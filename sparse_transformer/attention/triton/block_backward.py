@@ -27,10 +27,11 @@ BLOCK_BWD = os.environ.get("SPARSE_TRANSFORMER_BLOCK_BWD", "1") != "0"
 # The largest tile: compiled for sm_90 (Triton 3.6, bench/compile_probe.py-style), 64-row tiles do not spill (d=64 on
 # 4 warps: 247 registers; d=128 on 8 warps: 255), 128-row tiles do (d=64 on 8 warps: 176 bytes; d=128: 928 bytes).
 MAX_TILE = 64
-# Software pipelining of the query-tile loop, head dim up to 64: block kernel 88 -> 83 us at fixed-12k, 323 -> 307 at
-# fixed-64k against 1 stage (H200, bench/block_bwd.py, block-bwd-20261130-163339.json); 8 warps were slower (153 / 559).
-# Above 64, 1 stage: 2 need 112 KiB of shared memory at d=128 (more than sm_86 / sm_89 give a block) and spill.
-STAGES = 2
+# Software pipelining of the query-tile loop (head dim up to 64; d=128 always 1: 2 stages need 112 KiB of shared
+# memory there, more than sm_86 / sm_89 give a block, and spill). 2 stages measured faster on an H200 (bench/block_bwd.py,
+# block-bwd-20261130-163339.json: 88 -> 83 us at fixed-12k, 323 -> 307 at fixed-64k; the graph fwd+bwd within noise)
+# but the GPU tests ran on 1 stage only, so 1 stays until they run on 2. 8 warps were slower (153 / 559 us).
+STAGES = 1
 WARPS = None  # None: 8 where a tile holds more than 64 x 64 elements (d=128), else 4
 
 
