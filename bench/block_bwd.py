@@ -18,7 +18,8 @@ from sparse_transformer.bench import SETUPS, _time_graph, _versions
 
 # label: (block kernel on, MAX_TILE, STAGES, WARPS)
 VARIANTS = {"generic dQ + dK/dV": (False, 64, 1, None), "block kernel, 64-row tiles": (True, 64, 1, None),  # 1 stage
-            "block kernel, 128-row tiles": (True, 128, 1, None), "block kernel, 64-row tiles, 2 stages": (True, 64, 2, None),
+            "block kernel, 128-row tiles": (True, 128, 1, None),
+            "block kernel, 64-row tiles, 2 stages": (True, 64, 2, None),
             "block kernel, 64-row tiles, 8 warps": (True, 64, 1, 8),
             "block kernel, 64-row tiles, 8 warps, 2 stages": (True, 64, 2, 8)}
 
@@ -43,6 +44,7 @@ def _kernels(f):
 def main(names):
     dev, tv, trv = _versions()
     rows = []
+    was = block_backward.BLOCK_BWD, block_backward.MAX_TILE, block_backward.STAGES, block_backward.WARPS
     for name in names:
         B, H, n, D, make, pattern = SETUPS[name]
         lay = make()
@@ -68,7 +70,7 @@ def main(names):
             rows.append(row)
             print(f"{name:10s} {label:46s} graph fwd {fwd:.3f} ms, fwd+bwd {fwdbwd:.3f} ms, grads vs generic "
                   f"{diff:.1e} | " + "  ".join(f"{a} {b:.0f}" for a, b in kernels), flush=True)
-    block_backward.BLOCK_BWD, block_backward.MAX_TILE, block_backward.STAGES, block_backward.WARPS = True, 64, 1, None
+    block_backward.BLOCK_BWD, block_backward.MAX_TILE, block_backward.STAGES, block_backward.WARPS = was
     function.clear_cache()
     out = os.path.join(os.environ.get("OUT", "bench/results"), f"block-bwd-{time.strftime('%Y%m%d-%H%M%S')}.json")
     with open(out, "w") as f:

@@ -127,6 +127,10 @@ def test_block_length_only_for_exact_block_bands():
     assert block(layouts.stack([layouts.fixed(1000, 128, 32, "local"), layouts.fixed(1000, 64, 32, "local")])) is None
     assert block(layouts.stack([layouts.fixed(1000, 128, 32), layouts.dense(1000)])) is None
     assert block(layouts.fixed(1000, 128, 32), block_m=32, block_n=32) is None
+    assert block(layouts.fixed(1000, 512, 32)) is None and block(layouts.fixed(1000, 128, 32), D=256) is None
+    custom = layouts.stack([layouts.fixed(256, 64, 16, "local"), layouts.from_blocks(torch.ones(4, 4, dtype=torch.bool),
+                                                                                   64, n=256)])
+    assert block(custom) is None  # custom tiles in the band's segment
     assert all(launch.block is None for launch in get_launches(layouts.fixed(1000, 128, 32), 64, "cpu")[1:])
 
 
@@ -462,8 +466,9 @@ def test_gluon_summary_view_holds_the_summary_rows(n, L, lo, c):
     rows = torch.tensor([b * L + lo + j for b in range(n // L) for j in range(c)])
     assert got.shape == (2, 3, n // L, c, 8) and got.data_ptr() == x[:, :, lo:].data_ptr()
     assert torch.equal(got.reshape(2, 3, -1, 8), x[:, :, rows])
-    rb, rc = summary_box(c, 64)
-    assert rb * rc == 64 and (rc == c or c % 64 == 0)
+    assert summary_box(c, 64) == ((64 // c, c) if c <= 64 else (1, 64))
+    with pytest.raises(AssertionError):
+        summary_box(48, 64)
 
 
 def test_gluon_summary_fits_only_what_tma_reads():
@@ -477,6 +482,8 @@ def test_gluon_summary_fits_only_what_tma_reads():
     odd = torch.randn(2, 1024, 2 * 3 * 64 + 4, dtype=torch.bfloat16)[:, :, :3 * 64].view(2, 1024, 3, 64)
     assert not summary_fits(odd.transpose(1, 2), 128, 96, 32, 64)  # a row stride of 388 elements: 776 bytes
     assert not summary_fits(x.transpose(2, 3).contiguous().transpose(2, 3), 128, 96, 32, 64)  # D not contiguous
+    shared = torch.randn(2, 1, 1024, 64, dtype=torch.bfloat16).expand(2, 3, 1024, 64)  # one K for every head
+    assert not summary_fits(shared, 128, 96, 32, 64)  # stride 0: the Triton kernels take it
     one = torch.randn(1, 1, 1024, 64, dtype=torch.bfloat16).as_strided((1, 1, 1024, 64), (3, 5, 64, 1))
     assert summary_fits(one, 128, 96, 32, 64)
     assert summary_view(one, 128, 96, 32).stride()[:2] == (8 * 32 * 64, 8 * 32 * 64)

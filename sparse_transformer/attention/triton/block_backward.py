@@ -10,7 +10,9 @@ dV += P^T dO, dS = P * (dO V^T - Delta), dK += dS^T Q in registers, stored once 
 memory (stored at kt = 0, added to after), and a barrier after each key tile makes the program's own dQ stores
 visible to its next loads. Delta is computed from O and dO at each visit and stored at kt = 0 for the later
 segments' kernels. Against the generic pair (a dQ kernel, then a dK/dV kernel) it reads Q, K, V and dO once per
-tile pair instead of twice and launches once.
+tile pair instead of twice and launches once. The price: dQ of a query tile after a block's first goes through
+memory in the input's dtype once per key tile before it (up to L / T - 1 extra roundings for 16-bit inputs; the
+generic path rounds once per segment).
 Where it runs: function.backward, for a first segment that is exactly block-causal with one block length L for
 every head (Launch.block), L a multiple of the tile; SPARSE_TRANSFORMER_BLOCK_BWD=0 turns it off.
 """
@@ -27,17 +29,23 @@ BLOCK_BWD = os.environ.get("SPARSE_TRANSFORMER_BLOCK_BWD", "1") != "0"
 # The largest tile: compiled for sm_90 (Triton 3.6, bench/compile_probe.py-style), 64-row tiles do not spill (d=64 on
 # 4 warps: 247 registers; d=128 on 8 warps: 255), 128-row tiles do (d=64 on 8 warps: 176 bytes; d=128: 928 bytes).
 MAX_TILE = 64
+MAX_TILES = 4  # tiles of MAX_TILE per block (L <= 256): one program walks nt (nt + 1) / 2 tile pairs in a row, so
+# longer blocks leave the GPU with few, long programs; they take the generic kernels (measured up to L = 256)
 # Software pipelining of the query-tile loop (head dim up to 64; d=128 always 1: 2 stages need 112 KiB of shared
-# memory there, more than sm_86 / sm_89 give a block, and spill). 2 stages measured faster on an H200 (bench/block_bwd.py,
-# block-bwd-20261130-163339.json: 88 -> 83 us at fixed-12k, 323 -> 307 at fixed-64k; the graph fwd+bwd within noise)
-# but the GPU tests ran on 1 stage only, so 1 stays until they run on 2. 8 warps were slower (153 / 559 us).
+# memory there, more than sm_86 / sm_89 give a block, and spill). 2 stages measured faster on an H200
+# (bench/block_bwd.py, block-bwd-20261130-163339.json: 88 -> 83 us at fixed-12k, 323 -> 307 at fixed-64k; the graph
+# fwd+bwd within noise) but the GPU tests ran on 1 stage only, so 1 stays until they run on 2. 8 warps were slower
+# (153 / 559 us).
 STAGES = 1
 WARPS = None  # None: 8 where a tile holds more than 64 x 64 elements (d=128), else 4
 
 
 def block_tile(L: int, head_dim: int) -> int | None:
     """The tile T of the block kernel for block length L (None: the generic kernels take it): the largest power of
-    two from 16 to MAX_TILE that divides L."""
+    two from 16 to MAX_TILE that divides L, for L up to MAX_TILES * MAX_TILE and head dims up to 128 (the tested
+    ones)."""
+    if head_dim > 128 or L > MAX_TILES * MAX_TILE:
+        return None
     t = MAX_TILE
     while t >= 16:
         if L % t == 0:

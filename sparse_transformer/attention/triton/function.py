@@ -4,9 +4,10 @@ Legend: B batch, H heads, N sequence, D head dim, BM/BN query/key tile.
 
 Forward launches one kernel per segment of the layout's plan (natural, transposed strided, gathered summary); the
 second and third fold their result into the first through the log-sum-exp inside the kernel. Backward computes
-Delta = rowsum(dO * O) in the first dQ launch and launches dQ and dK/dV per segment, each adding to the rows the
-earlier ones wrote; a later segment whose kind has a `fused` tiling launches one dK/dV kernel that also adds its dQ
-share (fp32 atomics), unless torch's deterministic mode is on.
+Delta = rowsum(dO * O) in the first dQ launch (or, for a block-causal band first, in its one-kernel backward,
+block_backward.py) and launches dQ and dK/dV per segment, each adding to the rows the earlier ones wrote; a later
+segment whose kind has a `fused` tiling launches one dK/dV kernel that also adds its dQ share (fp32 atomics), unless
+torch's deterministic mode is on.
 Tables are built once per (layout, tiles, device) and cached (plan.get_tables).
 """
 from __future__ import annotations
@@ -186,11 +187,12 @@ class SparseAttentionFunction(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         launches = ctx.launches
         do = do.contiguous()
-        # The first segment keeps its dQ kernel: it computes Delta = rowsum(dO * O) and stores every row of dQ. Later
-        # segments may fuse dQ into dK/dV (fp32 atomics, in no fixed order: torch's deterministic mode turns it off).
+        # The first segment keeps its dQ kernel (or the block kernel): it computes Delta = rowsum(dO * O) and stores
+        # every row of dQ. Later segments may fuse dQ into dK/dV (fp32 atomics, in no fixed order: torch's
+        # deterministic mode turns it off).
         deterministic = torch.are_deterministic_algorithms_enabled()
         fused = [launch.fused is not None and not deterministic for launch in launches]
-        delta = torch.empty_like(lse)  # (B, H, N) fp32, written by the first segment's dQ kernel
+        delta = torch.empty_like(lse)  # (B, H, N) fp32, written by the first segment's backward
         dq = torch.empty(do.shape, device=do.device, dtype=torch.float32 if any(fused) else do.dtype)
         # the gathered summary keys do not cover every key: when it runs alone, keys outside it get zero gradient
         gather_only = launches[0].seg.kind == GATHER

@@ -430,17 +430,18 @@ def summary_view(x, L, lo, c):
 
 def summary_box(c, BN):
     """(RB, RC): a tile of BN summary slots is RB blocks of RC rows (c divides BN, or BN divides c)."""
+    assert BN % c == 0 or c % BN == 0, f"a {BN}-slot tile does not cut summaries of {c} rows evenly"
     rc = min(BN, c)
     return BN // rc, rc
 
 
 def summary_fits(x, L, lo, c, BN) -> bool:
     """Can a TMA descriptor read BN-slot tiles of x's summary rows in place (summary_desc): c divides BN or BN
-    divides c, and the view's start and strides are multiples of 16 bytes?"""
+    divides c, and the view's start and strides are multiples of 16 bytes, no stride 0 (an expanded K / V)?"""
     if not (BN % c == 0 or c % BN == 0) or x.stride(-1) != 1:
         return False
     view = summary_view(x, L, lo, c)
-    return view.data_ptr() % 16 == 0 and all(s * x.element_size() % 16 == 0 for s in view.stride()[:-1])
+    return view.data_ptr() % 16 == 0 and all(s > 0 and s * x.element_size() % 16 == 0 for s in view.stride()[:-1])
 
 
 @functools.lru_cache(maxsize=None)
@@ -497,7 +498,7 @@ def gather_forward(q, k, v, o, lse, L, lo, c, scale, merge, BM=128, BN=64, stage
 
 def gather_dq(q, do, k, v, lse, delta, dq, L, lo, c, scale, BM=128, BN=64, stages=3, warps=8, memo=None):
     """Add the gathered part's dQ to dq [B, H, n, D] (fp32 or q's dtype, contiguous like q and do); lse and delta:
-    fp32 [B, H, n], delta already written by the first segment's dQ kernel."""
+    fp32 [B, H, n], delta already written by the first segment's backward."""
     global LAUNCHES
     B, H, n, D = q.shape
     assert L % BM == 0 and do.is_contiguous() and dq.is_contiguous()
