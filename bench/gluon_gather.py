@@ -16,10 +16,12 @@ from sparse_transformer.attention.triton.gluon_gather import DKDV_SETTINGS as LI
 
 
 def reference(q, k, v, L, lo, c, scale):
-    """float32 torch: each query over the summary keys (rows lo .. lo + c of each block) of earlier blocks."""
+    """float32 torch: each query over the summary keys (rows lo .. lo + c of each block; lo an int or one per head)
+    of earlier blocks."""
     n = q.shape[2]
     i = torch.arange(n, device=q.device)[:, None]
     j = torch.arange(n, device=q.device)[None, :]
+    lo = torch.as_tensor(lo, device=q.device).reshape(-1, 1, 1)  # (heads or 1, 1, 1)
     vis = (j // L < i // L) & (j % L >= lo) & (j % L < lo + c)
     s = (q.float() @ k.float().transpose(-1, -2)) * scale
     s = s.masked_fill(~vis, float("-inf"))
@@ -47,8 +49,13 @@ def check(full=False):
              (1, 1, 512, 64, 128, 16, torch.float16, False), (1, 2, 4096, 64, 128, 64, torch.bfloat16, False),
              (1, 2, 1000, 128, 256, 32, torch.bfloat16, False), (2, 2, 2100, 64, 256, 128, torch.bfloat16, True),
              (1, 3, 1536, 128, 128, 8, torch.float16, True)]
-    for (B, H, n, D, L, c, dt, views) in cases:
-        lo = L - c
+    # per-head summary offsets (gluon_gather.HEAD_OFFSETS; the last field: num_verts, head h's offset L - c (h % v + 1))
+    cases = [case + (1,) for case in cases] + [(1, 4, 1024, 64, 128, 32, torch.bfloat16, True, 4),
+                                               (2, 3, 2100, 64, 256, 64, torch.bfloat16, False, 2),
+                                               (1, 2, 1000, 128, 256, 32, torch.float16, True, 2)]
+    for (B, H, n, D, L, c, dt, views, verts) in cases:
+        los = [L - c * (h % verts + 1) for h in range(H)]
+        lo = los[0] if verts == 1 else torch.tensor(los, dtype=torch.int32, device="cuda")
         scale = 1 / math.sqrt(D)
         q = torch.randn(B, H, n, D, device="cuda", dtype=dt)
         if views:  # strided K and V, as the model's projections
@@ -57,9 +64,10 @@ def check(full=False):
         else:
             k, v = (torch.randn(B, H, n, D, device="cuda", dtype=dt) for _ in range(2))
         qf, kf, vf = (t.float().requires_grad_() for t in (q, k, v))
-        ref, ref_lse = reference(qf, kf, vf, L, lo, c, scale)
+        ref, ref_lse = reference(qf, kf, vf, L, los, c, scale)
         seen = ref_lse > float("-inf")
-        tag = f"{dt} D={D} n={n} L={L} c={c}{' (K, V views)' if views else ''}"
+        tag = f"{dt} D={D} n={n} L={L} c={c}{' (K, V views)' if views else ''}" + \
+            (f" (offsets {los})" if verts > 1 else "")
         for st in (SETTINGS if full else [LIBRARY[64]]) if D == 64 else [LIBRARY[128]]:
             if L % st["BM"]:
                 continue
@@ -89,7 +97,9 @@ def check(full=False):
                 worst.append(("dq", err < bound))
                 print(f"{tag} dq ({dq_dtype}) {st}: max rel err {err:.2e}", flush=True)
         # dK / dV, added to random values at the summary rows; every other row must stay as it was
-        summary = (torch.arange(n, device="cuda") % L >= lo) & (torch.arange(n, device="cuda") < n // L * L)
+        rows = torch.arange(n, device="cuda")
+        lo_h = torch.tensor(los, device="cuda")[:, None]
+        summary = (rows % L >= lo_h) & (rows % L < lo_h + c) & (rows < n // L * L)  # (H, n)
         for st in DKDV_SWEEP + [LIBRARY_KV[64]] if D == 64 else [LIBRARY_KV[128], dict(BM=64, BN=128, stages=2,
                                                                                         warps=8)]:
             dk0 = (torch.randn_like(q).float() * ref_dk.abs().max()).to(dt)
@@ -98,8 +108,7 @@ def check(full=False):
             gather_dkdv(q, do, k, v, ref_lse.detach().contiguous(), delta, dk, dv, L, lo, c, scale, **st)
             errs = [((got.float() - t0.float() - ref).abs().max() / ref.abs().max()).item()
                     for got, t0, ref in ((dk, dk0, ref_dk), (dv, dv0, ref_dv))]
-            kept = torch.equal(dk[:, :, ~summary], dk0[:, :, ~summary]) and \
-                torch.equal(dv[:, :, ~summary], dv0[:, :, ~summary])
+            kept = torch.equal(dk[:, ~summary], dk0[:, ~summary]) and torch.equal(dv[:, ~summary], dv0[:, ~summary])
             worst.append(("dkdv", max(errs) < 6e-2 and kept))  # 16-bit dk / dv round dk0 + dK once more
             print(f"{tag} dkdv {st}: max rel err dk {errs[0]:.2e} dv {errs[1]:.2e}, other "
                   f"rows kept {kept}", flush=True)

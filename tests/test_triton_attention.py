@@ -81,14 +81,18 @@ def test_interpreter_block_backward_matches_reference(name, make, D, dtype, monk
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,L", [(1025, 128), (4096, 256), (700, 64), (300, 48)])
 @pytest.mark.parametrize("D", [32, 64, 128])
-@pytest.mark.parametrize("dtype,tile", [(torch.bfloat16, 64), (torch.float16, 64), (torch.float32, 64),
-                                        (torch.bfloat16, 128)], ids=["bf16", "fp16", "fp32", "bf16-tile128"])
-def test_gpu_block_backward_matches_reference(n, L, D, dtype, tile, monkeypatch):
+@pytest.mark.parametrize("dtype,tile,stages", [(torch.bfloat16, 64, 1), (torch.float16, 64, 1),
+                                               (torch.float32, 64, 1), (torch.bfloat16, 128, 1),
+                                               (torch.bfloat16, 64, 2), (torch.float32, 64, 2)],
+                         ids=["bf16", "fp16", "fp32", "bf16-tile128", "bf16-2-stages", "fp32-2-stages"])
+def test_gpu_block_backward_matches_reference(n, L, D, dtype, tile, stages, monkeypatch):
     """The block-causal band's one-kernel backward on the GPU (both tile limits: 128-row tiles spill but must stay
-    exact), q / k / v as views of one projection; it must have run."""
+    exact; and 2 pipeline stages, faster, not yet the default), q / k / v as views of one projection; it must have
+    run."""
     from sparse_transformer.attention.triton import block_backward, function
 
     monkeypatch.setattr(block_backward, "MAX_TILE", tile)
+    monkeypatch.setattr(block_backward, "STAGES", stages)
     function.clear_cache()
     ran, run_block = [], block_backward.block_backward
     monkeypatch.setattr(block_backward, "block_backward", lambda *a: ran.append(a[-2]) or run_block(*a))
@@ -567,6 +571,56 @@ def test_gpu_gluon_gather_edge_cases(case, monkeypatch):
         k, v = (kv.view(2, lay.n, 2, 2, 64)[:, :, i].transpose(1, 2).requires_grad_() for i in range(2))
     check_against_reference(_run(), q, k, v, lay, floor=FLOOR[torch.bfloat16])
     assert gluon_gather.LAUNCHES == before + launches
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,L,c,heads,verts", [(1025, 128, 32, 4, 4), (4096, 256, 32, 3, 2), (1100, 256, 128, 2, 2),
+                                                (1000, 128, 8, 4, 4)])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("views", [False, True], ids=["contiguous", "views"])
+def test_gpu_gluon_per_head_offsets(n, L, c, heads, verts, D, views, monkeypatch):
+    """Experimental (gluon_gather.HEAD_OFFSETS): heads with different summary offsets (num_verts > 1, as the enwik8
+    preset) through the Gluon kernels, each head's offset added to the row coordinate; all three kernels must run."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernels are for Hopper (sm_90)")
+    from sparse_transformer.attention.triton import forward, gluon_gather
+
+    monkeypatch.setattr(forward, "GLUON_GATHER", True)
+    monkeypatch.setattr(gluon_gather, "HEAD_OFFSETS", True)
+    lay = layouts.fixed(n, L, c, heads=heads, num_verts=verts)
+    before = gluon_gather.LAUNCHES
+    q, k, v = make_qkv(2, heads, n, D, torch.bfloat16, device="cuda")
+    if views:
+        qkv = torch.randn(2, n, 3, heads, D, dtype=torch.bfloat16, device="cuda")
+        q, k, v = (qkv[:, :, i].transpose(1, 2).requires_grad_() for i in range(3))
+    check_against_reference(_run(), q, k, v, lay, floor=FLOOR[torch.bfloat16])
+    assert gluon_gather.LAUNCHES == before + 3
+
+
+def test_gluon_per_head_offsets_only_when_switched_on(monkeypatch):
+    """The host side of HEAD_OFFSETS: a segment whose heads share one summary offset gives that int either way; one
+    whose heads differ gives None (the Triton kernels) unless switched on, then an int32 table of the heads'
+    offsets; and its K / V must fit a descriptor of whole blocks."""
+    from sparse_transformer.attention.plan import GATHER
+    from sparse_transformer.attention.triton import gluon_gather
+    from sparse_transformer.attention.triton.function import get_launches
+
+    def seg(lay):
+        return [launch.seg for launch in get_launches(lay, 64, "cpu") if launch.seg.kind == GATHER][0]
+
+    one, verts = seg(layouts.fixed(1024, 128, 32)), seg(layouts.fixed(1024, 128, 32, heads=4, num_verts=4))
+    assert gluon_gather._offsets_of(one, "cpu") == 96 and gluon_gather._offsets_of(verts, "cpu") is None
+    monkeypatch.setattr(gluon_gather, "HEAD_OFFSETS", True)
+    assert gluon_gather._offsets_of(one, "cpu") == 96
+    table = gluon_gather._offsets_of(verts, "cpu")
+    assert table.dtype == torch.int32 and table.tolist() == [96, 64, 32, 0]
+    assert gluon_gather._offsets_of(verts, "cpu") is table  # built once
+    x = torch.randn(2, 4, 1024, 64, dtype=torch.bfloat16)
+    assert gluon_gather.summary_fits(x, 128, table, 32, 64)
+    odd = torch.randn(2, 1024, 4 * 64 + 4, dtype=torch.bfloat16)[:, :, :256].view(2, 1024, 4, 64).transpose(1, 2)
+    assert not gluon_gather.summary_fits(odd, 128, table, 32, 64)  # rows of 260 elements: 520 bytes
+    summary = seg(layouts.fixed(1024, 128, 32, "summary", heads=4, num_verts=4))  # no band: never this path
+    assert gluon_gather._segment_offsets(summary) == (None, None)
 
 
 @pytest.mark.parametrize("case", ["c128-l256", "c48", "c8", "lo-inside", "two-blocks", "n-below-l", "num-verts-2"])

@@ -13,6 +13,10 @@ query tile of block b sees slots [0, b * c), a column limit.
   tile's element-wise work, dQ += dS K waited within the iteration; added to the band's dQ.
 - dK / dV (`_gather_dkdv_kernel`): per tile of summary keys, the query and dO tiles of the later blocks stream through
   the ring (the mirror of dQ); added to the band's dK / dV at the summary rows.
+- Experimental, off until checked on a GPU (HEAD_OFFSETS, SPARSE_TRANSFORMER_GLUON_HEADS=1): heads with different
+  summary offsets (num_verts > 1) through the same kernels: the descriptors see whole blocks and each head's offset
+  (from a small int32 table) is added to the row coordinate. With it off the kernels compile to the same machine code
+  as before it (PTX for sm_90 compared, parameter numbering aside).
 - Tried and removed (2026-11-30, H200): the band folded into the forward and dQ kernels (the fixed pattern in one
   launch each) was correct but slower: forward 2021 us against 1209 + 139 apart at fixed-64k, fwd+bwd 1.192 ms
   against 1.039 at fixed-12k (BENCHMARKS.md).
@@ -50,6 +54,10 @@ KV_TILE = 64  # every kernel's key tile (BN above): summary_fits checks the summ
 assert all(s["BN"] == KV_TILE for t in (SETTINGS, DQ_SETTINGS, DKDV_SETTINGS) for s in t.values())
 # the dK / dV kernel too (SPARSE_TRANSFORMER_GLUON_DKDV=0 leaves dK / dV to the Triton kernel)
 DKDV = os.environ.get("SPARSE_TRANSFORMER_GLUON_DKDV", "1") != "0"
+# Experimental, off until checked on a GPU (SPARSE_TRANSFORMER_GLUON_HEADS=1): layouts whose heads have different
+# summary offsets (the fixed pattern with num_verts > 1, as the enwik8 preset) through the same kernels, the head's
+# offset added to the row coordinate of descriptors that see whole blocks; off, the Triton kernels take them.
+HEAD_OFFSETS = os.environ.get("SPARSE_TRANSFORMER_GLUON_HEADS", "0") == "1"
 LAUNCHES = 0  # kernels launched through this path (tests check that it ran)
 
 
@@ -88,17 +96,28 @@ def _load_rows(a_desc, b_desc, a_smem, b_smem, bar, tile, row0, pred, STAGES: gl
 
 
 @gluon.jit
-def _load_summary(k_desc, v_desc, k_tile, v_tile, bar, tile, b, h, SEG_C, pred, BN: gl.constexpr, D: gl.constexpr,
+def _head_lo(lo_ptr, h, TH, HEAD_LO: gl.constexpr):
+    """Head h's first summary row inside a block (HEAD_LO: from the per-head table lo_ptr, the descriptors seeing
+    whole blocks), else 0 (the descriptors start at the one summary offset)."""
+    if HEAD_LO:
+        lo = gl.load(lo_ptr + h % TH)
+    else:
+        lo = 0
+    return lo
+
+
+@gluon.jit
+def _load_summary(k_desc, v_desc, k_tile, v_tile, bar, tile, b, h, lo, SEG_C, pred, BN: gl.constexpr, D: gl.constexpr,
                   RB: gl.constexpr, RC: gl.constexpr):
     """TMA-load the keys / values of summary tile `tile` (slots tile * BN .. + BN; one box of the 5-D descriptors: RB
-    blocks of RC rows) into the [BN, D] tiles k_tile, v_tile (the box's rows in order, the same swizzle), when pred
-    holds. Slots past the last block read as zeros."""
+    blocks of RC rows, from row lo of each block on) into the [BN, D] tiles k_tile, v_tile (the box's rows in order,
+    the same swizzle), when pred holds. Slots past the last block read as zeros."""
     mbarrier.expect(bar, 2 * BN * D * 2, pred=pred)
     box: gl.constexpr = [1, 1, RB, RC, D]
-    if RB > 1:  # whole blocks (RC = SEG_C)
-        coord = [b, h, tile * RB, 0, 0]
-    else:  # part of one block
-        coord = [b, h, (tile * BN) // SEG_C, (tile * BN) % SEG_C, 0]
+    if RB > 1:  # whole summaries (RC = SEG_C)
+        coord = [b, h, tile * RB, lo, 0]
+    else:  # part of one block's summary
+        coord = [b, h, (tile * BN) // SEG_C, lo + (tile * BN) % SEG_C, 0]
     tma.async_copy_global_to_shared(k_desc, coord, bar, k_tile._reinterpret(k_desc.dtype, box, k_desc.layout),
                                     pred=pred)
     tma.async_copy_global_to_shared(v_desc, coord, bar, v_tile._reinterpret(v_desc.dtype, box, v_desc.layout),
@@ -106,18 +125,19 @@ def _load_summary(k_desc, v_desc, k_tile, v_tile, bar, tile, b, h, SEG_C, pred, 
 
 
 @gluon.jit
-def _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, tile, b, h, SEG_C, pred, STAGES: gl.constexpr,
+def _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, tile, b, h, lo, SEG_C, pred, STAGES: gl.constexpr,
              BN: gl.constexpr, D: gl.constexpr, RB: gl.constexpr, RC: gl.constexpr):
     """Summary key / value tile `tile` (slots tile * BN ..) into ring slot tile % STAGES, when pred holds."""
     s = tile % STAGES
-    _load_summary(k_desc, v_desc, k_smem.index(s), v_smem.index(s), kv_bar.index(s), tile, b, h, SEG_C, pred, BN, D,
-                  RB, RC)
+    _load_summary(k_desc, v_desc, k_smem.index(s), v_smem.index(s), kv_bar.index(s), tile, b, h, lo, SEG_C, pred, BN,
+                  D, RB, RC)
 
 
 @gluon.jit
-def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, qk_scale, N, H, G, NQB, SEG_L, SEG_C,
+def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, lo_ptr, qk_scale, N, H, TH, G, NQB, SEG_L, SEG_C,
                        BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, RB: gl.constexpr, RC: gl.constexpr,
-                       STAGES: gl.constexpr, PIPE: gl.constexpr, MERGE: gl.constexpr, num_warps: gl.constexpr):
+                       STAGES: gl.constexpr, PIPE: gl.constexpr, MERGE: gl.constexpr, HEAD_LO: gl.constexpr,
+                       num_warps: gl.constexpr):
     """PIPE 0: each tile's Q K^T, softmax and P V one after another; 1: the next tile's Q K^T issued before this tile's
     softmax; 2 (FlashAttention-3's order): each iteration issues the next tile's Q K^T and this tile's P V, then runs
     the next tile's softmax while the P V runs, and waits for it before the loop turns (an accumulator still being
@@ -126,6 +146,7 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, qk_scale, N, H, G
     bh, q0, kv_len, n_tiles = _query_tile(NQB, G, SEG_L, SEG_C, BM, BN)
     b = bh // H
     h = bh % H
+    lo = _head_lo(lo_ptr, h, TH, HEAD_LO)
 
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                         instr_shape=[16, BN, 16])
@@ -144,7 +165,7 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, qk_scale, N, H, G
     mbarrier.expect(q_bar, BM * D * 2)
     tma.async_copy_global_to_shared(q_desc, [bh * N + q0, 0], q_bar, q_smem)
     for s in gl.static_range(STAGES):  # the first STAGES key / value tiles
-        _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, s, b, h, SEG_C, s < n_tiles, STAGES, BN, D, RB, RC)
+        _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, s, b, h, lo, SEG_C, s < n_tiles, STAGES, BN, D, RB, RC)
 
     acc = gl.zeros([BM, D], gl.float32, o_layout)
     cols = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
@@ -181,8 +202,8 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, qk_scale, N, H, G
             p_op = gl.convert_layout(p.to(v_desc.dtype), p_layout)
             acc = warpgroup_mma_wait(0, deps=(acc,))
             # tile j's stage is free: load tile j + STAGES into it
-            _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, j + STAGES, b, h, SEG_C, j + STAGES < n_tiles, STAGES, BN,
-                     D, RB, RC)
+            _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, j + STAGES, b, h, lo, SEG_C, j + STAGES < n_tiles, STAGES,
+                     BN, D, RB, RC)
     else:
         m_i = gl.full([BM], float("-inf"), gl.float32, row_s)
         l_i = gl.zeros([BM], gl.float32, row_s)
@@ -210,8 +231,8 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, qk_scale, N, H, G
             else:
                 acc = warpgroup_mma_wait(0, deps=(acc,))
             # tile j's stage is free: load tile j + STAGES into it
-            _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, j + STAGES, b, h, SEG_C, j + STAGES < n_tiles, STAGES, BN,
-                     D, RB, RC)
+            _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, j + STAGES, b, h, lo, SEG_C, j + STAGES < n_tiles, STAGES,
+                     BN, D, RB, RC)
             if PIPE == 0:
                 nxt = gl.minimum(j + 1, n_tiles - 1)
                 mbarrier.wait(kv_bar.index(nxt % STAGES), (nxt // STAGES) & 1)
@@ -249,9 +270,9 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, qk_scale, N, H, G
 
 
 @gluon.jit
-def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_ptr, qk_scale, sm_scale, N, H, G, NQB,
-                      SEG_L, SEG_C, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, RB: gl.constexpr,
-                      RC: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_ptr, lo_ptr, qk_scale, sm_scale, N, H,
+                      TH, G, NQB, SEG_L, SEG_C, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, RB: gl.constexpr,
+                      RC: gl.constexpr, STAGES: gl.constexpr, HEAD_LO: gl.constexpr, num_warps: gl.constexpr):
     """dQ of the gathered part, added to the dQ an earlier segment stored (which also stored Delta = rowsum(dO * O)):
     per key tile S = Q K^T and dP = dO V^T, then dS = P * (dP - Delta) and dQ += dS K. The next tile's two products
     are issued before this tile's element-wise work and run during it; dQ's product is waited within the iteration."""
@@ -259,6 +280,7 @@ def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_pt
     bh, q0, kv_len, n_tiles = _query_tile(NQB, G, SEG_L, SEG_C, BM, BN)
     b = bh // H
     h = bh % H
+    lo = _head_lo(lo_ptr, h, TH, HEAD_LO)
 
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                         instr_shape=[16, BN, 16])
@@ -279,7 +301,7 @@ def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_pt
     tma.async_copy_global_to_shared(q_desc, [bh * N + q0, 0], q_bar, q_smem)
     tma.async_copy_global_to_shared(do_desc, [bh * N + q0, 0], q_bar, do_smem)
     for s in gl.static_range(STAGES):
-        _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, s, b, h, SEG_C, s < n_tiles, STAGES, BN, D, RB, RC)
+        _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, s, b, h, lo, SEG_C, s < n_tiles, STAGES, BN, D, RB, RC)
 
     rows_s = q0 + gl.arange(0, BM, layout=row_s)
     lse = gl.load(lse_ptr + bh.to(gl.int64) * N + rows_s, mask=rows_s < N, other=float("-inf")) * 1.4426950408889634
@@ -308,8 +330,8 @@ def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_pt
                            is_async=True)
         dq, s_cur, dp_cur = warpgroup_mma_wait(0, deps=(dq, s_next, dp_next))
         # tile j's stage is free: load tile j + STAGES into it
-        _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, j + STAGES, b, h, SEG_C, j + STAGES < n_tiles, STAGES, BN, D,
-                 RB, RC)
+        _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, j + STAGES, b, h, lo, SEG_C, j + STAGES < n_tiles, STAGES, BN,
+                 D, RB, RC)
     mbarrier.invalidate(q_bar)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(kv_bar.index(s))
@@ -322,9 +344,10 @@ def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_pt
 
 
 @gluon.jit
-def _gather_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr, delta_ptr, qk_scale, sm_scale, N,
-                        H, NB, SEG_L, SEG_LO, SEG_C, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
-                        RB: gl.constexpr, RC: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+def _gather_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr, delta_ptr, lo_ptr, qk_scale, sm_scale,
+                        N, H, TH, NB, SEG_L, SEG_LO, SEG_C, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
+                        RB: gl.constexpr, RC: gl.constexpr, STAGES: gl.constexpr, HEAD_LO: gl.constexpr,
+                        num_warps: gl.constexpr):
     """dK / dV of the gathered part for BN summary keys (slots k0 .. k0 + BN), added to the dK / dV an earlier
     segment stored at their rows: per query tile S^T = K Q^T and dP^T = V dO^T, then P^T = exp(S^T - LSE), dV += P^T dO,
     dS^T = P^T * (dP^T - Delta), dK += dS^T Q. Summary slot s (block s // SEG_C) is seen by the queries of the later
@@ -352,7 +375,8 @@ def _gather_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr
     q_smem, do_smem, q_bar = _ring(q_desc, STAGES, BM, D)
     fence_async_shared()
 
-    _load_summary(k_desc, v_desc, k_smem, v_smem, k_bar, gl.program_id(1), bh // H, bh % H, SEG_C, True, BN, D, RB,
+    lo = _head_lo(lo_ptr, bh % H, TH, HEAD_LO)
+    _load_summary(k_desc, v_desc, k_smem, v_smem, k_bar, gl.program_id(1), bh // H, bh % H, lo, SEG_C, True, BN, D, RB,
                   RC)
     row0 = bh * N + q_start
     for s in gl.static_range(STAGES):
@@ -400,9 +424,10 @@ def _gather_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr
     mbarrier.invalidate(k_bar)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(q_bar.index(s))
-    # slot s -> row (s // SEG_C) * SEG_L + SEG_LO + s % SEG_C; the padding slots past NB * SEG_C are not stored
+    # slot s -> row (s // SEG_C) * SEG_L + lo + s % SEG_C (lo: SEG_LO, or the head's own with HEAD_LO); the padding
+    # slots past NB * SEG_C are not stored
     slots_o = k0 + gl.arange(0, BN, layout=gl.SliceLayout(1, kv_layout))
-    rows_o = (slots_o // SEG_C) * SEG_L + SEG_LO + slots_o % SEG_C
+    rows_o = (slots_o // SEG_C) * SEG_L + (lo + SEG_LO) + slots_o % SEG_C
     offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, kv_layout))
     off = (base + gl.expand_dims(rows_o, 1)) * D + gl.expand_dims(offs_d, 0)
     ok = gl.expand_dims(slots_o < NB * SEG_C, 1)
@@ -414,8 +439,8 @@ def _gather_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr
 
 def summary_view(x, L, lo, c):
     """Rows lo .. lo + c of every whole L-row block of x [B, H, n, D] (last dim contiguous), in place: a
-    [B, H, n // L, c, D] view. A dimension of size one gets the stride a contiguous tensor would give it (TMA checks
-    every stride; this one is never stepped)."""
+    [B, H, n // L, c, D] view (with lo = 0 and c = L: whole blocks, for per-head offsets). A dimension of size one
+    gets the stride a contiguous tensor would give it (TMA checks every stride; this one is never stepped)."""
     B, H, n, D = x.shape
     shape = (B, H, n // L, c, D)
     sb, sh, sn, _ = x.stride()
@@ -437,10 +462,11 @@ def summary_box(c, BN):
 
 def summary_fits(x, L, lo, c, BN) -> bool:
     """Can a TMA descriptor read BN-slot tiles of x's summary rows in place (summary_desc): c divides BN or BN
-    divides c, and the view's start and strides are multiples of 16 bytes, no stride 0 (an expanded K / V)?"""
+    divides c, and the view's start and strides are multiples of 16 bytes, no stride 0 (an expanded K / V)? lo: the
+    one summary offset, or a tensor of per-head offsets (the view sees whole blocks)."""
     if not (BN % c == 0 or c % BN == 0) or x.stride(-1) != 1:
         return False
-    view = summary_view(x, L, lo, c)
+    view = summary_view(x, L, 0, L) if isinstance(lo, torch.Tensor) else summary_view(x, L, lo, c)
     return view.data_ptr() % 16 == 0 and all(s > 0 and s * x.element_size() % 16 == 0 for s in view.stride()[:-1])
 
 
@@ -465,12 +491,15 @@ def _desc(x, rows, memo=None):
 
 
 def summary_desc(x, L, lo, c, BN, memo=None):
-    """A 5-D TMA descriptor over x's summary rows in place (summary_view: [B, H, n // L, c, D]), in boxes of BN slots
-    (summary_box); slots past the last whole block read as zeros. x passed summary_fits."""
-    key = (id(x), "summary", BN)
+    """A 5-D TMA descriptor over x's summary rows in place, in boxes of BN slots (summary_box); slots past the last
+    whole block read as zeros. lo: the one summary offset (the view starts there: summary_view), or a tensor of
+    per-head offsets (the view sees whole blocks and the kernels add the head's offset to the row coordinate). x
+    passed summary_fits."""
+    per_head = isinstance(lo, torch.Tensor)
+    key = (id(x), "summary", BN, per_head)
     if memo is not None and key in memo:
         return memo[key]
-    view = summary_view(x, L, lo, c)
+    view = summary_view(x, L, 0, L) if per_head else summary_view(x, L, lo, c)
     box = (1, 1, *summary_box(c, BN), x.shape[-1])
     d = TensorDescriptor(view, list(view.shape), list(view.stride()), list(box), _layout(box, x.dtype))
     if memo is not None:
@@ -478,21 +507,32 @@ def summary_desc(x, L, lo, c, BN, memo=None):
     return d
 
 
+def _offsets(lo, lse):
+    """(lo_ptr, TH, HEAD_LO, SEG_LO) kernel arguments: a per-head offset table (lo a tensor), or the one offset (lo an
+    int; lo_ptr then is any pointer, never read)."""
+    if isinstance(lo, torch.Tensor):
+        return lo, lo.numel(), True, 0
+    return lse, 1, False, lo
+
+
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
 def gather_forward(q, k, v, o, lse, L, lo, c, scale, merge, BM=128, BN=64, stages=3, warps=4, pipe=0):
-    """Attention of each query over the summary keys (rows lo .. lo + c of each L-row block of k, v, read in place)
-    of the blocks before its own, written to o [B, H, n, D] and lse fp32 [B, H, n] (contiguous, like q), or merged
-    into what they hold (merge)."""
+    """Attention of each query over the summary keys (rows lo .. lo + c of each L-row block of k, v, read in place;
+    lo an int, or an int32 tensor of per-head offsets, head h using lo[h % len(lo)]) of the blocks before its own,
+    written to o [B, H, n, D] and lse fp32 [B, H, n] (contiguous, like q), or merged into what they hold (merge)."""
     global LAUNCHES
     B, H, n, D = q.shape
     assert L % BM == 0 and q.is_contiguous() and o.is_contiguous()
     rb, rc = summary_box(c, BN)
     nqb = triton.cdiv(n, BM)
+    lo_ptr, th, head_lo, _ = _offsets(lo, lse)
     launch_kernel(_gather_fwd_kernel, (B * H, nqb), (_desc(q, BM), summary_desc(k, L, lo, c, BN),
-                  summary_desc(v, L, lo, c, BN), o, lse), (scale * 1.4426950408889634, n, H, n // L * c, nqb, L, c),
-                  dict(BM=BM, BN=BN, D=D, RB=rb, RC=rc, STAGES=stages, PIPE=pipe, MERGE=merge, num_warps=warps))
+                  summary_desc(v, L, lo, c, BN), o, lse, lo_ptr),
+                  (scale * 1.4426950408889634, n, H, th, n // L * c, nqb, L, c),
+                  dict(BM=BM, BN=BN, D=D, RB=rb, RC=rc, STAGES=stages, PIPE=pipe, MERGE=merge, HEAD_LO=head_lo,
+                       num_warps=warps))
     LAUNCHES += 1
 
 
@@ -504,10 +544,11 @@ def gather_dq(q, do, k, v, lse, delta, dq, L, lo, c, scale, BM=128, BN=64, stage
     assert L % BM == 0 and do.is_contiguous() and dq.is_contiguous()
     rb, rc = summary_box(c, BN)
     nqb = triton.cdiv(n, BM)
+    lo_ptr, th, head_lo, _ = _offsets(lo, lse)
     launch_kernel(_gather_dq_kernel, (B * H, nqb), (_desc(q, BM, memo), _desc(do, BM, memo),
-                  summary_desc(k, L, lo, c, BN, memo), summary_desc(v, L, lo, c, BN, memo), dq, lse, delta),
-                  (scale * 1.4426950408889634, scale, n, H, n // L * c, nqb, L, c),
-                  dict(BM=BM, BN=BN, D=D, RB=rb, RC=rc, STAGES=stages, num_warps=warps))
+                  summary_desc(k, L, lo, c, BN, memo), summary_desc(v, L, lo, c, BN, memo), dq, lse, delta, lo_ptr),
+                  (scale * 1.4426950408889634, scale, n, H, th, n // L * c, nqb, L, c),
+                  dict(BM=BM, BN=BN, D=D, RB=rb, RC=rc, STAGES=stages, HEAD_LO=head_lo, num_warps=warps))
     LAUNCHES += 1
 
 
@@ -519,10 +560,11 @@ def gather_dkdv(q, do, k, v, lse, delta, dk, dv, L, lo, c, scale, BM=64, BN=64, 
     assert q.is_contiguous() and do.is_contiguous() and dk.is_contiguous() and dv.is_contiguous()
     rb, rc = summary_box(c, BN)
     nb = n // L
+    lo_ptr, th, head_lo, seg_lo = _offsets(lo, lse)
     launch_kernel(_gather_dkdv_kernel, (B * H, triton.cdiv(nb * c, BN)), (
         _desc(q, BM, memo), _desc(do, BM, memo), summary_desc(k, L, lo, c, BN, memo),
-        summary_desc(v, L, lo, c, BN, memo), dk, dv, lse, delta), (scale * 1.4426950408889634, scale, n, H, nb, L, lo,
-        c), dict(BM=BM, BN=BN, D=D, RB=rb, RC=rc, STAGES=stages, num_warps=warps))
+        summary_desc(v, L, lo, c, BN, memo), dk, dv, lse, delta, lo_ptr), (scale * 1.4426950408889634, scale, n, H,
+        th, nb, L, seg_lo, c), dict(BM=BM, BN=BN, D=D, RB=rb, RC=rc, STAGES=stages, HEAD_LO=head_lo, num_warps=warps))
     LAUNCHES += 1
 
 
@@ -532,8 +574,8 @@ def eligible(q, k, v, seg, scale, merge, others=()) -> bool:
     contiguous and 16-byte aligned like a contiguous q (a strided q is copied), k and v whose summary rows TMA reads
     in place (summary_fits: any strides that are multiples of 16 bytes, a summary width c that divides the key tile or
     that it divides), a positive scale (the kernel scales the row max of the raw scores), the gathered part of a
-    layout whose every head has it, with one summary offset, after a band that holds each query's own block
-    (merge)."""
+    layout whose every head has it, with one summary offset (or, with HEAD_OFFSETS, one per head), after a band that
+    holds each query's own block (merge)."""
     if not (merge and seg.kind == GATHER and q.is_cuda and q.dtype in _GL_DTYPES and q.shape[-1] in (64, 128)
             and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in others)
             and (not q.is_contiguous() or q.data_ptr() % 16 == 0)
@@ -542,26 +584,50 @@ def eligible(q, k, v, seg, scale, merge, others=()) -> bool:
             and triton.cdiv(q.shape[2] // seg.L * seg.C, DKDV_SETTINGS[q.shape[-1]]["BN"]) <= 65535
             and scale * 1.4426950408889634 >= 2.0 ** -126 and seg.L % SETTINGS[q.shape[-1]]["BM"] == 0):
         return False
-    lo = _summary_offset(seg)
-    return _capability(q.device)[0] == 9 and lo is not None and \
-        all(summary_fits(x, seg.L, lo, seg.C, KV_TILE) for x in (k, v))
+    if _capability(q.device)[0] != 9:
+        return False
+    lo = _offsets_of(seg, q.device)
+    return lo is not None and all(summary_fits(x, seg.L, lo, seg.C, KV_TILE) for x in (k, v))
 
 
-_SEG: dict = {}  # id(segment) -> (segment, its one summary offset or None); segments live in function's launch cache
+_SEG: dict = {}  # id(segment) -> (segment, one offset or None, per-head offsets or None); segments live in the launch
+_HEAD_LO: dict = {}  # (id(segment), device) -> (segment, int32 tensor of its per-head offsets there)
 _CAPABILITY: dict = {}
+
+
+def _segment_offsets(seg):
+    """(the summary offset lo every head shares, or None; the per-head offsets, or None) of a gathered segment whose
+    every head has summary keys before each block (host-side, once per segment)."""
+    hit = _SEG.get(id(seg))
+    if hit is None or hit[0] is not seg:
+        p = seg.params
+        ok = bool((p[:, P_SUM_L] > 0).all()) and bool((p[:, P_SUM_EXCL] > 0).all())
+        offsets = tuple(int(x) for x in p[:, P_SUM_LO].tolist()) if ok else None
+        one = offsets[0] if offsets is not None and len(set(offsets)) == 1 else None
+        if len(_SEG) >= 4096:
+            _SEG.clear()
+        hit = _SEG[id(seg)] = (seg, one, offsets)
+    return hit[1], hit[2]
 
 
 def _summary_offset(seg):
     """The summary offset lo shared by every head of a gathered segment that has summary keys before each block, else
-    None (host-side, once per segment)."""
-    hit = _SEG.get(id(seg))
+    None."""
+    return _segment_offsets(seg)[0]
+
+
+def _offsets_of(seg, device):
+    """What the kernels take as lo for this segment: its one summary offset (an int), with HEAD_OFFSETS an int32
+    tensor of its per-head offsets on `device` (cached) where they differ, else None (the Triton kernels take it)."""
+    one, offsets = _segment_offsets(seg)
+    if one is not None or not HEAD_OFFSETS or offsets is None:
+        return one
+    key = (id(seg), str(device))
+    hit = _HEAD_LO.get(key)
     if hit is None or hit[0] is not seg:
-        p = seg.params
-        ok = bool((p[:, P_SUM_L] > 0).all()) and bool((p[:, P_SUM_EXCL] > 0).all()) and \
-            len(set(p[:, P_SUM_LO].tolist())) == 1
-        if len(_SEG) >= 4096:
-            _SEG.clear()
-        hit = _SEG[id(seg)] = (seg, int(p[0, P_SUM_LO]) if ok else None)
+        if len(_HEAD_LO) >= 4096:
+            _HEAD_LO.clear()
+        hit = _HEAD_LO[key] = (seg, torch.tensor(offsets, dtype=torch.int32, device=device))
     return hit[1]
 
 
@@ -576,7 +642,7 @@ def backward(q, k, v, do, dq, dk, dv, lse, delta, seg, scale, with_dq, with_dkdv
     launch; the summary keys are read in place."""
     if q.shape[2] < seg.L or not (with_dq or with_dkdv):
         return
-    lo = _summary_offset(seg)
+    lo = _offsets_of(seg, q.device)
     q = q.contiguous()
     memo = {}  # descriptors of the same tensor and tile shape, shared by the two kernels
     if with_dq:
@@ -589,5 +655,5 @@ def forward(q, k, v, o, lse, seg, scale, merge):
     """The gathered part's forward for an eligible launch (the summary keys read in place), merged into o / lse."""
     if q.shape[2] < seg.L:  # one block: no query sees a summary key, and merging nothing changes nothing
         return
-    gather_forward(q.contiguous(), k, v, o, lse, seg.L, _summary_offset(seg), seg.C, scale, merge,
+    gather_forward(q.contiguous(), k, v, o, lse, seg.L, _offsets_of(seg, q.device), seg.C, scale, merge,
                    **SETTINGS[q.shape[-1]])
