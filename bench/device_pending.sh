@@ -80,7 +80,7 @@ case "$WHAT" in
     OUT="$OUT" timeout 120 python bench/block_bwd.py fixed-12k fixed-64k 2>&1 | tee "$OUT/block-bwd.log"
     ;;
   heads)
-    timeout 100 python bench/gluon_gather.py check 2>&1 | tee "$OUT/gluon-check.log" | grep -i "offsets\|within"
+    timeout 200 python bench/gluon_gather.py check 2>&1 | tee "$OUT/gluon-check.log" | grep -i "offsets\|within"
     timeout 200 python -m pytest -m gpu tests/test_triton_attention.py -k "per_head or block_backward" -q -n 14 \
       -p no:cacheprovider -rf 2>&1 | grep -E "passed|failed|FAILED|Error" | head -n 30 | tee "$OUT/gpu-tests-heads.log"
     for on in 0 1; do

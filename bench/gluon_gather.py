@@ -1,6 +1,6 @@
 """The Gluon kernels of the fixed pattern's summary part (sparse_transformer/attention/triton/gluon_gather.py) on their
-own: `python bench/gluon_gather.py compile [fwd dq dkdv] [c=32]` compiles each setting for sm_90 without a GPU and
-reports registers, spills and shared memory (Triton 3.6 is the device's version); on a GPU, `check` (`check-all`: every
+own: `python bench/gluon_gather.py compile [fwd dq dkdv] [c=32] [heads]` compiles each setting for sm_90 without a
+GPU and reports registers, spills and shared memory (Triton 3.6 is the device's version); on a GPU, `check` (`check-all`: every
 setting) compares them with a float32 torch reference on small shapes, gradients against autograd, and `time` sets
 their kernel times beside our Triton kernels' (profiler medians) at the fixed-12k and fixed-64k shapes."""
 import math
@@ -50,9 +50,9 @@ def check(full=False):
              (1, 2, 1000, 128, 256, 32, torch.bfloat16, False), (2, 2, 2100, 64, 256, 128, torch.bfloat16, True),
              (1, 3, 1536, 128, 128, 8, torch.float16, True)]
     # per-head summary offsets (gluon_gather.HEAD_OFFSETS; the last field: num_verts, head h's offset L - c (h % v + 1))
-    cases = [case + (1,) for case in cases] + [(1, 4, 1024, 64, 128, 32, torch.bfloat16, True, 4),
-                                               (2, 3, 2100, 64, 256, 64, torch.bfloat16, False, 2),
-                                               (1, 2, 1000, 128, 256, 32, torch.float16, True, 2)]
+    cases = [(1, 4, 1024, 64, 128, 32, torch.bfloat16, True, 4), (2, 4, 2100, 64, 256, 64, torch.bfloat16, False, 2),
+             (1, 2, 1000, 128, 256, 32, torch.float16, True, 2), (1, 4, 1100, 64, 256, 128, torch.bfloat16, True, 2),
+             (1, 4, 1536, 64, 128, 8, torch.bfloat16, False, 4)] + [case + (1,) for case in cases]  # per-head first
     for (B, H, n, D, L, c, dt, views, verts) in cases:
         los = [L - c * (h % verts + 1) for h in range(H)]
         lo = los[0] if verts == 1 else torch.tensor(los, dtype=torch.int32, device="cuda")
@@ -189,14 +189,14 @@ def time_against_triton():
             _profile(f"{name:14s} {label}", f)
 
 
-def compile_only(which=("fwd", "dq", "dkdv"), c=32):
+def compile_only(which=("fwd", "dq", "dkdv"), c=32, head_lo=False):
     """Compile every setting (d=64) and the library's settings for sm_90 without a GPU and report registers / spills
     (ptxas -v), shared memory, and whether ptxas serialized the asynchronous wgmma (which undoes the pipelining);
-    c: the summary width the key / value descriptors' boxes are cut for."""
+    c: the summary width the key / value descriptors' boxes are cut for; head_lo: the per-head offset variant."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    print(f"triton {triton.__version__}, target sm_90, summary width c={c}")
+    print(f"triton {triton.__version__}, target sm_90, summary width c={c}{', per-head offsets' if head_lo else ''}")
 
     def descs(st, D):
         box = (1, 1, *summary_box(c, st["BN"]), D)
@@ -212,29 +212,30 @@ def compile_only(which=("fwd", "dq", "dkdv"), c=32):
             return
         _report(label, k)
 
-    scalars = dict(N="i32", H="i32")
+    scalars = dict(N="i32", H="i32", TH="i32")
     for st in [dict(s, D=64) for s in SETTINGS if "fwd" in which] + \
             [dict(s, D=d, library=True) for d, s in LIBRARY.items() if "fwd" in which]:
         D = st["D"]
         qd, kd = descs(st, D)
         rb, rc = summary_box(c, st["BN"])
-        sig = dict(q_desc=qd, k_desc=kd, v_desc=kd, o_ptr="*bf16", lse_ptr="*fp32", qk_scale="fp32", **scalars,
-                   G="i32", NQB="i32", SEG_L="i32", SEG_C="i32", BM="constexpr", BN="constexpr", D="constexpr",
-                   RB="constexpr", RC="constexpr", STAGES="constexpr", PIPE="constexpr", MERGE="constexpr",
-                   num_warps="constexpr")
+        sig = dict(q_desc=qd, k_desc=kd, v_desc=kd, o_ptr="*bf16", lse_ptr="*fp32", lo_ptr="*i32", qk_scale="fp32",
+                   **scalars, G="i32", NQB="i32", SEG_L="i32", SEG_C="i32", BM="constexpr", BN="constexpr",
+                   D="constexpr", RB="constexpr", RC="constexpr", STAGES="constexpr", PIPE="constexpr",
+                   MERGE="constexpr", HEAD_LO="constexpr", num_warps="constexpr")
         build(_gather_fwd_kernel, f"fwd {st}", st, sig, dict(BM=st["BM"], BN=st["BN"], D=D, RB=rb, RC=rc,
-                                                             STAGES=st["stages"], PIPE=st["pipe"], MERGE=True))
+                                                             STAGES=st["stages"], PIPE=st["pipe"], MERGE=True,
+                                                             HEAD_LO=head_lo))
     for st in [dict(s, D=64) for s in DQ_SWEEP if "dq" in which] + \
             [dict(s, D=d, library=True) for d, s in LIBRARY_DQ.items() if "dq" in which]:
         D = st["D"]
         qd, kd = descs(st, D)
         rb, rc = summary_box(c, st["BN"])
         sig = dict(q_desc=qd, do_desc=qd, k_desc=kd, v_desc=kd, dq_ptr="*fp32", lse_ptr="*fp32", delta_ptr="*fp32",
-                   qk_scale="fp32", sm_scale="fp32", **scalars, G="i32", NQB="i32", SEG_L="i32", SEG_C="i32",
-                   BM="constexpr", BN="constexpr", D="constexpr", RB="constexpr", RC="constexpr",
-                   STAGES="constexpr", num_warps="constexpr")
+                   lo_ptr="*i32", qk_scale="fp32", sm_scale="fp32", **scalars, G="i32", NQB="i32", SEG_L="i32",
+                   SEG_C="i32", BM="constexpr", BN="constexpr", D="constexpr", RB="constexpr", RC="constexpr",
+                   STAGES="constexpr", HEAD_LO="constexpr", num_warps="constexpr")
         build(_gather_dq_kernel, f"dq {st}", st, sig, dict(BM=st["BM"], BN=st["BN"], D=D, RB=rb, RC=rc,
-                                                           STAGES=st["stages"]))
+                                                           STAGES=st["stages"], HEAD_LO=head_lo))
     for st in [s for s in DKDV_SWEEP if "dkdv" in which] + \
             [dict(s, D=d, library=True) for d, s in LIBRARY_KV.items() if "dkdv" in which]:
         st = dict(st, D=st.get("D", 64))
@@ -242,11 +243,11 @@ def compile_only(which=("fwd", "dq", "dkdv"), c=32):
         qd, kd = descs(st, D)
         rb, rc = summary_box(c, st["BN"])
         sig = dict(q_desc=qd, do_desc=qd, k_desc=kd, v_desc=kd, dk_ptr="*bf16", dv_ptr="*bf16", lse_ptr="*fp32",
-                   delta_ptr="*fp32", qk_scale="fp32", sm_scale="fp32", **scalars, NB="i32", SEG_L="i32",
-                   SEG_LO="i32", SEG_C="i32", BM="constexpr", BN="constexpr", D="constexpr", RB="constexpr",
-                   RC="constexpr", STAGES="constexpr", num_warps="constexpr")
+                   delta_ptr="*fp32", lo_ptr="*i32", qk_scale="fp32", sm_scale="fp32", **scalars, NB="i32",
+                   SEG_L="i32", SEG_LO="i32", SEG_C="i32", BM="constexpr", BN="constexpr", D="constexpr",
+                   RB="constexpr", RC="constexpr", STAGES="constexpr", HEAD_LO="constexpr", num_warps="constexpr")
         build(_gather_dkdv_kernel, f"dkdv {st}", st, sig, dict(BM=st["BM"], BN=st["BN"], D=D, RB=rb, RC=rc,
-                                                               STAGES=st["stages"]))
+                                                               STAGES=st["stages"], HEAD_LO=head_lo))
 
 
 def _report(label, k):
@@ -261,10 +262,10 @@ def _report(label, k):
 
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "compile"
-    if what == "compile":  # optionally: which kernels (fwd, dq, dkdv) and c=WIDTH
-        args = [a for a in sys.argv[2:] if not a.startswith("c=")]
+    if what == "compile":  # optionally: which kernels (fwd, dq, dkdv), c=WIDTH, heads (the per-head offset variant)
+        args = [a for a in sys.argv[2:] if not a.startswith("c=") and a != "heads"]
         widths = [int(a[2:]) for a in sys.argv[2:] if a.startswith("c=")] or [32]
         for width in widths:
-            compile_only(tuple(args) or ("fwd", "dq", "dkdv"), width)
+            compile_only(tuple(args) or ("fwd", "dq", "dkdv"), width, "heads" in sys.argv[2:])
     else:
         {"check": check, "check-all": lambda: check(True), "time": time_against_triton}[what]()

@@ -91,6 +91,8 @@ def test_gpu_block_backward_matches_reference(n, L, D, dtype, tile, stages, monk
     run."""
     from sparse_transformer.attention.triton import block_backward, function
 
+    if stages > 1 and D > 64:
+        pytest.skip("head dims over 64 always run 1 stage (block_backward.block_backward)")
     monkeypatch.setattr(block_backward, "MAX_TILE", tile)
     monkeypatch.setattr(block_backward, "STAGES", stages)
     function.clear_cache()
@@ -557,6 +559,7 @@ def test_gpu_gluon_gather_edge_cases(case, monkeypatch):
     from sparse_transformer.attention.triton import forward, gluon_gather
 
     monkeypatch.setattr(forward, "GLUON_GATHER", True)
+    monkeypatch.setattr(gluon_gather, "HEAD_OFFSETS", False)  # num-verts-2 takes the Triton kernels
     if case == "dkdv-off":
         monkeypatch.setattr(gluon_gather, "DKDV", False)
         lay, launches = layouts.fixed(1025, 128, 32), 2
@@ -574,7 +577,7 @@ def test_gpu_gluon_gather_edge_cases(case, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n,L,c,heads,verts", [(1025, 128, 32, 4, 4), (4096, 256, 32, 3, 2), (1100, 256, 128, 2, 2),
+@pytest.mark.parametrize("n,L,c,heads,verts", [(1025, 128, 32, 4, 4), (4096, 256, 32, 4, 2), (1100, 256, 128, 2, 2),
                                                 (1000, 128, 8, 4, 4)])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("views", [False, True], ids=["contiguous", "views"])
@@ -605,6 +608,8 @@ def test_gluon_per_head_offsets_only_when_switched_on(monkeypatch):
     from sparse_transformer.attention.triton import gluon_gather
     from sparse_transformer.attention.triton.function import get_launches
 
+    monkeypatch.setattr(gluon_gather, "HEAD_OFFSETS", False)  # whatever SPARSE_TRANSFORMER_GLUON_HEADS says
+
     def seg(lay):
         return [launch.seg for launch in get_launches(lay, 64, "cpu") if launch.seg.kind == GATHER][0]
 
@@ -619,6 +624,11 @@ def test_gluon_per_head_offsets_only_when_switched_on(monkeypatch):
     assert gluon_gather.summary_fits(x, 128, table, 32, 64)
     odd = torch.randn(2, 1024, 4 * 64 + 4, dtype=torch.bfloat16)[:, :, :256].view(2, 1024, 4, 64).transpose(1, 2)
     assert not gluon_gather.summary_fits(odd, 128, table, 32, 64)  # rows of 260 elements: 520 bytes
+    d = gluon_gather.summary_desc(x, 128, table, 32, 64)  # whole blocks from row 0, boxes of two 32-row summaries
+    assert list(d.shape) == [2, 4, 8, 128, 64] and list(d.block_shape) == [1, 1, 2, 32, 64]
+    assert d.base.data_ptr() == x.data_ptr()
+    d = gluon_gather.summary_desc(x, 128, 96, 32, 64)  # one offset: the view starts at row 96, 32 rows per block
+    assert list(d.shape) == [2, 4, 8, 32, 64] and d.base.data_ptr() == x[:, :, 96:].data_ptr()
     summary = seg(layouts.fixed(1024, 128, 32, "summary", heads=4, num_verts=4))  # no band: never this path
     assert gluon_gather._segment_offsets(summary) == (None, None)
 

@@ -29,6 +29,7 @@ fixed-64k: forward 1215 us against the Triton kernel's 1738, dQ 1300 against 208
 """
 import functools
 import os
+import weakref
 
 import torch
 import triton
@@ -511,6 +512,7 @@ def _offsets(lo, lse):
     """(lo_ptr, TH, HEAD_LO, SEG_LO) kernel arguments: a per-head offset table (lo a tensor), or the one offset (lo an
     int; lo_ptr then is any pointer, never read)."""
     if isinstance(lo, torch.Tensor):
+        assert lo.dtype == torch.int32 and lo.device == lse.device, "per-head offsets: an int32 table on the device"
         return lo, lo.numel(), True, 0
     return lse, 1, False, lo
 
@@ -591,7 +593,9 @@ def eligible(q, k, v, seg, scale, merge, others=()) -> bool:
 
 
 _SEG: dict = {}  # id(segment) -> (segment, one offset or None, per-head offsets or None); segments live in the launch
-_HEAD_LO: dict = {}  # (id(segment), device) -> (segment, int32 tensor of its per-head offsets there)
+# segment -> {device: int32 tensor of its per-head offsets}: a table lives as long as its segment (in function's launch
+# cache, like the segment's tile tables), so a kernel or a captured graph never reads a table freed under it
+_HEAD_LO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _CAPABILITY: dict = {}
 
 
@@ -622,13 +626,11 @@ def _offsets_of(seg, device):
     one, offsets = _segment_offsets(seg)
     if one is not None or not HEAD_OFFSETS or offsets is None:
         return one
-    key = (id(seg), str(device))
-    hit = _HEAD_LO.get(key)
-    if hit is None or hit[0] is not seg:
-        if len(_HEAD_LO) >= 4096:
-            _HEAD_LO.clear()
-        hit = _HEAD_LO[key] = (seg, torch.tensor(offsets, dtype=torch.int32, device=device))
-    return hit[1]
+    tables = _HEAD_LO.setdefault(seg, {})
+    key = str(device)
+    if key not in tables:
+        tables[key] = torch.tensor(offsets, dtype=torch.int32, device=device)
+    return tables[key]
 
 
 def _capability(device):
