@@ -14,7 +14,7 @@ import torch
 
 from sparse_transformer import sparse_attention
 from sparse_transformer.attention.triton import block_backward, function
-from sparse_transformer.bench import SETUPS, _time_graph, _versions
+from sparse_transformer.bench import SETUPS, _time_graph, _versions, kernel_times
 
 # label: (block kernel on, MAX_TILE, STAGES, WARPS)
 VARIANTS = {"generic dQ + dK/dV": (False, 64, 1, None), "block kernel, 64-row tiles": (True, 64, 1, None),  # 1 stage
@@ -22,23 +22,6 @@ VARIANTS = {"generic dQ + dK/dV": (False, 64, 1, None), "block kernel, 64-row ti
             "block kernel, 64-row tiles, 2 stages": (True, 64, 2, None),
             "block kernel, 64-row tiles, 8 warps": (True, 64, 1, 8),
             "block kernel, 64-row tiles, 8 warps, 2 stages": (True, 64, 2, 8)}
-
-
-def _kernels(f):
-    """Profiler medians of 5 of each CUDA kernel one f() launches (after a warm-up call)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    f()
-    torch.cuda.synchronize()
-    runs = []
-    for _ in range(5):
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            f()
-            torch.cuda.synchronize()
-        ev = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
-                    key=lambda e: e.time_range.start)
-        runs.append([(e.name[:26], e.time_range.elapsed_us()) for e in ev])
-    return [(name, sorted(r[i][1] for r in runs)[2]) for i, (name, _) in enumerate(runs[0])]
 
 
 def main(names):
@@ -63,7 +46,7 @@ def main(names):
                 ref = grads
             diff = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(grads, ref))
             fwd, fwdbwd = _time_graph(fn, go)
-            kernels = _kernels(lambda: fn().backward(go))
+            kernels = kernel_times(lambda: fn().backward(go), width=26)
             row = dict(setup=name, variant=label, n=n, batch=B, heads=H, head_dim=D, pattern=pattern, fwd_graph_ms=fwd,
                        fwdbwd_graph_ms=fwdbwd, grad_rel_diff_to_generic=diff, kernels_us=kernels, device=dev, torch=tv,
                        triton=trv)

@@ -132,22 +132,10 @@ def _gluon(on, f, dkdv=True):
 
 def _profile(label, f):
     """Print the CUDA kernels f launches with their profiler medians of 5 (after one warm-up call)."""
-    from torch.profiler import ProfilerActivity, profile
+    from sparse_transformer.bench import kernel_times
 
     try:
-        f()
-        torch.cuda.synchronize()
-        per = []
-        for _ in range(5):
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                f()
-                torch.cuda.synchronize()
-            ev = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
-                        key=lambda e: e.time_range.start)
-            per.append([(e.name[:28], e.time_range.elapsed_us()) for e in ev])
-        names = [x[0] for x in per[0]]
-        med = [sorted(p[i][1] for p in per)[2] for i in range(len(names))]
-        print(f"{label:84s} " + "  ".join(f"{a} {b:.0f} us" for a, b in zip(names, med)), flush=True)
+        print(f"{label:84s} " + "  ".join(f"{a} {b:.0f} us" for a, b in kernel_times(f)), flush=True)
     except Exception as e:  # an experiment: report and go on
         print(f"{label:84s} ERROR {type(e).__name__}: {str(e)[:200]}", flush=True)
 

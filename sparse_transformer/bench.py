@@ -76,6 +76,24 @@ def _time(fn, go=None):
     return fwd, fwdbwd
 
 
+def kernel_times(f, reps=5, width=28):
+    """[(kernel name cut to `width`, profiler median of `reps` in us)] of each CUDA kernel one f() launches, in launch
+    order (after one warm-up call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    f()
+    torch.cuda.synchronize()
+    runs = []
+    for _ in range(reps):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            f()
+            torch.cuda.synchronize()
+        ev = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                    key=lambda e: e.time_range.start)
+        runs.append([(e.name[:width], e.time_range.elapsed_us()) for e in ev])
+    return [(name, sorted(r[i][1] for r in runs)[reps // 2]) for i, (name, _) in enumerate(runs[0])]
+
+
 GRAPH_METHODS = ("triton", "sdpa-cudnn", "sdpa-flash")
 
 

@@ -63,13 +63,17 @@ LAUNCHES = 0  # kernels launched through this path (tests check that it ran)
 
 
 @gluon.jit
-def _query_tile(NQB, G, SEG_L, SEG_C, BM: gl.constexpr, BN: gl.constexpr):
-    """(batch x head, first query row, visible summary slots, key tiles) of this program: every head's longest query
-    tile first; a tile of block b sees the summary keys of blocks 0 .. b - 1 (BM divides SEG_L)."""
+def _query_tile(NQB, G, SEG_L, SEG_C, H, lo_ptr, TH, BM: gl.constexpr, BN: gl.constexpr, HEAD_LO: gl.constexpr):
+    """(batch x head, batch, head, the head's summary row offset (_head_lo), first query row, visible summary slots,
+    key tiles) of this program: every head's longest query tile first; a tile of block b sees the summary keys of
+    blocks 0 .. b - 1 (BM divides SEG_L)."""
     bh = gl.program_id(0)
     q0 = (NQB - 1 - gl.program_id(1)) * BM
     kv_len = gl.minimum((q0 // SEG_L) * SEG_C, G)
-    return bh, q0, kv_len, gl.cdiv(kv_len, BN)
+    n_tiles = gl.cdiv(kv_len, BN)
+    b = bh // H
+    h = bh % H
+    return bh, b, h, _head_lo(lo_ptr, h, TH, HEAD_LO), q0, kv_len, n_tiles
 
 
 @gluon.jit
@@ -144,10 +148,7 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, lo_ptr, qk_scale,
     the next tile's softmax while the P V runs, and waits for it before the loop turns (an accumulator still being
     written across the loop's back edge makes ptxas serialize the wgmma)."""
     gl.static_assert(PIPE == 0 or STAGES >= 2)
-    bh, q0, kv_len, n_tiles = _query_tile(NQB, G, SEG_L, SEG_C, BM, BN)
-    b = bh // H
-    h = bh % H
-    lo = _head_lo(lo_ptr, h, TH, HEAD_LO)
+    bh, b, h, lo, q0, kv_len, n_tiles = _query_tile(NQB, G, SEG_L, SEG_C, H, lo_ptr, TH, BM, BN, HEAD_LO)
 
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                         instr_shape=[16, BN, 16])
@@ -278,10 +279,7 @@ def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_pt
     per key tile S = Q K^T and dP = dO V^T, then dS = P * (dP - Delta) and dQ += dS K. The next tile's two products
     are issued before this tile's element-wise work and run during it; dQ's product is waited within the iteration."""
     gl.static_assert(STAGES >= 2)
-    bh, q0, kv_len, n_tiles = _query_tile(NQB, G, SEG_L, SEG_C, BM, BN)
-    b = bh // H
-    h = bh % H
-    lo = _head_lo(lo_ptr, h, TH, HEAD_LO)
+    bh, b, h, lo, q0, kv_len, n_tiles = _query_tile(NQB, G, SEG_L, SEG_C, H, lo_ptr, TH, BM, BN, HEAD_LO)
 
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                         instr_shape=[16, BN, 16])
@@ -438,10 +436,9 @@ def _gather_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr
     gl.store(dv_ptr + off, dv.to(dv_ptr.dtype.element_ty), mask=ok)
 
 
-def summary_view(x, L, lo, c):
-    """Rows lo .. lo + c of every whole L-row block of x [B, H, n, D] (last dim contiguous), in place: a
-    [B, H, n // L, c, D] view (with lo = 0 and c = L: whole blocks, for per-head offsets). A dimension of size one
-    gets the stride a contiguous tensor would give it (TMA checks every stride; this one is never stepped)."""
+def _summary_geometry(x, L, lo, c):
+    """(shape, strides, element offset from x's start) of summary_view, without building it (the eligibility check
+    runs on every call)."""
     B, H, n, D = x.shape
     shape = (B, H, n // L, c, D)
     sb, sh, sn, _ = x.stride()
@@ -451,7 +448,15 @@ def summary_view(x, L, lo, c):
         if shape[i] == 1:
             strides[i] = dense
         dense *= shape[i]
-    return x.as_strided(shape, strides, x.storage_offset() + lo * sn)
+    return shape, strides, lo * sn
+
+
+def summary_view(x, L, lo, c):
+    """Rows lo .. lo + c of every whole L-row block of x [B, H, n, D] (last dim contiguous), in place: a
+    [B, H, n // L, c, D] view (with lo = 0 and c = L: whole blocks, for per-head offsets). A dimension of size one
+    gets the stride a contiguous tensor would give it (TMA checks every stride; this one is never stepped)."""
+    shape, strides, offset = _summary_geometry(x, L, lo, c)
+    return x.as_strided(shape, strides, x.storage_offset() + offset)
 
 
 def summary_box(c, BN):
@@ -467,8 +472,10 @@ def summary_fits(x, L, lo, c, BN) -> bool:
     one summary offset, or a tensor of per-head offsets (the view sees whole blocks)."""
     if not (BN % c == 0 or c % BN == 0) or x.stride(-1) != 1:
         return False
-    view = summary_view(x, L, 0, L) if isinstance(lo, torch.Tensor) else summary_view(x, L, lo, c)
-    return view.data_ptr() % 16 == 0 and all(s > 0 and s * x.element_size() % 16 == 0 for s in view.stride()[:-1])
+    _, strides, offset = _summary_geometry(x, L, 0, L) if isinstance(lo, torch.Tensor) else \
+        _summary_geometry(x, L, lo, c)
+    es = x.element_size()
+    return (x.data_ptr() + offset * es) % 16 == 0 and all(s > 0 and s * es % 16 == 0 for s in strides[:-1])
 
 
 @functools.lru_cache(maxsize=None)
@@ -612,12 +619,6 @@ def _segment_offsets(seg):
             _SEG.clear()
         hit = _SEG[id(seg)] = (seg, one, offsets)
     return hit[1], hit[2]
-
-
-def _summary_offset(seg):
-    """The summary offset lo shared by every head of a gathered segment that has summary keys before each block, else
-    None."""
-    return _segment_offsets(seg)[0]
 
 
 def _offsets_of(seg, device):
