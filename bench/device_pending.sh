@@ -17,11 +17,12 @@
 #                                              # offsets in the Gluon kernels (SPARSE_TRANSFORMER_GLUON_HEADS=1) and
 #                                              # the block kernel on 2 stages: check, GPU tests, the enwik8 step with
 #                                              # and without per-head offsets
+#   bash bench/device_pending.sh host OUT      # where an eager fwd+bwd's host time goes (bench/host_trace.py)
 #   bash bench/device_pending.sh verify OUT    # every kernel GPU test
 #   bash bench/device_pending.sh verify-model OUT  # test_model's GPU tests, then the table
 # Run from the repository root on the device machine; JSON and logs land in OUT (pass $OUT there).
 set -uo pipefail
-WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, verify or verify-model}; OUT=${2:?output folder}
+WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, host, verify or verify-model}; OUT=${2:?output folder}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 ST="python -m sparse_transformer.cli"
 mkdir -p "$OUT"
@@ -80,13 +81,17 @@ case "$WHAT" in
     OUT="$OUT" timeout 120 python bench/block_bwd.py fixed-12k fixed-64k 2>&1 | tee "$OUT/block-bwd.log"
     ;;
   heads)
-    timeout 200 python bench/gluon_gather.py check 2>&1 | tee "$OUT/gluon-check.log" | grep -i "offsets\|within"
-    timeout 200 python -m pytest -m gpu tests/test_triton_attention.py -k "per_head or block_backward" -q -n 14 \
+    timeout 120 python bench/gluon_gather.py check 2>&1 | tee "$OUT/gluon-check.log" | grep -i "offsets\|within"
+    timeout 150 python -m pytest -m gpu tests/test_triton_attention.py -k "per_head or block_backward" -q -n 14 \
       -p no:cacheprovider -rf 2>&1 | grep -E "passed|failed|FAILED|Error" | head -n 30 | tee "$OUT/gpu-tests-heads.log"
     for on in 0 1; do
-      SPARSE_TRANSFORMER_GLUON_HEADS=$on timeout 100 $ST bench model --preset enwik8 --steps 10 --recompute off \
+      SPARSE_TRANSFORMER_GLUON_HEADS=$on timeout 80 $ST bench model --preset enwik8 --steps 10 --recompute off \
         --out "$OUT" 2>&1 | tail -n 4 | tee "$OUT/enwik8-heads-$on.log"
     done
+    ;;
+  host)
+    OUT="$OUT" timeout 150 python bench/host_trace.py fixed-12k strided-12k strided-3k 2>&1 | tee "$OUT/host-trace.log" \
+      | grep "==="
     ;;
   verify)
     timeout 570 python -m pytest -m gpu tests/test_triton_attention.py -q -n 14 -p no:cacheprovider -rf 2>&1 \
@@ -111,7 +116,7 @@ case "$WHAT" in
     timeout 50 python bench/eager_host.py fixed-12k 2>&1 | tee "$OUT/eager-host.log" | head -n 12
     ;;
   *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles | gather | order | gluon | summary | block |"\
-       "heads | verify |"\
+       "heads | host | verify |"\
        "verify-model)"
      exit 2 ;;
 esac

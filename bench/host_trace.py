@@ -1,0 +1,110 @@
+"""Where an eager fwd+bwd's host time goes, on a GPU: for each setup, ours (backend="triton") and cuDNN's SDPA side by
+side, with .grad accumulating as in `sparse-transformer bench attention`:
+- wall (sync after each call) and enqueue (the call alone, GPU idle at its start) medians over 30 calls;
+- a torch.profiler trace of 5 calls (CPU and CUDA): the CPU ops by self time (launch calls, allocations, any
+  synchronising call), and one call's timeline: each CPU op that launched GPU work, when, for how long, and the
+  kernel's start and length on the GPU (so gaps where the GPU waits on the host show);
+- cProfile of 20 calls by cumulative time (the Python functions and C builtins, e.g. TMA descriptor encoding).
+Writes each trace as OUT/host-trace-<setup>-<method>.json (chrome://tracing, Perfetto).
+Usage: OUT=dir python bench/host_trace.py [fixed-12k strided-12k strided-3k ...]"""
+import cProfile
+import io
+import os
+import pstats
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from sparse_transformer.bench import SETUPS, _method_fn
+
+CUDA = torch.autograd.DeviceType.CUDA
+
+
+def _median(xs):
+    return sorted(xs)[len(xs) // 2]
+
+
+def timings(fb, reps=30):
+    walls, enq = [], []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fb()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        walls.append(time.perf_counter() - t0)
+        enq.append(t1 - t0)
+    return _median(walls) * 1e3, _median(enq) * 1e3
+
+
+def trace(fb, path):
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(5):
+            with record_function(f"call{i}"):
+                fb()
+        torch.cuda.synchronize()
+    prof.export_chrome_trace(path)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=48))
+    ev = list(prof.events())
+    last = [e for e in ev if e.name == "call4"][0]
+    t0, t1 = last.time_range.start, last.time_range.end
+    print(f"one call's timeline (us from its start; CPU span {t1 - t0:.0f} us):")
+    rows = []
+    for e in ev:
+        if e.device_type == CUDA or not (t0 <= e.time_range.start <= t1) or not e.kernels:
+            continue
+        if any(c.kernels for c in e.cpu_children):  # report the innermost op that launched
+            continue
+        for kern in e.kernels:
+            rows.append((e.time_range.start - t0, e.time_range.elapsed_us(), e.name[:34], kern.name[:40]))
+    gpu = sorted((e for e in ev if e.device_type == CUDA and e.time_range.start >= t0),
+                 key=lambda e: e.time_range.start)
+    starts = {}
+    for g in gpu:
+        starts.setdefault(g.name[:40], []).append(g)
+    for cpu_at, cpu_us, op, kname in sorted(rows):
+        g = starts.get(kname, [None]).pop(0) if starts.get(kname) else None
+        gtxt = f"gpu at {g.time_range.start - t0:8.0f} for {g.time_range.elapsed_us():6.1f}" if g else "gpu ?"
+        print(f"  cpu at {cpu_at:8.0f} for {cpu_us:6.1f}  {op:34s} -> {kname:40s} {gtxt}")
+
+
+def cprofile(fb, n=20):
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        fb()
+    prof.disable()
+    torch.cuda.synchronize()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(30)
+    print("\n".join(out.getvalue().splitlines()[4:40]))
+
+
+def main(names, out):
+    print(torch.__version__, torch.cuda.get_device_name(), flush=True)
+    for name in names:
+        B, H, n, D, make, _ = SETUPS[name]
+        lay = make()
+        q, k, v = (torch.randn(B, H, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        go = torch.randn_like(q)
+        for method in ("triton", "sdpa-cudnn"):
+            fn = _method_fn(method, q, k, v, lay, {})
+
+            def fb():
+                fn().backward(go)
+
+            for _ in range(5):
+                fb()
+            wall, enq = timings(fb)
+            print(f"\n=== {name} {method}: wall {wall:.3f} ms, enqueue {enq:.3f} ms", flush=True)
+            trace(fb, os.path.join(out, f"host-trace-{name}-{method}.json"))
+            if method == "triton":
+                cprofile(fb)
+            sys.stdout.flush()
+        del q, k, v, go
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["fixed-12k", "strided-12k", "strided-3k"], os.environ.get("OUT", "."))
