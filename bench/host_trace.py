@@ -5,7 +5,7 @@ side, with .grad accumulating as in `sparse-transformer bench attention`:
   synchronising call), and one call's timeline: each CPU op that launched GPU work, when, for how long, and the
   kernel's start and length on the GPU (so gaps where the GPU waits on the host show);
 - cProfile of 20 calls by cumulative time (the Python functions and C builtins, e.g. TMA descriptor encoding).
-Writes each trace as OUT/host-trace-<setup>-<method>.json (chrome://tracing, Perfetto).
+Writes each trace as OUT/host-trace-<setup>-<method>.json (chrome://tracing, Perfetto) unless TRACES=0.
 Usage: OUT=dir python bench/host_trace.py [fixed-12k strided-12k strided-3k ...]"""
 import cProfile
 import io
@@ -17,6 +17,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from sparse_transformer.attention.triton import launcher
 from sparse_transformer.bench import SETUPS, _method_fn
 
 CUDA = torch.autograd.DeviceType.CUDA
@@ -45,7 +46,8 @@ def trace(fb, path):
             with record_function(f"call{i}"):
                 fb()
         torch.cuda.synchronize()
-    prof.export_chrome_trace(path)
+    if path:
+        prof.export_chrome_trace(path)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=48))
     ev = list(prof.events())
     last = [e for e in ev if e.name == "call4"][0]
@@ -82,7 +84,7 @@ def cprofile(fb, n=20):
     print("\n".join(out.getvalue().splitlines()[4:40]))
 
 
-def main(names, out):
+def main(names, out, traces=True):
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)
     for name in names:
         B, H, n, D, make, _ = SETUPS[name]
@@ -97,9 +99,11 @@ def main(names, out):
 
             for _ in range(5):
                 fb()
+            slow = launcher.SLOW
             wall, enq = timings(fb)
-            print(f"\n=== {name} {method}: wall {wall:.3f} ms, enqueue {enq:.3f} ms", flush=True)
-            trace(fb, os.path.join(out, f"host-trace-{name}-{method}.json"))
+            print(f"\n=== {name} {method}: wall {wall:.3f} ms, enqueue {enq:.3f} ms; launches through Triton's own "
+                  f"path in 30 calls: {launcher.SLOW - slow}", flush=True)
+            trace(fb, os.path.join(out, f"host-trace-{name}-{method}.json") if traces else None)
             if method == "triton":
                 cprofile(fb)
             sys.stdout.flush()
@@ -107,4 +111,5 @@ def main(names, out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["fixed-12k", "strided-12k", "strided-3k"], os.environ.get("OUT", "."))
+    main(sys.argv[1:] or ["fixed-12k", "strided-12k", "strided-3k"], os.environ.get("OUT", "."),
+         os.environ.get("TRACES", "1") == "1")

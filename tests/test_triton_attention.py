@@ -107,6 +107,31 @@ def test_gpu_block_backward_matches_reference(n, L, D, dtype, tile, stages, monk
     assert ran == [L]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,L", [(3072, 96), (3000, 96), (6100, 64), (6144, 64), (8192, 32)])
+@pytest.mark.parametrize("D", [32, 64, 128])
+@pytest.mark.parametrize("dtype,stages", [(torch.bfloat16, 1), (torch.float16, 1), (torch.float32, 1),
+                                          (torch.bfloat16, 2)], ids=["bf16", "fp16", "fp32", "bf16-2-stages"])
+def test_gpu_block_backward_transposed_matches_reference(n, L, D, dtype, stages, monkeypatch):
+    """The merged strided pattern's transposed chunks (C = 32, 32 cut by n, 96 cut by n, 96 and 256) through the block
+    kernel on the GPU, q / k / v as views of one projection; it must have run for that segment."""
+    from sparse_transformer.attention.triton import block_backward, function
+
+    if stages > 1 and D > 64:
+        pytest.skip("head dims over 64 always run 1 stage (block_backward.block_backward)")
+    monkeypatch.setattr(block_backward, "STAGES", stages)
+    function.clear_cache()
+    ran, run_block = [], block_backward.block_backward
+    monkeypatch.setattr(block_backward, "block_backward", lambda *a: ran.append(a[-3]) or run_block(*a))
+    qkv = torch.randn(1, n, 3, 2, D, dtype=dtype, device="cuda")
+    q, k, v = (qkv[:, :, i].transpose(1, 2).requires_grad_() for i in range(3))
+    try:
+        check_against_reference(_run(), q, k, v, layouts.strided(n, L), floor=FLOOR[dtype])
+    finally:
+        function.clear_cache()
+    assert ran == [-(-n // L)]
+
+
 @pytest.mark.interpreter
 def test_interpreter_block_backward_switched_off(monkeypatch):
     """SPARSE_TRANSFORMER_BLOCK_BWD=0 (block_backward.BLOCK_BWD): the generic dQ and dK/dV kernels take the band."""
@@ -138,6 +163,58 @@ def test_block_length_only_for_exact_block_bands():
                                                                                    64, n=256)])
     assert block(custom) is None  # custom tiles in the band's segment
     assert all(launch.block is None for launch in get_launches(layouts.fixed(1000, 128, 32), 64, "cpu")[1:])
+
+
+STRIDED_BLOCK_CASES = [  # (name, layout, head dim): transposed strided chunks the block kernel takes (C = ceil(n / L))
+    ("strided-n317-l10", lambda: layouts.strided(317, 10), 16),  # C = 32, one tile per chunk, the last row cut by n
+    ("strided-n480-l10-d32", lambda: layouts.strided(480, 10), 32),  # C = 48: three 16-row tiles per chunk
+    ("split-heads-n320-l10", lambda: layouts.stack([layouts.strided(320, 10, "local"),
+                                                    layouts.strided(320, 10, "strided")]), 16),  # one head without it,
+    # one with the diagonal (no band to hold it)
+    ("mixed-heads-n160", lambda: layouts.stack([layouts.strided(160, 10), layouts.fixed(160, 16, 4)]), 16),  # a
+    # gathered summary after it
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("name,make,D", STRIDED_BLOCK_CASES, ids=[c[0] for c in STRIDED_BLOCK_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_interpreter_block_backward_transposed_matches_reference(name, make, D, dtype, monkeypatch):
+    """The transposed strided chunks through the block kernel (adding to the band's dQ, dK, dV, reading its Delta)
+    against the reference; it must have run for that segment, and no fused (atomic) dK/dV kernel."""
+    from sparse_transformer.attention.triton import backward, block_backward, function
+
+    ran, fused, run_block = [], [], block_backward.block_backward
+    monkeypatch.setattr(block_backward, "block_backward", lambda *a: ran.append((a[-3], a[-1].seg.kind)) or
+                        run_block(*a))
+    monkeypatch.setattr(function, "attn_backward", lambda *a, **kw: fused.append(a[-1]) or
+                        backward.attn_backward(*a, **kw))
+    function.clear_cache()
+    lay = make()
+    q, k, v = make_qkv(1, 2 if lay.num_heads == 1 else lay.num_heads, lay.n, D, dtype)
+    try:
+        check_against_reference(_run(), q, k, v, lay, floor=1e-5 if dtype == torch.float32 else 2e-3)
+    finally:
+        function.clear_cache()
+    assert ran == [(-(-lay.n // 10), "transposed")] and True not in fused
+
+
+def test_block_length_of_transposed_chunks():
+    """Launch.block of a later transposed segment: its chunk length C where the block kernel has a tile for it; None
+    for a transposed segment that comes first (it must store every row), chunks no tile divides, head dims over 128,
+    or explicit tiles."""
+    from sparse_transformer.attention.triton.function import get_launches
+
+    def blocks(lay, D=64, **kw):
+        return [launch.block for launch in get_launches(lay, D, "cpu", **kw)]
+
+    assert blocks(layouts.strided(12288, 128)) == [None, 96] and blocks(layouts.strided(65536, 256)) == [None, 256]
+    assert blocks(layouts.strided(3072, 96), 128) == [None, 32] and blocks(layouts.strided(3000, 96)) == [None, 32]
+    assert blocks(layouts.strided(1000, 10)) == [None, None]  # C = 100: no tile of 16 or more divides it
+    assert blocks(layouts.strided(65536, 128)) == [None, None]  # C = 512: more than 4 tiles of 64
+    assert blocks(layouts.strided(1024, 32, "strided")) == [None]  # first: the generic kernels store every row
+    assert blocks(layouts.strided(12288, 128), 256) == [None, None]
+    assert blocks(layouts.strided(12288, 128), block_m=32, block_n=32) == [None, None]
 
 
 @pytest.fixture

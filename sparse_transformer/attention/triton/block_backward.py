@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import NUM_SEG_PARAMS, P_STR, P_STR_MIN
 from .forward import _dot
 from .launcher import launch as launch_kernel
 
@@ -56,17 +57,18 @@ def block_tile(L: int, head_dim: int) -> int | None:
 
 @triton.jit
 def _attn_bwd_block_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr, prm_ptr,
     qk_scale, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,  # shared by o, do and dq
     stride_gb, stride_gh, stride_gn,  # dk's and dv's
-    BH, H, N, BLK,
-    IEEE: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BH, H, N, BLK, TH, SEG_L,
+    IEEE: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr, KIND: tl.constexpr, DELTA: tl.constexpr,
+    ACCUM: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = pid % BH
-    start = (pid // BH) * BLK
+    blk = pid // BH
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     q_base = q_ptr + b * stride_qb + h * stride_qh
@@ -78,52 +80,78 @@ def _attn_bwd_block_kernel(
     row = bh.to(tl.int64) * N  # lse / delta rows (64-bit: B * H * N may pass 2^31)
     offs = tl.arange(0, TILE)
     offs_d = tl.arange(0, HEAD_DIM)
-    nt = tl.cdiv(tl.minimum(BLK, N - start), TILE)  # the last block may be cut by N
+    if KIND == 1:  # transposed strided part: block blk is column blk of the [C, L] view, slot r at r * L + blk
+        prm = prm_ptr + (h % TH) * NUM_SEG_PARAMS
+        start = 0
+        step = SEG_L
+        first = blk
+        dmin = tl.load(prm + P_STR_MIN)  # keys with i - j >= dmin: L when the band holds the diagonal, else 0
+        nt = tl.where(tl.load(prm + P_STR) > 0, BLK // TILE, 0)  # heads without the strided part: nothing
+    else:  # natural block-causal band: block blk is rows blk * L ..
+        start = blk * BLK
+        step = 1
+        first = 0
+        dmin = 0
+        nt = tl.cdiv(tl.minimum(BLK, N - start), TILE)  # the last block may be cut by N
     for kt in range(0, nt):
-        j = start + kt * TILE + offs
+        j = (start + kt * TILE + offs) * step + first
         k_ok = j < N
         k = tl.load(k_base + j.to(tl.int64)[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
         v = tl.load(v_base + j.to(tl.int64)[:, None] * stride_vn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
         dk = tl.zeros([TILE, HEAD_DIM], tl.float32)
         dv = tl.zeros([TILE, HEAD_DIM], tl.float32)
         for qt in range(kt, nt):
-            i = start + qt * TILE + offs
+            i = (start + qt * TILE + offs) * step + first
             q_ok = i < N
             g_off = i.to(tl.int64)[:, None] * stride_on + offs_d[None, :]
             q = tl.load(q_base + i.to(tl.int64)[:, None] * stride_qn + offs_d[None, :], mask=q_ok[:, None],
                         other=0.0)
             do = tl.load(do_base + g_off, mask=q_ok[:, None], other=0.0)
-            o = tl.load(o_base + g_off, mask=q_ok[:, None], other=0.0)
-            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-            tl.store(delta_ptr + row + i, delta, mask=q_ok & (kt == 0))
+            if DELTA:
+                o = tl.load(o_base + g_off, mask=q_ok[:, None], other=0.0)
+                delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+                tl.store(delta_ptr + row + i, delta, mask=q_ok & (kt == 0))
+            else:  # an earlier segment's kernel stored it
+                delta = tl.load(delta_ptr + row + i, mask=q_ok, other=0.0)
             lse = tl.load(lse_ptr + row + i, mask=q_ok, other=float("-inf")) * 1.4426950408889634
             lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that see no key: P = 0
             p = tl.math.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])  # (TILE queries, TILE keys)
-            p = tl.where((i[:, None] >= j[None, :]) & k_ok[None, :], p, 0.0)  # causal on the diagonal tile
+            p = tl.where((i[:, None] - j[None, :] >= dmin) & k_ok[None, :], p, 0.0)  # causal on the diagonal tile
             dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
             ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
             dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
             dq = _dot(ds.to(k.dtype), k, IEEE) * sm_scale
-            if kt > 0:  # add to the earlier key tiles' share (this program's own stores, before the barrier)
+            if ACCUM or kt > 0:  # add to the earlier key tiles' (and segments') share: this program's own stores
                 dq += tl.load(dq_base + g_off, mask=q_ok[:, None], other=0.0).to(tl.float32)
             tl.store(dq_base + g_off, dq.to(dq_ptr.dtype.element_ty), mask=q_ok[:, None])
         g = b * stride_gb + h * stride_gh + j.to(tl.int64)[:, None] * stride_gn + offs_d[None, :]
-        tl.store(dk_ptr + g, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=k_ok[:, None])
+        dk = dk * sm_scale
+        if ACCUM:  # add to the earlier segments' dK / dV of these keys
+            dk += tl.load(dk_ptr + g, mask=k_ok[:, None], other=0.0).to(tl.float32)
+            dv += tl.load(dv_ptr + g, mask=k_ok[:, None], other=0.0).to(tl.float32)
+        tl.store(dk_ptr + g, dk.to(dk_ptr.dtype.element_ty), mask=k_ok[:, None])
         tl.store(dv_ptr + g, dv.to(dv_ptr.dtype.element_ty), mask=k_ok[:, None])
         tl.debug_barrier()  # this key tile's dQ stores before the next one's loads
 
 
-def block_backward(q, k, v, o, do, dq, dk, dv, lse, delta, L, scale):
-    """dQ, dK, dV (stored, not added) and Delta of a block-causal band with block length L for every head. q, k, v,
-    o, do: [B, H, N, D] (last dim contiguous); o, do and dq share strides, dk and dv share theirs; lse: fp32
-    [B, H, N] of the whole layout; delta: fp32 [B, H, N], written here for the later segments."""
+def block_backward(q, k, v, o, do, dq, dk, dv, lse, delta, L, scale, launch=None):
+    """dQ, dK, dV of one segment that is block-causal in its own order, with block length L for every head. q, k, v,
+    o, do: [B, H, N, D] (last dim contiguous); o, do and dq share strides, dk and dv share theirs; lse: fp32 [B, H, N]
+    of the whole layout; delta: fp32 [B, H, N].
+    launch None: the natural band, first segment: stores dQ, dK, dV and Delta (for the later segments).
+    launch a transposed strided segment's function.Launch (L its chunk length C): adds to the dQ, dK, dV the earlier
+    segments stored and reads their Delta."""
     B, H, N, D = q.shape
     assert dq.stride() == do.stride() == o.stride() and dk.stride() == dv.stride()
     tile = block_tile(L, D)
     warps = WARPS or (8 if tile * D > 64 * 64 else 4)
-    launch_kernel(_attn_bwd_block_kernel, (triton.cdiv(N, L) * B * H,),
-                  (q, k, v, o, do, dq, dk, dv, lse, delta),
+    later = launch is not None
+    blocks = launch.seg.L if later else triton.cdiv(N, L)
+    prm = launch.prm if later else lse  # natural: never read
+    launch_kernel(_attn_bwd_block_kernel, (blocks * B * H,),
+                  (q, k, v, o, do, dq, dk, dv, lse, delta, prm),
                   (scale * 1.4426950408889634, scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                   *do.stride()[:3], *dk.stride()[:3], B * H, H, N, L),
-                  dict(IEEE=q.dtype == torch.float32, TILE=tile, HEAD_DIM=D, num_warps=warps,
-                       num_stages=STAGES if D <= 64 else 1))
+                   *do.stride()[:3], *dk.stride()[:3], B * H, H, N, L, prm.shape[0] if later else 1,
+                   launch.seg.L if later else 1),
+                  dict(IEEE=q.dtype == torch.float32, TILE=tile, HEAD_DIM=D, KIND=int(later), DELTA=not later,
+                       ACCUM=later, num_warps=warps, num_stages=STAGES if D <= 64 else 1))

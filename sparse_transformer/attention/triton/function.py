@@ -85,7 +85,7 @@ class Launch:
     dq: Pass
     dkdv: Pass
     fused: Pass | None  # dK/dV that also adds dQ with fp32 atomics (no dQ kernel); None: this kind never fuses
-    block: int | None = None  # the first segment exactly block-causal with this block length: block_backward runs
+    block: int | None = None  # block_backward runs this segment (block-causal band first, or transposed chunks)
     _cex: dict = field(default_factory=dict, repr=False)
 
     def constexprs(self, q, p: Pass, **extra) -> dict:
@@ -148,16 +148,20 @@ def _build_launches(layout, head_dim, device, block_m, block_n) -> list[Launch]:
         settings = dict(cfg, fused=fused)
         passes = [None if settings[k] is None else _pass(layout, idx, seg, settings[k], head_dim, device, block_m,
                                                          block_n) for k in ("fwd", "dq", "dkdv", "fused")]
-        block = _block_length(seg, head_dim) if idx == 0 and block_m is None and block_n is None else None
+        block = _block_length(seg, head_dim, idx) if block_m is None and block_n is None else None
         out.append(Launch(seg, prm, flags, *passes, block=block))
     return out
 
 
-def _block_length(seg, head_dim) -> int | None:
-    """L where the segment is exactly the block-causal band (every head: own L-row block, keys up to the query, and
-    nothing else) and the block kernel has a tile for L, else None."""
+def _block_length(seg, head_dim, idx) -> int | None:
+    """The block length where block_backward takes the segment, else None: the first segment when it is exactly the
+    block-causal band (every head: own L-row block, keys up to the query, and nothing else), or a later transposed
+    strided segment (its chunks of C are block-causal in its own order), with a tile of the block kernel for L or
+    C."""
     p = seg.params
-    if seg.kind != NATURAL or bool(p[:, [P_ALL, P_WIN, P_CUSTOM]].any()):
+    if seg.kind == TRANSPOSED and idx > 0:
+        return seg.C if _block.block_tile(seg.C, head_dim) is not None else None
+    if idx > 0 or seg.kind != NATURAL or bool(p[:, [P_ALL, P_WIN, P_CUSTOM]].any()):
         return None
     lengths = set(p[:, P_BLK].tolist())
     if len(lengths) != 1 or min(lengths) <= 0:
@@ -191,7 +195,8 @@ class SparseAttentionFunction(torch.autograd.Function):
         # every row of dQ. Later segments may fuse dQ into dK/dV (fp32 atomics, in no fixed order: torch's
         # deterministic mode turns it off).
         deterministic = torch.are_deterministic_algorithms_enabled()
-        fused = [launch.fused is not None and not deterministic for launch in launches]
+        fused = [launch.fused is not None and not deterministic and not (launch.block and _block.BLOCK_BWD)
+                 for launch in launches]
         delta = torch.empty_like(lse)  # (B, H, N) fp32, written by the first segment's backward
         dq = torch.empty(do.shape, device=do.device, dtype=torch.float32 if any(fused) else do.dtype)
         # the gathered summary keys do not cover every key: when it runs alone, keys outside it get zero gradient
@@ -200,8 +205,10 @@ class SparseAttentionFunction(torch.autograd.Function):
         dk = alloc(k.shape, device=k.device, dtype=k.dtype)  # contiguous, whatever views k and v are
         dv = alloc(v.shape, device=v.device, dtype=v.dtype)
         for idx, launch in enumerate(launches):
-            if launch.block is not None and _block.BLOCK_BWD:  # a block-causal band (first): one kernel, Delta too
-                _block.block_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch.block, ctx.scale)
+            if launch.block is not None and _block.BLOCK_BWD:  # one kernel: a block-causal band first (Delta too), or
+                # the transposed strided chunks later (adding to the band's gradients)
+                _block.block_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch.block, ctx.scale,
+                                      launch if idx > 0 else None)
                 continue
             attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, ctx.scale, fused[idx], first=idx == 0,
                           accum=idx > 0, accum_kv=idx > 0 or gather_only)

@@ -35,6 +35,7 @@ FAST = os.environ.get("SPARSE_TRANSFORMER_FAST_LAUNCH", "1") != "0" and _triton_
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _MAX_ENTRIES = 4096  # one entry per (kernel, settings, shapes); cleared when full (shapes seen once, e.g. decoding)
 _COMPILED: dict = {}
+SLOW = 0  # launches that went through Triton's own path (first calls of a key, per-call options, FAST off)
 
 
 def launch(kernel, grid, tensors, scalars, constexprs):
@@ -49,12 +50,15 @@ def launch(kernel, grid, tensors, scalars, constexprs):
     if _current_device() != dev:  # Triton compiles for, loads on and launches into the current device
         with torch.cuda.device(dev):
             return launch(kernel, grid, tensors, scalars, constexprs)
+    global SLOW
     if not FAST:
+        SLOW += 1
         kernel[grid](*tensors, *scalars, **constexprs)
         return
     key = (id(kernel), dev, *constexprs.values(), *[_arg_key(t) for t in tensors], *scalars)
     hit = _COMPILED.get(key)
     if hit is None or _per_call_options(kernel):
+        SLOW += 1
         ck = kernel[grid](*tensors, *scalars, **constexprs)
         if ck is None:  # a JIT cache hook took the launch over
             return
