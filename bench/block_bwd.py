@@ -3,8 +3,11 @@ generic dQ + dK/dV pair, side by side in one process on a GPU: graph-replayed fw
 protocol as `bench attention`: do_bench medians, q / k / v accumulating their gradients) and the kernels' profiler
 times, with the block kernel off, on 64-row tiles and on 128-row tiles (which spill; see MAX_TILE), and with other
 warps / pipeline stages (VARIANTS).
-Usage: python bench/block_bwd.py [fixed-12k fixed-64k ...]; writes block-bwd-<date>.json to $OUT (default
-bench/results). python bench/block_bwd.py plot JSON OUT.png draws the kernel times of each variant, stacked."""
+On the strided setups the block kernel takes the transposed chunks (a later segment, adding to the band's gradients)
+in place of the fused dK/dV kernel with atomic dQ.
+Usage: [ONLY="generic,2 stages"] python bench/block_bwd.py [fixed-12k fixed-64k strided-12k ...] (ONLY: the variants
+whose label holds one of those strings, or equals "block kernel, 64-row tiles"); writes block-bwd-<date>.json to $OUT
+(default bench/results). python bench/block_bwd.py plot JSON OUT.png draws the kernel times of each variant, stacked."""
 import json
 import os
 import sys
@@ -34,7 +37,10 @@ def main(names):
         q, k, v = (torch.randn(B, H, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         go = torch.randn_like(q)
         ref = None
+        only = [x for x in os.environ.get("ONLY", "").split(",") if x]
         for label, (on, tile, stages, warps) in VARIANTS.items():
+            if only and label != "block kernel, 64-row tiles" and not any(x in label for x in only):
+                continue
             block_backward.BLOCK_BWD, block_backward.MAX_TILE = on, tile
             block_backward.STAGES, block_backward.WARPS = stages, warps
             function.clear_cache()

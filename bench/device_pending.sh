@@ -17,12 +17,14 @@
 #                                              # offsets in the Gluon kernels (SPARSE_TRANSFORMER_GLUON_HEADS=1) and
 #                                              # the block kernel on 2 stages: check, GPU tests, the enwik8 step with
 #                                              # and without per-head offsets
+#   bash bench/device_pending.sh strided-block OUT  # the block kernel on the transposed strided chunks: GPU tests
+#                                              # (with the 2-stage and per-head ones), timing, bench/floor.py
 #   bash bench/device_pending.sh host OUT      # where an eager fwd+bwd's host time goes (bench/host_trace.py)
 #   bash bench/device_pending.sh verify OUT    # every kernel GPU test
 #   bash bench/device_pending.sh verify-model OUT  # test_model's GPU tests, then the table
 # Run from the repository root on the device machine; JSON and logs land in OUT (pass $OUT there).
 set -uo pipefail
-WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, host, verify or verify-model}; OUT=${2:?output folder}
+WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, strided-block, host, verify or verify-model}; OUT=${2:?output folder}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 ST="python -m sparse_transformer.cli"
 mkdir -p "$OUT"
@@ -89,6 +91,13 @@ case "$WHAT" in
         --out "$OUT" 2>&1 | tail -n 4 | tee "$OUT/enwik8-heads-$on.log"
     done
     ;;
+  strided-block)
+    timeout 250 python -m pytest -m gpu tests/test_triton_attention.py -k "block_backward_transposed or 2-stages or per_head" \
+      -q -n 14 -p no:cacheprovider -rf 2>&1 | tee "$OUT/gpu-tests-strided-block.log" | tail -n 12
+    OUT="$OUT" ONLY="generic,2 stages" timeout 200 python bench/block_bwd.py strided-12k strided-3k strided-64k 2>&1 \
+      | tee "$OUT/block-bwd-strided.log"
+    timeout 60 python bench/floor.py 2>&1 | tee "$OUT/floor.log"
+    ;;
   host)
     OUT="$OUT" timeout 150 python bench/host_trace.py fixed-12k strided-12k strided-3k 2>&1 | tee "$OUT/host-trace.log" \
       | grep "==="
@@ -116,7 +125,7 @@ case "$WHAT" in
     timeout 50 python bench/eager_host.py fixed-12k 2>&1 | tee "$OUT/eager-host.log" | head -n 12
     ;;
   *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles | gather | order | gluon | summary | block |"\
-       "heads | host | verify |"\
+       "heads | strided-block | host | verify |"\
        "verify-model)"
      exit 2 ;;
 esac
