@@ -69,7 +69,7 @@ def test_interpreter_block_backward_matches_reference(name, make, D, dtype, monk
     from sparse_transformer.attention.triton import backward, block_backward, function
 
     ran, generic, run_block = [], [], block_backward.block_backward
-    monkeypatch.setattr(block_backward, "block_backward", lambda *a: ran.append(a[-2]) or run_block(*a))
+    monkeypatch.setattr(block_backward, "block_backward", lambda *a: ran.append(a[-3]) or run_block(*a))
     monkeypatch.setattr(function, "attn_backward", lambda *a, **kw: generic.append(kw["first"]) or
                         backward.attn_backward(*a, **kw))
     lay = make()
@@ -97,7 +97,7 @@ def test_gpu_block_backward_matches_reference(n, L, D, dtype, tile, stages, monk
     monkeypatch.setattr(block_backward, "STAGES", stages)
     function.clear_cache()
     ran, run_block = [], block_backward.block_backward
-    monkeypatch.setattr(block_backward, "block_backward", lambda *a: ran.append(a[-2]) or run_block(*a))
+    monkeypatch.setattr(block_backward, "block_backward", lambda *a: ran.append(a[-3]) or run_block(*a))
     qkv = torch.randn(2, n, 3, 3, D, dtype=dtype, device="cuda")
     q, k, v = (qkv[:, :, i].transpose(1, 2).requires_grad_() for i in range(3))
     try:
@@ -214,6 +214,8 @@ def test_block_length_of_transposed_chunks():
     assert blocks(layouts.strided(65536, 128)) == [None, None]  # C = 512: more than 4 tiles of 64
     assert blocks(layouts.strided(1024, 32, "strided")) == [None]  # first: the generic kernels store every row
     assert blocks(layouts.strided(12288, 128), 256) == [None, None]
+    assert blocks(layouts.strided(8192, 64), 128) == [None, 128] and blocks(layouts.strided(16384, 64)) == [None, 256]
+    assert blocks(layouts.strided(16384, 64), 128) == [None, None]  # C = 256: more than 4 tiles of 32 at d=128
     assert blocks(layouts.strided(12288, 128), block_m=32, block_n=32) == [None, None]
 
 

@@ -41,13 +41,15 @@ STAGES = 1
 WARPS = None  # None: 8 where a tile holds more than 64 x 64 elements (d=128), else 4
 
 
-def block_tile(L: int, head_dim: int) -> int | None:
+def block_tile(L: int, head_dim: int, transposed: bool = False) -> int | None:
     """The tile T of the block kernel for block length L (None: the generic kernels take it): the largest power of
     two from 16 to MAX_TILE that divides L, for L up to MAX_TILES * MAX_TILE and head dims up to 128 (the tested
-    ones)."""
-    if head_dim > 128 or L > MAX_TILES * MAX_TILE:
+    ones). The transposed chunks with head dims over 64 stop at 32-row tiles (64-row ones spill there: 136 bytes at
+    d=128 on 8 warps, Triton 3.6, sm_90)."""
+    top = min(MAX_TILE, 32) if transposed and head_dim > 64 else MAX_TILE
+    if head_dim > 128 or L > MAX_TILES * top:
         return None
-    t = MAX_TILE
+    t = top
     while t >= 16:
         if L % t == 0:
             return t
@@ -143,9 +145,9 @@ def block_backward(q, k, v, o, do, dq, dk, dv, lse, delta, L, scale, launch=None
     segments stored and reads their Delta."""
     B, H, N, D = q.shape
     assert dq.stride() == do.stride() == o.stride() and dk.stride() == dv.stride()
-    tile = block_tile(L, D)
-    warps = WARPS or (8 if tile * D > 64 * 64 else 4)
     later = launch is not None
+    tile = block_tile(L, D, transposed=later)
+    warps = WARPS or (8 if tile * D > 64 * 64 else 4)
     blocks = launch.seg.L if later else triton.cdiv(N, L)
     prm = launch.prm if later else lse  # natural: never read
     launch_kernel(_attn_bwd_block_kernel, (blocks * B * H,),

@@ -160,7 +160,7 @@ def _block_length(seg, head_dim, idx) -> int | None:
     C."""
     p = seg.params
     if seg.kind == TRANSPOSED and idx > 0:
-        return seg.C if _block.block_tile(seg.C, head_dim) is not None else None
+        return seg.C if _block.block_tile(seg.C, head_dim, transposed=True) is not None else None
     if idx > 0 or seg.kind != NATURAL or bool(p[:, [P_ALL, P_WIN, P_CUSTOM]].any()):
         return None
     lengths = set(p[:, P_BLK].tolist())
