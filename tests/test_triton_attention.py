@@ -129,7 +129,8 @@ def test_gpu_block_backward_transposed_matches_reference(n, L, D, dtype, stages,
         check_against_reference(_run(), q, k, v, layouts.strided(n, L), floor=FLOOR[dtype])
     finally:
         function.clear_cache()
-    assert ran == [-(-n // L)]
+    C = -(-n // L)
+    assert ran == ([C] if block_backward.block_tile(C, D, transposed=True) else [])  # C = 256 at d=128: generic
 
 
 @pytest.mark.interpreter
