@@ -19,18 +19,22 @@ from sparse_transformer import sparse_attention
 from sparse_transformer.attention.triton import block_backward, function
 from sparse_transformer.bench import SETUPS, _time_graph, _versions, kernel_times
 
-# label: (block kernel on, MAX_TILE, STAGES, WARPS)
-VARIANTS = {"generic dQ + dK/dV": (False, 64, 1, None), "block kernel, 64-row tiles": (True, 64, 1, None),  # 1 stage
-            "block kernel, 128-row tiles": (True, 128, 1, None),
-            "block kernel, 64-row tiles, 2 stages": (True, 64, 2, None),
-            "block kernel, 64-row tiles, 8 warps": (True, 64, 1, 8),
-            "block kernel, 64-row tiles, 8 warps, 2 stages": (True, 64, 2, 8)}
+# label: block_backward settings (the rest at their defaults: BLOCK_BWD on, MAX_TILE 64, STAGES 1, WARPS None, RAGGED
+# off)
+VARIANTS = {"generic dQ + dK/dV": dict(BLOCK_BWD=False), "block kernel, 64-row tiles": {},
+            "block kernel, 128-row tiles": dict(MAX_TILE=128),
+            "block kernel, 64-row tiles, 2 stages": dict(STAGES=2),
+            "block kernel, 64-row tiles, 8 warps": dict(WARPS=8),
+            "block kernel, 64-row tiles, 8 warps, 2 stages": dict(STAGES=2, WARPS=8),
+            "block kernel, cut 64-row tiles": dict(RAGGED=True),
+            "block kernel, cut 64-row tiles, 2 stages": dict(RAGGED=True, STAGES=2)}
+DEFAULTS = dict(BLOCK_BWD=True, MAX_TILE=64, STAGES=1, WARPS=None, RAGGED=False)
 
 
 def main(names):
     dev, tv, trv = _versions()
     rows = []
-    was = block_backward.BLOCK_BWD, block_backward.MAX_TILE, block_backward.STAGES, block_backward.WARPS
+    was = {name: getattr(block_backward, name) for name in DEFAULTS}
     for name in names:
         B, H, n, D, make, pattern = SETUPS[name]
         lay = make()
@@ -38,11 +42,11 @@ def main(names):
         go = torch.randn_like(q)
         ref = None
         only = [x for x in os.environ.get("ONLY", "").split(",") if x]
-        for label, (on, tile, stages, warps) in VARIANTS.items():
+        for label, settings in VARIANTS.items():
             if only and label != "block kernel, 64-row tiles" and not any(x in label for x in only):
                 continue
-            block_backward.BLOCK_BWD, block_backward.MAX_TILE = on, tile
-            block_backward.STAGES, block_backward.WARPS = stages, warps
+            for name_, value in dict(DEFAULTS, **settings).items():
+                setattr(block_backward, name_, value)
             function.clear_cache()
             fn = lambda: sparse_attention(q, k, v, lay, backend="triton")  # noqa: E731
             q.grad = k.grad = v.grad = None
@@ -59,7 +63,8 @@ def main(names):
             rows.append(row)
             print(f"{name:10s} {label:46s} graph fwd {fwd:.3f} ms, fwd+bwd {fwdbwd:.3f} ms, grads vs generic "
                   f"{diff:.1e} | " + "  ".join(f"{a} {b:.0f}" for a, b in kernels), flush=True)
-    block_backward.BLOCK_BWD, block_backward.MAX_TILE, block_backward.STAGES, block_backward.WARPS = was
+    for name_, value in was.items():
+        setattr(block_backward, name_, value)
     function.clear_cache()
     out = os.path.join(os.environ.get("OUT", "bench/results"), f"block-bwd-{time.strftime('%Y%m%d-%H%M%S')}.json")
     with open(out, "w") as f:

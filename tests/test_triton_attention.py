@@ -174,6 +174,8 @@ STRIDED_BLOCK_CASES = [  # (name, layout, head dim): transposed strided chunks t
     # one with the diagonal (no band to hold it)
     ("mixed-heads-n160", lambda: layouts.stack([layouts.strided(160, 10), layouts.fixed(160, 16, 4)]), 16),  # a
     # gathered summary after it
+    ("strided-n97-l10-cut", lambda: layouts.strided(97, 10), 16),  # C = 10 on one cut 16-row tile
+    ("strided-n250-l10-cut", lambda: layouts.strided(250, 10), 16),  # C = 25 on one cut 32-row tile
 ]
 
 
@@ -200,18 +202,42 @@ def test_interpreter_block_backward_transposed_matches_reference(name, make, D, 
     assert ran == [(-(-lay.n // 10), "transposed")] and True not in fused
 
 
-def test_block_length_of_transposed_chunks():
-    """Launch.block of a later transposed segment: its chunk length C where the block kernel has a tile for it; None
-    for a transposed segment that comes first (it must store every row), chunks no tile divides, head dims over 128,
-    or explicit tiles."""
+@pytest.mark.interpreter
+@pytest.mark.parametrize("n", [470, 480])
+def test_interpreter_block_backward_transposed_cut_tiles(n, monkeypatch):
+    """RAGGED: chunks longer than a tile on cut tiles (C = 47 and 48 on two 32-row tiles, MAX_TILE = 32)."""
+    from sparse_transformer.attention.triton import block_backward, function
+
+    monkeypatch.setattr(block_backward, "RAGGED", True)
+    monkeypatch.setattr(block_backward, "MAX_TILE", 32)
+    ran, run_block = [], block_backward.block_backward
+    monkeypatch.setattr(block_backward, "block_backward", lambda *a: ran.append(a[-3]) or run_block(*a))
+    function.clear_cache()
+    q, k, v = make_qkv(1, 2, n, 16, torch.float32)
+    try:
+        check_against_reference(_run(), q, k, v, layouts.strided(n, 10), floor=1e-5)
+    finally:
+        function.clear_cache()
+    assert ran == [-(-n // 10)] and block_backward.block_tile(ran[0], 16, True) == 32
+
+
+def test_block_length_of_transposed_chunks(monkeypatch):
+    """Launch.block of a later transposed segment: its chunk length C where the block kernel has a tile for it (cut
+    tiles where none divides C); None for a transposed segment that comes first (it must store every row), chunks
+    longer than 4 tiles, head dims over 128, or explicit tiles."""
+    from sparse_transformer.attention.triton import block_backward
     from sparse_transformer.attention.triton.function import get_launches
+
+    monkeypatch.setattr(block_backward, "RAGGED", False)
 
     def blocks(lay, D=64, **kw):
         return [launch.block for launch in get_launches(lay, D, "cpu", **kw)]
 
     assert blocks(layouts.strided(12288, 128)) == [None, 96] and blocks(layouts.strided(65536, 256)) == [None, 256]
     assert blocks(layouts.strided(3072, 96), 128) == [None, 32] and blocks(layouts.strided(3000, 96)) == [None, 32]
-    assert blocks(layouts.strided(1000, 10)) == [None, None]  # C = 100: no tile of 16 or more divides it
+    assert blocks(layouts.strided(1000, 10)) == [None, 100]  # C = 100: cut 64-row tiles (no tile divides it)
+    assert block_backward.block_tile(100, 64, True) == 64 and block_backward.block_tile(10, 64, True) == 16
+    assert block_backward.block_tile(96, 64, True) == 32 and block_backward.block_tile(100, 64) is None
     assert blocks(layouts.strided(65536, 128)) == [None, None]  # C = 512: more than 4 tiles of 64
     assert blocks(layouts.strided(1024, 32, "strided")) == [None]  # first: the generic kernels store every row
     assert blocks(layouts.strided(12288, 128), 256) == [None, None]

@@ -38,22 +38,28 @@ MAX_TILES = 4  # tiles of MAX_TILE per block (L <= 256): one program walks nt (n
 # fwd+bwd within noise) but the GPU tests ran on 1 stage only, so 1 stays until they run on 2. 8 warps were slower
 # (153 / 559 us).
 STAGES = 1
+RAGGED = False  # transposed chunks that a 32-row tile divides (C = 96) on cut 64-row tiles instead (bench/block_bwd.py)
 WARPS = None  # None: 8 where a tile holds more than 64 x 64 elements (d=128), else 4
 
 
 def block_tile(L: int, head_dim: int, transposed: bool = False) -> int | None:
-    """The tile T of the block kernel for block length L (None: the generic kernels take it): the largest power of
-    two from 16 to MAX_TILE that divides L, for L up to MAX_TILES * MAX_TILE and head dims up to 128 (the tested
-    ones). The transposed chunks with head dims over 64 stop at 32-row tiles (64-row ones spill there: 136 bytes at
-    d=128 on 8 warps, Triton 3.6, sm_90)."""
+    """The tile T of the block kernel for block length L (None: the generic kernels take it), for head dims up to
+    128 (the tested ones): the largest power of two from 16 to MAX_TILE that divides L, for L up to MAX_TILES *
+    MAX_TILE. Transposed chunks (slots past C fall past the sequence, so the kernel masks them) with no such tile, or with RAGGED and C longer
+    than a tile, take the largest tile, the last one cut; with head dims over 64 they stop at 32-row tiles (64-row
+    ones spill there: 136 bytes at d=128 on 8 warps, Triton 3.6, sm_90)."""
     top = min(MAX_TILE, 32) if transposed and head_dim > 64 else MAX_TILE
     if head_dim > 128 or L > MAX_TILES * top:
         return None
+    if transposed and RAGGED and L > top:
+        return top
     t = top
     while t >= 16:
         if L % t == 0:
             return t
         t //= 2
+    if transposed:  # cut tiles: one of the smallest power of two >= L, or the largest
+        return min(top, max(16, 1 << (L - 1).bit_length()))
     return None
 
 
@@ -88,7 +94,8 @@ def _attn_bwd_block_kernel(
         step = SEG_L
         first = blk
         dmin = tl.load(prm + P_STR_MIN)  # keys with i - j >= dmin: L when the band holds the diagonal, else 0
-        nt = tl.where(tl.load(prm + P_STR) > 0, BLK // TILE, 0)  # heads without the strided part: nothing
+        # slots past C in a cut last tile sit at r * L + blk >= C * L >= N: masked as past the sequence
+        nt = tl.where(tl.load(prm + P_STR) > 0, tl.cdiv(BLK, TILE), 0)  # heads without the strided part: nothing
     else:  # natural block-causal band: block blk is rows blk * L ..
         start = blk * BLK
         step = 1
