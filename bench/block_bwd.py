@@ -5,7 +5,7 @@ times, with the block kernel off, on 64-row tiles and on 128-row tiles (which sp
 warps / pipeline stages (VARIANTS).
 On the strided setups the block kernel takes the transposed chunks (a later segment, adding to the band's gradients)
 in place of the fused dK/dV kernel with atomic dQ.
-Usage: [ONLY="generic,2 stages"] python bench/block_bwd.py [fixed-12k fixed-64k strided-12k ...] (ONLY: the variants
+Usage: [ONLY="generic;2 stages"] python bench/block_bwd.py [fixed-12k fixed-64k strided-12k ...] (ONLY: the variants
 whose label holds one of those strings, or equals "block kernel, 64-row tiles"); writes block-bwd-<date>.json to $OUT
 (default bench/results). python bench/block_bwd.py plot JSON OUT.png draws the kernel times of each variant, stacked."""
 import json
@@ -41,7 +41,7 @@ def main(names):
         q, k, v = (torch.randn(B, H, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         go = torch.randn_like(q)
         ref = None
-        only = [x for x in os.environ.get("ONLY", "").split(",") if x]
+        only = [x for x in os.environ.get("ONLY", "").split(";") if x]
         for label, settings in VARIANTS.items():
             if only and label != "block kernel, 64-row tiles" and not any(x in label for x in only):
                 continue

@@ -19,12 +19,14 @@
 #                                              # and without per-head offsets
 #   bash bench/device_pending.sh strided-block OUT  # the block kernel on the transposed strided chunks: GPU tests
 #                                              # (with the 2-stage and per-head ones), timing, bench/floor.py
+#   bash bench/device_pending.sh stages OUT    # block kernel: 1 or 2 stages, cut 64-row tiles, on every setup; the
+#                                              # GPU tests besides the Gluon and natural block ones
 #   bash bench/device_pending.sh host OUT      # where an eager fwd+bwd's host time goes (bench/host_trace.py)
 #   bash bench/device_pending.sh verify OUT    # every kernel GPU test
 #   bash bench/device_pending.sh verify-model OUT  # test_model's GPU tests, then the table
 # Run from the repository root on the device machine; JSON and logs land in OUT (pass $OUT there).
 set -uo pipefail
-WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, strided-block, host, verify or verify-model}; OUT=${2:?output folder}
+WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, strided-block, stages, host, verify or verify-model}; OUT=${2:?output folder}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 ST="python -m sparse_transformer.cli"
 mkdir -p "$OUT"
@@ -94,9 +96,16 @@ case "$WHAT" in
   strided-block)
     timeout 250 python -m pytest -m gpu tests/test_triton_attention.py -k "block_backward_transposed or 2-stages or per_head" \
       -q -n 14 -p no:cacheprovider -rf 2>&1 | tee "$OUT/gpu-tests-strided-block.log" | tail -n 12
-    OUT="$OUT" ONLY="generic,2 stages" timeout 200 python bench/block_bwd.py strided-12k strided-3k strided-64k 2>&1 \
+    OUT="$OUT" ONLY="generic;2 stages" timeout 200 python bench/block_bwd.py strided-12k strided-3k strided-64k 2>&1 \
       | tee "$OUT/block-bwd-strided.log"
     timeout 60 python bench/floor.py 2>&1 | tee "$OUT/floor.log"
+    ;;
+  stages)
+    OUT="$OUT" ONLY="generic;64-row tiles, 2 stages;cut" timeout 200 python bench/block_bwd.py strided-12k strided-3k \
+      strided-64k fixed-12k fixed-64k 2>&1 | tee "$OUT/block-bwd-stages.log"
+    timeout 330 python -m pytest -m gpu tests/test_triton_attention.py -q -n 14 -p no:cacheprovider -rf \
+      -k "not gluon and not per_head and not (block_backward and not transposed)" 2>&1 \
+      | tee "$OUT/gpu-tests-generic.log" | tail -n 8
     ;;
   host)
     OUT="$OUT" timeout 150 python bench/host_trace.py fixed-12k strided-12k strided-3k 2>&1 | tee "$OUT/host-trace.log" \
@@ -125,7 +134,7 @@ case "$WHAT" in
     timeout 50 python bench/eager_host.py fixed-12k 2>&1 | tee "$OUT/eager-host.log" | head -n 12
     ;;
   *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles | gather | order | gluon | summary | block |"\
-       "heads | strided-block | host | verify |"\
+       "heads | strided-block | stages | host | verify |"\
        "verify-model)"
      exit 2 ;;
 esac

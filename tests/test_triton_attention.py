@@ -108,12 +108,13 @@ def test_gpu_block_backward_matches_reference(n, L, D, dtype, tile, stages, monk
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n,L", [(3072, 96), (3000, 96), (6100, 64), (6144, 64), (8192, 32)])
+@pytest.mark.parametrize("n,L", [(3072, 96), (3000, 96), (6100, 64), (6144, 64), (8192, 32), (5000, 64)])
 @pytest.mark.parametrize("D", [32, 64, 128])
 @pytest.mark.parametrize("dtype,stages", [(torch.bfloat16, 1), (torch.float16, 1), (torch.float32, 1),
                                           (torch.bfloat16, 2)], ids=["bf16", "fp16", "fp32", "bf16-2-stages"])
 def test_gpu_block_backward_transposed_matches_reference(n, L, D, dtype, stages, monkeypatch):
-    """The merged strided pattern's transposed chunks (C = 32, 32 cut by n, 96 cut by n, 96 and 256) through the block
+    """The merged strided pattern's transposed chunks (C = 32, 32 cut by n, 96 cut by n, 96, 256, and 79 on cut tiles)
+    through the block
     kernel on the GPU, q / k / v as views of one projection; it must have run for that segment."""
     from sparse_transformer.attention.triton import block_backward, function
 
