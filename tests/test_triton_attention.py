@@ -114,8 +114,7 @@ def test_gpu_block_backward_matches_reference(n, L, D, dtype, tile, stages, monk
                                           (torch.bfloat16, 2)], ids=["bf16", "fp16", "fp32", "bf16-2-stages"])
 def test_gpu_block_backward_transposed_matches_reference(n, L, D, dtype, stages, monkeypatch):
     """The merged strided pattern's transposed chunks (C = 32, 32 cut by n, 96 cut by n, 96, 256, and 79 on cut tiles)
-    through the block
-    kernel on the GPU, q / k / v as views of one projection; it must have run for that segment."""
+    through the block kernel on the GPU, q / k / v as views of one projection; it must have run for that segment."""
     from sparse_transformer.attention.triton import block_backward, function
 
     if stages > 1 and D > 64:
