@@ -1,20 +1,26 @@
-"""Backward of a block-diagonal band (the fixed pattern's own-block part: query i sees keys j of its own L-row block
-with j <= i) in one kernel: dQ, dK, dV and Delta = rowsum(dO * O) for every row.
+"""Backward of a block-diagonal segment in one kernel: dQ, dK, dV (and, first, Delta = rowsum(dO * O)) for every row.
+Two segments are block-causal in their own order: the fixed pattern's own-block band (query i sees keys j of its own
+L-row block with j <= i), and the strided pattern's transposed part (chunk c holds positions c, c + L, c + 2L, ...;
+a query sees the earlier slots of its chunk, itself too unless the band holds the diagonal).
 
-Legend: B batch, H heads, N sequence, D head dim, L block, T tile (T divides L), NT = L / T tiles per block.
+Legend: B batch, H heads, N sequence, D head dim, L block (or chunk length C), T tile, NT = ceil(L / T) tiles per
+block.
 
 No key outside a block reaches its queries, so one program per (block, batch x head) owns every gradient row of its
 block: no atomics, nothing added across programs. It walks the block's key tiles kt, and for each the query tiles
 qt >= kt (the diagonal tile masked causally): P = exp2(S - LSE) from the saved log-sum-exp of the whole layout,
 dV += P^T dO, dS = P * (dO V^T - Delta), dK += dS^T Q in registers, stored once per key tile; dQ += dS K goes to
 memory (stored at kt = 0, added to after), and a barrier after each key tile makes the program's own dQ stores
-visible to its next loads. Delta is computed from O and dO at each visit and stored at kt = 0 for the later
-segments' kernels. Against the generic pair (a dQ kernel, then a dK/dV kernel) it reads Q, K, V and dO once per
-tile pair instead of twice and launches once. The price: dQ of a query tile after a block's first goes through
-memory in the input's dtype once per key tile before it (up to L / T - 1 extra roundings for 16-bit inputs; the
+visible to its next loads. As the first segment (the band) it computes Delta from O and dO at each visit and stores
+it at kt = 0 for the later segments' kernels; as a later one (the transposed chunks) it reads that Delta and adds its
+dQ, dK, dV to what the band's kernels stored. Against the generic pair (a dQ kernel, then a dK/dV kernel) it reads
+Q, K, V and dO once per tile pair instead of twice and launches once; against the fused dK/dV kernel of the transposed
+part it needs no fp32 dQ (atomics) and no cast after. The price: dQ of a query tile after a block's first goes
+through memory in the input's dtype once per key tile before it (up to NT - 1 extra roundings for 16-bit inputs; the
 generic path rounds once per segment).
-Where it runs: function.backward, for a first segment that is exactly block-causal with one block length L for
-every head (Launch.block), L a multiple of the tile; SPARSE_TRANSFORMER_BLOCK_BWD=0 turns it off.
+Where it runs: function.backward, for a first segment that is exactly block-causal with one block length L for every
+head, or a later transposed segment (Launch.block), where block_tile has a tile; SPARSE_TRANSFORMER_BLOCK_BWD=0 turns
+it off.
 """
 import os
 
@@ -32,13 +38,15 @@ BLOCK_BWD = os.environ.get("SPARSE_TRANSFORMER_BLOCK_BWD", "1") != "0"
 MAX_TILE = 64
 MAX_TILES = 4  # tiles of MAX_TILE per block (L <= 256): one program walks nt (nt + 1) / 2 tile pairs in a row, so
 # longer blocks leave the GPU with few, long programs; they take the generic kernels (measured up to L = 256)
-# Software pipelining of the query-tile loop (head dim up to 64; d=128 always 1: 2 stages need 112 KiB of shared
-# memory there, more than sm_86 / sm_89 give a block, and spill). 2 stages measured faster on an H200
-# (bench/block_bwd.py, block-bwd-20261130-163339.json: 88 -> 83 us at fixed-12k, 323 -> 307 at fixed-64k; the graph
-# fwd+bwd within noise) but the GPU tests ran on 1 stage only, so 1 stays until they run on 2. 8 warps were slower
-# (153 / 559 us).
-STAGES = 1
-RAGGED = False  # transposed chunks that a 32-row tile divides (C = 96) on cut 64-row tiles instead (bench/block_bwd.py)
+# Software pipelining of the query-tile loop, on 64-row tiles with head dims up to 64 (d=128 always 1: 2 stages need
+# 112 KiB of shared memory there, more than sm_86 / sm_89 give a block, and spill; 32-row tiles measured slower on 2).
+# H200, bench/block_bwd.py (block-bwd-20261130-174905.json, block kernel us, 1 -> 2 stages): fixed-12k 87 -> 83,
+# fixed-64k 317 -> 303, strided-64k 361 -> 351, strided-12k on 32-row tiles 138 -> 164 (on cut 64-row tiles 133 ->
+# 130). 8 warps were slower everywhere (fixed-12k 153 us, strided-12k 296, strided-64k 628).
+STAGES = 2
+# Transposed chunks longer than a tile go on cut 64-row tiles even where 32-row tiles divide them: strided-12k (C =
+# 96) 138 us on three 32-row tiles, 130 on two 64-row tiles (2 stages; graph fwd+bwd 0.487 -> 0.477 ms), same run.
+RAGGED = True
 WARPS = None  # None: 8 where a tile holds more than 64 x 64 elements (d=128), else 4
 
 
@@ -163,4 +171,4 @@ def block_backward(q, k, v, o, do, dq, dk, dv, lse, delta, L, scale, launch=None
                    *do.stride()[:3], *dk.stride()[:3], B * H, H, N, L, prm.shape[0] if later else 1,
                    launch.seg.L if later else 1),
                   dict(IEEE=q.dtype == torch.float32, TILE=tile, HEAD_DIM=D, KIND=int(later), DELTA=not later,
-                       ACCUM=later, num_warps=warps, num_stages=STAGES if D <= 64 else 1))
+                       ACCUM=later, num_warps=warps, num_stages=STAGES if D <= 64 and tile == 64 else 1))

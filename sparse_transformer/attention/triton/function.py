@@ -5,9 +5,10 @@ Legend: B batch, H heads, N sequence, D head dim, BM/BN query/key tile.
 Forward launches one kernel per segment of the layout's plan (natural, transposed strided, gathered summary); the
 second and third fold their result into the first through the log-sum-exp inside the kernel. Backward computes
 Delta = rowsum(dO * O) in the first dQ launch (or, for a block-causal band first, in its one-kernel backward,
-block_backward.py) and launches dQ and dK/dV per segment, each adding to the rows the earlier ones wrote; a later
-segment whose kind has a `fused` tiling launches one dK/dV kernel that also adds its dQ share (fp32 atomics), unless
-torch's deterministic mode is on.
+block_backward.py) and launches dQ and dK/dV per segment, each adding to the rows the earlier ones wrote. A later
+transposed strided segment whose chunks fit the block kernel runs it (one launch, no atomics); otherwise a later
+segment whose kind has a `fused` tiling launches one dK/dV kernel that also adds its dQ share (fp32 atomics, then dQ is
+cast back), unless torch's deterministic mode is on.
 Tables are built once per (layout, tiles, device) and cached (plan.get_tables).
 """
 from __future__ import annotations
@@ -49,6 +50,10 @@ for _kind in ("natural", "transposed"):
 # they keep their dQ kernels.
 # With d=128 on 4 warps that kernel spills 444 bytes per thread and 8 warps do not spill (python bench/compile_probe.py,
 # Triton 3.6, sm_90); the strided-3k timing above ran on 32x32 / 4 warps, the shrunken tile of its 32-row chunks.
+# Since 2026-11-30 (late) the block kernel (block_backward.py) takes the transposed part instead wherever its chunks
+# fit (C up to 4 tiles: 256 at d <= 64, 128 at d = 128), with no fp32 dQ: H200, bench/block_bwd.py
+# (block-bwd-20261130-174905.json), graph fwd+bwd strided-12k 0.511 -> 0.477 ms, strided-3k 0.256 -> 0.235,
+# strided-64k 1.628 -> 1.404. The fused kernel remains for longer chunks and SPARSE_TRANSFORMER_BLOCK_BWD=0.
 TUNING[("transposed", 64)]["fused"] = (64, 64, 4, 2)
 TUNING[("transposed", 128)]["fused"] = (64, 64, 8, 2)
 # Chunks (n / stride slots) that are not a multiple of the fused tile straddle tiles; there the fused kernel runs the
