@@ -688,7 +688,7 @@ def test_gpu_gluon_gather_edge_cases(case, monkeypatch):
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("views", [False, True], ids=["contiguous", "views"])
 def test_gpu_gluon_per_head_offsets(n, L, c, heads, verts, D, views, monkeypatch):
-    """Experimental (gluon_gather.HEAD_OFFSETS): heads with different summary offsets (num_verts > 1, as the enwik8
+    """gluon_gather.HEAD_OFFSETS: heads with different summary offsets (num_verts > 1, as the enwik8
     preset) through the Gluon kernels, each head's offset added to the row coordinate; all three kernels must run."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon kernels are for Hopper (sm_90)")
