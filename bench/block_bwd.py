@@ -7,7 +7,8 @@ On the strided setups the block kernel takes the transposed chunks (a later segm
 in place of the fused dK/dV kernel with atomic dQ.
 Usage: [ONLY="generic;2 stages"] python bench/block_bwd.py [fixed-12k fixed-64k strided-12k ...] (ONLY: the variants
 whose label holds one of those strings, or equals "block kernel, 64-row tiles"); writes block-bwd-<date>.json to $OUT
-(default bench/results). python bench/block_bwd.py plot JSON OUT.png draws the kernel times of each variant, stacked."""
+(default bench/results). python bench/block_bwd.py plot JSON OUT.png draws the kernel times of the generic variant and of the
+default settings (cut 64-row tiles, 2 stages), stacked, per setup."""
 import json
 import os
 import sys
@@ -72,7 +73,33 @@ def main(names):
     print("wrote", out)
 
 
-def plot(path, out, variants=("generic dQ + dK/dV", "block kernel, 64-row tiles")):
+# kernel name -> labels of its first, second, ... launch in one fwd+bwd, per pattern family
+LABELS = {
+    "fixed": {"_attn_fwd_kernel": ["band fwd"], "_gather_fwd_kernel": ["summary fwd (Gluon)"],
+              "_attn_bwd_dq_kernel": ["band dQ"], "_attn_bwd_dkdv_kernel": ["band dK/dV"],
+              "_attn_bwd_block_kernel": ["band dQ+dK/dV (block kernel)"], "_gather_dq_kernel": ["summary dQ (Gluon)"],
+              "_gather_dkdv_kernel": ["summary dK/dV (Gluon)"]},
+    "strided": {"_attn_fwd_kernel": ["band fwd", "strided part fwd"], "_attn_bwd_dq_kernel": ["band dQ"],
+                "_attn_bwd_dkdv_kernel": ["band dK/dV", "strided part dK/dV + atomic dQ (fused)"],
+                "_attn_bwd_block_kernel": ["strided part dQ+dK/dV (block kernel)"]},
+}
+COLORS = {"band fwd": "#4c72b0", "summary fwd (Gluon)": "#8172b3", "strided part fwd": "#8172b3",
+          "band dQ": "#dd8452", "band dK/dV": "#55a868", "band dQ+dK/dV (block kernel)": "#c44e52",
+          "strided part dQ+dK/dV (block kernel)": "#c44e52", "summary dQ (Gluon)": "#ccb974",
+          "strided part dK/dV + atomic dQ (fused)": "#64b5cd", "summary dK/dV (Gluon)": "#64b5cd"}
+TORCH = "torch (gradient accumulation; dQ cast)"
+TARGETS = {"fixed-12k": 1.0, "fixed-64k": 6.4, "strided-12k": 0.15, "strided-3k": 0.08, "strided-64k": 0.6}
+
+
+def _labels(row):
+    names, seen = LABELS["fixed" if row["pattern"].startswith("fixed") else "strided"], {}
+    for kernel, us in row["kernels_us"]:
+        k = seen[kernel] = seen.get(kernel, -1) + 1
+        options = names.get(kernel)
+        yield (options[min(k, len(options) - 1)] if options else TORCH), us
+
+
+def plot(path, out, variants=("generic dQ + dK/dV", "block kernel, cut 64-row tiles, 2 stages")):
     """Per setup, one bar per variant: its kernels' profiler times stacked (ms), the graph fwd+bwd as a tick and the
     issue's target as a dashed line."""
     import matplotlib
@@ -82,36 +109,31 @@ def plot(path, out, variants=("generic dQ + dK/dV", "block kernel, 64-row tiles"
 
     rows = [r for r in json.load(open(path)) if r["variant"] in variants]
     setups = list(dict.fromkeys(r["setup"] for r in rows))
-    targets = {"fixed-12k": 1.0, "fixed-64k": 6.4}
-    names = {"_attn_fwd_kernel": "band fwd", "_gather_fwd_kernel": "summary fwd (Gluon)",
-             "_attn_bwd_dq_kernel": "band dQ", "_attn_bwd_dkdv_kernel": "band dK/dV",
-             "_attn_bwd_block_kernel": "band dQ+dK/dV (block kernel)", "_gather_dq_kernel": "summary dQ (Gluon)",
-             "_gather_dkdv_kernel": "summary dK/dV (Gluon)"}
-    colors = dict(zip(names.values(), ("#4c72b0", "#8172b3", "#dd8452", "#55a868", "#c44e52", "#ccb974", "#64b5cd")))
-    fig, axes = plt.subplots(1, len(setups), figsize=(4.2 * len(setups), 4.2))
+    fig, axes = plt.subplots(1, len(setups), figsize=(3.3 * len(setups), 4.6))
     for ax, setup in zip(axes if len(setups) > 1 else [axes], setups):
-        for x, r in enumerate(r for r in rows if r["setup"] == setup):
+        mine = sorted((r for r in rows if r["setup"] == setup), key=lambda r: variants.index(r["variant"]))
+        for x, r in enumerate(mine):
             bottom = 0.0
-            for kernel, us in r["kernels_us"]:
-                label = names.get(kernel, "torch (gradient accumulation)")
-                ax.bar(x, us / 1e3, bottom=bottom, color=colors.get(label, "#b0b0b0"), edgecolor="white",
+            for label, us in _labels(r):
+                ax.bar(x, us / 1e3, bottom=bottom, color=COLORS.get(label, "#b0b0b0"), edgecolor="white",
                        label=label)
                 bottom += us / 1e3
             ax.plot([x - 0.4, x + 0.4], [r["fwdbwd_graph_ms"]] * 2, color="black")
-        ax.axhline(targets.get(setup, 0), color="red", linestyle="--", label="target")
-        ax.set_xticks(range(len(variants)), [v.replace(" + ", "\n+ ").replace(", ", "\n") for v in variants],
-                      fontsize=8)
-        ax.set_title(f"{setup}: fwd+bwd, kernels stacked", fontsize=10)
-        ax.set_ylabel("ms (black tick: graph-replayed fwd+bwd)")
+            ax.text(x, r["fwdbwd_graph_ms"], f"{r['fwdbwd_graph_ms']:.3f}", ha="center", va="bottom", fontsize=7)
+        ax.axhline(TARGETS.get(setup, 0), color="red", linestyle="--", label="target")
+        ax.set_xticks(range(len(mine)), ["generic" if not v.startswith("block") else "block kernel" for v in
+                                         (r["variant"] for r in mine)], fontsize=8)
+        ax.set_title(setup, fontsize=10)
+    axes[0].set_ylabel("ms (black tick: graph-replayed fwd+bwd)") if len(setups) > 1 else None
     handles, labels = [], []
     for ax in fig.axes:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
-    fig.suptitle(f"{rows[0]['device']}, bf16 ({os.path.basename(path)})", fontsize=9)
-    fig.tight_layout(rect=(0, 0.16, 1, 0.96))
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+    fig.suptitle(f"fwd+bwd GPU time per kernel, {rows[0]['device']}, bf16 ({os.path.basename(path)})", fontsize=9)
+    fig.tight_layout(rect=(0, 0.15, 1, 0.95))
     fig.savefig(out, dpi=110)
     print("wrote", out)
 

@@ -9,9 +9,11 @@ Writes each trace as OUT/host-trace-<setup>-<method>.json (chrome://tracing, Per
 Usage: OUT=dir python bench/host_trace.py [fixed-12k strided-12k strided-3k ...]"""
 import cProfile
 import io
+import json
 import os
 import pstats
 import sys
+import tempfile
 import time
 
 import torch
@@ -19,9 +21,6 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from sparse_transformer.attention.triton import launcher
 from sparse_transformer.bench import SETUPS, _method_fn
-
-CUDA = torch.autograd.DeviceType.CUDA
-
 
 def _median(xs):
     return sorted(xs)[len(xs) // 2]
@@ -46,30 +45,29 @@ def trace(fb, path):
             with record_function(f"call{i}"):
                 fb()
         torch.cuda.synchronize()
-    if path:
-        prof.export_chrome_trace(path)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=48))
-    ev = list(prof.events())
-    last = [e for e in ev if e.name == "call4"][0]
-    t0, t1 = last.time_range.start, last.time_range.end
+    with tempfile.TemporaryDirectory() as tmp:
+        out = path or os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(out)
+        events = json.load(open(out))["traceEvents"]
+    timeline(events)
+
+
+def timeline(events):
+    """The last call's launches: each runtime / driver launch call on the CPU and the GPU work it queued (matched by
+    the trace's correlation ids), times in us from the call's start."""
+    call = [e for e in events if e.get("name") == "call4" and e.get("cat") == "user_annotation"][0]
+    t0, t1 = call["ts"], call["ts"] + call["dur"]
+    gpu = {e["args"].get("correlation"): e for e in events
+           if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy") and "args" in e}
     print(f"one call's timeline (us from its start; CPU span {t1 - t0:.0f} us):")
-    rows = []
-    for e in ev:
-        if e.device_type == CUDA or not (t0 <= e.time_range.start <= t1) or not e.kernels:
+    for e in sorted((e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver") and t0 <= e["ts"] <= t1),
+                    key=lambda e: e["ts"]):
+        g = gpu.get(e.get("args", {}).get("correlation"))
+        if g is None:
             continue
-        if any(c.kernels for c in e.cpu_children):  # report the innermost op that launched
-            continue
-        for kern in e.kernels:
-            rows.append((e.time_range.start - t0, e.time_range.elapsed_us(), e.name[:34], kern.name[:40]))
-    gpu = sorted((e for e in ev if e.device_type == CUDA and e.time_range.start >= t0),
-                 key=lambda e: e.time_range.start)
-    starts = {}
-    for g in gpu:
-        starts.setdefault(g.name[:40], []).append(g)
-    for cpu_at, cpu_us, op, kname in sorted(rows):
-        g = starts.get(kname, [None]).pop(0) if starts.get(kname) else None
-        gtxt = f"gpu at {g.time_range.start - t0:8.0f} for {g.time_range.elapsed_us():6.1f}" if g else "gpu ?"
-        print(f"  cpu at {cpu_at:8.0f} for {cpu_us:6.1f}  {op:34s} -> {kname:40s} {gtxt}")
+        print(f"  cpu at {e['ts'] - t0:7.0f} for {e['dur']:6.1f}  {e['name'][:20]:20s} -> {g['name'][:48]:48s} "
+              f"gpu at {g['ts'] - t0:7.0f} for {g['dur']:7.1f}")
 
 
 def cprofile(fb, n=20):
