@@ -13,10 +13,10 @@
 #                                              # setups beside cuDNN (the summary rows read in place)
 #   bash bench/device_pending.sh block OUT     # the block-causal band's one-kernel backward: its GPU tests, every
 #                                              # fixed-pattern kernel test, its timing against the generic pair
-#   bash bench/device_pending.sh heads OUT     # owed since 2026-11-30 (night), not yet run on a GPU: per-head summary
-#                                              # offsets in the Gluon kernels (SPARSE_TRANSFORMER_GLUON_HEADS=1) and
-#                                              # the block kernel on 2 stages: check, GPU tests, the enwik8 step with
-#                                              # and without per-head offsets
+#   bash bench/device_pending.sh heads OUT     # per-head summary offsets in the Gluon kernels and the block kernel
+#                                              # on 2 stages: check, GPU tests (run 2026-11-30 late: its tests need
+#                                              # more than their 150 s, see strided-block), the enwik8 step with and
+#                                              # without per-head offsets
 #   bash bench/device_pending.sh strided-block OUT  # the block kernel on the transposed strided chunks: GPU tests
 #                                              # (with the 2-stage and per-head ones), timing, bench/floor.py
 #   bash bench/device_pending.sh stages OUT    # block kernel: 1 or 2 stages, cut 64-row tiles, on every setup; the
