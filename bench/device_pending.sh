@@ -23,12 +23,14 @@
 #                                              # GPU tests besides the Gluon and natural block ones
 #   bash bench/device_pending.sh final-tests OUT  # the transposed chunks of 96 on cut tiles (the default since), and
 #                                              # test_model's GPU tests
+#   bash bench/device_pending.sh window OUT    # owed since 2026-11-30 (late), never run on a GPU: the experimental
+#                                              # causal-window backward (window_backward.py): GPU tests, timing
 #   bash bench/device_pending.sh host OUT      # where an eager fwd+bwd's host time goes (bench/host_trace.py)
 #   bash bench/device_pending.sh verify OUT    # every kernel GPU test
 #   bash bench/device_pending.sh verify-model OUT  # test_model's GPU tests, then the table
 # Run from the repository root on the device machine; JSON and logs land in OUT (pass $OUT there).
 set -uo pipefail
-WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, strided-block, stages, final-tests, host, verify or verify-model}; OUT=${2:?output folder}
+WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, strided-block, stages, final-tests, window, host, verify or verify-model}; OUT=${2:?output folder}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 ST="python -m sparse_transformer.cli"
 mkdir -p "$OUT"
@@ -115,6 +117,12 @@ case "$WHAT" in
     timeout 300 python -m pytest -m gpu tests/test_model.py -q -n 8 -p no:cacheprovider -rf 2>&1 | tail -n 8 \
       | tee "$OUT/gpu-tests-model.log"
     ;;
+  window)
+    timeout 250 python -m pytest -m gpu tests/test_triton_attention.py -k "window" -q -n 14 -p no:cacheprovider -rf \
+      2>&1 | tee "$OUT/gpu-tests-window.log" | tail -n 8
+    OUT="$OUT" ONLY="cut 64-row tiles, 2 stages;window" timeout 200 python bench/block_bwd.py strided-12k strided-3k \
+      strided-64k 2>&1 | tee "$OUT/block-bwd-window.log"
+    ;;
   host)
     OUT="$OUT" timeout 150 python bench/host_trace.py fixed-12k strided-12k strided-3k 2>&1 | tee "$OUT/host-trace.log" \
       | grep "==="
@@ -142,7 +150,7 @@ case "$WHAT" in
     timeout 50 python bench/eager_host.py fixed-12k 2>&1 | tee "$OUT/eager-host.log" | head -n 12
     ;;
   *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles | gather | order | gluon | summary | block |"\
-       "heads | strided-block | stages | final-tests | host | verify |"\
+       "heads | strided-block | stages | final-tests | window | host | verify |"\
        "verify-model)"
      exit 2 ;;
 esac

@@ -133,6 +133,31 @@ def test_gpu_block_backward_transposed_matches_reference(n, L, D, dtype, stages,
     assert ran == ([C] if block_backward.block_tile(C, D, transposed=True) else [])  # C = 256 at d=128: generic
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,W", [(3072, 96), (3000, 128), (4100, 256), (2048, 64)])
+@pytest.mark.parametrize("D", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("span", [1, 4])
+def test_gpu_window_backward_matches_reference(n, W, D, dtype, span, monkeypatch):
+    """The experimental causal-window backward on the GPU: the merged strided pattern's band (with the block kernel on
+    its transposed chunks after it), windows of 96 (not a multiple of the tile) to 256, n cut, q / k / v as views of
+    one projection; it must have run."""
+    from sparse_transformer.attention.triton import function, window_backward
+
+    monkeypatch.setattr(window_backward, "WINDOW_BWD", True)
+    monkeypatch.setattr(window_backward, "SPAN", span)
+    ran, run_window = [], window_backward.window_backward
+    monkeypatch.setattr(window_backward, "window_backward", lambda *a: ran.append(a[-2]) or run_window(*a))
+    function.clear_cache()
+    qkv = torch.randn(1, n, 3, 2, D, dtype=dtype, device="cuda")
+    q, k, v = (qkv[:, :, i].transpose(1, 2).requires_grad_() for i in range(3))
+    try:
+        check_against_reference(_run(), q, k, v, layouts.strided(n, W), floor=FLOOR[dtype])
+    finally:
+        function.clear_cache()
+    assert ran == [W]
+
+
 @pytest.mark.interpreter
 def test_interpreter_block_backward_switched_off(monkeypatch):
     """SPARSE_TRANSFORMER_BLOCK_BWD=0 (block_backward.BLOCK_BWD): the generic dQ and dK/dV kernels take the band."""
@@ -219,6 +244,59 @@ def test_interpreter_block_backward_transposed_cut_tiles(n, monkeypatch):
     finally:
         function.clear_cache()
     assert ran == [-(-n // 10)] and block_backward.block_tile(ran[0], 16, True) == 32
+
+
+WINDOW_CASES = [  # (name, layout, head dim, tile, span): causal windows the experimental window kernel takes
+    ("local-n100-w7", lambda: layouts.local(100, 7), 16, 16, 2),  # REACH 1, the last tile cut by n
+    ("strided-n317-l10", lambda: layouts.strided(317, 10), 16, 16, 2),  # the merged pattern's band, the block kernel
+    # on its transposed chunks after it
+    ("local-n300-w40", lambda: layouts.local(300, 40), 32, 16, 1),  # REACH 3 > SPAN: edges wider than the span
+    ("strided-n500-l64", lambda: layouts.strided(500, 64), 16, 32, 2),  # REACH 2, W a multiple of the tile
+    ("local-n70-w1", lambda: layouts.local(70, 1), 16, 16, 3),  # each query its own key only
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("name,make,D,tile,span", WINDOW_CASES, ids=[c[0] for c in WINDOW_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_interpreter_window_backward_matches_reference(name, make, D, tile, span, dtype, monkeypatch):
+    """The experimental causal-window backward (dQ, dK, dV and Delta in one kernel, SPARSE_TRANSFORMER_WINDOW_BWD=1)
+    against the reference; it must have run, in place of the band's dQ and dK/dV kernels."""
+    from sparse_transformer.attention.triton import backward, function, window_backward
+
+    monkeypatch.setattr(window_backward, "WINDOW_BWD", True)
+    monkeypatch.setattr(window_backward, "TILE", tile)
+    monkeypatch.setattr(window_backward, "SPAN", span)
+    ran, generic, run_window = [], [], window_backward.window_backward
+    monkeypatch.setattr(window_backward, "window_backward", lambda *a: ran.append(a[-2]) or run_window(*a))
+    monkeypatch.setattr(function, "attn_backward", lambda *a, **kw: generic.append(kw["first"]) or
+                        backward.attn_backward(*a, **kw))
+    function.clear_cache()
+    lay = make()
+    q, k, v = make_qkv(1, 2, lay.n, D, dtype)
+    try:
+        check_against_reference(_run(), q, k, v, lay, floor=1e-5 if dtype == torch.float32 else 2e-3)
+    finally:
+        function.clear_cache()
+    assert ran == [lay.heads[0].window] and True not in generic
+
+
+def test_window_length_only_for_exact_windows(monkeypatch):
+    """Launch.window: the first segment's window where it is one causal window for every head and nothing else; None
+    for blocks, dense or custom heads, mixed widths, later segments, head dims over 128 or explicit tiles; off unless
+    switched on (the generic kernels run)."""
+    from sparse_transformer.attention.triton import window_backward
+    from sparse_transformer.attention.triton.function import get_launches
+
+    def windows(lay, D=64, **kw):
+        return [launch.window for launch in get_launches(lay, D, "cpu", **kw)]
+
+    assert windows(layouts.strided(12288, 128)) == [128, None] and windows(layouts.local(1000, 50)) == [50]
+    assert windows(layouts.fixed(1000, 128, 32)) == [None, None]
+    assert windows(layouts.stack([layouts.local(1000, 64), layouts.local(1000, 32)])) == [None]
+    assert windows(layouts.stack([layouts.local(1000, 64), layouts.dense(1000)])) == [None]
+    assert windows(layouts.local(1000, 64), 256) == [None] and windows(layouts.local(1000, 64), block_m=32) == [None]
+    assert not window_backward.WINDOW_BWD or os.environ.get("SPARSE_TRANSFORMER_WINDOW_BWD") == "1"
 
 
 def test_block_length_of_transposed_chunks(monkeypatch):
