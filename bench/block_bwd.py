@@ -20,8 +20,8 @@ from sparse_transformer import sparse_attention
 from sparse_transformer.attention.triton import block_backward, function, window_backward
 from sparse_transformer.bench import SETUPS, _time_graph, _versions, kernel_times
 
-# label: block_backward settings (the rest at their defaults: BLOCK_BWD on, MAX_TILE 64, STAGES 1, WARPS None, RAGGED
-# off)
+# label: block_backward (and window_backward) settings; the rest as in DEFAULTS, the bench's baseline (not the
+# modules' defaults: those are 2 stages and cut tiles, the "cut 64-row tiles, 2 stages" variant)
 VARIANTS = {"generic dQ + dK/dV": dict(BLOCK_BWD=False), "block kernel, 64-row tiles": {},
             "block kernel, 128-row tiles": dict(MAX_TILE=128),
             "block kernel, 64-row tiles, 2 stages": dict(STAGES=2),

@@ -83,18 +83,20 @@ def test_interpreter_block_backward_matches_reference(name, make, D, dtype, monk
 @pytest.mark.parametrize("D", [32, 64, 128])
 @pytest.mark.parametrize("dtype,tile,stages", [(torch.bfloat16, 64, 1), (torch.float16, 64, 1),
                                                (torch.float32, 64, 1), (torch.bfloat16, 128, 1),
-                                               (torch.bfloat16, 64, 2), (torch.float32, 64, 2)],
-                         ids=["bf16", "fp16", "fp32", "bf16-tile128", "bf16-2-stages", "fp32-2-stages"])
+                                               (torch.bfloat16, 64, 2), (torch.float32, 64, 2),
+                                               (torch.float16, 64, None)],
+                         ids=["bf16", "fp16", "fp32", "bf16-tile128", "bf16-2-stages", "fp32-2-stages", "fp16-default"])
 def test_gpu_block_backward_matches_reference(n, L, D, dtype, tile, stages, monkeypatch):
     """The block-causal band's one-kernel backward on the GPU (both tile limits: 128-row tiles spill but must stay
-    exact; and 2 pipeline stages, faster, not yet the default), q / k / v as views of one projection; it must have
+    exact; 1 and 2 pipeline stages, and the module's default), q / k / v as views of one projection; it must have
     run."""
     from sparse_transformer.attention.triton import block_backward, function
 
-    if stages > 1 and D > 64:
+    if stages and stages > 1 and D > 64:
         pytest.skip("head dims over 64 always run 1 stage (block_backward.block_backward)")
     monkeypatch.setattr(block_backward, "MAX_TILE", tile)
-    monkeypatch.setattr(block_backward, "STAGES", stages)
+    if stages is not None:
+        monkeypatch.setattr(block_backward, "STAGES", stages)
     function.clear_cache()
     ran, run_block = [], block_backward.block_backward
     monkeypatch.setattr(block_backward, "block_backward", lambda *a: ran.append(a[-3]) or run_block(*a))
@@ -111,15 +113,18 @@ def test_gpu_block_backward_matches_reference(n, L, D, dtype, tile, stages, monk
 @pytest.mark.parametrize("n,L", [(3072, 96), (3000, 96), (6100, 64), (6144, 64), (8192, 32), (5000, 64)])
 @pytest.mark.parametrize("D", [32, 64, 128])
 @pytest.mark.parametrize("dtype,stages", [(torch.bfloat16, 1), (torch.float16, 1), (torch.float32, 1),
-                                          (torch.bfloat16, 2)], ids=["bf16", "fp16", "fp32", "bf16-2-stages"])
+                                          (torch.bfloat16, 2), (torch.bfloat16, None), (torch.float16, None),
+                                          (torch.float32, None)],
+                         ids=["bf16", "fp16", "fp32", "bf16-2-stages", "bf16-default", "fp16-default", "fp32-default"])
 def test_gpu_block_backward_transposed_matches_reference(n, L, D, dtype, stages, monkeypatch):
     """The merged strided pattern's transposed chunks (C = 32, 32 cut by n, 96 cut by n, 96, 256, and 79 on cut tiles)
     through the block kernel on the GPU, q / k / v as views of one projection; it must have run for that segment."""
     from sparse_transformer.attention.triton import block_backward, function
 
-    if stages > 1 and D > 64:
+    if stages and stages > 1 and D > 64:
         pytest.skip("head dims over 64 always run 1 stage (block_backward.block_backward)")
-    monkeypatch.setattr(block_backward, "STAGES", stages)
+    if stages is not None:  # None: the module's defaults (STAGES, RAGGED)
+        monkeypatch.setattr(block_backward, "STAGES", stages)
     function.clear_cache()
     ran, run_block = [], block_backward.block_backward
     monkeypatch.setattr(block_backward, "block_backward", lambda *a: ran.append(a[-3]) or run_block(*a))
@@ -159,15 +164,26 @@ def test_gpu_window_backward_matches_reference(n, W, D, dtype, span, monkeypatch
 
 
 @pytest.mark.interpreter
-def test_interpreter_block_backward_switched_off(monkeypatch):
-    """SPARSE_TRANSFORMER_BLOCK_BWD=0 (block_backward.BLOCK_BWD): the generic dQ and dK/dV kernels take the band."""
-    from sparse_transformer.attention.triton import block_backward
+@pytest.mark.parametrize("make,fuses", [(lambda: layouts.fixed(97, 16, 4), [False, False]),
+                                        (lambda: layouts.strided(320, 10), [False, True])], ids=["fixed", "strided"])
+def test_interpreter_block_backward_switched_off(make, fuses, monkeypatch):
+    """SPARSE_TRANSFORMER_BLOCK_BWD=0 (block_backward.BLOCK_BWD): the generic dQ and dK/dV kernels take the band,
+    and the fused dK/dV kernel (atomic dQ) the transposed chunks."""
+    from sparse_transformer.attention.triton import backward, block_backward, function
 
     monkeypatch.setattr(block_backward, "BLOCK_BWD", False)
     monkeypatch.setattr(block_backward, "block_backward", lambda *a: pytest.fail("the block kernel ran"))
-    lay = layouts.fixed(97, 16, 4)
+    fused = []
+    monkeypatch.setattr(function, "attn_backward", lambda *a, **kw: fused.append(a[-1]) or
+                        backward.attn_backward(*a, **kw))
+    function.clear_cache()
+    lay = make()
     q, k, v = make_qkv(1, 2, lay.n, 16, torch.float32)
-    check_against_reference(_run(), q, k, v, lay, floor=1e-5)
+    try:
+        check_against_reference(_run(), q, k, v, lay, floor=1e-5)
+    finally:
+        function.clear_cache()
+    assert fused == fuses  # per segment: did its dK/dV kernel add dQ with atomics
 
 
 def test_block_length_only_for_exact_block_bands():
@@ -199,6 +215,8 @@ STRIDED_BLOCK_CASES = [  # (name, layout, head dim): transposed strided chunks t
     # one with the diagonal (no band to hold it)
     ("mixed-heads-n160", lambda: layouts.stack([layouts.strided(160, 10), layouts.fixed(160, 16, 4)]), 16),  # a
     # gathered summary after it
+    ("strict-and-not-n320-l10", lambda: layouts.stack([layouts.strided(320, 10), layouts.strided(320, 10, "strided")]),
+     16),  # one head's band holds the diagonal, the other head's chunks keep it
     ("strided-n97-l10-cut", lambda: layouts.strided(97, 10), 16),  # C = 10 on one cut 16-row tile
     ("strided-n250-l10-cut", lambda: layouts.strided(250, 10), 16),  # C = 25 on one cut 32-row tile
 ]

@@ -12,7 +12,8 @@ preprocessing step, fused: one launch fewer).
 With FUSE_DQ (segments after the first whose kind has a `fused` tiling in TUNING, when torch's deterministic mode is
 off) a segment has no dQ kernel: its dK/dV kernel also computes dS K for each tile and adds it to an fp32 dQ with
 atomics (FlashAttention-2's dQaccum), so S and dO V^T are computed once per entry, not twice (10 d flops per entry,
-not 14 d).
+not 14 d). Segments the block kernel takes (block_backward.py: a block-causal band first, transposed chunks later)
+never come here.
 """
 import triton
 import triton.language as tl

@@ -38,8 +38,9 @@ BLOCK_BWD = os.environ.get("SPARSE_TRANSFORMER_BLOCK_BWD", "1") != "0"
 MAX_TILE = 64
 MAX_TILES = 4  # tiles of MAX_TILE per block (L <= 256): one program walks nt (nt + 1) / 2 tile pairs in a row, so
 # longer blocks leave the GPU with few, long programs; they take the generic kernels (measured up to L = 256)
-# Software pipelining of the query-tile loop, on 64-row tiles with head dims up to 64 (d=128 always 1: 2 stages need
-# 112 KiB of shared memory there, more than sm_86 / sm_89 give a block, and spill; 32-row tiles measured slower on 2).
+# Software pipelining of the query-tile loop, on 64-row tiles of 16-bit inputs with head dims up to 64 (d=128 always
+# 1: 2 stages need 112 KiB of shared memory there, more than sm_86 / sm_89 give a block, and spill; 32-row tiles
+# measured slower on 2; fp32 was not timed).
 # H200, bench/block_bwd.py (block-bwd-20261130-174905.json, block kernel us, 1 -> 2 stages): fixed-12k 87 -> 83,
 # fixed-64k 317 -> 303, strided-64k 361 -> 351, strided-12k on 32-row tiles 138 -> 164 (on cut 64-row tiles 133 ->
 # 130). 8 warps were slower everywhere (fixed-12k 153 us, strided-12k 296, strided-64k 628).
@@ -53,9 +54,10 @@ WARPS = None  # None: 8 where a tile holds more than 64 x 64 elements (d=128), e
 def block_tile(L: int, head_dim: int, transposed: bool = False) -> int | None:
     """The tile T of the block kernel for block length L (None: the generic kernels take it), for head dims up to
     128 (the tested ones): the largest power of two from 16 to MAX_TILE that divides L, for L up to MAX_TILES *
-    MAX_TILE. Transposed chunks (slots past C fall past the sequence, so the kernel masks them) with no such tile, or with RAGGED and C longer
-    than a tile, take the largest tile, the last one cut; with head dims over 64 they stop at 32-row tiles (64-row
-    ones spill there: 136 bytes at d=128 on 8 warps, Triton 3.6, sm_90)."""
+    MAX_TILE. Transposed chunks (slots past C fall past the sequence, so the kernel masks them) longer than the
+    largest tile with RAGGED, or with no tile that divides them, take cut tiles: the largest tile, or for chunks
+    shorter than it the smallest power of two that holds them (C = 10 -> 16). With head dims over 64 they stop at
+    32-row tiles (64-row ones spill there: 136 bytes at d=128 on 8 warps, Triton 3.6, sm_90)."""
     top = min(MAX_TILE, 32) if transposed and head_dim > 64 else MAX_TILE
     if head_dim > 128 or L > MAX_TILES * top:
         return None
@@ -171,4 +173,9 @@ def block_backward(q, k, v, o, do, dq, dk, dv, lse, delta, L, scale, launch=None
                    *do.stride()[:3], *dk.stride()[:3], B * H, H, N, L, prm.shape[0] if later else 1,
                    launch.seg.L if later else 1),
                   dict(IEEE=q.dtype == torch.float32, TILE=tile, HEAD_DIM=D, KIND=int(later), DELTA=not later,
-                       ACCUM=later, num_warps=warps, num_stages=STAGES if D <= 64 and tile == 64 else 1))
+                       ACCUM=later, num_warps=warps, num_stages=_stages(q.dtype, D, tile)))
+
+
+def _stages(dtype, head_dim, tile) -> int:
+    """STAGES on 64-row tiles of 16-bit inputs with head dims up to 64 (where 2 were measured faster), else 1."""
+    return STAGES if dtype != torch.float32 and head_dim <= 64 and tile == 64 else 1
