@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from sparse_transformer import sparse_attention
+from sparse_transformer import layouts, sparse_attention
 from sparse_transformer.attention.triton import block_backward, function, window_backward
 from sparse_transformer.bench import SETUPS, _time_graph, _versions, kernel_times
 
@@ -32,8 +32,17 @@ VARIANTS = {"generic dQ + dK/dV": dict(BLOCK_BWD=False), "block kernel, 64-row t
             # the experimental causal-window kernel (window_backward.py) on the strided band, with the defaults above
             "window kernel, span 2": dict(RAGGED=True, STAGES=2, WINDOW_BWD=True, SPAN=2),
             "window kernel, span 4": dict(RAGGED=True, STAGES=2, WINDOW_BWD=True, SPAN=4),
-            "window kernel, span 8": dict(RAGGED=True, STAGES=2, WINDOW_BWD=True, SPAN=8)}
-DEFAULTS = dict(BLOCK_BWD=True, MAX_TILE=64, STAGES=1, WARPS=None, RAGGED=False, WINDOW_BWD=False, SPAN=4)
+            "window kernel, span 8": dict(RAGGED=True, STAGES=2, WINDOW_BWD=True, SPAN=8),
+            # the experimental first-segment chunks (FIRST_CHUNKS) on the strided-only setups below
+            "block kernel on first chunks": dict(RAGGED=True, STAGES=2, FIRST_CHUNKS=True)}
+DEFAULTS = dict(BLOCK_BWD=True, MAX_TILE=64, STAGES=1, WARPS=None, RAGGED=False, WINDOW_BWD=False, SPAN=4,
+                FIRST_CHUNKS=False)
+# the presets' interleaved strided layers alone (A2: the transposed segment first), beside `bench attention`'s setups
+STRIDED_ONLY = {
+    "strided-only-12k": (2, 8, 12288, 64, lambda: layouts.strided(12288, 128, "strided"), "strided-l128-a2"),
+    "strided-only-3k": (8, 2, 3072, 128, lambda: layouts.strided(3072, 96, "strided"), "strided-l96-a2"),
+    "local-12k": (2, 8, 12288, 64, lambda: layouts.local(12288, 128), "local-w128"),
+}
 WINDOW = ("WINDOW_BWD", "SPAN")  # settings of window_backward
 
 
@@ -47,7 +56,7 @@ def main(names):
     rows = []
     was = {name: getattr(*_where(name)) for name in DEFAULTS}
     for name in names:
-        B, H, n, D, make, pattern = SETUPS[name]
+        B, H, n, D, make, pattern = {**SETUPS, **STRIDED_ONLY}[name]
         lay = make()
         q, k, v = (torch.randn(B, H, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         go = torch.randn_like(q)

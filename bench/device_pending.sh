@@ -24,7 +24,8 @@
 #   bash bench/device_pending.sh final-tests OUT  # the transposed chunks of 96 on cut tiles (the default since), and
 #                                              # test_model's GPU tests
 #   bash bench/device_pending.sh window OUT    # owed since 2026-11-30 (late), never run on a GPU: the experimental
-#                                              # causal-window backward (window_backward.py): GPU tests, timing
+#                                              # causal-window backward (window_backward.py) and the block kernel on
+#                                              # a first transposed segment (FIRST_CHUNKS): GPU tests, timing
 #   bash bench/device_pending.sh host OUT      # where an eager fwd+bwd's host time goes (bench/host_trace.py)
 #   bash bench/device_pending.sh verify OUT    # every kernel GPU test
 #   bash bench/device_pending.sh verify-model OUT  # test_model's GPU tests, then the table
@@ -118,10 +119,10 @@ case "$WHAT" in
       | tee "$OUT/gpu-tests-model.log"
     ;;
   window)
-    timeout 250 python -m pytest -m gpu tests/test_triton_attention.py -k "window" -q -n 14 -p no:cacheprovider -rf \
-      2>&1 | tee "$OUT/gpu-tests-window.log" | tail -n 8
-    OUT="$OUT" ONLY="cut 64-row tiles, 2 stages;window" timeout 200 python bench/block_bwd.py strided-12k strided-3k \
-      strided-64k 2>&1 | tee "$OUT/block-bwd-window.log"
+    timeout 250 python -m pytest -m gpu tests/test_triton_attention.py -k "window or first_chunks" -q -n 14 \
+      -p no:cacheprovider -rf 2>&1 | tee "$OUT/gpu-tests-window.log" | tail -n 8
+    OUT="$OUT" ONLY="cut 64-row tiles, 2 stages;window;first chunks" timeout 240 python bench/block_bwd.py strided-12k \
+      strided-3k strided-64k strided-only-12k strided-only-3k local-12k 2>&1 | tee "$OUT/block-bwd-window.log"
     ;;
   host)
     OUT="$OUT" timeout 150 python bench/host_trace.py fixed-12k strided-12k strided-3k 2>&1 | tee "$OUT/host-trace.log" \

@@ -69,7 +69,7 @@ def test_interpreter_block_backward_matches_reference(name, make, D, dtype, monk
     from sparse_transformer.attention.triton import backward, block_backward, function
 
     ran, generic, run_block = [], [], block_backward.block_backward
-    monkeypatch.setattr(block_backward, "block_backward", lambda *a: ran.append(a[-3]) or run_block(*a))
+    monkeypatch.setattr(block_backward, "block_backward", lambda *a, **kw: ran.append(a[-3]) or run_block(*a, **kw))
     monkeypatch.setattr(function, "attn_backward", lambda *a, **kw: generic.append(kw["first"]) or
                         backward.attn_backward(*a, **kw))
     lay = make()
@@ -99,7 +99,7 @@ def test_gpu_block_backward_matches_reference(n, L, D, dtype, tile, stages, monk
         monkeypatch.setattr(block_backward, "STAGES", stages)
     function.clear_cache()
     ran, run_block = [], block_backward.block_backward
-    monkeypatch.setattr(block_backward, "block_backward", lambda *a: ran.append(a[-3]) or run_block(*a))
+    monkeypatch.setattr(block_backward, "block_backward", lambda *a, **kw: ran.append(a[-3]) or run_block(*a, **kw))
     qkv = torch.randn(2, n, 3, 3, D, dtype=dtype, device="cuda")
     q, k, v = (qkv[:, :, i].transpose(1, 2).requires_grad_() for i in range(3))
     try:
@@ -127,7 +127,7 @@ def test_gpu_block_backward_transposed_matches_reference(n, L, D, dtype, stages,
         monkeypatch.setattr(block_backward, "STAGES", stages)
     function.clear_cache()
     ran, run_block = [], block_backward.block_backward
-    monkeypatch.setattr(block_backward, "block_backward", lambda *a: ran.append(a[-3]) or run_block(*a))
+    monkeypatch.setattr(block_backward, "block_backward", lambda *a, **kw: ran.append(a[-3]) or run_block(*a, **kw))
     qkv = torch.randn(1, n, 3, 2, D, dtype=dtype, device="cuda")
     q, k, v = (qkv[:, :, i].transpose(1, 2).requires_grad_() for i in range(3))
     try:
@@ -136,6 +136,29 @@ def test_gpu_block_backward_transposed_matches_reference(n, L, D, dtype, stages,
         function.clear_cache()
     C = -(-n // L)
     assert ran == ([C] if block_backward.block_tile(C, D, transposed=True) else [])  # C = 256 at d=128: generic
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,L", [(3072, 96), (3000, 96), (6144, 64), (8192, 32), (5000, 64)])
+@pytest.mark.parametrize("D", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_gpu_block_backward_first_chunks_matches_reference(n, L, D, dtype, monkeypatch):
+    """Experimental (block_backward.FIRST_CHUNKS): strided-only layers (the transposed segment first) through the
+    block kernel on the GPU, q / k / v as views of one projection; it must have run where it has a tile."""
+    from sparse_transformer.attention.triton import block_backward, function
+
+    monkeypatch.setattr(block_backward, "FIRST_CHUNKS", True)
+    function.clear_cache()
+    ran, run_block = [], block_backward.block_backward
+    monkeypatch.setattr(block_backward, "block_backward", lambda *a, **kw: ran.append(a[-3]) or run_block(*a, **kw))
+    qkv = torch.randn(1, n, 3, 2, D, dtype=dtype, device="cuda")
+    q, k, v = (qkv[:, :, i].transpose(1, 2).requires_grad_() for i in range(3))
+    try:
+        check_against_reference(_run(), q, k, v, layouts.strided(n, L, "strided"), floor=FLOOR[dtype])
+    finally:
+        function.clear_cache()
+    C = -(-n // L)
+    assert ran == ([C] if block_backward.block_tile(C, D, transposed=True) else [])
 
 
 @pytest.mark.gpu
@@ -172,7 +195,7 @@ def test_interpreter_block_backward_switched_off(make, fuses, monkeypatch):
     from sparse_transformer.attention.triton import backward, block_backward, function
 
     monkeypatch.setattr(block_backward, "BLOCK_BWD", False)
-    monkeypatch.setattr(block_backward, "block_backward", lambda *a: pytest.fail("the block kernel ran"))
+    monkeypatch.setattr(block_backward, "block_backward", lambda *a, **kw: pytest.fail("the block kernel ran"))
     fused = []
     monkeypatch.setattr(function, "attn_backward", lambda *a, **kw: fused.append(a[-1]) or
                         backward.attn_backward(*a, **kw))
@@ -231,8 +254,8 @@ def test_interpreter_block_backward_transposed_matches_reference(name, make, D, 
     from sparse_transformer.attention.triton import backward, block_backward, function
 
     ran, fused, run_block = [], [], block_backward.block_backward
-    monkeypatch.setattr(block_backward, "block_backward", lambda *a: ran.append((a[-3], a[-1].seg.kind)) or
-                        run_block(*a))
+    monkeypatch.setattr(block_backward, "block_backward", lambda *a, **kw: ran.append((a[-3], a[-1].seg.kind)) or
+                        run_block(*a, **kw))
     monkeypatch.setattr(function, "attn_backward", lambda *a, **kw: fused.append(a[-1]) or
                         backward.attn_backward(*a, **kw))
     function.clear_cache()
@@ -254,7 +277,7 @@ def test_interpreter_block_backward_transposed_cut_tiles(n, monkeypatch):
     monkeypatch.setattr(block_backward, "RAGGED", True)
     monkeypatch.setattr(block_backward, "MAX_TILE", 32)
     ran, run_block = [], block_backward.block_backward
-    monkeypatch.setattr(block_backward, "block_backward", lambda *a: ran.append(a[-3]) or run_block(*a))
+    monkeypatch.setattr(block_backward, "block_backward", lambda *a, **kw: ran.append(a[-3]) or run_block(*a, **kw))
     function.clear_cache()
     q, k, v = make_qkv(1, 2, n, 16, torch.float32)
     try:
@@ -317,10 +340,35 @@ def test_window_length_only_for_exact_windows(monkeypatch):
     assert not window_backward.WINDOW_BWD or os.environ.get("SPARSE_TRANSFORMER_WINDOW_BWD") == "1"
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("n,L,D", [(317, 10, 16), (480, 10, 32), (97, 10, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_interpreter_block_backward_first_chunks(n, L, D, dtype, monkeypatch):
+    """Experimental (block_backward.FIRST_CHUNKS): a strided-only layer (the transposed segment first, every head)
+    through the block kernel, which stores every row's dQ, dK, dV and Delta; off, the generic kernels run."""
+    from sparse_transformer.attention.triton import backward, block_backward, function
+
+    ran, generic, run_block = [], [], block_backward.block_backward
+    monkeypatch.setattr(block_backward, "block_backward", lambda *a, **kw: ran.append(kw["first"]) or
+                        run_block(*a, **kw))
+    monkeypatch.setattr(function, "attn_backward", lambda *a, **kw: generic.append(kw["first"]) or
+                        backward.attn_backward(*a, **kw))
+    lay = layouts.strided(n, L, "strided")
+    q, k, v = make_qkv(1, 2, n, D, dtype)
+    for on in (True, False):
+        monkeypatch.setattr(block_backward, "FIRST_CHUNKS", on)
+        ran.clear(), generic.clear(), function.clear_cache()
+        try:
+            check_against_reference(_run(), q, k, v, lay, floor=1e-5 if dtype == torch.float32 else 2e-3)
+        finally:
+            function.clear_cache()
+        assert (ran, generic) == (([True], []) if on else ([], [True]))
+
+
 def test_block_length_of_transposed_chunks(monkeypatch):
-    """Launch.block of a later transposed segment: its chunk length C where the block kernel has a tile for it (cut
-    tiles where none divides C); None for a transposed segment that comes first (it must store every row), chunks
-    longer than 4 tiles, head dims over 128, or explicit tiles."""
+    """Launch.block of a transposed segment: its chunk length C where the block kernel has a tile for it (cut tiles
+    where none divides C); None for a first transposed segment with a head that lacks it (its rows would go
+    unwritten), chunks longer than 4 tiles, head dims over 128, or explicit tiles."""
     from sparse_transformer.attention.triton import block_backward
     from sparse_transformer.attention.triton.function import get_launches
 
@@ -335,7 +383,9 @@ def test_block_length_of_transposed_chunks(monkeypatch):
     assert block_backward.block_tile(100, 64, True) == 64 and block_backward.block_tile(10, 64, True) == 16
     assert block_backward.block_tile(96, 64, True) == 32 and block_backward.block_tile(100, 64) is None
     assert blocks(layouts.strided(65536, 128)) == [None, None]  # C = 512: more than 4 tiles of 64
-    assert blocks(layouts.strided(1024, 32, "strided")) == [None]  # first: the generic kernels store every row
+    assert blocks(layouts.strided(1024, 32, "strided")) == [32]  # first, every head: runs with FIRST_CHUNKS only
+    mixed = layouts.stack([layouts.strided(1024, 32, "strided"), layouts.fixed(1024, 32, 8, "summary")])
+    assert blocks(mixed) == [None, None]  # first, a head without it: its rows would go unwritten
     assert blocks(layouts.strided(12288, 128), 256) == [None, None]
     assert blocks(layouts.strided(8192, 64), 128) == [None, 128] and blocks(layouts.strided(16384, 64)) == [None, 256]
     assert blocks(layouts.strided(16384, 64), 128) == [None, None]  # C = 256: more than 4 tiles of 32 at d=128

@@ -48,6 +48,10 @@ STAGES = 2
 # Transposed chunks longer than a tile go on cut 64-row tiles even where 32-row tiles divide them: strided-12k (C =
 # 96) 138 us on three 32-row tiles, 130 on two 64-row tiles (2 stages; graph fwd+bwd 0.487 -> 0.477 ms), same run.
 RAGGED = True
+# A transposed segment that comes first (the strided-only layers of the presets' interleaved arrangement), every head
+# with the strided part, stores its rows and Delta. Experimental, off by default (SPARSE_TRANSFORMER_BLOCK_FIRST=1):
+# written on 2026-11-30 after that session's device time was spent, checked in Triton's interpreter only.
+FIRST_CHUNKS = os.environ.get("SPARSE_TRANSFORMER_BLOCK_FIRST", "0") == "1"
 WARPS = None  # None: 8 where a tile holds more than 64 x 64 elements (d=128), else 4
 
 
@@ -153,26 +157,28 @@ def _attn_bwd_block_kernel(
         tl.debug_barrier()  # this key tile's dQ stores before the next one's loads
 
 
-def block_backward(q, k, v, o, do, dq, dk, dv, lse, delta, L, scale, launch=None):
+def block_backward(q, k, v, o, do, dq, dk, dv, lse, delta, L, scale, launch=None, first=True):
     """dQ, dK, dV of one segment that is block-causal in its own order, with block length L for every head. q, k, v,
     o, do: [B, H, N, D] (last dim contiguous); o, do and dq share strides, dk and dv share theirs; lse: fp32 [B, H, N]
     of the whole layout; delta: fp32 [B, H, N].
     launch None: the natural band, first segment: stores dQ, dK, dV and Delta (for the later segments).
     launch a transposed strided segment's function.Launch (L its chunk length C): adds to the dQ, dK, dV the earlier
-    segments stored and reads their Delta."""
+    segments stored and reads their Delta; or, first (every head with the strided part: FIRST_CHUNKS), stores them and
+    Delta."""
     B, H, N, D = q.shape
     assert dq.stride() == do.stride() == o.stride() and dk.stride() == dv.stride()
-    later = launch is not None
-    tile = block_tile(L, D, transposed=later)
+    chunks = launch is not None
+    tile = block_tile(L, D, transposed=chunks)
     warps = WARPS or (8 if tile * D > 64 * 64 else 4)
-    blocks = launch.seg.L if later else triton.cdiv(N, L)
-    prm = launch.prm if later else lse  # natural: never read
+    blocks = launch.seg.L if chunks else triton.cdiv(N, L)
+    prm = launch.prm if chunks else lse  # natural: never read
+    later = chunks and not first
     launch_kernel(_attn_bwd_block_kernel, (blocks * B * H,),
                   (q, k, v, o, do, dq, dk, dv, lse, delta, prm),
                   (scale * 1.4426950408889634, scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                   *do.stride()[:3], *dk.stride()[:3], B * H, H, N, L, prm.shape[0] if later else 1,
-                   launch.seg.L if later else 1),
-                  dict(IEEE=q.dtype == torch.float32, TILE=tile, HEAD_DIM=D, KIND=int(later), DELTA=not later,
+                   *do.stride()[:3], *dk.stride()[:3], B * H, H, N, L, prm.shape[0] if chunks else 1,
+                   launch.seg.L if chunks else 1),
+                  dict(IEEE=q.dtype == torch.float32, TILE=tile, HEAD_DIM=D, KIND=int(chunks), DELTA=not later,
                        ACCUM=later, num_warps=warps, num_stages=_stages(q.dtype, D, tile)))
 
 

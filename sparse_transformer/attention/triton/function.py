@@ -163,11 +163,12 @@ def _build_launches(layout, head_dim, device, block_m, block_n) -> list[Launch]:
 
 def _block_length(seg, head_dim, idx) -> int | None:
     """The block length where block_backward takes the segment, else None: the first segment when it is exactly the
-    block-causal band (every head: own L-row block, keys up to the query, and nothing else), or a later transposed
-    strided segment (its chunks of C are block-causal in its own order), with a tile of the block kernel for L or
+    block-causal band (every head: own L-row block, keys up to the query, and nothing else), or a transposed strided
+    segment (its chunks of C are block-causal in its own order) that comes later or has every head (first: it must
+    write every row; that case runs only with block_backward.FIRST_CHUNKS), with a tile of the block kernel for L or
     C."""
     p = seg.params
-    if seg.kind == TRANSPOSED and idx > 0:
+    if seg.kind == TRANSPOSED and (idx > 0 or bool((p[:, P_STR] > 0).all())):  # first: every row in some chunk
         return seg.C if _block.block_tile(seg.C, head_dim, transposed=True) is not None else None
     if idx > 0 or seg.kind != NATURAL or bool(p[:, [P_ALL, P_WIN, P_CUSTOM]].any()):
         return None
@@ -216,7 +217,7 @@ class SparseAttentionFunction(torch.autograd.Function):
         # deterministic mode turns it off).
         deterministic = torch.are_deterministic_algorithms_enabled()
         fused = [launch.fused is not None and not deterministic and not (launch.block and _block.BLOCK_BWD)
-                 for launch in launches]
+                 for launch in launches]  # (the first segment never has a fused tiling)
         delta = torch.empty_like(lse)  # (B, H, N) fp32, written by the first segment's backward
         dq = torch.empty(do.shape, device=do.device, dtype=torch.float32 if any(fused) else do.dtype)
         # the gathered summary keys do not cover every key: when it runs alone, keys outside it get zero gradient
@@ -225,10 +226,12 @@ class SparseAttentionFunction(torch.autograd.Function):
         dk = alloc(k.shape, device=k.device, dtype=k.dtype)  # contiguous, whatever views k and v are
         dv = alloc(v.shape, device=v.device, dtype=v.dtype)
         for idx, launch in enumerate(launches):
-            if launch.block is not None and _block.BLOCK_BWD:  # one kernel: a block-causal band first (Delta too), or
-                # the transposed strided chunks later (adding to the band's gradients)
+            chunks = launch.seg.kind == TRANSPOSED
+            if launch.block is not None and _block.BLOCK_BWD and (idx > 0 or not chunks or _block.FIRST_CHUNKS):
+                # one kernel: a block-causal band first (Delta too), or the transposed strided chunks (later: adding
+                # to the band's gradients; first, experimental: storing them and Delta)
                 _block.block_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch.block, ctx.scale,
-                                      launch if idx > 0 else None)
+                                      launch if chunks else None, first=idx == 0)
                 continue
             if launch.window is not None and _window.WINDOW_BWD:  # a causal window (first): one kernel, Delta too
                 _window.window_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch.window, ctx.scale)
