@@ -54,6 +54,7 @@ def _where(name):
 def main(names):
     dev, tv, trv = _versions()
     rows = []
+    out = os.path.join(os.environ.get("OUT", "bench/results"), f"block-bwd-{time.strftime('%Y%m%d-%H%M%S')}.json")
     was = {name: getattr(*_where(name)) for name in DEFAULTS}
     for name in names:
         B, H, n, D, make, pattern = {**SETUPS, **STRIDED_ONLY}[name]
@@ -81,14 +82,13 @@ def main(names):
                        fwdbwd_graph_ms=fwdbwd, grad_rel_diff_to_generic=diff, kernels_us=kernels, device=dev, torch=tv,
                        triton=trv)
             rows.append(row)
+            with open(out, "w") as f:  # after each row: a run stopped at a time limit keeps what it measured
+                json.dump(rows, f, indent=1)
             print(f"{name:10s} {label:46s} graph fwd {fwd:.3f} ms, fwd+bwd {fwdbwd:.3f} ms, grads vs generic "
                   f"{diff:.1e} | " + "  ".join(f"{a} {b:.0f}" for a, b in kernels), flush=True)
     for name_, value in was.items():
         setattr(*_where(name_), value)
     function.clear_cache()
-    out = os.path.join(os.environ.get("OUT", "bench/results"), f"block-bwd-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    with open(out, "w") as f:
-        json.dump(rows, f, indent=1)
     print("wrote", out)
 
 

@@ -119,10 +119,12 @@ case "$WHAT" in
       | tee "$OUT/gpu-tests-model.log"
     ;;
   window)
-    timeout 250 python -m pytest -m gpu tests/test_triton_attention.py -k "window or first_chunks" -q -n 14 \
+    timeout 330 python -m pytest -m gpu tests/test_triton_attention.py -k "window or first_chunks" -q -n 14 \
       -p no:cacheprovider -rf 2>&1 | tee "$OUT/gpu-tests-window.log" | tail -n 8
-    OUT="$OUT" ONLY="cut 64-row tiles, 2 stages;window;first chunks" timeout 240 python bench/block_bwd.py strided-12k \
-      strided-3k strided-64k strided-only-12k strided-only-3k local-12k 2>&1 | tee "$OUT/block-bwd-window.log"
+    OUT="$OUT" ONLY="cut 64-row tiles, 2 stages;window" timeout 120 python bench/block_bwd.py strided-12k strided-64k \
+      local-12k 2>&1 | tee "$OUT/block-bwd-window.log"
+    OUT="$OUT" ONLY="cut 64-row tiles, 2 stages;first chunks" timeout 60 python bench/block_bwd.py strided-only-12k \
+      strided-only-3k 2>&1 | tee "$OUT/block-bwd-first.log"
     ;;
   host)
     OUT="$OUT" timeout 150 python bench/host_trace.py fixed-12k strided-12k strided-3k 2>&1 | tee "$OUT/host-trace.log" \

@@ -128,7 +128,7 @@ def test_gpu_block_backward_transposed_matches_reference(n, L, D, dtype, stages,
     function.clear_cache()
     ran, run_block = [], block_backward.block_backward
     monkeypatch.setattr(block_backward, "block_backward", lambda *a, **kw: ran.append(a[-3]) or run_block(*a, **kw))
-    qkv = torch.randn(1, n, 3, 2, D, dtype=dtype, device="cuda")
+    qkv = torch.randn(2, n, 3, 2, D, dtype=dtype, device="cuda")
     q, k, v = (qkv[:, :, i].transpose(1, 2).requires_grad_() for i in range(3))
     try:
         check_against_reference(_run(), q, k, v, layouts.strided(n, L), floor=FLOOR[dtype])
@@ -151,7 +151,7 @@ def test_gpu_block_backward_first_chunks_matches_reference(n, L, D, dtype, monke
     function.clear_cache()
     ran, run_block = [], block_backward.block_backward
     monkeypatch.setattr(block_backward, "block_backward", lambda *a, **kw: ran.append(a[-3]) or run_block(*a, **kw))
-    qkv = torch.randn(1, n, 3, 2, D, dtype=dtype, device="cuda")
+    qkv = torch.randn(2, n, 3, 2, D, dtype=dtype, device="cuda")
     q, k, v = (qkv[:, :, i].transpose(1, 2).requires_grad_() for i in range(3))
     try:
         check_against_reference(_run(), q, k, v, layouts.strided(n, L, "strided"), floor=FLOOR[dtype])
@@ -177,7 +177,7 @@ def test_gpu_window_backward_matches_reference(n, W, D, dtype, span, monkeypatch
     ran, run_window = [], window_backward.window_backward
     monkeypatch.setattr(window_backward, "window_backward", lambda *a: ran.append(a[-2]) or run_window(*a))
     function.clear_cache()
-    qkv = torch.randn(1, n, 3, 2, D, dtype=dtype, device="cuda")
+    qkv = torch.randn(2, n, 3, 2, D, dtype=dtype, device="cuda")
     q, k, v = (qkv[:, :, i].transpose(1, 2).requires_grad_() for i in range(3))
     try:
         check_against_reference(_run(), q, k, v, layouts.strided(n, W), floor=FLOOR[dtype])
@@ -260,7 +260,7 @@ def test_interpreter_block_backward_transposed_matches_reference(name, make, D, 
                         backward.attn_backward(*a, **kw))
     function.clear_cache()
     lay = make()
-    q, k, v = make_qkv(1, 2 if lay.num_heads == 1 else lay.num_heads, lay.n, D, dtype)
+    q, k, v = make_qkv(2, 2 if lay.num_heads == 1 else lay.num_heads, lay.n, D, dtype)
     try:
         check_against_reference(_run(), q, k, v, lay, floor=1e-5 if dtype == torch.float32 else 2e-3)
     finally:
@@ -312,20 +312,22 @@ def test_interpreter_window_backward_matches_reference(name, make, D, tile, span
     monkeypatch.setattr(window_backward, "window_backward", lambda *a: ran.append(a[-2]) or run_window(*a))
     monkeypatch.setattr(function, "attn_backward", lambda *a, **kw: generic.append(kw["first"]) or
                         backward.attn_backward(*a, **kw))
-    function.clear_cache()
     lay = make()
-    q, k, v = make_qkv(1, 2, lay.n, D, dtype)
-    try:
-        check_against_reference(_run(), q, k, v, lay, floor=1e-5 if dtype == torch.float32 else 2e-3)
-    finally:
-        function.clear_cache()
-    assert ran == [lay.heads[0].window] and True not in generic
+    q, k, v = make_qkv(2, 2, lay.n, D, dtype)  # two batches: each program's rows are its batch's
+    for reverse in (False, True):  # programs in both orders: rows stored only by the program that owns them
+        monkeypatch.setattr(window_backward, "_REVERSE", reverse)
+        ran.clear(), generic.clear(), function.clear_cache()
+        try:
+            check_against_reference(_run(), q, k, v, lay, floor=1e-5 if dtype == torch.float32 else 2e-3)
+        finally:
+            function.clear_cache()
+        assert ran == [lay.heads[0].window] and True not in generic
 
 
 def test_window_length_only_for_exact_windows(monkeypatch):
     """Launch.window: the first segment's window where it is one causal window for every head and nothing else; None
-    for blocks, dense or custom heads, mixed widths, later segments, head dims over 128 or explicit tiles; off unless
-    switched on (the generic kernels run)."""
+    for blocks, dense heads, mixed widths, head dims over 128 or explicit tiles; the kernel is off unless switched
+    on."""
     from sparse_transformer.attention.triton import window_backward
     from sparse_transformer.attention.triton.function import get_launches
 
@@ -345,7 +347,7 @@ def test_window_length_only_for_exact_windows(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_interpreter_block_backward_first_chunks(n, L, D, dtype, monkeypatch):
     """Experimental (block_backward.FIRST_CHUNKS): a strided-only layer (the transposed segment first, every head)
-    through the block kernel, which stores every row's dQ, dK, dV and Delta; off, the generic kernels run."""
+    through the block kernel, which stores every row's dQ, dK and dV (two batches); off, the generic kernels run."""
     from sparse_transformer.attention.triton import backward, block_backward, function
 
     ran, generic, run_block = [], [], block_backward.block_backward
@@ -354,7 +356,7 @@ def test_interpreter_block_backward_first_chunks(n, L, D, dtype, monkeypatch):
     monkeypatch.setattr(function, "attn_backward", lambda *a, **kw: generic.append(kw["first"]) or
                         backward.attn_backward(*a, **kw))
     lay = layouts.strided(n, L, "strided")
-    q, k, v = make_qkv(1, 2, n, D, dtype)
+    q, k, v = make_qkv(2, 2, n, D, dtype)
     for on in (True, False):
         monkeypatch.setattr(block_backward, "FIRST_CHUNKS", on)
         ran.clear(), generic.clear(), function.clear_cache()

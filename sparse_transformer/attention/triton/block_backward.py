@@ -157,14 +157,14 @@ def _attn_bwd_block_kernel(
         tl.debug_barrier()  # this key tile's dQ stores before the next one's loads
 
 
-def block_backward(q, k, v, o, do, dq, dk, dv, lse, delta, L, scale, launch=None, first=True):
+def block_backward(q, k, v, o, do, dq, dk, dv, lse, delta, L, scale, launch=None, *, first):
     """dQ, dK, dV of one segment that is block-causal in its own order, with block length L for every head. q, k, v,
     o, do: [B, H, N, D] (last dim contiguous); o, do and dq share strides, dk and dv share theirs; lse: fp32 [B, H, N]
     of the whole layout; delta: fp32 [B, H, N].
     launch None: the natural band, first segment: stores dQ, dK, dV and Delta (for the later segments).
     launch a transposed strided segment's function.Launch (L its chunk length C): adds to the dQ, dK, dV the earlier
-    segments stored and reads their Delta; or, first (every head with the strided part: FIRST_CHUNKS), stores them and
-    Delta."""
+    segments stored and reads their Delta; or, first (every head with the strided part: FIRST_CHUNKS), stores them (and
+    Delta, which no later segment reads today: such a layout has no other segment)."""
     B, H, N, D = q.shape
     assert dq.stride() == do.stride() == o.stride() and dk.stride() == dv.stride()
     chunks = launch is not None

@@ -35,6 +35,8 @@ WINDOW_BWD = os.environ.get("SPARSE_TRANSFORMER_WINDOW_BWD", "0") == "1"
 TILE = 64  # head dims up to 64; 128 runs 32-row tiles
 SPAN = 4  # tiles owned per program (bench/block_bwd.py measures others)
 STAGES = 1
+_REVERSE = False  # tests: programs in reverse order (the interpreter runs them one by one; a row stored by a program
+# that does not own it would then be overwritten the other way round)
 
 
 def window_tile(head_dim: int) -> int | None:
@@ -52,9 +54,11 @@ def _attn_bwd_window_kernel(
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,  # shared by o, do and dq
     stride_gb, stride_gh, stride_gn,  # dk's and dv's
     BH, H, N, W, REACH, SPAN,
-    IEEE: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    IEEE: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr, REVERSE: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    if REVERSE:
+        pid = tl.num_programs(0) - 1 - pid
     bh = pid % BH
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -124,5 +128,5 @@ def window_backward(q, k, v, o, do, dq, dk, dv, lse, delta, W, scale):
                   (q, k, v, o, do, dq, dk, dv, lse, delta),
                   (scale * 1.4426950408889634, scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                    *do.stride()[:3], *dk.stride()[:3], B * H, H, N, W, reach, SPAN),
-                  dict(IEEE=q.dtype == torch.float32, TILE=tile, HEAD_DIM=D, num_warps=8 if D > 64 else 4,
-                       num_stages=STAGES))
+                  dict(IEEE=q.dtype == torch.float32, TILE=tile, HEAD_DIM=D, REVERSE=_REVERSE,
+                       num_warps=8 if D > 64 else 4, num_stages=STAGES))
