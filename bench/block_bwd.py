@@ -142,8 +142,8 @@ def plot(path, out, variants=("generic dQ + dK/dV", "block kernel, cut 64-row ti
             ax.plot([x - 0.4, x + 0.4], [r["fwdbwd_graph_ms"]] * 2, color="black")
             ax.text(x, r["fwdbwd_graph_ms"], f"{r['fwdbwd_graph_ms']:.3f}", ha="center", va="bottom", fontsize=7)
         ax.axhline(TARGETS.get(setup, 0), color="red", linestyle="--", label="target")
-        ax.set_xticks(range(len(mine)), ["generic" if not v.startswith("block") else "block kernel" for v in
-                                         (r["variant"] for r in mine)], fontsize=8)
+        ax.set_xticks(range(len(mine)), [r["variant"].split(",")[0].replace(" dQ + dK/dV", "") for r in mine],
+                      fontsize=8)
         ax.set_title(setup, fontsize=10)
     axes[0].set_ylabel("ms (black tick: graph-replayed fwd+bwd)") if len(setups) > 1 else None
     handles, labels = [], []
