@@ -78,6 +78,38 @@ def block_tile(L: int, head_dim: int, transposed: bool = False) -> int | None:
 
 
 @triton.jit
+def _head_bases(bh, H, q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, dq_ptr, stride_qb, stride_qh, stride_kb, stride_kh,
+                stride_vb, stride_vh, stride_ob, stride_oh):
+    """Batch and head of a (batch x head) index (64-bit: B * H * N * D may pass 2^31), and the start of its rows in
+    q, k, v, o, do and dq (o, do and dq share strides)."""
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    return (b, h, q_ptr + b * stride_qb + h * stride_qh, k_ptr + b * stride_kb + h * stride_kh,
+            v_ptr + b * stride_vb + h * stride_vh, o_ptr + b * stride_ob + h * stride_oh,
+            do_ptr + b * stride_ob + h * stride_oh, dq_ptr + b * stride_ob + h * stride_oh)
+
+
+@triton.jit
+def _tile_pair(q, k, v, do, delta, lse_ptrs, q_ok, i, j, k_ok, lo, hi, dk, dv, qk_scale, sm_scale,
+               IEEE: tl.constexpr, HAS_HI: tl.constexpr):
+    """One (query tile, key tile) pair of a backward that owns its rows: P = exp2(S - LSE) from the saved log-sum-exp
+    of the whole layout, kept where lo <= i - j (< hi with HAS_HI) on valid keys; dV += P^T dO, dS = P * (dO V^T -
+    Delta), dK += dS^T Q. Returns dK, dV and this pair's share of dQ (dS K, scaled)."""
+    lse = tl.load(lse_ptrs, mask=q_ok, other=float("-inf")) * 1.4426950408889634
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that see no key: P = 0
+    p = tl.math.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])  # (TILE queries, TILE keys)
+    d = i[:, None] - j[None, :]
+    vis = (d >= lo) & k_ok[None, :]
+    if HAS_HI:
+        vis = vis & (d < hi)
+    p = tl.where(vis, p, 0.0)
+    dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+    ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+    dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+    return dk, dv, _dot(ds.to(k.dtype), k, IEEE) * sm_scale
+
+
+@triton.jit
 def _attn_bwd_block_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr, prm_ptr,
     qk_scale, sm_scale,
@@ -91,14 +123,9 @@ def _attn_bwd_block_kernel(
     pid = tl.program_id(0)
     bh = pid % BH
     blk = pid // BH
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    q_base = q_ptr + b * stride_qb + h * stride_qh
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
-    o_base = o_ptr + b * stride_ob + h * stride_oh
-    do_base = do_ptr + b * stride_ob + h * stride_oh
-    dq_base = dq_ptr + b * stride_ob + h * stride_oh
+    b, h, q_base, k_base, v_base, o_base, do_base, dq_base = _head_bases(
+        bh, H, q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, dq_ptr, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb,
+        stride_vh, stride_ob, stride_oh)
     row = bh.to(tl.int64) * N  # lse / delta rows (64-bit: B * H * N may pass 2^31)
     offs = tl.arange(0, TILE)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -136,14 +163,9 @@ def _attn_bwd_block_kernel(
                 tl.store(delta_ptr + row + i, delta, mask=q_ok & (kt == 0))
             else:  # an earlier segment's kernel stored it
                 delta = tl.load(delta_ptr + row + i, mask=q_ok, other=0.0)
-            lse = tl.load(lse_ptr + row + i, mask=q_ok, other=float("-inf")) * 1.4426950408889634
-            lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that see no key: P = 0
-            p = tl.math.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])  # (TILE queries, TILE keys)
-            p = tl.where((i[:, None] - j[None, :] >= dmin) & k_ok[None, :], p, 0.0)  # causal on the diagonal tile
-            dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
-            ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
-            dq = _dot(ds.to(k.dtype), k, IEEE) * sm_scale
+            # keys with i - j >= dmin: causal on the diagonal tile
+            dk, dv, dq = _tile_pair(q, k, v, do, delta, lse_ptr + row + i, q_ok, i, j, k_ok, dmin, 0, dk, dv,
+                                    qk_scale, sm_scale, IEEE, False)
             if ACCUM or kt > 0:  # add to the earlier key tiles' (and segments') share: this program's own stores
                 dq += tl.load(dq_base + g_off, mask=q_ok[:, None], other=0.0).to(tl.float32)
             tl.store(dq_base + g_off, dq.to(dq_ptr.dtype.element_ty), mask=q_ok[:, None])

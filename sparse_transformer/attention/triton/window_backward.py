@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .forward import _dot
+from .block_backward import _head_bases, _tile_pair
 from .launcher import launch as launch_kernel
 
 WINDOW_BWD = os.environ.get("SPARSE_TRANSFORMER_WINDOW_BWD", "0") == "1"
@@ -60,14 +60,9 @@ def _attn_bwd_window_kernel(
     if REVERSE:
         pid = tl.num_programs(0) - 1 - pid
     bh = pid % BH
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    q_base = q_ptr + b * stride_qb + h * stride_qh
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
-    o_base = o_ptr + b * stride_ob + h * stride_oh
-    do_base = do_ptr + b * stride_ob + h * stride_oh
-    dq_base = dq_ptr + b * stride_ob + h * stride_oh
+    b, h, q_base, k_base, v_base, o_base, do_base, dq_base = _head_bases(
+        bh, H, q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, dq_ptr, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb,
+        stride_vh, stride_ob, stride_oh)
     row = bh.to(tl.int64) * N  # lse / delta rows (64-bit: B * H * N may pass 2^31)
     offs = tl.arange(0, TILE)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -97,15 +92,9 @@ def _attn_bwd_window_kernel(
             o = tl.load(o_base + g_off, mask=q_ok[:, None], other=0.0)
             delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
             tl.store(delta_ptr + row + i, delta, mask=own & (j == first))
-            lse = tl.load(lse_ptr + row + i, mask=q_ok, other=float("-inf")) * 1.4426950408889634
-            lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that see no key: P = 0
-            p = tl.math.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])  # (TILE queries, TILE keys)
-            d = i[:, None] - j[None, :]
-            p = tl.where((d >= 0) & (d < W) & k_ok[None, :], p, 0.0)
-            dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
-            ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
-            dq = _dot(ds.to(k.dtype), k, IEEE) * sm_scale
+            # keys with 0 <= i - j < W
+            dk, dv, dq = _tile_pair(q, k, v, do, delta, lse_ptr + row + i, q_ok, i, j, k_ok, 0, W, dk, dv, qk_scale,
+                                    sm_scale, IEEE, True)
             dq += tl.load(dq_base + g_off, mask=(own & (j > first))[:, None], other=0.0).to(tl.float32)
             tl.store(dq_base + g_off, dq.to(dq_ptr.dtype.element_ty), mask=own[:, None])
         g = b * stride_gb + h * stride_gh + j.to(tl.int64)[:, None] * stride_gn + offs_d[None, :]
