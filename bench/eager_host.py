@@ -2,13 +2,10 @@
 wall time per call with a sync after each (what eager training sees), the time to enqueue one call (no sync; the host
 side alone while the GPU keeps up), and the top functions of a cProfile of 20 calls.
 Usage (on a GPU): python bench/eager_host.py [fixed-12k ...]"""
-import cProfile
-import io
-import pstats
 import sys
-import time
 
 import torch
+from host_trace import cprofile, timings
 
 from sparse_transformer import layouts, sparse_attention
 from sparse_transformer.attention.triton import forward
@@ -32,26 +29,9 @@ def main(names):
             forward.GLUON_GATHER = on
             for _ in range(3):
                 fb()
-            torch.cuda.synchronize()
-            walls, enq = [], []
-            for _ in range(20):
-                t0 = time.perf_counter()
-                fb()
-                t1 = time.perf_counter()
-                torch.cuda.synchronize()
-                walls.append(time.perf_counter() - t0)
-                enq.append(t1 - t0)
-            med = lambda xs: sorted(xs)[len(xs) // 2] * 1e3
-            print(f"{name} gluon={on}: wall {med(walls):.3f} ms, enqueue {med(enq):.3f} ms", flush=True)
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(20):
-                fb()
-            prof.disable()
-            torch.cuda.synchronize()
-            out = io.StringIO()
-            pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(14)
-            print("\n".join(out.getvalue().splitlines()[4:26]), flush=True)
+            wall, enq = timings(fb, reps=20)
+            print(f"{name} gluon={on}: wall {wall:.3f} ms, enqueue {enq:.3f} ms", flush=True)
+            cprofile(fb, sort="tottime", lines=14)
     forward.GLUON_GATHER = True
 
 

@@ -27,6 +27,8 @@ def _median(xs):
 
 
 def timings(fb, reps=30):
+    """Medians in ms of fb()'s wall time with a sync after it, and of the call alone (enqueue), the GPU idle at its
+    start."""
     walls, enq = [], []
     for _ in range(reps):
         torch.cuda.synchronize()
@@ -70,7 +72,8 @@ def timeline(events):
               f"gpu at {g['ts'] - t0:7.0f} for {g['dur']:7.1f}")
 
 
-def cprofile(fb, n=20):
+def cprofile(fb, n=20, sort="cumulative", lines=30):
+    """The top `lines` functions of a cProfile of n calls of fb, by `sort`."""
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(n):
@@ -78,8 +81,8 @@ def cprofile(fb, n=20):
     prof.disable()
     torch.cuda.synchronize()
     out = io.StringIO()
-    pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(30)
-    print("\n".join(out.getvalue().splitlines()[4:40]))
+    pstats.Stats(prof, stream=out).sort_stats(sort).print_stats(lines)
+    print("\n".join(out.getvalue().splitlines()[4:lines + 10]), flush=True)
 
 
 def main(names, out, traces=True):

@@ -19,6 +19,30 @@ def _run(block_m=None, block_n=None):
     return lambda q, k, v, lay: sparse_attention_triton(q, k, v, lay, block_m=block_m, block_n=block_n)
 
 
+def _views(B, n, heads, D, dtype):
+    """q, k, v [B, heads, n, D] as views of one [B, n, 3, heads, D] projection on the GPU (a model's strides)."""
+    qkv = torch.randn(B, n, 3, heads, D, dtype=dtype, device="cuda")
+    return tuple(qkv[:, :, i].transpose(1, 2).requires_grad_() for i in range(3))
+
+
+def _check_fresh(q, k, v, lay, floor):
+    """check_against_reference on launch tables built for the settings the test patched, dropped after."""
+    from sparse_transformer.attention.triton import function
+
+    function.clear_cache()
+    try:
+        check_against_reference(_run(), q, k, v, lay, floor=floor)
+    finally:
+        function.clear_cache()
+
+
+def _record(monkeypatch, module, name, pick):
+    """Wrap module.name: each call appends pick(args, kwargs) to the returned list, then runs the original."""
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(pick(a, kw)) or real(*a, **kw))
+    return calls
+
+
 def _empty_row_blocks(nb):
     m = torch.tril(torch.ones(nb, nb, dtype=torch.bool))
     if nb > 1:
@@ -66,12 +90,10 @@ BLOCK_CASES = [  # (name, layout, head dim): block-causal bands the one-kernel b
 def test_interpreter_block_backward_matches_reference(name, make, D, dtype, monkeypatch):
     """The block-causal band's one-kernel backward (dQ, dK, dV and Delta, the later summary part reading its Delta)
     against the reference; it must have run, in place of the band's dQ and dK/dV kernels."""
-    from sparse_transformer.attention.triton import backward, block_backward, function
+    from sparse_transformer.attention.triton import block_backward, function
 
-    ran, generic, run_block = [], [], block_backward.block_backward
-    monkeypatch.setattr(block_backward, "block_backward", lambda *a, **kw: ran.append(a[-3]) or run_block(*a, **kw))
-    monkeypatch.setattr(function, "attn_backward", lambda *a, **kw: generic.append(kw["first"]) or
-                        backward.attn_backward(*a, **kw))
+    ran = _record(monkeypatch, block_backward, "block_backward", lambda a, kw: a[-3])
+    generic = _record(monkeypatch, function, "attn_backward", lambda a, kw: kw["first"])
     lay = make()
     q, k, v = make_qkv(1, 2, lay.n, D, dtype)
     check_against_reference(_run(), q, k, v, lay, floor=1e-5 if dtype == torch.float32 else 2e-3)
@@ -90,22 +112,15 @@ def test_gpu_block_backward_matches_reference(n, L, D, dtype, tile, stages, monk
     """The block-causal band's one-kernel backward on the GPU (both tile limits: 128-row tiles spill but must stay
     exact; 1 and 2 pipeline stages, and the module's default), q / k / v as views of one projection; it must have
     run."""
-    from sparse_transformer.attention.triton import block_backward, function
+    from sparse_transformer.attention.triton import block_backward
 
     if stages and stages > 1 and D > 64:
         pytest.skip("head dims over 64 always run 1 stage (block_backward.block_backward)")
     monkeypatch.setattr(block_backward, "MAX_TILE", tile)
     if stages is not None:
         monkeypatch.setattr(block_backward, "STAGES", stages)
-    function.clear_cache()
-    ran, run_block = [], block_backward.block_backward
-    monkeypatch.setattr(block_backward, "block_backward", lambda *a, **kw: ran.append(a[-3]) or run_block(*a, **kw))
-    qkv = torch.randn(2, n, 3, 3, D, dtype=dtype, device="cuda")
-    q, k, v = (qkv[:, :, i].transpose(1, 2).requires_grad_() for i in range(3))
-    try:
-        check_against_reference(_run(), q, k, v, layouts.fixed(n, L, 16), floor=FLOOR[dtype])
-    finally:
-        function.clear_cache()
+    ran = _record(monkeypatch, block_backward, "block_backward", lambda a, kw: a[-3])
+    _check_fresh(*_views(2, n, 3, D, dtype), layouts.fixed(n, L, 16), FLOOR[dtype])
     assert ran == [L]
 
 
@@ -119,21 +134,14 @@ def test_gpu_block_backward_matches_reference(n, L, D, dtype, tile, stages, monk
 def test_gpu_block_backward_transposed_matches_reference(n, L, D, dtype, stages, monkeypatch):
     """The merged strided pattern's transposed chunks (C = 32, 32 cut by n, 96 cut by n, 96, 256, and 79 on cut tiles)
     through the block kernel on the GPU, q / k / v as views of one projection; it must have run for that segment."""
-    from sparse_transformer.attention.triton import block_backward, function
+    from sparse_transformer.attention.triton import block_backward
 
     if stages and stages > 1 and D > 64:
         pytest.skip("head dims over 64 always run 1 stage (block_backward.block_backward)")
     if stages is not None:  # None: the module's defaults (STAGES, RAGGED)
         monkeypatch.setattr(block_backward, "STAGES", stages)
-    function.clear_cache()
-    ran, run_block = [], block_backward.block_backward
-    monkeypatch.setattr(block_backward, "block_backward", lambda *a, **kw: ran.append(a[-3]) or run_block(*a, **kw))
-    qkv = torch.randn(2, n, 3, 2, D, dtype=dtype, device="cuda")
-    q, k, v = (qkv[:, :, i].transpose(1, 2).requires_grad_() for i in range(3))
-    try:
-        check_against_reference(_run(), q, k, v, layouts.strided(n, L), floor=FLOOR[dtype])
-    finally:
-        function.clear_cache()
+    ran = _record(monkeypatch, block_backward, "block_backward", lambda a, kw: a[-3])
+    _check_fresh(*_views(2, n, 2, D, dtype), layouts.strided(n, L), FLOOR[dtype])
     C = -(-n // L)
     assert ran == ([C] if block_backward.block_tile(C, D, transposed=True) else [])  # C = 256 at d=128: generic
 
@@ -145,18 +153,11 @@ def test_gpu_block_backward_transposed_matches_reference(n, L, D, dtype, stages,
 def test_gpu_block_backward_first_chunks_matches_reference(n, L, D, dtype, monkeypatch):
     """Experimental (block_backward.FIRST_CHUNKS): strided-only layers (the transposed segment first) through the
     block kernel on the GPU, q / k / v as views of one projection; it must have run where it has a tile."""
-    from sparse_transformer.attention.triton import block_backward, function
+    from sparse_transformer.attention.triton import block_backward
 
     monkeypatch.setattr(block_backward, "FIRST_CHUNKS", True)
-    function.clear_cache()
-    ran, run_block = [], block_backward.block_backward
-    monkeypatch.setattr(block_backward, "block_backward", lambda *a, **kw: ran.append(a[-3]) or run_block(*a, **kw))
-    qkv = torch.randn(2, n, 3, 2, D, dtype=dtype, device="cuda")
-    q, k, v = (qkv[:, :, i].transpose(1, 2).requires_grad_() for i in range(3))
-    try:
-        check_against_reference(_run(), q, k, v, layouts.strided(n, L, "strided"), floor=FLOOR[dtype])
-    finally:
-        function.clear_cache()
+    ran = _record(monkeypatch, block_backward, "block_backward", lambda a, kw: a[-3])
+    _check_fresh(*_views(2, n, 2, D, dtype), layouts.strided(n, L, "strided"), FLOOR[dtype])
     C = -(-n // L)
     assert ran == ([C] if block_backward.block_tile(C, D, transposed=True) else [])
 
@@ -170,19 +171,12 @@ def test_gpu_window_backward_matches_reference(n, W, D, dtype, span, monkeypatch
     """The experimental causal-window backward on the GPU: the merged strided pattern's band (with the block kernel on
     its transposed chunks after it), windows of 96 (not a multiple of the tile) to 256, n cut, q / k / v as views of
     one projection; it must have run."""
-    from sparse_transformer.attention.triton import function, window_backward
+    from sparse_transformer.attention.triton import window_backward
 
     monkeypatch.setattr(window_backward, "WINDOW_BWD", True)
     monkeypatch.setattr(window_backward, "SPAN", span)
-    ran, run_window = [], window_backward.window_backward
-    monkeypatch.setattr(window_backward, "window_backward", lambda *a: ran.append(a[-2]) or run_window(*a))
-    function.clear_cache()
-    qkv = torch.randn(2, n, 3, 2, D, dtype=dtype, device="cuda")
-    q, k, v = (qkv[:, :, i].transpose(1, 2).requires_grad_() for i in range(3))
-    try:
-        check_against_reference(_run(), q, k, v, layouts.strided(n, W), floor=FLOOR[dtype])
-    finally:
-        function.clear_cache()
+    ran = _record(monkeypatch, window_backward, "window_backward", lambda a, kw: a[-2])
+    _check_fresh(*_views(2, n, 2, D, dtype), layouts.strided(n, W), FLOOR[dtype])
     assert ran == [W]
 
 
@@ -192,20 +186,13 @@ def test_gpu_window_backward_matches_reference(n, W, D, dtype, span, monkeypatch
 def test_interpreter_block_backward_switched_off(make, fuses, monkeypatch):
     """SPARSE_TRANSFORMER_BLOCK_BWD=0 (block_backward.BLOCK_BWD): the generic dQ and dK/dV kernels take the band,
     and the fused dK/dV kernel (atomic dQ) the transposed chunks."""
-    from sparse_transformer.attention.triton import backward, block_backward, function
+    from sparse_transformer.attention.triton import block_backward, function
 
     monkeypatch.setattr(block_backward, "BLOCK_BWD", False)
     monkeypatch.setattr(block_backward, "block_backward", lambda *a, **kw: pytest.fail("the block kernel ran"))
-    fused = []
-    monkeypatch.setattr(function, "attn_backward", lambda *a, **kw: fused.append(a[-1]) or
-                        backward.attn_backward(*a, **kw))
-    function.clear_cache()
+    fused = _record(monkeypatch, function, "attn_backward", lambda a, kw: a[-1])
     lay = make()
-    q, k, v = make_qkv(1, 2, lay.n, 16, torch.float32)
-    try:
-        check_against_reference(_run(), q, k, v, lay, floor=1e-5)
-    finally:
-        function.clear_cache()
+    _check_fresh(*make_qkv(1, 2, lay.n, 16, torch.float32), lay, 1e-5)
     assert fused == fuses  # per segment: did its dK/dV kernel add dQ with atomics
 
 
@@ -251,20 +238,13 @@ STRIDED_BLOCK_CASES = [  # (name, layout, head dim): transposed strided chunks t
 def test_interpreter_block_backward_transposed_matches_reference(name, make, D, dtype, monkeypatch):
     """The transposed strided chunks through the block kernel (adding to the band's dQ, dK, dV, reading its Delta)
     against the reference; it must have run for that segment, and no fused (atomic) dK/dV kernel."""
-    from sparse_transformer.attention.triton import backward, block_backward, function
+    from sparse_transformer.attention.triton import block_backward, function
 
-    ran, fused, run_block = [], [], block_backward.block_backward
-    monkeypatch.setattr(block_backward, "block_backward", lambda *a, **kw: ran.append((a[-3], a[-1].seg.kind)) or
-                        run_block(*a, **kw))
-    monkeypatch.setattr(function, "attn_backward", lambda *a, **kw: fused.append(a[-1]) or
-                        backward.attn_backward(*a, **kw))
-    function.clear_cache()
+    ran = _record(monkeypatch, block_backward, "block_backward", lambda a, kw: (a[-3], a[-1].seg.kind))
+    fused = _record(monkeypatch, function, "attn_backward", lambda a, kw: a[-1])
     lay = make()
     q, k, v = make_qkv(2, 2 if lay.num_heads == 1 else lay.num_heads, lay.n, D, dtype)
-    try:
-        check_against_reference(_run(), q, k, v, lay, floor=1e-5 if dtype == torch.float32 else 2e-3)
-    finally:
-        function.clear_cache()
+    _check_fresh(q, k, v, lay, 1e-5 if dtype == torch.float32 else 2e-3)
     assert ran == [(-(-lay.n // 10), "transposed")] and True not in fused
 
 
@@ -272,18 +252,12 @@ def test_interpreter_block_backward_transposed_matches_reference(name, make, D, 
 @pytest.mark.parametrize("n", [470, 480])
 def test_interpreter_block_backward_transposed_cut_tiles(n, monkeypatch):
     """RAGGED: chunks longer than a tile on cut tiles (C = 47 and 48 on two 32-row tiles, MAX_TILE = 32)."""
-    from sparse_transformer.attention.triton import block_backward, function
+    from sparse_transformer.attention.triton import block_backward
 
     monkeypatch.setattr(block_backward, "RAGGED", True)
     monkeypatch.setattr(block_backward, "MAX_TILE", 32)
-    ran, run_block = [], block_backward.block_backward
-    monkeypatch.setattr(block_backward, "block_backward", lambda *a, **kw: ran.append(a[-3]) or run_block(*a, **kw))
-    function.clear_cache()
-    q, k, v = make_qkv(1, 2, n, 16, torch.float32)
-    try:
-        check_against_reference(_run(), q, k, v, layouts.strided(n, 10), floor=1e-5)
-    finally:
-        function.clear_cache()
+    ran = _record(monkeypatch, block_backward, "block_backward", lambda a, kw: a[-3])
+    _check_fresh(*make_qkv(1, 2, n, 16, torch.float32), layouts.strided(n, 10), 1e-5)
     assert ran == [-(-n // 10)] and block_backward.block_tile(ran[0], 16, True) == 32
 
 
@@ -303,24 +277,19 @@ WINDOW_CASES = [  # (name, layout, head dim, tile, span): causal windows the exp
 def test_interpreter_window_backward_matches_reference(name, make, D, tile, span, dtype, monkeypatch):
     """The experimental causal-window backward (dQ, dK, dV and Delta in one kernel, SPARSE_TRANSFORMER_WINDOW_BWD=1)
     against the reference; it must have run, in place of the band's dQ and dK/dV kernels."""
-    from sparse_transformer.attention.triton import backward, function, window_backward
+    from sparse_transformer.attention.triton import function, window_backward
 
     monkeypatch.setattr(window_backward, "WINDOW_BWD", True)
     monkeypatch.setattr(window_backward, "TILE", tile)
     monkeypatch.setattr(window_backward, "SPAN", span)
-    ran, generic, run_window = [], [], window_backward.window_backward
-    monkeypatch.setattr(window_backward, "window_backward", lambda *a: ran.append(a[-2]) or run_window(*a))
-    monkeypatch.setattr(function, "attn_backward", lambda *a, **kw: generic.append(kw["first"]) or
-                        backward.attn_backward(*a, **kw))
+    ran = _record(monkeypatch, window_backward, "window_backward", lambda a, kw: a[-2])
+    generic = _record(monkeypatch, function, "attn_backward", lambda a, kw: kw["first"])
     lay = make()
     q, k, v = make_qkv(2, 2, lay.n, D, dtype)  # two batches: each program's rows are its batch's
     for reverse in (False, True):  # programs in both orders: rows stored only by the program that owns them
         monkeypatch.setattr(window_backward, "_REVERSE", reverse)
-        ran.clear(), generic.clear(), function.clear_cache()
-        try:
-            check_against_reference(_run(), q, k, v, lay, floor=1e-5 if dtype == torch.float32 else 2e-3)
-        finally:
-            function.clear_cache()
+        ran.clear(), generic.clear()
+        _check_fresh(q, k, v, lay, 1e-5 if dtype == torch.float32 else 2e-3)
         assert ran == [lay.heads[0].window] and True not in generic
 
 
@@ -348,22 +317,16 @@ def test_window_length_only_for_exact_windows(monkeypatch):
 def test_interpreter_block_backward_first_chunks(n, L, D, dtype, monkeypatch):
     """Experimental (block_backward.FIRST_CHUNKS): a strided-only layer (the transposed segment first, every head)
     through the block kernel, which stores every row's dQ, dK and dV (two batches); off, the generic kernels run."""
-    from sparse_transformer.attention.triton import backward, block_backward, function
+    from sparse_transformer.attention.triton import block_backward, function
 
-    ran, generic, run_block = [], [], block_backward.block_backward
-    monkeypatch.setattr(block_backward, "block_backward", lambda *a, **kw: ran.append(kw["first"]) or
-                        run_block(*a, **kw))
-    monkeypatch.setattr(function, "attn_backward", lambda *a, **kw: generic.append(kw["first"]) or
-                        backward.attn_backward(*a, **kw))
+    ran = _record(monkeypatch, block_backward, "block_backward", lambda a, kw: kw["first"])
+    generic = _record(monkeypatch, function, "attn_backward", lambda a, kw: kw["first"])
     lay = layouts.strided(n, L, "strided")
     q, k, v = make_qkv(2, 2, n, D, dtype)
     for on in (True, False):
         monkeypatch.setattr(block_backward, "FIRST_CHUNKS", on)
-        ran.clear(), generic.clear(), function.clear_cache()
-        try:
-            check_against_reference(_run(), q, k, v, lay, floor=1e-5 if dtype == torch.float32 else 2e-3)
-        finally:
-            function.clear_cache()
+        ran.clear(), generic.clear()
+        _check_fresh(q, k, v, lay, 1e-5 if dtype == torch.float32 else 2e-3)
         assert (ran, generic) == (([True], []) if on else ([], [True]))
 
 
@@ -628,8 +591,7 @@ def test_gpu_gluon_gather_matches_reference(n, L, D, dtype, views, monkeypatch):
     for _ in range(2):  # fresh inputs; the second call's launches go through the direct launcher
         q, k, v = make_qkv(2, 3, n, D, dtype, device="cuda")
         if views:
-            qkv = torch.randn(2, n, 3, 3, D, dtype=dtype, device="cuda")
-            q, k, v = (qkv[:, :, i].transpose(1, 2).requires_grad_() for i in range(3))
+            q, k, v = _views(2, n, 3, D, dtype)
             assert not k.is_contiguous()
         check_against_reference(_run(), q, k, v, lay, floor=FLOOR[dtype])
     assert gluon_gather.LAUNCHES >= before + 2 * (2 + gluon_gather.DKDV)
@@ -848,8 +810,7 @@ def test_gpu_gluon_per_head_offsets(n, L, c, heads, verts, D, views, monkeypatch
     before = gluon_gather.LAUNCHES
     q, k, v = make_qkv(2, heads, n, D, torch.bfloat16, device="cuda")
     if views:
-        qkv = torch.randn(2, n, 3, heads, D, dtype=torch.bfloat16, device="cuda")
-        q, k, v = (qkv[:, :, i].transpose(1, 2).requires_grad_() for i in range(3))
+        q, k, v = _views(2, n, heads, D, torch.bfloat16)
     check_against_reference(_run(), q, k, v, lay, floor=FLOOR[torch.bfloat16])
     assert gluon_gather.LAUNCHES == before + 3
 
