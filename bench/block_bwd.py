@@ -17,10 +17,10 @@ import time
 import torch
 
 from sparse_transformer import layouts, sparse_attention
-from sparse_transformer.attention.triton import block_backward, function, window_backward
+from sparse_transformer.attention.triton import block_backward, function
 from sparse_transformer.bench import SETUPS, _time_graph, _versions, kernel_times
 
-# label: block_backward (and window_backward) settings; the rest as in DEFAULTS, the bench's baseline (not the
+# label: block_backward settings; the rest as in DEFAULTS, the bench's baseline (not the
 # modules' defaults: those are 2 stages and cut tiles, the "cut 64-row tiles, 2 stages" variant)
 VARIANTS = {"generic dQ + dK/dV": dict(BLOCK_BWD=False), "block kernel, 64-row tiles": {},
             "block kernel, 128-row tiles": dict(MAX_TILE=128),
@@ -29,33 +29,19 @@ VARIANTS = {"generic dQ + dK/dV": dict(BLOCK_BWD=False), "block kernel, 64-row t
             "block kernel, 64-row tiles, 8 warps, 2 stages": dict(STAGES=2, WARPS=8),
             "block kernel, cut 64-row tiles": dict(RAGGED=True),
             "block kernel, cut 64-row tiles, 2 stages": dict(RAGGED=True, STAGES=2),
-            # the experimental causal-window kernel (window_backward.py) on the strided band, with the defaults above
-            "window kernel, span 2": dict(RAGGED=True, STAGES=2, WINDOW_BWD=True, SPAN=2),
-            "window kernel, span 4": dict(RAGGED=True, STAGES=2, WINDOW_BWD=True, SPAN=4),
-            "window kernel, span 8": dict(RAGGED=True, STAGES=2, WINDOW_BWD=True, SPAN=8),
-            # the experimental first-segment chunks (FIRST_CHUNKS) on the strided-only setups below
+            # the first-segment chunks (FIRST_CHUNKS, the default since 2026-11-30) on the strided-only setups below
             "block kernel on first chunks": dict(RAGGED=True, STAGES=2, FIRST_CHUNKS=True)}
-DEFAULTS = dict(BLOCK_BWD=True, MAX_TILE=64, STAGES=1, WARPS=None, RAGGED=False, WINDOW_BWD=False, SPAN=4,
-                FIRST_CHUNKS=False)
+DEFAULTS = dict(BLOCK_BWD=True, MAX_TILE=64, STAGES=1, WARPS=None, RAGGED=False, FIRST_CHUNKS=False)
 # the presets' interleaved strided layers alone (A2: the transposed segment first), beside `bench attention`'s setups
 STRIDED_ONLY = {
     "strided-only-12k": (2, 8, 12288, 64, lambda: layouts.strided(12288, 128, "strided"), "strided-l128-a2"),
     "strided-only-3k": (8, 2, 3072, 128, lambda: layouts.strided(3072, 96, "strided"), "strided-l96-a2"),
-    "local-12k": (2, 8, 12288, 64, lambda: layouts.local(12288, 128), "local-w128"),
 }
-WINDOW = ("WINDOW_BWD", "SPAN")  # settings of window_backward
-
-
-def _where(name):
-    """(module, attribute) of a VARIANTS setting."""
-    return (window_backward if name in WINDOW else block_backward), name
-
-
 def main(names):
     dev, tv, trv = _versions()
     rows = []
     out = os.path.join(os.environ.get("OUT", "bench/results"), f"block-bwd-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    was = {name: getattr(*_where(name)) for name in DEFAULTS}
+    was = {name: getattr(block_backward, name) for name in DEFAULTS}
     for name in names:
         B, H, n, D, make, pattern = {**SETUPS, **STRIDED_ONLY}[name]
         lay = make()
@@ -67,7 +53,7 @@ def main(names):
             if only and label != "block kernel, 64-row tiles" and not any(x in label for x in only):
                 continue
             for name_, value in dict(DEFAULTS, **settings).items():
-                setattr(*_where(name_), value)
+                setattr(block_backward, name_, value)
             function.clear_cache()
             fn = lambda: sparse_attention(q, k, v, lay, backend="triton")  # noqa: E731
             q.grad = k.grad = v.grad = None
@@ -87,7 +73,7 @@ def main(names):
             print(f"{name:10s} {label:46s} graph fwd {fwd:.3f} ms, fwd+bwd {fwdbwd:.3f} ms, grads vs generic "
                   f"{diff:.1e} | " + "  ".join(f"{a} {b:.0f}" for a, b in kernels), flush=True)
     for name_, value in was.items():
-        setattr(*_where(name_), value)
+        setattr(block_backward, name_, value)
     function.clear_cache()
     print("wrote", out)
 
@@ -100,14 +86,12 @@ LABELS = {
               "_gather_dkdv_kernel": ["summary dK/dV (Gluon)"]},
     "strided": {"_attn_fwd_kernel": ["band fwd", "strided part fwd"], "_attn_bwd_dq_kernel": ["band dQ"],
                 "_attn_bwd_dkdv_kernel": ["band dK/dV", "strided part dK/dV + atomic dQ (fused)"],
-                "_attn_bwd_block_kernel": ["strided part dQ+dK/dV (block kernel)"],
-                "_attn_bwd_window_kernel": ["band dQ+dK/dV (window kernel)"]},
+                "_attn_bwd_block_kernel": ["strided part dQ+dK/dV (block kernel)"]},
 }
 COLORS = {"band fwd": "#4c72b0", "summary fwd (Gluon)": "#8172b3", "strided part fwd": "#8172b3",
           "band dQ": "#dd8452", "band dK/dV": "#55a868", "band dQ+dK/dV (block kernel)": "#c44e52",
           "strided part dQ+dK/dV (block kernel)": "#c44e52", "summary dQ (Gluon)": "#ccb974",
-          "strided part dK/dV + atomic dQ (fused)": "#64b5cd", "summary dK/dV (Gluon)": "#64b5cd",
-          "band dQ+dK/dV (window kernel)": "#937860"}
+          "strided part dK/dV + atomic dQ (fused)": "#64b5cd", "summary dK/dV (Gluon)": "#64b5cd"}
 TORCH = "torch (gradient accumulation; dQ cast)"
 TARGETS = {"fixed-12k": 1.0, "fixed-64k": 6.4, "strided-12k": 0.15, "strided-3k": 0.08, "strided-64k": 0.6}
 

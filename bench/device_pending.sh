@@ -23,15 +23,15 @@
 #                                              # GPU tests besides the Gluon and natural block ones
 #   bash bench/device_pending.sh final-tests OUT  # the transposed chunks of 96 on cut tiles (the default since), and
 #                                              # test_model's GPU tests
-#   bash bench/device_pending.sh window OUT    # owed since 2026-11-30 (late), never run on a GPU: the experimental
-#                                              # causal-window backward (window_backward.py) and the block kernel on
-#                                              # a first transposed segment (FIRST_CHUNKS): GPU tests, timing
+#   bash bench/device_pending.sh first OUT     # the block kernel on a first transposed segment (FIRST_CHUNKS, the
+#                                              # strided-only layers): GPU tests, timing (run 2026-11-30 as "window",
+#                                              # with the causal-window kernel since removed)
 #   bash bench/device_pending.sh host OUT      # where an eager fwd+bwd's host time goes (bench/host_trace.py)
 #   bash bench/device_pending.sh verify OUT    # every kernel GPU test
 #   bash bench/device_pending.sh verify-model OUT  # test_model's GPU tests, then the table
 # Run from the repository root on the device machine; JSON and logs land in OUT (pass $OUT there).
 set -uo pipefail
-WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, strided-block, stages, final-tests, window, host, verify or verify-model}; OUT=${2:?output folder}
+WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, strided-block, stages, final-tests, first, host, verify or verify-model}; OUT=${2:?output folder}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 ST="python -m sparse_transformer.cli"
 mkdir -p "$OUT"
@@ -118,11 +118,9 @@ case "$WHAT" in
     timeout 300 python -m pytest -m gpu tests/test_model.py -q -n 8 -p no:cacheprovider -rf 2>&1 | tail -n 8 \
       | tee "$OUT/gpu-tests-model.log"
     ;;
-  window)
-    timeout 330 python -m pytest -m gpu tests/test_triton_attention.py -k "window or first_chunks" -q -n 14 \
-      -p no:cacheprovider -rf 2>&1 | tee "$OUT/gpu-tests-window.log" | tail -n 8
-    OUT="$OUT" ONLY="cut 64-row tiles, 2 stages;window" timeout 120 python bench/block_bwd.py strided-12k strided-64k \
-      local-12k 2>&1 | tee "$OUT/block-bwd-window.log"
+  first)
+    timeout 330 python -m pytest -m gpu tests/test_triton_attention.py -k "first_chunks" -q -n 14 \
+      -p no:cacheprovider -rf 2>&1 | tee "$OUT/gpu-tests-first.log" | tail -n 8
     OUT="$OUT" ONLY="cut 64-row tiles, 2 stages;first chunks" timeout 60 python bench/block_bwd.py strided-only-12k \
       strided-only-3k 2>&1 | tee "$OUT/block-bwd-first.log"
     ;;
@@ -153,7 +151,7 @@ case "$WHAT" in
     timeout 50 python bench/eager_host.py fixed-12k 2>&1 | tee "$OUT/eager-host.log" | head -n 12
     ;;
   *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles | gather | order | gluon | summary | block |"\
-       "heads | strided-block | stages | final-tests | window | host | verify |"\
+       "heads | strided-block | stages | final-tests | first | host | verify |"\
        "verify-model)"
      exit 2 ;;
 esac

@@ -7,11 +7,11 @@ import time
 import torch
 
 from sparse_transformer import layouts, sparse_attention
-from sparse_transformer.attention.triton import backward, block_backward, forward, window_backward
+from sparse_transformer.attention.triton import backward, block_backward, forward
 
 
 def main(reps: int) -> None:
-    for module in (forward, backward, block_backward, window_backward):
+    for module in (forward, backward, block_backward):
         module.launch_kernel = lambda *args, **kwargs: None
     lay = layouts.strided(256, 16)
     q, k, v = (torch.randn(1, 1, 256, 64, requires_grad=True) for _ in range(3))

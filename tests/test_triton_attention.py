@@ -151,8 +151,8 @@ def test_gpu_block_backward_transposed_matches_reference(n, L, D, dtype, stages,
 @pytest.mark.parametrize("D", [32, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 def test_gpu_block_backward_first_chunks_matches_reference(n, L, D, dtype, monkeypatch):
-    """Experimental (block_backward.FIRST_CHUNKS): strided-only layers (the transposed segment first) through the
-    block kernel on the GPU, q / k / v as views of one projection; it must have run where it has a tile."""
+    """Strided-only layers (the transposed segment first, block_backward.FIRST_CHUNKS) through the block kernel on the
+    GPU, q / k / v as views of one projection; it must have run where it has a tile."""
     from sparse_transformer.attention.triton import block_backward
 
     monkeypatch.setattr(block_backward, "FIRST_CHUNKS", True)
@@ -160,24 +160,6 @@ def test_gpu_block_backward_first_chunks_matches_reference(n, L, D, dtype, monke
     _check_fresh(*_views(2, n, 2, D, dtype), layouts.strided(n, L, "strided"), FLOOR[dtype])
     C = -(-n // L)
     assert ran == ([C] if block_backward.block_tile(C, D, transposed=True) else [])
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("n,W", [(3072, 96), (3000, 128), (4100, 256), (2048, 64)])
-@pytest.mark.parametrize("D", [32, 64, 128])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
-@pytest.mark.parametrize("span", [1, 4])
-def test_gpu_window_backward_matches_reference(n, W, D, dtype, span, monkeypatch):
-    """The experimental causal-window backward on the GPU: the merged strided pattern's band (with the block kernel on
-    its transposed chunks after it), windows of 96 (not a multiple of the tile) to 256, n cut, q / k / v as views of
-    one projection; it must have run."""
-    from sparse_transformer.attention.triton import window_backward
-
-    monkeypatch.setattr(window_backward, "WINDOW_BWD", True)
-    monkeypatch.setattr(window_backward, "SPAN", span)
-    ran = _record(monkeypatch, window_backward, "window_backward", lambda a, kw: a[-2])
-    _check_fresh(*_views(2, n, 2, D, dtype), layouts.strided(n, W), FLOOR[dtype])
-    assert ran == [W]
 
 
 @pytest.mark.interpreter
@@ -261,61 +243,11 @@ def test_interpreter_block_backward_transposed_cut_tiles(n, monkeypatch):
     assert ran == [-(-n // 10)] and block_backward.block_tile(ran[0], 16, True) == 32
 
 
-WINDOW_CASES = [  # (name, layout, head dim, tile, span): causal windows the experimental window kernel takes
-    ("local-n100-w7", lambda: layouts.local(100, 7), 16, 16, 2),  # REACH 1, the last tile cut by n
-    ("strided-n317-l10", lambda: layouts.strided(317, 10), 16, 16, 2),  # the merged pattern's band, the block kernel
-    # on its transposed chunks after it
-    ("local-n300-w40", lambda: layouts.local(300, 40), 32, 16, 1),  # REACH 3 > SPAN: edges wider than the span
-    ("strided-n500-l64", lambda: layouts.strided(500, 64), 16, 32, 2),  # REACH 2, W a multiple of the tile
-    ("local-n70-w1", lambda: layouts.local(70, 1), 16, 16, 3),  # each query its own key only
-]
-
-
-@pytest.mark.interpreter
-@pytest.mark.parametrize("name,make,D,tile,span", WINDOW_CASES, ids=[c[0] for c in WINDOW_CASES])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_interpreter_window_backward_matches_reference(name, make, D, tile, span, dtype, monkeypatch):
-    """The experimental causal-window backward (dQ, dK, dV and Delta in one kernel, SPARSE_TRANSFORMER_WINDOW_BWD=1)
-    against the reference; it must have run, in place of the band's dQ and dK/dV kernels."""
-    from sparse_transformer.attention.triton import function, window_backward
-
-    monkeypatch.setattr(window_backward, "WINDOW_BWD", True)
-    monkeypatch.setattr(window_backward, "TILE", tile)
-    monkeypatch.setattr(window_backward, "SPAN", span)
-    ran = _record(monkeypatch, window_backward, "window_backward", lambda a, kw: a[-2])
-    generic = _record(monkeypatch, function, "attn_backward", lambda a, kw: kw["first"])
-    lay = make()
-    q, k, v = make_qkv(2, 2, lay.n, D, dtype)  # two batches: each program's rows are its batch's
-    for reverse in (False, True):  # programs in both orders: rows stored only by the program that owns them
-        monkeypatch.setattr(window_backward, "_REVERSE", reverse)
-        ran.clear(), generic.clear()
-        _check_fresh(q, k, v, lay, 1e-5 if dtype == torch.float32 else 2e-3)
-        assert ran == [lay.heads[0].window] and True not in generic
-
-
-def test_window_length_only_for_exact_windows(monkeypatch):
-    """Launch.window: the first segment's window where it is one causal window for every head and nothing else; None
-    for blocks, dense heads, mixed widths, head dims over 128 or explicit tiles; the kernel is off unless switched
-    on."""
-    from sparse_transformer.attention.triton import window_backward
-    from sparse_transformer.attention.triton.function import get_launches
-
-    def windows(lay, D=64, **kw):
-        return [launch.window for launch in get_launches(lay, D, "cpu", **kw)]
-
-    assert windows(layouts.strided(12288, 128)) == [128, None] and windows(layouts.local(1000, 50)) == [50]
-    assert windows(layouts.fixed(1000, 128, 32)) == [None, None]
-    assert windows(layouts.stack([layouts.local(1000, 64), layouts.local(1000, 32)])) == [None]
-    assert windows(layouts.stack([layouts.local(1000, 64), layouts.dense(1000)])) == [None]
-    assert windows(layouts.local(1000, 64), 256) == [None] and windows(layouts.local(1000, 64), block_m=32) == [None]
-    assert not window_backward.WINDOW_BWD or os.environ.get("SPARSE_TRANSFORMER_WINDOW_BWD") == "1"
-
-
 @pytest.mark.interpreter
 @pytest.mark.parametrize("n,L,D", [(317, 10, 16), (480, 10, 32), (97, 10, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_interpreter_block_backward_first_chunks(n, L, D, dtype, monkeypatch):
-    """Experimental (block_backward.FIRST_CHUNKS): a strided-only layer (the transposed segment first, every head)
+    """A strided-only layer (the transposed segment first, every head; block_backward.FIRST_CHUNKS, on by default)
     through the block kernel, which stores every row's dQ, dK and dV (two batches); off, the generic kernels run."""
     from sparse_transformer.attention.triton import block_backward, function
 
@@ -348,7 +280,7 @@ def test_block_length_of_transposed_chunks(monkeypatch):
     assert block_backward.block_tile(100, 64, True) == 64 and block_backward.block_tile(10, 64, True) == 16
     assert block_backward.block_tile(96, 64, True) == 32 and block_backward.block_tile(100, 64) is None
     assert blocks(layouts.strided(65536, 128)) == [None, None]  # C = 512: more than 4 tiles of 64
-    assert blocks(layouts.strided(1024, 32, "strided")) == [32]  # first, every head: runs with FIRST_CHUNKS only
+    assert blocks(layouts.strided(1024, 32, "strided")) == [32]  # first, every head (runs unless FIRST_CHUNKS is off)
     mixed = layouts.stack([layouts.strided(1024, 32, "strided"), layouts.fixed(1024, 32, 8, "summary")])
     assert blocks(mixed) == [None, None]  # first, a head without it: its rows would go unwritten
     assert blocks(layouts.strided(12288, 128), 256) == [None, None]

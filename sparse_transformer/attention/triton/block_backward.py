@@ -49,9 +49,15 @@ STAGES = 2
 # 96) 138 us on three 32-row tiles, 130 on two 64-row tiles (2 stages; graph fwd+bwd 0.487 -> 0.477 ms), same run.
 RAGGED = True
 # A transposed segment that comes first (the strided-only layers of the presets' interleaved arrangement), every head
-# with the strided part, stores its rows and Delta. Experimental, off by default (SPARSE_TRANSFORMER_BLOCK_FIRST=1):
-# written on 2026-11-30 after that session's device time was spent, checked in Triton's interpreter only.
-FIRST_CHUNKS = os.environ.get("SPARSE_TRANSFORMER_BLOCK_FIRST", "0") == "1"
+# with the strided part, stores its rows and Delta (SPARSE_TRANSFORMER_BLOCK_FIRST=0 gives them the generic dQ and
+# dK/dV pair). H200, python bench/block_bwd.py (block-bwd-20261130-193929.json), graph fwd+bwd: strided-only-12k 0.309
+# -> 0.232 ms (dQ 72 + dK/dV 111 us -> 105), strided-only-3k (d=128) 0.126 -> 0.101 (29 + 35 -> 38); gradients 1.6e-3
+# relative from the generic pair's (bf16).
+# A one-kernel backward for the merged pattern's causal-window band (each program a span of tiles, recomputing the
+# pairs at its edges) measured slower than the generic pair there (strided-12k 169 us at its best span against 65 +
+# 98, strided-64k 715 against 208 + 340; block-bwd-20261130-193904.json) and was removed (window_backward.py, last
+# in commit 5695b9a).
+FIRST_CHUNKS = os.environ.get("SPARSE_TRANSFORMER_BLOCK_FIRST", "1") != "0"
 WARPS = None  # None: 8 where a tile holds more than 64 x 64 elements (d=128), else 4
 
 

@@ -21,7 +21,6 @@ import torch
 from ..plan import (GATHER, NATURAL, P_ALL, P_BLK, P_CUSTOM, P_STR, P_SUM_L, P_WIN, TRANSPOSED, LRUCache, Segment,
                     Tables, get_segments, get_tables)
 from . import block_backward as _block
-from . import window_backward as _window
 from .backward import attn_backward
 from .forward import attn_forward
 
@@ -92,7 +91,6 @@ class Launch:
     dkdv: Pass
     fused: Pass | None  # dK/dV that also adds dQ with fp32 atomics (no dQ kernel); None: this kind never fuses
     block: int | None = None  # block_backward runs this segment (block-causal band first, or transposed chunks)
-    window: int | None = None  # window_backward may run it (a causal window first; off unless switched on)
     _cex: dict = field(default_factory=dict, repr=False)
 
     def constexprs(self, q, p: Pass, **extra) -> dict:
@@ -156,8 +154,7 @@ def _build_launches(layout, head_dim, device, block_m, block_n) -> list[Launch]:
         passes = [None if settings[k] is None else _pass(layout, idx, seg, settings[k], head_dim, device, block_m,
                                                          block_n) for k in ("fwd", "dq", "dkdv", "fused")]
         block = _block_length(seg, head_dim, idx) if block_m is None and block_n is None else None
-        window = _window_length(seg, head_dim, idx) if block_m is None and block_n is None else None
-        out.append(Launch(seg, prm, flags, *passes, block=block, window=window))
+        out.append(Launch(seg, prm, flags, *passes, block=block))
     return out
 
 
@@ -165,7 +162,7 @@ def _block_length(seg, head_dim, idx) -> int | None:
     """The block length where block_backward takes the segment, else None: the first segment when it is exactly the
     block-causal band (every head: own L-row block, keys up to the query, and nothing else), or a transposed strided
     segment (its chunks of C are block-causal in its own order) that comes later or has every head (first: it must
-    write every row; that case runs only with block_backward.FIRST_CHUNKS), with a tile of the block kernel for L or
+    write every row; block_backward.FIRST_CHUNKS turns that case off), with a tile of the block kernel for L or
     C."""
     p = seg.params
     if seg.kind == TRANSPOSED and (idx > 0 or bool((p[:, P_STR] > 0).all())):  # first: every row in some chunk
@@ -177,18 +174,6 @@ def _block_length(seg, head_dim, idx) -> int | None:
         return None
     L = lengths.pop()
     return L if _block.block_tile(L, head_dim) is not None else None
-
-
-def _window_length(seg, head_dim, idx) -> int | None:
-    """W where the first segment is exactly one causal window of W keys for every head (nothing else) and the window
-    kernel has a tile for the head dim, else None."""
-    p = seg.params
-    if idx > 0 or seg.kind != NATURAL or bool(p[:, [P_ALL, P_BLK, P_CUSTOM]].any()):
-        return None
-    widths = set(p[:, P_WIN].tolist())
-    if len(widths) != 1 or min(widths) <= 0 or _window.window_tile(head_dim) is None:
-        return None
-    return widths.pop()
 
 
 class SparseAttentionFunction(torch.autograd.Function):
@@ -229,12 +214,9 @@ class SparseAttentionFunction(torch.autograd.Function):
             chunks = launch.seg.kind == TRANSPOSED
             if launch.block is not None and _block.BLOCK_BWD and (idx > 0 or not chunks or _block.FIRST_CHUNKS):
                 # one kernel: a block-causal band first (Delta too), or the transposed strided chunks (later: adding
-                # to the band's gradients; first, experimental: storing them and Delta)
+                # to the band's gradients; first, a strided-only layer: storing them and Delta)
                 _block.block_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch.block, ctx.scale,
                                       launch if chunks else None, first=idx == 0)
-                continue
-            if launch.window is not None and _window.WINDOW_BWD:  # a causal window (first): one kernel, Delta too
-                _window.window_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch.window, ctx.scale)
                 continue
             attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, ctx.scale, fused[idx], first=idx == 0,
                           accum=idx > 0, accum_kv=idx > 0 or gather_only)
