@@ -129,8 +129,8 @@ case "$WHAT" in
       | grep "==="
     ;;
   verify)
-    timeout 570 python -m pytest -m gpu tests/test_triton_attention.py -q -n 14 -p no:cacheprovider -rf 2>&1 \
-      | tail -n 8 | tee "$OUT/gpu-tests-kernels.log"
+    timeout 570 python -m pytest -m gpu tests/test_triton_attention.py -q -n 14 -p no:cacheprovider -rf --tb=line \
+      2>&1 | grep -E "^FAILED|^E |passed|failed" | tail -n 40 | tee "$OUT/gpu-tests-kernels.log"
     ;;
   verify-model)
     timeout 330 python -m pytest -m gpu tests/test_model.py -q -n 8 -p no:cacheprovider -rf 2>&1 | tail -n 8 \

@@ -1,4 +1,5 @@
 """Shared test helpers: seeding, random q/k/v, the FlashAttention-style error bound against the fp64 reference."""
+import gc
 import os
 import random
 
@@ -14,6 +15,17 @@ def _seed():
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _release_gpu_memory(request):
+    """After each GPU test, hand this process's cached CUDA memory back: GPU tests run in up to 14 processes at once
+    (pytest -n), and the fp64 references of the long fp32 cases hold several GiB each (a run on an H200 kept 4-16 GiB
+    cached per process and ran out of memory)."""
+    yield
+    if "gpu" in request.keywords and torch.cuda.is_available() and torch.cuda.is_initialized():
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def pytest_collection_modifyitems(config, items):
