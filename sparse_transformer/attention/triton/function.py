@@ -42,6 +42,13 @@ TUNING[("gather", 64)] = dict(fwd=(128, 64, 4, 3), dq=(128, 64, 4, 2), dkdv=(64,
 # stages among 64x64 / 3 stages, 128x64 / 4 or 8 warps, 64x128, 128x128 / 8 warps and 32x64.
 for _kind in ("natural", "transposed"):
     TUNING[(_kind, 64)]["dkdv"] = (32, 64, 4, 2)
+# The band's dK/dV on 1 stage: Nsight Compute (ncu, strided-12k) showed every kernel of the strided setups at 12-25%
+# occupancy, limited by registers and shared memory, with DRAM at 29-46% of peak and most stalls waiting on global
+# loads; 1 stage frees shared memory. H200, python bench/dev_probe.py sweep (CONFIGS="32x64/4/1 ...", 2026-11-30,
+# dev-sweep-20261130-stages1-*.json): natural dK/dV 98.6 -> 80.7 us (strided-12k), 342.1 -> 287.1 us (strided-64k).
+# 1 stage on the other passes was slower or even (64x64: band fwd 56.8 -> 59.0, dQ 65.5 -> 73.0 us); a 64x32 transposed
+# forward was faster at strided-12k (70.0 -> 62.7 us) but not at strided-64k (186.1 -> 186.9), and stays as it is.
+TUNING[("natural", 64)]["dkdv"] = (32, 64, 4, 1)
 # The transposed strided part adds its dQ from the dK/dV kernel (fp32 atomics, no dQ kernel; backward.py), on 64x64
 # tiles. On an H200 (python bench/dev_probe.py fuse, 2026-11-30, bench/results/dev-fuse-20261130-atomics.json;
 # graph-replayed fwd+bwd, the fp32 dQ's final cast included): strided-64k 1.689 -> 1.631 ms, strided-12k 0.553 ->
