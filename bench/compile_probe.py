@@ -17,6 +17,7 @@ from triton.compiler import ASTSource
 
 from sparse_transformer.attention.triton import function as fn
 from sparse_transformer.attention.triton.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
+from sparse_transformer.attention.triton import forward as fwd_mod
 from sparse_transformer.attention.triton.forward import _attn_fwd_kernel
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
@@ -73,7 +74,7 @@ def passes(kind, d, setting, pass_name):
                    prm_ptr="*i32")
     if pass_name == "fwd":
         return _attn_fwd_kernel, dict(tensors, o_ptr="*bf16", row_ptr="*i32", qk_scale=0.18, NQB=N // bm, **common), \
-            dict(flags, T_ON_X=False, MERGE=True, FOLD=kind == "gather")
+            dict(flags, T_ON_X=False, MERGE=True, FOLD=kind == "gather", ONE_LOOP=fwd_mod.ONE_LOOP)
     tensors.update(do_ptr="*bf16", delta_ptr="*fp32", qk_scale=0.18, sm_scale=0.125)
     if pass_name == "dq":
         return _attn_bwd_dq_kernel, dict(tensors, o_ptr="*bf16", dq_ptr="*bf16", row_ptr="*i32", NQB=N // bm,

@@ -26,6 +26,8 @@
 #   bash bench/device_pending.sh first OUT     # the block kernel on a first transposed segment (FIRST_CHUNKS, the
 #                                              # strided-only layers): GPU tests, timing (run 2026-11-30 as "window",
 #                                              # with the causal-window kernel since removed)
+#   bash bench/device_pending.sh oneloop OUT   # written 2026-11-30, never run on a GPU: the forward in one loop
+#                                              # (forward.ONE_LOOP, wgmma kept asynchronous): GPU tests, timing
 #   bash bench/device_pending.sh ncu OUT       # Nsight Compute: occupancy, throughput, stalls of one strided-12k
 #                                              # fwd+bwd's kernels (bench/ncu_probe.py)
 #   bash bench/device_pending.sh host OUT      # where an eager fwd+bwd's host time goes (bench/host_trace.py)
@@ -33,7 +35,7 @@
 #   bash bench/device_pending.sh verify-model OUT  # test_model's GPU tests, then the table
 # Run from the repository root on the device machine; JSON and logs land in OUT (pass $OUT there).
 set -uo pipefail
-WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, strided-block, stages, final-tests, first, ncu, host, verify or verify-model}; OUT=${2:?output folder}
+WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, strided-block, stages, final-tests, first, oneloop, ncu, host, verify or verify-model}; OUT=${2:?output folder}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 ST="python -m sparse_transformer.cli"
 mkdir -p "$OUT"
@@ -126,6 +128,12 @@ case "$WHAT" in
     OUT="$OUT" ONLY="cut 64-row tiles, 2 stages;first chunks" timeout 60 python bench/block_bwd.py strided-only-12k \
       strided-only-3k 2>&1 | tee "$OUT/block-bwd-first.log"
     ;;
+  oneloop)
+    timeout 200 python -m pytest -m gpu tests/test_triton_attention.py -k "one_loop" -q -n 12 -p no:cacheprovider -rf \
+      --tb=line 2>&1 | grep -E "^FAILED|^E |passed|failed" | tail -n 20 | tee "$OUT/gpu-tests-oneloop.log"
+    OUT="$OUT" timeout 300 python bench/dev_probe.py oneloop strided-12k strided-3k strided-64k fixed-12k 2>&1 \
+      | grep -v Warn | tee "$OUT/oneloop.log"
+    ;;
   ncu)
     timeout 200 ncu --profile-from-start off --clock-control none --target-processes all -k regex:_attn \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
@@ -160,7 +168,7 @@ case "$WHAT" in
     timeout 50 python bench/eager_host.py fixed-12k 2>&1 | tee "$OUT/eager-host.log" | head -n 12
     ;;
   *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles | gather | order | gluon | summary | block |"\
-       "heads | strided-block | stages | final-tests | first | ncu | host | verify |"\
+       "heads | strided-block | stages | final-tests | first | oneloop | ncu | host | verify |"\
        "verify-model)"
      exit 2 ;;
 esac

@@ -75,6 +75,21 @@ def test_interpreter_matches_reference(name, make, dtype):
     check_against_reference(_run(16, 16), q, k, v, lay, floor=1e-5 if dtype == torch.float32 else 2e-3)
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("name,make", SMALL, ids=[c[0] for c in SMALL])
+def test_interpreter_one_loop_forward(name, make, monkeypatch):
+    """Experimental forward.ONE_LOOP (full and partial key tiles in one loop, the element rule behind a runtime
+    branch) against the reference, on every small layout; the kernel must have run with it."""
+    from sparse_transformer.attention.triton import forward
+
+    monkeypatch.setattr(forward, "ONE_LOOP", True)
+    ran = _record(monkeypatch, forward, "launch_kernel", lambda a, kw: a[4].get("ONE_LOOP"))
+    lay = make()
+    H = 2 if lay.num_heads == 1 else lay.num_heads
+    check_against_reference(_run(16, 16), *make_qkv(1, H, lay.n, 16, torch.float32), lay, floor=1e-5)
+    assert ran and set(ran) == {True}
+
+
 BLOCK_CASES = [  # (name, layout, head dim): block-causal bands the one-kernel backward takes (block_backward)
     ("fixed-n97-l16-c4", lambda: layouts.fixed(97, 16, 4), 16),  # one tile per block, the last block cut by n
     ("fixed-n130-l32-c8-verts", lambda: layouts.fixed(130, 32, 8, heads=2, num_verts=2), 32),  # per-head summaries
@@ -440,6 +455,20 @@ def test_gpu_matches_reference(n, name, make, dtype):
     lay = make(n)
     q, k, v = make_qkv(2, 4, n, 64, dtype, device="cuda")
     check_against_reference(_run(), q, k, v, lay, floor=FLOOR[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,make", [GPU_LAYOUTS[i] for i in (0, 1, 2, 4, 7, 8)],
+                         ids=[GPU_LAYOUTS[i][0] for i in (0, 1, 2, 4, 7, 8)])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gpu_one_loop_forward(name, make, D, dtype, monkeypatch):
+    """Experimental forward.ONE_LOOP on the GPU (the default tiles, n cut), against the float64 reference."""
+    from sparse_transformer.attention.triton import forward
+
+    monkeypatch.setattr(forward, "ONE_LOOP", True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    _check_fresh(*make_qkv(2, 4, 1025, D, dtype, device="cuda"), make(1025), FLOOR[dtype])
 
 
 @pytest.mark.gpu

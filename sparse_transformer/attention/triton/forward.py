@@ -32,12 +32,14 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 @triton.jit
 def _fwd_tile(q, acc, m_i, l_i, e, i, p_q, k_base, v_base, stride_kn, stride_vn, offs_d, prm, lo, qk_scale,
-              N, NK, SEG_L, SEG_C, MASKED: tl.constexpr, KIND: tl.constexpr, IEEE: tl.constexpr,
+              N, NK, SEG_L, SEG_C, partial, MASKED: tl.constexpr, KIND: tl.constexpr, IEEE: tl.constexpr,
               HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr,
-              HAS_SUM: tl.constexpr, FOLD: tl.constexpr, BLOCK_N: tl.constexpr):
+              HAS_SUM: tl.constexpr, FOLD: tl.constexpr, BLOCK_N: tl.constexpr, ONE_LOOP: tl.constexpr):
+    """One key tile e of a query tile's row: MASKED (constexpr) applies the element rule, or with ONE_LOOP the runtime
+    flag `partial` does (keys past the segment always masked on loading)."""
     p_k = e * BLOCK_N + tl.arange(0, BLOCK_N)
     j, k_ok = _key_positions(p_k, N, NK, SEG_L, SEG_C, lo, KIND)
-    if MASKED:
+    if MASKED or ONE_LOOP:
         k = tl.load(k_base + j.to(tl.int64)[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
         v = tl.load(v_base + j.to(tl.int64)[:, None] * stride_vn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
     else:  # a full tile: every key is valid and visible
@@ -46,7 +48,12 @@ def _fwd_tile(q, acc, m_i, l_i, e, i, p_q, k_base, v_base, stride_kn, stride_vn,
     s = _dot(q, tl.trans(k), IEEE)
     if not FOLD:
         s = s * qk_scale
-    if MASKED:
+    if ONE_LOOP:
+        if partial:
+            vis = _tile_mask(i[:, None], j[None, :], p_q[:, None], p_k[None, :], k_ok[None, :], prm, SEG_C, KIND,
+                             HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM)
+            s = tl.where(vis, s, float("-inf"))
+    elif MASKED:
         vis = _tile_mask(i[:, None], j[None, :], p_q[:, None], p_k[None, :], k_ok[None, :], prm, SEG_C, KIND,
                          HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM)
         s = tl.where(vis, s, float("-inf"))
@@ -75,7 +82,7 @@ def _attn_fwd_kernel(
     KIND: tl.constexpr, T_ON_X: tl.constexpr, MERGE: tl.constexpr, IEEE: tl.constexpr, FOLD: tl.constexpr,
     HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr,
     HAS_SUM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, ONE_LOOP: tl.constexpr,
 ):
     t, bh = _program_tile(GROUP, T_ON_X)
     qb = NQB - 1 - t  # long rows (late query tiles) first
@@ -96,14 +103,20 @@ def _attn_fwd_kernel(
     end = tl.load(row_ptr + row + 1)
     # invariant: after each tile, acc / l_i is the softmax-weighted mean of V over the keys seen so far, with scores
     # measured from the running row max m_i (log2 units); m_i = -inf while a row has seen no key.
-    for t in range(start, mid):
-        acc, m_i, l_i = _fwd_tile(q, acc, m_i, l_i, tl.load(idx_ptr + t), i, p_q, k_base, v_base, stride_kn,
-                                  stride_vn, offs_d, prm, lo, qk_scale, N, NK, SEG_L, SEG_C, False, KIND, IEEE,
-                                  HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, FOLD, BLOCK_N)
-    for t in range(mid, end):
-        acc, m_i, l_i = _fwd_tile(q, acc, m_i, l_i, tl.load(idx_ptr + t), i, p_q, k_base, v_base, stride_kn,
-                                  stride_vn, offs_d, prm, lo, qk_scale, N, NK, SEG_L, SEG_C, True, KIND, IEEE,
-                                  HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, FOLD, BLOCK_N)
+    if ONE_LOOP:  # one loop, the element rule behind a branch: two loops in a row make ptxas serialize the wgmma
+        for t in range(start, end):
+            acc, m_i, l_i = _fwd_tile(q, acc, m_i, l_i, tl.load(idx_ptr + t), i, p_q, k_base, v_base, stride_kn,
+                                      stride_vn, offs_d, prm, lo, qk_scale, N, NK, SEG_L, SEG_C, t >= mid, False, KIND,
+                                      IEEE, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, FOLD, BLOCK_N, True)
+    else:
+        for t in range(start, mid):
+            acc, m_i, l_i = _fwd_tile(q, acc, m_i, l_i, tl.load(idx_ptr + t), i, p_q, k_base, v_base, stride_kn,
+                                      stride_vn, offs_d, prm, lo, qk_scale, N, NK, SEG_L, SEG_C, False, False, KIND,
+                                      IEEE, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, FOLD, BLOCK_N, False)
+        for t in range(mid, end):
+            acc, m_i, l_i = _fwd_tile(q, acc, m_i, l_i, tl.load(idx_ptr + t), i, p_q, k_base, v_base, stride_kn,
+                                      stride_vn, offs_d, prm, lo, qk_scale, N, NK, SEG_L, SEG_C, True, True, KIND,
+                                      IEEE, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, FOLD, BLOCK_N, False)
     has = l_i > 0
     l_safe = tl.where(has, l_i, 1.0)
     o = acc / l_safe[:, None]
@@ -124,6 +137,15 @@ def _attn_fwd_kernel(
     tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=q_ok[:, None])
     tl.store(lse_ptrs, lse, mask=q_ok)
 
+
+# Experimental, off (SPARSE_TRANSFORMER_ONE_LOOP=1 turns it on): the full and the partial key tiles in one loop, the
+# element rule behind a runtime branch. With two loops in a row, ptxas serializes the kernel's asynchronous wgmma
+# (warning C7515, "non wgmma instructions defining accumulator registers"): compiled for sm_90 under Triton 3.6
+# (bench/compile_probe.py), the natural, transposed and 64x64 gathered forwards are serialized with two loops and
+# asynchronous with one, at 100 -> 121 registers (natural, 4 warps), 126 -> 144 (transposed), 168 -> 166 (gathered);
+# the 128x64 gathered tiling is asynchronous either way. Not yet timed on a GPU (bench/dev_probe.py oneloop). The dQ
+# and dK/dV kernels (backward.py) have the same two loops and the same warning.
+ONE_LOOP = os.environ.get("SPARSE_TRANSFORMER_ONE_LOOP", "0") == "1"
 
 # the fixed pattern's gathered summary part (forward, dQ, dK/dV) as Gluon kernels on Hopper where they apply
 # (gluon_gather.py, 1.1-1.6x faster than the Triton kernels for that part). Gluon's API changes between Triton
@@ -182,4 +204,4 @@ def attn_forward(q, k, v, o, lse, launch, scale, merge):
         qk_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C, group),
         launch.constexprs(q, launch.fwd, T_ON_X=t_on_x, MERGE=merge,
-                          FOLD=seg.kind == GATHER and qk_scale >= 2.0 ** -126))
+                          FOLD=seg.kind == GATHER and qk_scale >= 2.0 ** -126, ONE_LOOP=ONE_LOOP))
