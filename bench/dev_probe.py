@@ -5,7 +5,7 @@ python bench/dev_probe.py [setup ...]  (prints a table, writes $OUT/dev_probe.js
 python bench/dev_probe.py micro  (host time of one launch and of tiny whole calls, each launch path);
 python bench/dev_probe.py sweep [setup ...]  (per-kernel GPU time for each tile config in CONFIGS);
 python bench/dev_probe.py order [setup ...]  (program order: heads interleaved or one after another);
-python bench/dev_probe.py oneloop [setup ...]  (forward.ONE_LOOP off / on / off / on: per-kernel GPU time and graph fwd and
+python bench/dev_probe.py oneloop [setup ...]  (forward / backward.ONE_LOOP off and on: per-kernel GPU time, graph fwd and
 fwd+bwd);
 python bench/dev_probe.py fuse [setup ...]  (dQ fused into dK/dV with atomics, per segment kind and dK/dV tile config in
 FUSE_CONFIGS: per-kernel GPU time and graph-replayed fwd+bwd, against no fusion and the current TUNING)."""
@@ -258,29 +258,31 @@ def order(names):
 
 
 def oneloop(names):
-    """forward.ONE_LOOP (one loop over full and partial tiles: ptxas keeps the wgmma asynchronous) against the two
-    loops, alternating off / on twice per setup: per-kernel GPU time (median of 5) and graph-replayed fwd and fwd+bwd."""
-    from sparse_transformer.attention.triton import forward
+    """forward.ONE_LOOP / backward.ONE_LOOP (full and partial tiles in one loop: ptxas keeps the wgmma asynchronous)
+    against the two loops, per setup in the order off, forward only, backward only, both, off, both: per-kernel GPU
+    time (median of 5) and graph-replayed fwd and fwd+bwd."""
+    from sparse_transformer.attention.triton import backward, forward
     from sparse_transformer.attention.triton import function as fn_mod
 
-    was, rows = forward.ONE_LOOP, []
+    was, rows = (forward.ONE_LOOP, backward.ONE_LOOP), []
     for name in names:
         lay, q, k, v, go = inputs(name)
         fwd = lambda: sparse_attention(q, k, v, lay, backend="triton")  # noqa: E731
         fb = lambda: fwd().backward(go)  # noqa: E731
-        for on in (False, True, False, True):
-            forward.ONE_LOOP = on
+        for on_f, on_b in ((False, False), (True, False), (False, True), (True, True), (False, False), (True, True)):
+            forward.ONE_LOOP, backward.ONE_LOOP = on_f, on_b
             fn_mod.clear_cache()
             names_k, ks = median_kernel_times(fb, 5)
             q.grad = k.grad = v.grad = None
             g_fwd, g_fb = graph_ms(fwd), graph_ms(fb)
             q.grad = k.grad = v.grad = None
-            rows.append(dict(setup=name, one_loop=on, kernels=names_k, us=ks, graph_fwd_ms=g_fwd, graph_fwdbwd_ms=g_fb))
-            print(f"{name:12s} one_loop={on!s:5s} graph fwd {g_fwd:.3f} fwd+bwd {g_fb:.3f} ms | "
+            rows.append(dict(setup=name, one_loop_fwd=on_f, one_loop_bwd=on_b, kernels=names_k, us=ks,
+                             graph_fwd_ms=g_fwd, graph_fwdbwd_ms=g_fb))
+            print(f"{name:12s} one loop fwd={on_f!s:5s} bwd={on_b!s:5s} graph fwd {g_fwd:.3f} fwd+bwd {g_fb:.3f} ms | "
                   + " ".join(f"{x:7.1f}" for x in ks), flush=True)
         q = k = v = go = None
         torch.cuda.empty_cache()
-    forward.ONE_LOOP = was
+    forward.ONE_LOOP, backward.ONE_LOOP = was
     fn_mod.clear_cache()
     write_rows(rows, "dev_oneloop.json")
 

@@ -26,8 +26,8 @@
 #   bash bench/device_pending.sh first OUT     # the block kernel on a first transposed segment (FIRST_CHUNKS, the
 #                                              # strided-only layers): GPU tests, timing (run 2026-11-30 as "window",
 #                                              # with the causal-window kernel since removed)
-#   bash bench/device_pending.sh oneloop OUT   # written 2026-11-30, never run on a GPU: the forward in one loop
-#                                              # (forward.ONE_LOOP, wgmma kept asynchronous): GPU tests, timing
+#   bash bench/device_pending.sh oneloop OUT   # written 2026-11-30, never run on a GPU: every generic kernel in one loop
+#                                              # (forward / backward.ONE_LOOP, wgmma kept asynchronous): GPU tests, timing
 #   bash bench/device_pending.sh ncu OUT       # Nsight Compute: occupancy, throughput, stalls of one strided-12k
 #                                              # fwd+bwd's kernels (bench/ncu_probe.py)
 #   bash bench/device_pending.sh host OUT      # where an eager fwd+bwd's host time goes (bench/host_trace.py)

@@ -77,17 +77,22 @@ def test_interpreter_matches_reference(name, make, dtype):
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("name,make", SMALL, ids=[c[0] for c in SMALL])
-def test_interpreter_one_loop_forward(name, make, monkeypatch):
-    """Experimental forward.ONE_LOOP (full and partial key tiles in one loop, the element rule behind a runtime
-    branch) against the reference, on every small layout; the kernel must have run with it."""
-    from sparse_transformer.attention.triton import forward
+def test_interpreter_one_loop(name, make, monkeypatch):
+    """Experimental forward.ONE_LOOP and backward.ONE_LOOP (full and partial tiles in one loop, the element rule
+    behind a runtime branch) against the reference, on every small layout; every generic kernel must have run with
+    it (the block kernel takes some layouts' backward)."""
+    from sparse_transformer.attention.triton import backward, forward
 
     monkeypatch.setattr(forward, "ONE_LOOP", True)
+    monkeypatch.setattr(backward, "ONE_LOOP", True)
     ran = _record(monkeypatch, forward, "launch_kernel", lambda a, kw: a[4].get("ONE_LOOP"))
+    ran_bwd = _record(monkeypatch, backward, "launch_kernel", lambda a, kw: a[4].get("ONE_LOOP"))
     lay = make()
     H = 2 if lay.num_heads == 1 else lay.num_heads
     check_against_reference(_run(16, 16), *make_qkv(1, H, lay.n, 16, torch.float32), lay, floor=1e-5)
-    assert ran and set(ran) == {True}
+    assert ran and set(ran) == {True} and set(ran_bwd) <= {True}
+    if name.startswith(("dense", "local", "strided-both", "fixed-both", "custom")):
+        assert ran_bwd  # the generic dQ and dK/dV kernels ran
 
 
 BLOCK_CASES = [  # (name, layout, head dim): block-causal bands the one-kernel backward takes (block_backward)
@@ -462,11 +467,13 @@ def test_gpu_matches_reference(n, name, make, dtype):
                          ids=[GPU_LAYOUTS[i][0] for i in (0, 1, 2, 4, 7, 8)])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_gpu_one_loop_forward(name, make, D, dtype, monkeypatch):
-    """Experimental forward.ONE_LOOP on the GPU (the default tiles, n cut), against the float64 reference."""
-    from sparse_transformer.attention.triton import forward
+def test_gpu_one_loop(name, make, D, dtype, monkeypatch):
+    """Experimental forward.ONE_LOOP and backward.ONE_LOOP on the GPU (the default tiles, n cut), against the float64
+    reference."""
+    from sparse_transformer.attention.triton import backward, forward
 
     monkeypatch.setattr(forward, "ONE_LOOP", True)
+    monkeypatch.setattr(backward, "ONE_LOOP", True)
     torch.backends.cuda.matmul.allow_tf32 = False
     _check_fresh(*make_qkv(2, 4, 1025, D, dtype, device="cuda"), make(1025), FLOOR[dtype])
 

@@ -15,6 +15,8 @@ atomics (FlashAttention-2's dQaccum), so S and dO V^T are computed once per entr
 not 14 d). Segments the block kernel takes (block_backward.py: a block-causal band first, transposed chunks later)
 never come here.
 """
+import os
+
 import triton
 import triton.language as tl
 
@@ -24,22 +26,31 @@ from .forward import _dot
 from .grid import program_grid
 from .launcher import launch as launch_kernel
 
+# Experimental, off: the dQ and dK/dV kernels' full and partial tiles in one loop, as forward.ONE_LOOP (same switch,
+# SPARSE_TRANSFORMER_ONE_LOOP=1; separate attributes, so that a bench can time each)
+ONE_LOOP = os.environ.get("SPARSE_TRANSFORMER_ONE_LOOP", "0") == "1"
+
 
 @triton.jit
 def _dq_tile(q, do, lse, delta, dq, e, i, p_q, k_base, v_base, stride_kn, stride_vn, offs_d, prm, lo, qk_scale,
-             N, NK, SEG_L, SEG_C, MASKED: tl.constexpr, KIND: tl.constexpr, IEEE: tl.constexpr,
+             N, NK, SEG_L, SEG_C, partial, MASKED: tl.constexpr, KIND: tl.constexpr, IEEE: tl.constexpr,
              HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr,
-             HAS_SUM: tl.constexpr, BLOCK_N: tl.constexpr):
+             HAS_SUM: tl.constexpr, BLOCK_N: tl.constexpr, ONE_LOOP: tl.constexpr):
     p_k = e * BLOCK_N + tl.arange(0, BLOCK_N)
     j, k_ok = _key_positions(p_k, N, NK, SEG_L, SEG_C, lo, KIND)
-    if MASKED:
+    if MASKED or ONE_LOOP:
         k = tl.load(k_base + j.to(tl.int64)[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
         v = tl.load(v_base + j.to(tl.int64)[:, None] * stride_vn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
     else:
         k = tl.load(k_base + j.to(tl.int64)[:, None] * stride_kn + offs_d[None, :])
         v = tl.load(v_base + j.to(tl.int64)[:, None] * stride_vn + offs_d[None, :])
     p = tl.math.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])
-    if MASKED:
+    if ONE_LOOP:
+        if partial:
+            vis = _tile_mask(i[:, None], j[None, :], p_q[:, None], p_k[None, :], k_ok[None, :], prm, SEG_C, KIND,
+                             HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM)
+            p = tl.where(vis, p, 0.0)
+    elif MASKED:
         vis = _tile_mask(i[:, None], j[None, :], p_q[:, None], p_k[None, :], k_ok[None, :], prm, SEG_C, KIND,
                          HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM)
         p = tl.where(vis, p, 0.0)
@@ -49,12 +60,13 @@ def _dq_tile(q, do, lse, delta, dq, e, i, p_q, k_base, v_base, stride_kn, stride
 
 @triton.jit
 def _dkdv_tile(k, v, dk, dv, e, j, p_k, k_ok, q_base, do_base, dq_base, lse_base, delta_base, stride_qn, stride_on,
-               offs_d, prm, qk_scale, sm_scale, N, NQ, SEG_L, SEG_C, MASKED: tl.constexpr, KIND: tl.constexpr,
-               IEEE: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr,
-               HAS_STR: tl.constexpr, HAS_SUM: tl.constexpr, FUSE_DQ: tl.constexpr, BLOCK_M: tl.constexpr):
+               offs_d, prm, qk_scale, sm_scale, N, NQ, SEG_L, SEG_C, partial, MASKED: tl.constexpr,
+               KIND: tl.constexpr, IEEE: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr,
+               HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr, HAS_SUM: tl.constexpr, FUSE_DQ: tl.constexpr,
+               BLOCK_M: tl.constexpr, ONE_LOOP: tl.constexpr):
     p_q = e * BLOCK_M + tl.arange(0, BLOCK_M)
     i, q_ok = _query_positions(p_q, N, NQ, SEG_L, SEG_C, KIND)
-    if MASKED:
+    if MASKED or ONE_LOOP:
         q = tl.load(q_base + i.to(tl.int64)[:, None] * stride_qn + offs_d[None, :], mask=q_ok[:, None], other=0.0)
         do = tl.load(do_base + i.to(tl.int64)[:, None] * stride_on + offs_d[None, :], mask=q_ok[:, None], other=0.0)
         lse = tl.load(lse_base + i, mask=q_ok, other=float("-inf")) * 1.4426950408889634
@@ -66,7 +78,12 @@ def _dkdv_tile(k, v, dk, dv, e, j, p_k, k_ok, q_base, do_base, dq_base, lse_base
         delta = tl.load(delta_base + i)
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: P = 0
     pt = tl.math.exp2(_dot(k, tl.trans(q), IEEE) * qk_scale - lse[None, :])  # (BN, BM)
-    if MASKED:
+    if ONE_LOOP:
+        if partial:
+            vis = _tile_mask(i[None, :], j[:, None], p_q[None, :], p_k[:, None], k_ok[:, None], prm, SEG_C, KIND,
+                             HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM)
+            pt = tl.where(vis & q_ok[None, :], pt, 0.0)
+    elif MASKED:
         vis = _tile_mask(i[None, :], j[:, None], p_q[None, :], p_k[:, None], k_ok[:, None], prm, SEG_C, KIND,
                          HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM)
         pt = tl.where(vis & q_ok[None, :], pt, 0.0)
@@ -76,7 +93,7 @@ def _dkdv_tile(k, v, dk, dv, e, j, p_k, k_ok, q_base, do_base, dq_base, lse_base
     if FUSE_DQ:  # this tile's share of dQ = scale * dS K, added in fp32 to rows other key tiles add to as well
         dq = _dot(tl.trans(dst.to(k.dtype)), k, IEEE) * sm_scale
         dq_ptrs = dq_base + i.to(tl.int64)[:, None] * stride_on + offs_d[None, :]
-        if MASKED:
+        if MASKED or ONE_LOOP:
             tl.atomic_add(dq_ptrs, dq, mask=q_ok[:, None], sem="relaxed")
         else:
             tl.atomic_add(dq_ptrs, dq, sem="relaxed")
@@ -93,7 +110,7 @@ def _attn_bwd_dq_kernel(
     KIND: tl.constexpr, T_ON_X: tl.constexpr, ACCUM: tl.constexpr, DELTA: tl.constexpr, IEEE: tl.constexpr,
     HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr,
     HAS_SUM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, ONE_LOOP: tl.constexpr,
 ):
     t, bh = _program_tile(GROUP, T_ON_X)
     qb = NQB - 1 - t
@@ -119,14 +136,20 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     row = th * NQB + qb
     mid = tl.load(mid_ptr + row)
-    for t in range(tl.load(row_ptr + row), mid):
-        dq = _dq_tile(q, do, lse, delta, dq, tl.load(idx_ptr + t), i, p_q, k_base, v_base, stride_kn, stride_vn,
-                      offs_d, prm, lo, qk_scale, N, NK, SEG_L, SEG_C, False, KIND, IEEE, HAS_DENSE, HAS_WIN,
-                      HAS_BLK, HAS_STR, HAS_SUM, BLOCK_N)
-    for t in range(mid, tl.load(row_ptr + row + 1)):
-        dq = _dq_tile(q, do, lse, delta, dq, tl.load(idx_ptr + t), i, p_q, k_base, v_base, stride_kn, stride_vn,
-                      offs_d, prm, lo, qk_scale, N, NK, SEG_L, SEG_C, True, KIND, IEEE, HAS_DENSE, HAS_WIN,
-                      HAS_BLK, HAS_STR, HAS_SUM, BLOCK_N)
+    if ONE_LOOP:  # one loop, the element rule behind a branch (forward.ONE_LOOP)
+        for t in range(tl.load(row_ptr + row), tl.load(row_ptr + row + 1)):
+            dq = _dq_tile(q, do, lse, delta, dq, tl.load(idx_ptr + t), i, p_q, k_base, v_base, stride_kn, stride_vn,
+                          offs_d, prm, lo, qk_scale, N, NK, SEG_L, SEG_C, t >= mid, False, KIND, IEEE, HAS_DENSE,
+                          HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, BLOCK_N, True)
+    else:
+        for t in range(tl.load(row_ptr + row), mid):
+            dq = _dq_tile(q, do, lse, delta, dq, tl.load(idx_ptr + t), i, p_q, k_base, v_base, stride_kn, stride_vn,
+                          offs_d, prm, lo, qk_scale, N, NK, SEG_L, SEG_C, False, False, KIND, IEEE, HAS_DENSE,
+                          HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, BLOCK_N, False)
+        for t in range(mid, tl.load(row_ptr + row + 1)):
+            dq = _dq_tile(q, do, lse, delta, dq, tl.load(idx_ptr + t), i, p_q, k_base, v_base, stride_kn, stride_vn,
+                          offs_d, prm, lo, qk_scale, N, NK, SEG_L, SEG_C, True, True, KIND, IEEE, HAS_DENSE,
+                          HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, BLOCK_N, False)
     dq = dq * sm_scale
     dq_ptrs = dq_ptr + g_off
     if ACCUM:
@@ -145,7 +168,7 @@ def _attn_bwd_dkdv_kernel(
     KIND: tl.constexpr, T_ON_X: tl.constexpr, ACCUM: tl.constexpr, FUSE_DQ: tl.constexpr, IEEE: tl.constexpr,
     HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr,
     HAS_SUM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, ONE_LOOP: tl.constexpr,
 ):
     kb, bh = _program_tile(GROUP, T_ON_X)
     b, h, th, prm, lo = _program_head(bh, H, TH, prm_ptr)
@@ -165,14 +188,23 @@ def _attn_bwd_dkdv_kernel(
     mid = tl.load(mid_ptr + col)
     lse_row = lse_ptr + bh.to(tl.int64) * N  # 64-bit: B * H * N may pass 2^31
     delta_row = delta_ptr + bh.to(tl.int64) * N
-    for t in range(tl.load(col_ptr + col), mid):
-        dk, dv = _dkdv_tile(k, v, dk, dv, tl.load(idx_ptr + t), j, p_k, k_ok, q_base, do_base, dq_base, lse_row,
-                            delta_row, stride_qn, stride_on, offs_d, prm, qk_scale, sm_scale, N, NQ, SEG_L, SEG_C,
-                            False, KIND, IEEE, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, FUSE_DQ, BLOCK_M)
-    for t in range(mid, tl.load(col_ptr + col + 1)):
-        dk, dv = _dkdv_tile(k, v, dk, dv, tl.load(idx_ptr + t), j, p_k, k_ok, q_base, do_base, dq_base, lse_row,
-                            delta_row, stride_qn, stride_on, offs_d, prm, qk_scale, sm_scale, N, NQ, SEG_L, SEG_C,
-                            True, KIND, IEEE, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, FUSE_DQ, BLOCK_M)
+    if ONE_LOOP:  # one loop, the element rule behind a branch (forward.ONE_LOOP)
+        for t in range(tl.load(col_ptr + col), tl.load(col_ptr + col + 1)):
+            dk, dv = _dkdv_tile(k, v, dk, dv, tl.load(idx_ptr + t), j, p_k, k_ok, q_base, do_base, dq_base, lse_row,
+                                delta_row, stride_qn, stride_on, offs_d, prm, qk_scale, sm_scale, N, NQ, SEG_L,
+                                SEG_C, t >= mid, False, KIND, IEEE, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM,
+                                FUSE_DQ, BLOCK_M, True)
+    else:
+        for t in range(tl.load(col_ptr + col), mid):
+            dk, dv = _dkdv_tile(k, v, dk, dv, tl.load(idx_ptr + t), j, p_k, k_ok, q_base, do_base, dq_base, lse_row,
+                                delta_row, stride_qn, stride_on, offs_d, prm, qk_scale, sm_scale, N, NQ, SEG_L,
+                                SEG_C, False, False, KIND, IEEE, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM,
+                                FUSE_DQ, BLOCK_M, False)
+        for t in range(mid, tl.load(col_ptr + col + 1)):
+            dk, dv = _dkdv_tile(k, v, dk, dv, tl.load(idx_ptr + t), j, p_k, k_ok, q_base, do_base, dq_base, lse_row,
+                                delta_row, stride_qn, stride_on, offs_d, prm, qk_scale, sm_scale, N, NQ, SEG_L,
+                                SEG_C, True, True, KIND, IEEE, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM,
+                                FUSE_DQ, BLOCK_M, False)
     dk = dk * sm_scale
     g_off = b * stride_gb + h * stride_gh + j.to(tl.int64)[:, None] * stride_gn + offs_d[None, :]
     if ACCUM:
@@ -207,7 +239,7 @@ def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, fuse_dq
         launch_kernel(_attn_bwd_dq_kernel, grid, (
             q, k, v, o, do, dq, lse, delta, tab.q_ptr, tab.q_mid, tab.q_idx, launch.prm), (qk_scale, scale, *strides,
             H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C, group),
-            launch.constexprs(q, launch.dq, T_ON_X=t_on_x, ACCUM=accum, DELTA=first))
+            launch.constexprs(q, launch.dq, T_ON_X=t_on_x, ACCUM=accum, DELTA=first, ONE_LOOP=ONE_LOOP))
     if not kv_kernel:
         return
     kv_pass = launch.fused if fuse_dq else launch.dkdv
@@ -217,4 +249,4 @@ def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, fuse_dq
     launch_kernel(_attn_bwd_dkdv_kernel, grid, (
         q, k, v, do, dq, dk, dv, lse, delta, tab.k_ptr, tab.k_mid, tab.k_idx, launch.prm), (qk_scale, scale, *strides,
         *dk.stride()[:3], H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nkb, seg.L, seg.C, group),
-        launch.constexprs(q, kv_pass, T_ON_X=t_on_x, ACCUM=accum_kv, FUSE_DQ=fuse_dq))
+        launch.constexprs(q, kv_pass, T_ON_X=t_on_x, ACCUM=accum_kv, FUSE_DQ=fuse_dq, ONE_LOOP=ONE_LOOP))

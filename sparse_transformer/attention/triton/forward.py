@@ -143,8 +143,9 @@ def _attn_fwd_kernel(
 # (warning C7515, "non wgmma instructions defining accumulator registers"): compiled for sm_90 under Triton 3.6
 # (bench/compile_probe.py), the natural, transposed and 64x64 gathered forwards are serialized with two loops and
 # asynchronous with one, at 100 -> 121 registers (natural, 4 warps), 126 -> 144 (transposed), 168 -> 166 (gathered);
-# the 128x64 gathered tiling is asynchronous either way. Not yet timed on a GPU (bench/dev_probe.py oneloop). The dQ
-# and dK/dV kernels (backward.py) have the same two loops and the same warning.
+# the 128x64 gathered tiling is asynchronous either way. backward.ONE_LOOP does the same for the dQ and dK/dV kernels
+# (serialized on 2 stages with two loops; with one, natural dQ 128 -> 124 registers, d=128 dQ 237 -> 184, but the
+# d=128 dK/dV spill 48-184 bytes). Not yet timed on a GPU (bench/dev_probe.py oneloop).
 ONE_LOOP = os.environ.get("SPARSE_TRANSFORMER_ONE_LOOP", "0") == "1"
 
 # the fixed pattern's gathered summary part (forward, dQ, dK/dV) as Gluon kernels on Hopper where they apply
