@@ -37,6 +37,8 @@ STRIDED_ONLY = {
     "strided-only-12k": (2, 8, 12288, 64, lambda: layouts.strided(12288, 128, "strided"), "strided-l128-a2"),
     "strided-only-3k": (8, 2, 3072, 128, lambda: layouts.strided(3072, 96, "strided"), "strided-l96-a2"),
 }
+
+
 def main(names):
     dev, tv, trv = _versions()
     rows = []

@@ -79,8 +79,8 @@ def test_interpreter_matches_reference(name, make, dtype):
 @pytest.mark.parametrize("name,make", SMALL, ids=[c[0] for c in SMALL])
 def test_interpreter_one_loop(name, make, monkeypatch):
     """Experimental forward.ONE_LOOP and backward.ONE_LOOP (full and partial tiles in one loop, the element rule
-    behind a runtime branch) against the reference, on every small layout; every generic kernel must have run with
-    it (the block kernel takes some layouts' backward)."""
+    behind a runtime branch) against the reference, on every small layout; every kernel must have run with it
+    (explicit tiles: the generic backward always, no block kernel)."""
     from sparse_transformer.attention.triton import backward, forward
 
     monkeypatch.setattr(forward, "ONE_LOOP", True)
@@ -90,9 +90,7 @@ def test_interpreter_one_loop(name, make, monkeypatch):
     lay = make()
     H = 2 if lay.num_heads == 1 else lay.num_heads
     check_against_reference(_run(16, 16), *make_qkv(1, H, lay.n, 16, torch.float32), lay, floor=1e-5)
-    assert ran and set(ran) == {True} and set(ran_bwd) <= {True}
-    if name.startswith(("dense", "local", "strided-both", "fixed-both", "custom")):
-        assert ran_bwd  # the generic dQ and dK/dV kernels ran
+    assert ran and set(ran) == {True} and ran_bwd and set(ran_bwd) == {True}
 
 
 BLOCK_CASES = [  # (name, layout, head dim): block-causal bands the one-kernel backward takes (block_backward)
@@ -467,15 +465,23 @@ def test_gpu_matches_reference(n, name, make, dtype):
                          ids=[GPU_LAYOUTS[i][0] for i in (0, 1, 2, 4, 7, 8)])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_gpu_one_loop(name, make, D, dtype, monkeypatch):
+@pytest.mark.parametrize("block", [True, False], ids=["block-bwd", "no-block-bwd"])
+def test_gpu_one_loop(name, make, D, dtype, block, monkeypatch):
     """Experimental forward.ONE_LOOP and backward.ONE_LOOP on the GPU (the default tiles, n cut), against the float64
-    reference."""
-    from sparse_transformer.attention.triton import backward, forward
+    reference; with the block kernel off, the strided layouts' transposed part runs the dK/dV kernel with fused
+    (atomic) dQ, where masked loads and atomics on queries past n matter. Every generic kernel must have run with
+    it, and the fused one where expected."""
+    from sparse_transformer.attention.triton import backward, block_backward, forward
 
     monkeypatch.setattr(forward, "ONE_LOOP", True)
     monkeypatch.setattr(backward, "ONE_LOOP", True)
+    monkeypatch.setattr(block_backward, "BLOCK_BWD", block)
+    ran = _record(monkeypatch, backward, "launch_kernel", lambda a, kw: (a[4]["ONE_LOOP"], a[4].get("FUSE_DQ")))
     torch.backends.cuda.matmul.allow_tf32 = False
     _check_fresh(*make_qkv(2, 4, 1025, D, dtype, device="cuda"), make(1025), FLOOR[dtype])
+    assert all(one for one, _ in ran)
+    if not block and name.startswith(("strided-both", "split")):
+        assert (True, True) in ran  # the fused dK/dV with atomic dQ ran in one loop
 
 
 @pytest.mark.gpu
