@@ -136,20 +136,15 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     row = th * NQB + qb
     mid = tl.load(mid_ptr + row)
-    if ONE_LOOP:  # one loop, the element rule behind a branch (forward.ONE_LOOP)
-        for t in range(tl.load(row_ptr + row), tl.load(row_ptr + row + 1)):
-            dq = _dq_tile(q, do, lse, delta, dq, tl.load(idx_ptr + t), i, p_q, k_base, v_base, stride_kn, stride_vn,
-                          offs_d, prm, lo, qk_scale, N, NK, SEG_L, SEG_C, t >= mid, False, KIND, IEEE, HAS_DENSE,
-                          HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, BLOCK_N, True)
-    else:
-        for t in range(tl.load(row_ptr + row), mid):
-            dq = _dq_tile(q, do, lse, delta, dq, tl.load(idx_ptr + t), i, p_q, k_base, v_base, stride_kn, stride_vn,
-                          offs_d, prm, lo, qk_scale, N, NK, SEG_L, SEG_C, False, False, KIND, IEEE, HAS_DENSE,
-                          HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, BLOCK_N, False)
+    for t in range(tl.load(row_ptr + row), tl.load(row_ptr + row + 1) if ONE_LOOP else mid):  # as the forward's
+        dq = _dq_tile(q, do, lse, delta, dq, tl.load(idx_ptr + t), i, p_q, k_base, v_base, stride_kn, stride_vn,
+                      offs_d, prm, lo, qk_scale, N, NK, SEG_L, SEG_C, t >= mid, False, KIND, IEEE, HAS_DENSE, HAS_WIN,
+                      HAS_BLK, HAS_STR, HAS_SUM, BLOCK_N, ONE_LOOP)
+    if not ONE_LOOP:
         for t in range(mid, tl.load(row_ptr + row + 1)):
             dq = _dq_tile(q, do, lse, delta, dq, tl.load(idx_ptr + t), i, p_q, k_base, v_base, stride_kn, stride_vn,
-                          offs_d, prm, lo, qk_scale, N, NK, SEG_L, SEG_C, True, True, KIND, IEEE, HAS_DENSE,
-                          HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, BLOCK_N, False)
+                          offs_d, prm, lo, qk_scale, N, NK, SEG_L, SEG_C, True, True, KIND, IEEE, HAS_DENSE, HAS_WIN,
+                          HAS_BLK, HAS_STR, HAS_SUM, BLOCK_N, False)
     dq = dq * sm_scale
     dq_ptrs = dq_ptr + g_off
     if ACCUM:
@@ -188,18 +183,12 @@ def _attn_bwd_dkdv_kernel(
     mid = tl.load(mid_ptr + col)
     lse_row = lse_ptr + bh.to(tl.int64) * N  # 64-bit: B * H * N may pass 2^31
     delta_row = delta_ptr + bh.to(tl.int64) * N
-    if ONE_LOOP:  # one loop, the element rule behind a branch (forward.ONE_LOOP)
-        for t in range(tl.load(col_ptr + col), tl.load(col_ptr + col + 1)):
-            dk, dv = _dkdv_tile(k, v, dk, dv, tl.load(idx_ptr + t), j, p_k, k_ok, q_base, do_base, dq_base, lse_row,
-                                delta_row, stride_qn, stride_on, offs_d, prm, qk_scale, sm_scale, N, NQ, SEG_L,
-                                SEG_C, t >= mid, False, KIND, IEEE, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM,
-                                FUSE_DQ, BLOCK_M, True)
-    else:
-        for t in range(tl.load(col_ptr + col), mid):
-            dk, dv = _dkdv_tile(k, v, dk, dv, tl.load(idx_ptr + t), j, p_k, k_ok, q_base, do_base, dq_base, lse_row,
-                                delta_row, stride_qn, stride_on, offs_d, prm, qk_scale, sm_scale, N, NQ, SEG_L,
-                                SEG_C, False, False, KIND, IEEE, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM,
-                                FUSE_DQ, BLOCK_M, False)
+    for t in range(tl.load(col_ptr + col), tl.load(col_ptr + col + 1) if ONE_LOOP else mid):  # as the forward's
+        dk, dv = _dkdv_tile(k, v, dk, dv, tl.load(idx_ptr + t), j, p_k, k_ok, q_base, do_base, dq_base, lse_row,
+                            delta_row, stride_qn, stride_on, offs_d, prm, qk_scale, sm_scale, N, NQ, SEG_L, SEG_C,
+                            t >= mid, False, KIND, IEEE, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, FUSE_DQ,
+                            BLOCK_M, ONE_LOOP)
+    if not ONE_LOOP:
         for t in range(mid, tl.load(col_ptr + col + 1)):
             dk, dv = _dkdv_tile(k, v, dk, dv, tl.load(idx_ptr + t), j, p_k, k_ok, q_base, do_base, dq_base, lse_row,
                                 delta_row, stride_qn, stride_on, offs_d, prm, qk_scale, sm_scale, N, NQ, SEG_L,

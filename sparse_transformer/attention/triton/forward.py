@@ -103,16 +103,13 @@ def _attn_fwd_kernel(
     end = tl.load(row_ptr + row + 1)
     # invariant: after each tile, acc / l_i is the softmax-weighted mean of V over the keys seen so far, with scores
     # measured from the running row max m_i (log2 units); m_i = -inf while a row has seen no key.
-    if ONE_LOOP:  # one loop, the element rule behind a branch: two loops in a row make ptxas serialize the wgmma
-        for t in range(start, end):
-            acc, m_i, l_i = _fwd_tile(q, acc, m_i, l_i, tl.load(idx_ptr + t), i, p_q, k_base, v_base, stride_kn,
-                                      stride_vn, offs_d, prm, lo, qk_scale, N, NK, SEG_L, SEG_C, t >= mid, False, KIND,
-                                      IEEE, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, FOLD, BLOCK_N, True)
-    else:
-        for t in range(start, mid):
-            acc, m_i, l_i = _fwd_tile(q, acc, m_i, l_i, tl.load(idx_ptr + t), i, p_q, k_base, v_base, stride_kn,
-                                      stride_vn, offs_d, prm, lo, qk_scale, N, NK, SEG_L, SEG_C, False, False, KIND,
-                                      IEEE, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, FOLD, BLOCK_N, False)
+    # ONE_LOOP: every tile in the first loop, the element rule behind a branch (two loops in a row make ptxas
+    # serialize the wgmma); else the full tiles unmasked, then the partial ones masked
+    for t in range(start, end if ONE_LOOP else mid):
+        acc, m_i, l_i = _fwd_tile(q, acc, m_i, l_i, tl.load(idx_ptr + t), i, p_q, k_base, v_base, stride_kn,
+                                  stride_vn, offs_d, prm, lo, qk_scale, N, NK, SEG_L, SEG_C, t >= mid, False, KIND,
+                                  IEEE, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, FOLD, BLOCK_N, ONE_LOOP)
+    if not ONE_LOOP:
         for t in range(mid, end):
             acc, m_i, l_i = _fwd_tile(q, acc, m_i, l_i, tl.load(idx_ptr + t), i, p_q, k_base, v_base, stride_kn,
                                       stride_vn, offs_d, prm, lo, qk_scale, N, NK, SEG_L, SEG_C, True, True, KIND,
