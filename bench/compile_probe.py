@@ -4,7 +4,7 @@ wgmma / mma.sync / cp.async / atomic instructions in the PTX. A cheap first filt
 that spills or needs too much shared memory need not be timed. Usage:
 python bench/compile_probe.py                     # every (kind, head dim, pass) of the current TUNING
 python bench/compile_probe.py 32x32/4/2 64x64/4/3  # those settings (BMxBN/warps/stages) for every kind and pass, d=64
-SPARSE_TRANSFORMER_ONE_LOOP=1 python bench/compile_probe.py  # the kernels with forward / backward.ONE_LOOP
+SPARSE_TRANSFORMER_ONE_LOOP=0|1 python bench/compile_probe.py  # every pass split / in one loop (default: common.one_loop)
 The device has Triton 3.6; another version compiles differently (a venv with that wheel gives its numbers)."""
 import os
 import re
@@ -18,6 +18,7 @@ from triton.compiler import ASTSource
 
 from sparse_transformer.attention.triton import function as fn
 from sparse_transformer.attention.triton.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
+from sparse_transformer.attention.triton.common import one_loop
 from sparse_transformer.attention.triton import backward as bwd_mod
 from sparse_transformer.attention.triton import forward as fwd_mod
 from sparse_transformer.attention.triton.forward import _attn_fwd_kernel
@@ -76,15 +77,15 @@ def passes(kind, d, setting, pass_name):
                    prm_ptr="*i32")
     if pass_name == "fwd":
         return _attn_fwd_kernel, dict(tensors, o_ptr="*bf16", row_ptr="*i32", qk_scale=0.18, NQB=N // bm, **common), \
-            dict(flags, T_ON_X=False, MERGE=True, FOLD=kind == "gather", ONE_LOOP=fwd_mod.ONE_LOOP)
+            dict(flags, T_ON_X=False, MERGE=True, FOLD=kind == "gather", ONE_LOOP=one_loop(fwd_mod.ONE_LOOP, setting[3]))
     tensors.update(do_ptr="*bf16", delta_ptr="*fp32", qk_scale=0.18, sm_scale=0.125)
     if pass_name == "dq":
         return _attn_bwd_dq_kernel, dict(tensors, o_ptr="*bf16", dq_ptr="*bf16", row_ptr="*i32", NQB=N // bm,
                                          **common), dict(flags, T_ON_X=False, ACCUM=True, DELTA=False,
-                                                               ONE_LOOP=bwd_mod.ONE_LOOP)
+                                                               ONE_LOOP=one_loop(bwd_mod.ONE_LOOP, setting[3]))
     return _attn_bwd_dkdv_kernel, dict(tensors, dq_ptr="*fp32", dk_ptr="*bf16", dv_ptr="*bf16", col_ptr="*i32",
                                        stride_gb=H * N * d, stride_gh=N * d, stride_gn=d, NKB=nk // bn, **common), \
-        dict(flags, T_ON_X=False, ACCUM=True, FUSE_DQ=pass_name.startswith("fused"), ONE_LOOP=bwd_mod.ONE_LOOP)
+        dict(flags, T_ON_X=False, ACCUM=True, FUSE_DQ=pass_name.startswith("fused"), ONE_LOOP=one_loop(bwd_mod.ONE_LOOP, setting[3]))
 
 
 def probe(kind, d, pass_name, setting):

@@ -5,8 +5,8 @@ python bench/dev_probe.py [setup ...]  (prints a table, writes $OUT/dev_probe.js
 python bench/dev_probe.py micro  (host time of one launch and of tiny whole calls, each launch path);
 python bench/dev_probe.py sweep [setup ...]  (per-kernel GPU time for each tile config in CONFIGS);
 python bench/dev_probe.py order [setup ...]  (program order: heads interleaved or one after another);
-python bench/dev_probe.py oneloop [setup ...]  (forward / backward.ONE_LOOP off and on: per-kernel GPU time, graph fwd and
-fwd+bwd);
+python bench/dev_probe.py oneloop [setup ...]  (forward / backward.ONE_LOOP by the default rule, off and on: per-kernel GPU
+time, graph fwd and fwd+bwd);
 python bench/dev_probe.py fuse [setup ...]  (dQ fused into dK/dV with atomics, per segment kind and dK/dV tile config in
 FUSE_CONFIGS: per-kernel GPU time and graph-replayed fwd+bwd, against no fusion and the current TUNING)."""
 import json
@@ -259,8 +259,9 @@ def order(names):
 
 def oneloop(names):
     """forward.ONE_LOOP / backward.ONE_LOOP (full and partial tiles in one loop: ptxas keeps the wgmma asynchronous)
-    against the two loops, per setup in the order off, forward only, backward only, both, off, both: per-kernel GPU
-    time (median of 5) and graph-replayed fwd and fwd+bwd."""
+    against the two loops, per setup in the order: the default rule (None: one loop on 2+ stages, common.one_loop),
+    split everywhere, forward only, backward only, both, then the default and split again: per-kernel GPU time
+    (median of 5) and graph-replayed fwd and fwd+bwd."""
     from sparse_transformer.attention.triton import backward, forward
     from sparse_transformer.attention.triton import function as fn_mod
 
@@ -269,7 +270,8 @@ def oneloop(names):
         lay, q, k, v, go = inputs(name)
         fwd = lambda: sparse_attention(q, k, v, lay, backend="triton")  # noqa: E731
         fb = lambda: fwd().backward(go)  # noqa: E731
-        for on_f, on_b in ((False, False), (True, False), (False, True), (True, True), (False, False), (True, True)):
+        for on_f, on_b in ((None, None), (False, False), (True, False), (False, True), (True, True), (None, None),
+                           (False, False)):
             forward.ONE_LOOP, backward.ONE_LOOP = on_f, on_b
             fn_mod.clear_cache()
             names_k, ks = median_kernel_times(fb, 5)

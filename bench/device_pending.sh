@@ -28,6 +28,8 @@
 #                                              # with the causal-window kernel since removed)
 #   bash bench/device_pending.sh oneloop OUT   # written 2026-11-30, never run on a GPU: every generic kernel in one loop
 #                                              # (forward / backward.ONE_LOOP, wgmma kept asynchronous): GPU tests, timing
+#   bash bench/device_pending.sh rule OUT      # one loop by stage count (common.one_loop) against split / forced, also
+#                                              # on the Triton gathered kernels; 64x32 tiles; then the attention table
 #   bash bench/device_pending.sh ncu OUT       # Nsight Compute: occupancy, throughput, stalls of one strided-12k
 #                                              # fwd+bwd's kernels (bench/ncu_probe.py)
 #   bash bench/device_pending.sh host OUT      # where an eager fwd+bwd's host time goes (bench/host_trace.py)
@@ -35,7 +37,7 @@
 #   bash bench/device_pending.sh verify-model OUT  # test_model's GPU tests, then the table
 # Run from the repository root on the device machine; JSON and logs land in OUT (pass $OUT there).
 set -uo pipefail
-WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, strided-block, stages, final-tests, first, oneloop, ncu, host, verify or verify-model}; OUT=${2:?output folder}
+WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, strided-block, stages, final-tests, first, oneloop, rule, ncu, host, verify or verify-model}; OUT=${2:?output folder}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 ST="python -m sparse_transformer.cli"
 mkdir -p "$OUT"
@@ -134,6 +136,16 @@ case "$WHAT" in
     OUT="$OUT" timeout 300 python bench/dev_probe.py oneloop strided-12k strided-3k strided-64k fixed-12k 2>&1 \
       | grep -v Warn | tee "$OUT/oneloop.log"
     ;;
+  rule)
+    OUT="$OUT" timeout 150 python bench/dev_probe.py oneloop strided-12k strided-3k strided-64k fixed-12k 2>&1 \
+      | grep -v Warn | tee "$OUT/oneloop.log"
+    SPARSE_TRANSFORMER_GLUON=0 OUT="$OUT" timeout 100 python bench/dev_probe.py oneloop fixed-12k fixed-64k 2>&1 \
+      | grep -v Warn | tee "$OUT/oneloop-triton-gather.log"
+    OUT="$OUT" CONFIGS="64x32/4/2 64x32/4/1" timeout 80 python bench/dev_probe.py sweep strided-12k strided-64k 2>&1 \
+      | grep -v Warn | tee "$OUT/sweep-64x32.log"
+    timeout 240 $ST bench attention --methods triton sdpa-cudnn sdpa-flash flex --out "$OUT" 2>&1 \
+      | tee "$OUT/attention.log"
+    ;;
   ncu)
     timeout 200 ncu --profile-from-start off --clock-control none --target-processes all -k regex:_attn \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
@@ -168,7 +180,7 @@ case "$WHAT" in
     timeout 50 python bench/eager_host.py fixed-12k 2>&1 | tee "$OUT/eager-host.log" | head -n 12
     ;;
   *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles | gather | order | gluon | summary | block |"\
-       "heads | strided-block | stages | final-tests | first | oneloop | ncu | host | verify |"\
+       "heads | strided-block | stages | final-tests | first | oneloop | rule | ncu | host | verify |"\
        "verify-model)"
      exit 2 ;;
 esac

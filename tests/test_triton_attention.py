@@ -77,20 +77,46 @@ def test_interpreter_matches_reference(name, make, dtype):
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("name,make", SMALL, ids=[c[0] for c in SMALL])
-def test_interpreter_one_loop(name, make, monkeypatch):
-    """Experimental forward.ONE_LOOP and backward.ONE_LOOP (full and partial tiles in one loop, the element rule
-    behind a runtime branch) against the reference, on every small layout; every kernel must have run with it
-    (explicit tiles: the generic backward always, no block kernel)."""
+@pytest.mark.parametrize("one", [True, False], ids=["one-loop", "split"])
+def test_interpreter_one_loop(name, make, one, monkeypatch):
+    """forward.ONE_LOOP and backward.ONE_LOOP forced on (full and partial tiles in one loop, the element rule behind a
+    runtime branch) and off (an unmasked loop, then a masked one) against the reference, on every small layout; every
+    kernel must have run that way (explicit tiles: the generic backward always, no block kernel). By default each
+    pass picks by its stage count (common.one_loop), so the other tests run a mix of both."""
     from sparse_transformer.attention.triton import backward, forward
 
-    monkeypatch.setattr(forward, "ONE_LOOP", True)
-    monkeypatch.setattr(backward, "ONE_LOOP", True)
+    monkeypatch.setattr(forward, "ONE_LOOP", one)
+    monkeypatch.setattr(backward, "ONE_LOOP", one)
     ran = _record(monkeypatch, forward, "launch_kernel", lambda a, kw: a[4].get("ONE_LOOP"))
     ran_bwd = _record(monkeypatch, backward, "launch_kernel", lambda a, kw: a[4].get("ONE_LOOP"))
     lay = make()
     H = 2 if lay.num_heads == 1 else lay.num_heads
     check_against_reference(_run(16, 16), *make_qkv(1, H, lay.n, 16, torch.float32), lay, floor=1e-5)
-    assert ran and set(ran) == {True} and ran_bwd and set(ran_bwd) == {True}
+    assert ran and set(ran) == {one} and ran_bwd and set(ran_bwd) == {one}
+
+
+@pytest.mark.interpreter
+def test_one_loop_rule(monkeypatch):
+    """By default a pass runs one loop exactly when it pipelines (2+ stages); forcing either way overrides it, and
+    the launches carry the rule's choice per pass."""
+    from sparse_transformer.attention.triton import backward, forward
+    from sparse_transformer.attention.triton.common import one_loop
+    from sparse_transformer.attention.triton.function import get_launches
+
+    assert [one_loop(None, s) for s in (1, 2, 3)] == [False, True, True]
+    assert one_loop(True, 1) and not one_loop(False, 3)
+    monkeypatch.setattr(forward, "ONE_LOOP", None)
+    monkeypatch.setattr(backward, "ONE_LOOP", None)
+    ran = _record(monkeypatch, forward, "launch_kernel", lambda a, kw: a[4].get("ONE_LOOP"))
+    ran_bwd = _record(monkeypatch, backward, "launch_kernel", lambda a, kw: (a[0].__name__, a[4].get("ONE_LOOP")))
+    lay = layouts.strided(97, 10, "local")
+    q, k, v = make_qkv(1, 2, lay.n, 16, torch.float32)
+    check_against_reference(_run(16, 16), q, k, v, lay, floor=1e-5)
+    (launch,) = get_launches(lay, 16, q.device, 16, 16)
+    assert ran == [launch.fwd.stages >= 2]
+    assert sorted(ran_bwd) == sorted([("_attn_bwd_dq_kernel", launch.dq.stages >= 2),
+                                      ("_attn_bwd_dkdv_kernel", launch.dkdv.stages >= 2)])
+    assert launch.dkdv.stages == 1 and launch.fwd.stages == 2  # the natural d<=64 band: both kinds of loop ran
 
 
 BLOCK_CASES = [  # (name, layout, head dim): block-causal bands the one-kernel backward takes (block_backward)

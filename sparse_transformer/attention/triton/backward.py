@@ -15,20 +15,18 @@ atomics (FlashAttention-2's dQaccum), so S and dO V^T are computed once per entr
 not 14 d). Segments the block kernel takes (block_backward.py: a block-causal band first, transposed chunks later)
 never come here.
 """
-import os
-
 import triton
 import triton.language as tl
 
 from . import forward as _forward
-from .common import _key_positions, _program_head, _program_tile, _query_positions, _tile_mask
+from .common import ONE_LOOP_ENV, _key_positions, _program_head, _program_tile, _query_positions, _tile_mask, one_loop
 from .forward import _dot
 from .grid import program_grid
 from .launcher import launch as launch_kernel
 
-# Experimental, off: the dQ and dK/dV kernels' full and partial tiles in one loop, as forward.ONE_LOOP (same switch,
-# SPARSE_TRANSFORMER_ONE_LOOP=1; separate attributes, so that a bench can time each)
-ONE_LOOP = os.environ.get("SPARSE_TRANSFORMER_ONE_LOOP", "0") == "1"
+# the dQ and dK/dV kernels' full and partial tiles in one loop, as forward.ONE_LOOP (same rule and switch,
+# common.one_loop; separate attributes, so that a bench can time each)
+ONE_LOOP = ONE_LOOP_ENV
 
 
 @triton.jit
@@ -228,7 +226,8 @@ def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, fuse_dq
         launch_kernel(_attn_bwd_dq_kernel, grid, (
             q, k, v, o, do, dq, lse, delta, tab.q_ptr, tab.q_mid, tab.q_idx, launch.prm), (qk_scale, scale, *strides,
             H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C, group),
-            launch.constexprs(q, launch.dq, T_ON_X=t_on_x, ACCUM=accum, DELTA=first, ONE_LOOP=ONE_LOOP))
+            launch.constexprs(q, launch.dq, T_ON_X=t_on_x, ACCUM=accum, DELTA=first,
+                              ONE_LOOP=one_loop(ONE_LOOP, launch.dq.stages)))
     if not kv_kernel:
         return
     kv_pass = launch.fused if fuse_dq else launch.dkdv
@@ -238,4 +237,4 @@ def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, fuse_dq
     launch_kernel(_attn_bwd_dkdv_kernel, grid, (
         q, k, v, do, dq, dk, dv, lse, delta, tab.k_ptr, tab.k_mid, tab.k_idx, launch.prm), (qk_scale, scale, *strides,
         *dk.stride()[:3], H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nkb, seg.L, seg.C, group),
-        launch.constexprs(q, kv_pass, T_ON_X=t_on_x, ACCUM=accum_kv, FUSE_DQ=fuse_dq, ONE_LOOP=ONE_LOOP))
+        launch.constexprs(q, kv_pass, T_ON_X=t_on_x, ACCUM=accum_kv, FUSE_DQ=fuse_dq, ONE_LOOP=one_loop(ONE_LOOP, kv_pass.stages)))

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ..plan import GATHER
-from .common import _key_positions, _program_head, _program_tile, _query_positions, _tile_mask
+from .common import ONE_LOOP_ENV, _key_positions, _program_head, _program_tile, _query_positions, _tile_mask, one_loop
 from .grid import program_grid
 from .launcher import launch as launch_kernel
 
@@ -135,15 +135,8 @@ def _attn_fwd_kernel(
     tl.store(lse_ptrs, lse, mask=q_ok)
 
 
-# Experimental, off (SPARSE_TRANSFORMER_ONE_LOOP=1 turns it on): the full and the partial key tiles in one loop, the
-# element rule behind a runtime branch. With two loops in a row, ptxas serializes the kernel's asynchronous wgmma
-# (warning C7515, "non wgmma instructions defining accumulator registers"): compiled for sm_90 under Triton 3.6
-# (bench/compile_probe.py), the natural, transposed and 64x64 gathered forwards are serialized with two loops and
-# asynchronous with one, at 100 -> 121 registers (natural, 4 warps), 126 -> 144 (transposed), 168 -> 166 (gathered);
-# the 128x64 gathered tiling is asynchronous either way. backward.ONE_LOOP does the same for the dQ and dK/dV kernels
-# (serialized on 2 stages with two loops; with one, natural dQ 128 -> 124 registers, d=128 dQ 237 -> 184, but the
-# d=128 dK/dV spill 48-184 bytes). Not yet timed on a GPU (bench/dev_probe.py oneloop).
-ONE_LOOP = os.environ.get("SPARSE_TRANSFORMER_ONE_LOOP", "0") == "1"
+# one loop for full and partial key tiles: None = where the pass runs 2+ stages (common.one_loop), True / False forced
+ONE_LOOP = ONE_LOOP_ENV
 
 # the fixed pattern's gathered summary part (forward, dQ, dK/dV) as Gluon kernels on Hopper where they apply
 # (gluon_gather.py, 1.1-1.6x faster than the Triton kernels for that part). Gluon's API changes between Triton
@@ -202,4 +195,4 @@ def attn_forward(q, k, v, o, lse, launch, scale, merge):
         qk_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C, group),
         launch.constexprs(q, launch.fwd, T_ON_X=t_on_x, MERGE=merge,
-                          FOLD=seg.kind == GATHER and qk_scale >= 2.0 ** -126, ONE_LOOP=ONE_LOOP))
+                          FOLD=seg.kind == GATHER and qk_scale >= 2.0 ** -126, ONE_LOOP=one_loop(ONE_LOOP, launch.fwd.stages)))
