@@ -4,13 +4,14 @@ wgmma / mma.sync / cp.async / atomic instructions in the PTX. A cheap first filt
 that spills or needs too much shared memory need not be timed. Usage:
 python bench/compile_probe.py                     # every (kind, head dim, pass) of the current TUNING
 python bench/compile_probe.py 32x32/4/2 64x64/4/3  # those settings (BMxBN/warps/stages) for every kind and pass, d=64
-SPARSE_TRANSFORMER_ONE_LOOP=0|1 python bench/compile_probe.py  # every pass split / in one loop (default: common.one_loop)
+SPARSE_TRANSFORMER_ONE_LOOP=0|1 python bench/compile_probe.py  # every pass split / one loop (default: Pass.one_loop)
 The device has Triton 3.6; another version compiles differently (a venv with that wheel gives its numbers)."""
 import os
 import re
 import subprocess
 import sys
 import tempfile
+from types import SimpleNamespace
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -67,6 +68,8 @@ def ptxas_report(ptx):
 def passes(kind, d, setting, pass_name):
     """(kernel, runtime args, constexprs) of one pass of one segment kind."""
     bm, bn = setting[:2]
+    split = fn.TUNING.get((kind, d), {}).get("split", ())
+    default = SimpleNamespace(one_loop=setting[3] >= 2 and pass_name not in split)  # as function.Pass.one_loop
     nk = NK_GATHER if kind == "gather" else N
     flags = dict(KIND=KINDS[kind], IEEE=False, HAS_DENSE=False, HAS_WIN=kind == "natural", HAS_BLK=False,
                  HAS_STR=kind == "transposed", HAS_SUM=kind == "gather", BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
@@ -77,15 +80,16 @@ def passes(kind, d, setting, pass_name):
                    prm_ptr="*i32")
     if pass_name == "fwd":
         return _attn_fwd_kernel, dict(tensors, o_ptr="*bf16", row_ptr="*i32", qk_scale=0.18, NQB=N // bm, **common), \
-            dict(flags, T_ON_X=False, MERGE=True, FOLD=kind == "gather", ONE_LOOP=one_loop(fwd_mod.ONE_LOOP, setting[3]))
+            dict(flags, T_ON_X=False, MERGE=True, FOLD=kind == "gather", ONE_LOOP=one_loop(fwd_mod.ONE_LOOP, default))
     tensors.update(do_ptr="*bf16", delta_ptr="*fp32", qk_scale=0.18, sm_scale=0.125)
     if pass_name == "dq":
         return _attn_bwd_dq_kernel, dict(tensors, o_ptr="*bf16", dq_ptr="*bf16", row_ptr="*i32", NQB=N // bm,
                                          **common), dict(flags, T_ON_X=False, ACCUM=True, DELTA=False,
-                                                               ONE_LOOP=one_loop(bwd_mod.ONE_LOOP, setting[3]))
+                                                               ONE_LOOP=one_loop(bwd_mod.ONE_LOOP, default))
     return _attn_bwd_dkdv_kernel, dict(tensors, dq_ptr="*fp32", dk_ptr="*bf16", dv_ptr="*bf16", col_ptr="*i32",
                                        stride_gb=H * N * d, stride_gh=N * d, stride_gn=d, NKB=nk // bn, **common), \
-        dict(flags, T_ON_X=False, ACCUM=True, FUSE_DQ=pass_name.startswith("fused"), ONE_LOOP=one_loop(bwd_mod.ONE_LOOP, setting[3]))
+        dict(flags, T_ON_X=False, ACCUM=True, FUSE_DQ=pass_name.startswith("fused"),
+             ONE_LOOP=one_loop(bwd_mod.ONE_LOOP, default))
 
 
 def probe(kind, d, pass_name, setting):

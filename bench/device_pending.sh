@@ -33,7 +33,8 @@
 #   bash bench/device_pending.sh ncu OUT       # Nsight Compute: occupancy, throughput, stalls of one strided-12k
 #                                              # fwd+bwd's kernels (bench/ncu_probe.py)
 #   bash bench/device_pending.sh host OUT      # where an eager fwd+bwd's host time goes (bench/host_trace.py)
-#   bash bench/device_pending.sh verify OUT    # every kernel GPU test
+#   bash bench/device_pending.sh verify OUT    # every kernel GPU test (GATHER_RULE=1: first the Triton gathered
+#                                              # kernels' one-loop timing, as in "rule")
 #   bash bench/device_pending.sh verify-model OUT  # test_model's GPU tests, then the table
 # Run from the repository root on the device machine; JSON and logs land in OUT (pass $OUT there).
 set -uo pipefail
@@ -158,7 +159,9 @@ case "$WHAT" in
       | grep "==="
     ;;
   verify)
-    timeout 570 python -m pytest -m gpu tests/test_triton_attention.py -q -n 14 -p no:cacheprovider -rf --tb=line \
+    [ -n "${GATHER_RULE:-}" ] && SPARSE_TRANSFORMER_GLUON=0 OUT="$OUT" timeout 60 python bench/dev_probe.py oneloop \
+      fixed-12k fixed-64k 2>&1 | grep -v Warn | tee "$OUT/oneloop-triton-gather.log"
+    timeout 520 python -m pytest -m gpu tests/test_triton_attention.py -q -n 14 -p no:cacheprovider -rf --tb=line \
       2>&1 | grep -E "^FAILED|^E |passed|failed" | tail -n 40 | tee "$OUT/gpu-tests-kernels.log"
     ;;
   verify-model)

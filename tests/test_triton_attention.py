@@ -97,26 +97,36 @@ def test_interpreter_one_loop(name, make, one, monkeypatch):
 
 @pytest.mark.interpreter
 def test_one_loop_rule(monkeypatch):
-    """By default a pass runs one loop exactly when it pipelines (2+ stages); forcing either way overrides it, and
-    the launches carry the rule's choice per pass."""
+    """By default a pass runs one loop exactly when it pipelines (2+ stages) and TUNING does not keep it split (the
+    gathered dK/dV); forcing either way overrides it, and each kernel launches with its pass's choice."""
+    from types import SimpleNamespace
+
     from sparse_transformer.attention.triton import backward, forward
     from sparse_transformer.attention.triton.common import one_loop
-    from sparse_transformer.attention.triton.function import get_launches
+    from sparse_transformer.attention.triton.function import TUNING, get_launches
 
-    assert [one_loop(None, s) for s in (1, 2, 3)] == [False, True, True]
-    assert one_loop(True, 1) and not one_loop(False, 3)
+    on, off = SimpleNamespace(one_loop=True), SimpleNamespace(one_loop=False)
+    assert one_loop(None, on) and not one_loop(None, off) and one_loop(True, off) and not one_loop(False, on)
+    lay = layouts.fixed(97, 16, 4)  # a natural band, then the gathered summary part
+    launches = get_launches(lay, 16, torch.device("cpu"), 16, 16)
+    assert [launch.seg.kind for launch in launches] == ["natural", "gather"]
+    for launch in launches:
+        split = TUNING[(launch.seg.kind, 64)].get("split", ())
+        for name in ("fwd", "dq", "dkdv"):
+            p = getattr(launch, name)
+            assert p.one_loop == (p.stages >= 2 and name not in split), (launch.seg.kind, name)
+    assert not launches[1].dkdv.one_loop and launches[1].fwd.one_loop  # the gathered dK/dV stays split
+    assert not launches[0].dkdv.one_loop and launches[0].fwd.one_loop  # the band's 1-stage dK/dV too
     monkeypatch.setattr(forward, "ONE_LOOP", None)
     monkeypatch.setattr(backward, "ONE_LOOP", None)
     ran = _record(monkeypatch, forward, "launch_kernel", lambda a, kw: a[4].get("ONE_LOOP"))
     ran_bwd = _record(monkeypatch, backward, "launch_kernel", lambda a, kw: (a[0].__name__, a[4].get("ONE_LOOP")))
-    lay = layouts.strided(97, 10, "local")
     q, k, v = make_qkv(1, 2, lay.n, 16, torch.float32)
     check_against_reference(_run(16, 16), q, k, v, lay, floor=1e-5)
-    (launch,) = get_launches(lay, 16, q.device, 16, 16)
-    assert ran == [launch.fwd.stages >= 2]
-    assert sorted(ran_bwd) == sorted([("_attn_bwd_dq_kernel", launch.dq.stages >= 2),
-                                      ("_attn_bwd_dkdv_kernel", launch.dkdv.stages >= 2)])
-    assert launch.dkdv.stages == 1 and launch.fwd.stages == 2  # the natural d<=64 band: both kinds of loop ran
+    assert ran == [launch.fwd.one_loop for launch in launches]
+    want = [("_attn_bwd_dq_kernel", launch.dq.one_loop) for launch in launches]
+    want += [("_attn_bwd_dkdv_kernel", launch.dkdv.one_loop) for launch in launches]
+    assert sorted(ran_bwd) == sorted(want)
 
 
 BLOCK_CASES = [  # (name, layout, head dim): block-causal bands the one-kernel backward takes (block_backward)

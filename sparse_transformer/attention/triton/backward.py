@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from . import forward as _forward
-from .common import ONE_LOOP_ENV, _key_positions, _program_head, _program_tile, _query_positions, _tile_mask, one_loop
+from .common import (ONE_LOOP_ENV, _key_positions, _program_head, _program_tile, _query_positions, _tile_mask,
+                     one_loop)
 from .forward import _dot
 from .grid import program_grid
 from .launcher import launch as launch_kernel
@@ -227,7 +228,7 @@ def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, fuse_dq
             q, k, v, o, do, dq, lse, delta, tab.q_ptr, tab.q_mid, tab.q_idx, launch.prm), (qk_scale, scale, *strides,
             H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C, group),
             launch.constexprs(q, launch.dq, T_ON_X=t_on_x, ACCUM=accum, DELTA=first,
-                              ONE_LOOP=one_loop(ONE_LOOP, launch.dq.stages)))
+                              ONE_LOOP=one_loop(ONE_LOOP, launch.dq)))
     if not kv_kernel:
         return
     kv_pass = launch.fused if fuse_dq else launch.dkdv
@@ -237,4 +238,5 @@ def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, fuse_dq
     launch_kernel(_attn_bwd_dkdv_kernel, grid, (
         q, k, v, do, dq, dk, dv, lse, delta, tab.k_ptr, tab.k_mid, tab.k_idx, launch.prm), (qk_scale, scale, *strides,
         *dk.stride()[:3], H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nkb, seg.L, seg.C, group),
-        launch.constexprs(q, kv_pass, T_ON_X=t_on_x, ACCUM=accum_kv, FUSE_DQ=fuse_dq, ONE_LOOP=one_loop(ONE_LOOP, kv_pass.stages)))
+        launch.constexprs(q, kv_pass, T_ON_X=t_on_x, ACCUM=accum_kv, FUSE_DQ=fuse_dq,
+                          ONE_LOOP=one_loop(ONE_LOOP, kv_pass)))

@@ -18,19 +18,19 @@ NUM_SEG_PARAMS = tl.constexpr(10)
 # forward.ONE_LOOP / backward.ONE_LOOP: walk a row's full and partial tiles in one loop, the element rule behind a
 # runtime branch, instead of an unmasked loop then a masked one. With two loops in a row on 2+ stages, ptxas
 # serializes the kernel's asynchronous wgmma (warning C7515 under Triton 3.6, sm_90; bench/compile_probe.py); on 1
-# stage it does not. None (the default): one loop where the pass pipelines its loads (2+ stages), the split loops on
-# 1 stage; SPARSE_TRANSFORMER_ONE_LOOP=0 / =1 forces the split / one loop everywhere. H200, python bench/dev_probe.py
-# oneloop (2026-12-01, dev-oneloop-20261201.json), per kernel, us, split -> one loop: band forward 56.4 -> 55.5
-# (strided-12k), 34.1 -> 32.9 (strided-3k, d=128), 46.5 -> 43.9 (fixed-12k); transposed forward 30.4 -> 28.0 (3k),
-# 70.6 -> 70.4 (12k), 186.3 -> 192.2 (64k); band dQ 64.9 -> 63.5, 41.4 -> 38.2, 206.2 -> 203.2; the band's dK/dV
-# 46.1 -> 43.5 on 2 stages (3k), but 82.0 -> 87.9 (12k) and 286.0 -> 312.6 (64k) on its 1 stage.
+# stage it does not. None (the default): each pass as function.Pass.one_loop says (one loop on 2+ stages, unless
+# TUNING's "split" keeps it apart); SPARSE_TRANSFORMER_ONE_LOOP=0 / =1 forces split / one loop everywhere. H200,
+# python bench/dev_probe.py oneloop (2026-12-01, dev-oneloop-20261201.json), per kernel, us, split -> one loop: band
+# forward 56.4 -> 55.5 (strided-12k), 34.1 -> 32.9 (strided-3k, d=128), 46.5 -> 43.9 (fixed-12k); transposed forward
+# 30.4 -> 28.0 (3k), 70.6 -> 70.4 (12k), 186.3 -> 192.2 (64k); band dQ 64.9 -> 63.5, 41.4 -> 38.2, 206.2 -> 203.2; the
+# band's dK/dV 46.1 -> 43.5 on 2 stages (3k), but 82.0 -> 87.9 (12k) and 286.0 -> 312.6 (64k) on its 1 stage.
 ONE_LOOP_ENV = {"0": False, "1": True}.get(os.environ.get("SPARSE_TRANSFORMER_ONE_LOOP", ""))
 
 
-def one_loop(setting, stages: int) -> bool:
-    """Whether a pass on `stages` pipeline stages runs its tiles in one loop: `setting` (forward.ONE_LOOP or
-    backward.ONE_LOOP) when True / False, else where it pipelines (stages >= 2)."""
-    return stages >= 2 if setting is None else bool(setting)
+def one_loop(setting, p) -> bool:
+    """Whether pass p (a function.Pass) runs its tiles in one loop: `setting` (forward.ONE_LOOP or
+    backward.ONE_LOOP) when True / False, else the pass's own default."""
+    return p.one_loop if setting is None else bool(setting)
 
 
 @triton.jit

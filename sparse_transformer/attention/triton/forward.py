@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from ..plan import GATHER
-from .common import ONE_LOOP_ENV, _key_positions, _program_head, _program_tile, _query_positions, _tile_mask, one_loop
+from .common import (ONE_LOOP_ENV, _key_positions, _program_head, _program_tile, _query_positions, _tile_mask,
+                     one_loop)
 from .grid import program_grid
 from .launcher import launch as launch_kernel
 
@@ -135,7 +136,7 @@ def _attn_fwd_kernel(
     tl.store(lse_ptrs, lse, mask=q_ok)
 
 
-# one loop for full and partial key tiles: None = where the pass runs 2+ stages (common.one_loop), True / False forced
+# one loop for full and partial key tiles: None = each pass's default (common.one_loop), True / False forced
 ONE_LOOP = ONE_LOOP_ENV
 
 # the fixed pattern's gathered summary part (forward, dQ, dK/dV) as Gluon kernels on Hopper where they apply
@@ -195,4 +196,5 @@ def attn_forward(q, k, v, o, lse, launch, scale, merge):
         qk_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C, group),
         launch.constexprs(q, launch.fwd, T_ON_X=t_on_x, MERGE=merge,
-                          FOLD=seg.kind == GATHER and qk_scale >= 2.0 ** -126, ONE_LOOP=one_loop(ONE_LOOP, launch.fwd.stages)))
+                          FOLD=seg.kind == GATHER and qk_scale >= 2.0 ** -126,
+                          ONE_LOOP=one_loop(ONE_LOOP, launch.fwd)))

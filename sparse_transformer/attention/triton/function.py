@@ -27,14 +27,22 @@ from .forward import attn_forward
 # Launch settings per (segment kind, head-dim bucket) and kernel: (BM, BN, num_warps, num_stages); "fused" is the dK/dV
 # kernel that also adds dQ (None: that kind keeps its dQ kernel). Measured on an H100 with bench/dev_kernels.py;
 # experiments may edit TUNING and call clear_cache().
+# "split": passes that keep two loops (full tiles, then partial ones) on 2+ stages, where the rest run one
+# (common.one_loop).
 TUNING = {
-    (kind, d): dict(fwd=(64, 64, 4, 2), dq=(64, 64, 4, 2), dkdv=(64, 64, 4, 2), fused=None)
+    (kind, d): dict(fwd=(64, 64, 4, 2), dq=(64, 64, 4, 2), dkdv=(64, 64, 4, 2), fused=None, split=())
     for kind in ("natural", "gather", "transposed") for d in (64, 128)
 }
 # gathered summary rows are long runs of full tiles: a 128x64 forward tile and 3 stages (sweep of 2026-11-23 on an
 # H100, bench/dev_kernels.py: fixed-64k fwd+bwd 8.1 ms, against 8.8 ms with a 128x128 forward tile and 2-stage
 # 64x64 backward tiles, and 10.0 ms with a 64x64 forward and 128x32 / 32x128 backward tiles)
-TUNING[("gather", 64)] = dict(fwd=(128, 64, 4, 3), dq=(128, 64, 4, 2), dkdv=(64, 64, 4, 3), fused=None)
+TUNING[("gather", 64)] = dict(fwd=(128, 64, 4, 3), dq=(128, 64, 4, 2), dkdv=(64, 64, 4, 3), fused=None, split=())
+# The gathered dK/dV (the Triton kernel: off Hopper, or SPARSE_TRANSFORMER_GLUON=0) is slower in one loop: H200, python
+# bench/dev_probe.py oneloop with SPARSE_TRANSFORMER_GLUON=0 (2026-12-01, oneloop-triton-gather-20261201.log), 2665.3
+# -> 3046.2 us (fixed-64k), 424.9 -> 482.3 (fixed-12k), while its forward and dQ gain (dQ 2054.7 -> 1915.1, 329.3 ->
+# 303.0); at d=128, one loop spills 96 bytes there against 12 split (bench/compile_probe.py).
+for _d in (64, 128):
+    TUNING[("gather", _d)]["split"] = ("dkdv",)
 # dK/dV of the short-row parts (band, transposed chunks) over 32-query slabs: per-kernel sweep of 2026-11-30 on an H200
 # (python bench/dev_probe.py sweep): natural dK/dV 116.8 -> 98.9 us (strided-12k), 383.9 -> 338.1 us (strided-64k),
 # 86.6 -> 71.8 us (fixed-12k); transposed dK/dV 152.6 -> 131.7 us and 448.8 -> 436.1 us. The gathered dQ with 128x64
@@ -84,6 +92,7 @@ class Pass:
     tab: Tables
     warps: int
     stages: int
+    one_loop: bool = False  # full and partial tiles in one loop by default (common.one_loop)
 
 
 @dataclass(frozen=True, eq=False)
@@ -118,7 +127,7 @@ def clear_cache():
     _LAUNCHES.clear()
 
 
-def _pass(layout, idx, seg, cfg, head_dim, device, block_m, block_n) -> Pass:
+def _pass(layout, idx, seg, cfg, head_dim, device, block_m, block_n, one_loop=False) -> Pass:
     bm, bn, warps, stages = cfg
     if seg.kind == TRANSPOSED and seg.C < max(bm, bn):  # chunks shorter than a tile: shrink the tile to fit
         bm = bn = max(16, 1 << (seg.C.bit_length() - 1))
@@ -127,7 +136,7 @@ def _pass(layout, idx, seg, cfg, head_dim, device, block_m, block_n) -> Pass:
         bm, bn = math.gcd(bm, layout.custom_block), math.gcd(bn, layout.custom_block)
     if bm * bn < 64 * 64:
         warps = min(warps, 4)
-    return Pass(get_tables(layout, idx, bm, bn, device), warps, stages)
+    return Pass(get_tables(layout, idx, bm, bn, device), warps, stages, one_loop)
 
 
 def get_launches(layout, head_dim, device, block_m=None, block_n=None) -> list[Launch]:
@@ -158,8 +167,10 @@ def _build_launches(layout, head_dim, device, block_m, block_n) -> list[Launch]:
             if seg.C % fused[0] or seg.C % fused[1] or (smem is not None and smem < cfg.get("fused_smem", 0)):
                 fused = cfg["fused_ragged"]
         settings = dict(cfg, fused=fused)
+        # one loop where the pass pipelines (2+ stages), unless TUNING keeps it split
         passes = [None if settings[k] is None else _pass(layout, idx, seg, settings[k], head_dim, device, block_m,
-                                                         block_n) for k in ("fwd", "dq", "dkdv", "fused")]
+                                                         block_n, settings[k][3] >= 2 and k not in cfg.get("split", ()))
+                  for k in ("fwd", "dq", "dkdv", "fused")]
         block = _block_length(seg, head_dim, idx) if block_m is None and block_n is None else None
         out.append(Launch(seg, prm, flags, *passes, block=block))
     return out
