@@ -30,6 +30,8 @@
 #                                              # (forward / backward.ONE_LOOP, wgmma kept asynchronous): GPU tests, timing
 #   bash bench/device_pending.sh rule OUT      # one loop by stage count (common.one_loop) against split / forced, also
 #                                              # on the Triton gathered kernels; 64x32 tiles; then the attention table
+#   bash bench/device_pending.sh band OUT     # the band as a persistent Gluon forward (bench/gluon_band.py): check, time
+#                                              # against the library's; then every kernel GPU test and test_model's
 #   bash bench/device_pending.sh ncu OUT       # Nsight Compute: occupancy, throughput, stalls of one strided-12k
 #                                              # fwd+bwd's kernels (bench/ncu_probe.py)
 #   bash bench/device_pending.sh host OUT      # where an eager fwd+bwd's host time goes (bench/host_trace.py)
@@ -38,7 +40,7 @@
 #   bash bench/device_pending.sh verify-model OUT  # test_model's GPU tests, then the table
 # Run from the repository root on the device machine; JSON and logs land in OUT (pass $OUT there).
 set -uo pipefail
-WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, strided-block, stages, final-tests, first, oneloop, rule, ncu, host, verify or verify-model}; OUT=${2:?output folder}
+WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, strided-block, stages, final-tests, first, oneloop, rule, band, ncu, host, verify or verify-model}; OUT=${2:?output folder}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 ST="python -m sparse_transformer.cli"
 mkdir -p "$OUT"
@@ -147,6 +149,14 @@ case "$WHAT" in
     timeout 240 $ST bench attention --methods triton sdpa-cudnn sdpa-flash flex --out "$OUT" 2>&1 \
       | tee "$OUT/attention.log"
     ;;
+  band)
+    timeout 90 python bench/gluon_band.py check 2>&1 | tee "$OUT/gluon-band-check.log" | tail -n 4
+    OUT="$OUT" timeout 120 python bench/gluon_band.py time 2>&1 | tee "$OUT/gluon-band-time.log"
+    timeout 300 python -m pytest -m gpu tests/test_triton_attention.py -q -n 14 -p no:cacheprovider -rf --tb=line \
+      2>&1 | grep -E "^FAILED|^E |passed|failed" | tail -n 20 | tee "$OUT/gpu-tests-kernels.log"
+    timeout 160 python -m pytest -m gpu tests/test_model.py -q -n 8 -p no:cacheprovider -rf 2>&1 | tail -n 4 \
+      | tee "$OUT/gpu-tests-model.log"
+    ;;
   ncu)
     timeout 200 ncu --profile-from-start off --clock-control none --target-processes all -k regex:_attn \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
@@ -183,7 +193,7 @@ case "$WHAT" in
     timeout 50 python bench/eager_host.py fixed-12k 2>&1 | tee "$OUT/eager-host.log" | head -n 12
     ;;
   *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles | gather | order | gluon | summary | block |"\
-       "heads | strided-block | stages | final-tests | first | oneloop | rule | ncu | host | verify |"\
+       "heads | strided-block | stages | final-tests | first | oneloop | rule | band | ncu | host | verify |"\
        "verify-model)"
      exit 2 ;;
 esac

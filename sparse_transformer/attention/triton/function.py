@@ -57,6 +57,11 @@ for _kind in ("natural", "transposed"):
 # 1 stage on the other passes was slower or even (64x64: band fwd 56.8 -> 59.0, dQ 65.5 -> 73.0 us); a 64x32 transposed
 # forward was faster at strided-12k (70.0 -> 62.7 us) but not at strided-64k (186.1 -> 186.9), and stays as it is.
 TUNING[("natural", 64)]["dkdv"] = (32, 64, 4, 1)
+# Since the 2-stage passes run one loop (common.one_loop), the 64x64 transposed forward takes 192.4 us at strided-64k
+# (186.3 split), and the 64x32 tiles on 1 stage are the faster there too: H200, CONFIGS="64x32/4/2 64x32/4/1" python
+# bench/dev_probe.py sweep strided-12k strided-64k (2026-12-01, dev-sweep-20261201-64x32.json), transposed forward
+# 70.8 -> 65.2 (2 stages) -> 63.5 us (1 stage) at strided-12k, 192.4 -> 195.3 -> 187.8 at strided-64k.
+TUNING[("transposed", 64)]["fwd"] = (64, 32, 4, 1)
 # The transposed strided part adds its dQ from the dK/dV kernel (fp32 atomics, no dQ kernel; backward.py), on 64x64
 # tiles. On an H200 (python bench/dev_probe.py fuse, 2026-11-30, bench/results/dev-fuse-20261130-atomics.json;
 # graph-replayed fwd+bwd, the fp32 dQ's final cast included): strided-64k 1.689 -> 1.631 ms, strided-12k 0.553 ->
