@@ -25,6 +25,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma, \
     warpgroup_mma_wait
 
+from sparse_transformer.attention.triton.gluon_gather import _ring
+
 _GL = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
@@ -77,17 +79,12 @@ def _band_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, qk_scale, N, W, T, 
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, D], q_desc.dtype)
-    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, D], k_desc.dtype)
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, BM, D], q_layout)
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BN, D], kv_layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BN, D], kv_layout)
+    k_smem, v_smem, kv_bar = _ring(k_desc, STAGES, BN, D)
     q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    kv_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2):
         mbarrier.init(q_bar.index(i), count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(kv_bar.index(i), count=1)
     fence_async_shared()
     for i in gl.static_range(STAGES):  # STAGES <= S: these steps all belong to the first query tile
         _issue(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_bar, i, total, pid, P, NQB, S, KT0, BM, BN,
@@ -190,6 +187,12 @@ SETTINGS = [dict(BM=64, BN=64, stages=3, warps=4, ctas=3), dict(BM=64, BN=64, st
             dict(BM=128, BN=64, stages=4, warps=8, ctas=2), dict(BM=64, BN=32, stages=4, warps=4, ctas=3)]
 
 
+def settings(D, W):
+    """The SETTINGS that apply at head dim D and band width W (STAGES <= S; no 128-row tile on 4 warps at d=128)."""
+    return [st for st in SETTINGS if not (D == 128 and st["BM"] == 128 and st["warps"] == 4)
+            and st["stages"] <= steps(W, st["BM"], st["BN"])[0]]
+
+
 def check():
     torch.manual_seed(0)
     worst = 0.0
@@ -199,11 +202,7 @@ def check():
         q, k, v = (torch.randn(B, H, n, D, device="cuda", dtype=dt) for _ in range(3))
         scale = 1 / math.sqrt(D)
         o_ref, lse_ref = reference(q, k, v, W, scale)
-        for st in SETTINGS:
-            if D == 128 and st["BM"] == 128 and st["warps"] == 4:
-                continue
-            if st["stages"] > steps(W, st["BM"], st["BN"])[0]:
-                continue
+        for st in settings(D, W):
             o, lse = band_forward(q, k, v, W, scale, **st)
             err = ((o.float() - o_ref).abs().max() / o_ref.abs().max()).item()
             err_l = (lse - lse_ref).abs().max().item()
@@ -235,11 +234,7 @@ def time_against_triton():
         mb = 4 * q.numel() * q.element_size() / 1e6
         print(f"{name:12s} triton (library)       {base:7.1f} us  {mb / base:5.2f} TB/s", flush=True)
         rows.append(dict(setup=name, method="triton", us=base))
-        for st in SETTINGS:
-            if D == 128 and st["BM"] == 128 and st["warps"] == 4:
-                continue
-            if st["stages"] > steps(W, st["BM"], st["BN"])[0]:
-                continue
+        for st in settings(D, W):
             o, lse = band_forward(q, k, v, W, scale, **st)
             diff = (o.float() - o_t.float()).abs().max().item()
             us = med(lambda: band_forward(q, k, v, W, scale, **st))
@@ -261,11 +256,7 @@ def compile_only():
     from gluon_gather import _report
 
     for D in (64, 128):
-        for st in SETTINGS:
-            if D == 128 and st["BM"] == 128 and st["warps"] == 4:
-                continue
-            S, kt0 = steps(128, st["BM"], st["BN"])
-
+        for st in settings(D, 128):
             def desc(rows):
                 box = [1, rows, D]
                 return f"tensordesc<bf16[1, {rows}, {D}],{gl.NVMMASharedLayout.get_default_for(box, gl.bfloat16)!r}>"

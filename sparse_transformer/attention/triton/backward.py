@@ -6,7 +6,8 @@ Algorithm (FlashAttention-2, section 3.2): P is recomputed from Q, K and the sav
 (all segments merged), so each segment's pass is exactly its share of the gradient: with Delta = rowsum(dO * O),
 dS = P * (dO V^T - Delta), dQ = scale * dS K, dK = scale * dS^T Q, dV = P^T dO. The dK/dV kernel walks the CSC copy of
 the tile table (query tiles per key tile), so every program owns its key rows and needs no atomics; a later segment
-adds (ACCUM) into the rows an earlier one wrote. As in the forward, full tiles run unmasked, partial ones masked.
+adds (ACCUM) into the rows an earlier one wrote. As in the forward, full tiles run unmasked, partial ones masked
+(in one loop or two: common.one_loop).
 Rows with LSE = -inf (no key) contribute nothing. Delta is computed by the first segment's dQ kernel (FA2's
 preprocessing step, fused: one launch fewer).
 With FUSE_DQ (segments after the first whose kind has a `fused` tiling in TUNING, when torch's deterministic mode is

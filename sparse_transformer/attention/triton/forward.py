@@ -4,9 +4,10 @@ Legend: B batch, H heads, N sequence, D head dim, BM/BN query/key tile, TH heads
 
 Algorithm (FlashAttention-2, section 3.1, restricted to a tile list): one program per (query tile, batch x head). It
 loads its BM queries once (through the segment's index map, so the transposed strided part costs no copy), walks the
-key tiles listed for its row of the CSR table - first the full tiles with no masking at all, then the partial ones with
-the element rule - and keeps a running max / sum (online softmax, exp2 domain). It writes O and the log-sum-exp
-(natural log) at the queries' sequence positions. With MERGE it folds its result into the O / LSE already written by
+key tiles listed for its row of the CSR table - the full tiles with no masking at all, the partial ones with the
+element rule (in one loop, behind a runtime branch, where the pass pipelines its loads: common.one_loop; else the
+full tiles, then the partial ones) - and keeps a running max / sum (online softmax, exp2 domain). It writes O and the
+log-sum-exp (natural log) at the queries' sequence positions. With MERGE it folds its result into the O / LSE already written by
 an earlier segment (softmaxes over disjoint key sets merge exactly through the log-sum-exp).
 Supports: fp16 / bf16 (fp32 accumulation) and fp32 (IEEE dot), head dims 16..256 (power of two), any N.
 Rows that see no key get O = 0 and LSE = -inf.
