@@ -502,22 +502,23 @@ def test_gpu_matches_reference(n, name, make, dtype):
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("block", [True, False], ids=["block-bwd", "no-block-bwd"])
-def test_gpu_one_loop(name, make, D, dtype, block, monkeypatch):
-    """Experimental forward.ONE_LOOP and backward.ONE_LOOP on the GPU (the default tiles, n cut), against the float64
-    reference; with the block kernel off, the strided layouts' transposed part runs the dK/dV kernel with fused
-    (atomic) dQ, where masked loads and atomics on queries past n matter. Every generic kernel must have run with
-    it, and the fused one where expected."""
+@pytest.mark.parametrize("one", [True, False], ids=["one-loop", "split"])
+def test_gpu_one_loop(name, make, D, dtype, block, one, monkeypatch):
+    """forward.ONE_LOOP and backward.ONE_LOOP forced on / off on the GPU (the default tiles, n cut), against the
+    float64 reference; with the block kernel off, the strided layouts' transposed part runs the dK/dV kernel with
+    fused (atomic) dQ, where masked loads and atomics on queries past n matter. Every generic kernel must have run
+    that way, and the fused one where expected."""
     from sparse_transformer.attention.triton import backward, block_backward, forward
 
-    monkeypatch.setattr(forward, "ONE_LOOP", True)
-    monkeypatch.setattr(backward, "ONE_LOOP", True)
+    monkeypatch.setattr(forward, "ONE_LOOP", one)
+    monkeypatch.setattr(backward, "ONE_LOOP", one)
     monkeypatch.setattr(block_backward, "BLOCK_BWD", block)
     ran = _record(monkeypatch, backward, "launch_kernel", lambda a, kw: (a[4]["ONE_LOOP"], a[4].get("FUSE_DQ")))
     torch.backends.cuda.matmul.allow_tf32 = False
     _check_fresh(*make_qkv(2, 4, 1025, D, dtype, device="cuda"), make(1025), FLOOR[dtype])
-    assert all(one for one, _ in ran)
+    assert ran and all(loop == one for loop, _ in ran)
     if not block and name.startswith(("strided-both", "split")):
-        assert (True, True) in ran  # the fused dK/dV with atomic dQ ran in one loop
+        assert (one, True) in ran  # the fused dK/dV with atomic dQ ran that way
 
 
 @pytest.mark.gpu
