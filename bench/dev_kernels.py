@@ -46,7 +46,8 @@ for name in names:
     for vname, cfg in VARIANTS.items():
         fn_mod.TUNING.update({k: dict(v) for k, v in BASE.items()})
         for kind, c in cfg.items():
-            fn_mod.TUNING[(kind, 64 if D <= 64 else 128)] = dict(fwd=c[0], dq=c[1], dkdv=c[2])
+            key = (kind, 64 if D <= 64 else 128)
+            fn_mod.TUNING[key] = dict(fwd=c[0], dq=c[1], dkdv=c[2], split=BASE[key].get("split", ()))
         fn_mod.clear_cache()
         try:
             f = lambda: sparse_attention(q, k, v, lay, backend="triton")  # noqa: E731

@@ -5,8 +5,8 @@ python bench/dev_probe.py [setup ...]  (prints a table, writes $OUT/dev_probe.js
 python bench/dev_probe.py micro  (host time of one launch and of tiny whole calls, each launch path);
 python bench/dev_probe.py sweep [setup ...]  (per-kernel GPU time for each tile config in CONFIGS);
 python bench/dev_probe.py order [setup ...]  (program order: heads interleaved or one after another);
-python bench/dev_probe.py oneloop [setup ...]  (forward / backward.ONE_LOOP by the default rule, off and on: per-kernel GPU
-time, graph fwd and fwd+bwd);
+python bench/dev_probe.py oneloop [setup ...]  (forward / backward.ONE_LOOP by the default rule, off and on: per-kernel
+GPU time, graph fwd and fwd+bwd);
 python bench/dev_probe.py fuse [setup ...]  (dQ fused into dK/dV with atomics, per segment kind and dK/dV tile config in
 FUSE_CONFIGS: per-kernel GPU time and graph-replayed fwd+bwd, against no fusion and the current TUNING)."""
 import json
@@ -169,7 +169,7 @@ def sweep(names):
             fn_mod.TUNING.update({kk: dict(vv) for kk, vv in base.items()})
             if cfg is not None:
                 for kk in fn_mod.TUNING:
-                    fn_mod.TUNING[kk] = dict(fwd=cfg, dq=cfg, dkdv=cfg)
+                    fn_mod.TUNING[kk] = dict(fwd=cfg, dq=cfg, dkdv=cfg, split=base[kk].get("split", ()))
             fn_mod.clear_cache()
             try:
                 fb = lambda: sparse_attention(q, k, v, lay, backend="triton").backward(go)  # noqa: E731

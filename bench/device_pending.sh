@@ -134,7 +134,7 @@ case "$WHAT" in
       strided-only-3k 2>&1 | tee "$OUT/block-bwd-first.log"
     ;;
   oneloop)
-    timeout 200 python -m pytest -m gpu tests/test_triton_attention.py -k "one_loop" -q -n 12 -p no:cacheprovider -rf \
+    timeout 200 python -m pytest -m gpu tests/test_triton_attention.py -k "one_loop" -q -n 14 -p no:cacheprovider -rf \
       --tb=line 2>&1 | grep -E "^FAILED|^E |passed|failed" | tail -n 20 | tee "$OUT/gpu-tests-oneloop.log"
     OUT="$OUT" timeout 300 python bench/dev_probe.py oneloop strided-12k strided-3k strided-64k fixed-12k 2>&1 \
       | grep -v Warn | tee "$OUT/oneloop.log"
@@ -160,8 +160,9 @@ case "$WHAT" in
   ncu)
     timeout 200 ncu --profile-from-start off --clock-control none --target-processes all -k regex:_attn \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-      --section MemoryWorkloadAnalysis python bench/ncu_probe.py strided-12k > "$OUT/ncu-strided-12k.txt" 2>&1
-    grep -E "^  _attn|Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per" \
+      --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section InstructionStats \
+      python bench/ncu_probe.py strided-12k > "$OUT/ncu-strided-12k.txt" 2>&1
+    grep -E "^  _attn|Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Issue Slots|Executed Ipc A|SM Busy" \
       "$OUT/ncu-strided-12k.txt"
     ;;
   host)

@@ -103,7 +103,7 @@ def test_one_loop_rule(monkeypatch):
 
     from sparse_transformer.attention.triton import backward, forward
     from sparse_transformer.attention.triton.common import one_loop
-    from sparse_transformer.attention.triton.function import TUNING, get_launches
+    from sparse_transformer.attention.triton.function import TUNING, clear_cache, get_launches
 
     on, off = SimpleNamespace(one_loop=True), SimpleNamespace(one_loop=False)
     assert one_loop(None, on) and not one_loop(None, off) and one_loop(True, off) and not one_loop(False, on)
@@ -127,6 +127,15 @@ def test_one_loop_rule(monkeypatch):
     want = [("_attn_bwd_dq_kernel", launch.dq.one_loop) for launch in launches]
     want += [("_attn_bwd_dkdv_kernel", launch.dkdv.one_loop) for launch in launches]
     assert sorted(ran_bwd) == sorted(want)
+    # the band's forward on 1 stage and its dQ on 2: each launch must carry its own pass's choice
+    tuned = dict(TUNING[("natural", 64)], fwd=TUNING[("natural", 64)]["fwd"][:3] + (1,))
+    monkeypatch.setitem(TUNING, ("natural", 64), tuned)
+    clear_cache()
+    try:
+        launches = get_launches(lay, 16, torch.device("cpu"), 16, 16)
+        assert not launches[0].fwd.one_loop and launches[0].dq.one_loop
+    finally:
+        clear_cache()  # no launch built from the patched TUNING outlives the test
 
 
 BLOCK_CASES = [  # (name, layout, head dim): block-causal bands the one-kernel backward takes (block_backward)
@@ -466,7 +475,10 @@ def test_fused_tile_fits_the_chunks(n, stride, want):
     assert launches[0].fused is None  # the first segment keeps its dQ kernel
     tab = launches[1].fused.tab
     assert (tab.bm, tab.bn) == (want, want)
-    assert (launches[1].fwd.tab.bm, launches[1].fwd.tab.bn) == (min(64, n // stride),) * 2
+    bm, bn = fn.TUNING[("transposed", 64)]["fwd"][:2]  # the forward's tile, shrunk to fit chunks shorter than it
+    C = launches[1].seg.C
+    fwd = (bm, bn) if C >= max(bm, bn) else (1 << (C.bit_length() - 1),) * 2
+    assert (launches[1].fwd.tab.bm, launches[1].fwd.tab.bn) == fwd
 
 
 # ---- GPU: the full matrix (run on the device with `pytest -m gpu`) ----------------------------------------------------

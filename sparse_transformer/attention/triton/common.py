@@ -24,7 +24,11 @@ NUM_SEG_PARAMS = tl.constexpr(10)
 # forward 56.4 -> 55.5 (strided-12k), 34.1 -> 32.9 (strided-3k, d=128), 46.5 -> 43.9 (fixed-12k); transposed forward
 # 30.4 -> 28.0 (3k), 70.6 -> 70.4 (12k), 186.3 -> 192.2 (64k); band dQ 64.9 -> 63.5, 41.4 -> 38.2, 206.2 -> 203.2; the
 # band's dK/dV 46.1 -> 43.5 on 2 stages (3k), but 82.0 -> 87.9 (12k) and 286.0 -> 312.6 (64k) on its 1 stage.
-ONE_LOOP_ENV = {"0": False, "1": True}.get(os.environ.get("SPARSE_TRANSFORMER_ONE_LOOP", ""))
+_ONE_LOOP_VALUES = {"": None, "0": False, "1": True}
+if os.environ.get("SPARSE_TRANSFORMER_ONE_LOOP", "") not in _ONE_LOOP_VALUES:
+    raise ValueError(f"SPARSE_TRANSFORMER_ONE_LOOP must be 0, 1 or unset, got "
+                     f"{os.environ['SPARSE_TRANSFORMER_ONE_LOOP']!r}")
+ONE_LOOP_ENV = _ONE_LOOP_VALUES[os.environ.get("SPARSE_TRANSFORMER_ONE_LOOP", "")]
 
 
 def one_loop(setting, p) -> bool:

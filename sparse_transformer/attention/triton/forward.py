@@ -7,8 +7,8 @@ loads its BM queries once (through the segment's index map, so the transposed st
 key tiles listed for its row of the CSR table - the full tiles with no masking at all, the partial ones with the
 element rule (in one loop, behind a runtime branch, where the pass pipelines its loads: common.one_loop; else the
 full tiles, then the partial ones) - and keeps a running max / sum (online softmax, exp2 domain). It writes O and the
-log-sum-exp (natural log) at the queries' sequence positions. With MERGE it folds its result into the O / LSE already written by
-an earlier segment (softmaxes over disjoint key sets merge exactly through the log-sum-exp).
+log-sum-exp (natural log) at the queries' sequence positions. With MERGE it folds its result into the O / LSE already
+written by an earlier segment (softmaxes over disjoint key sets merge exactly through the log-sum-exp).
 Supports: fp16 / bf16 (fp32 accumulation) and fp32 (IEEE dot), head dims 16..256 (power of two), any N.
 Rows that see no key get O = 0 and LSE = -inf.
 """

@@ -55,7 +55,8 @@ for _kind in ("natural", "transposed"):
 # loads; 1 stage frees shared memory. H200, python bench/dev_probe.py sweep (CONFIGS="32x64/4/1 ...", 2026-11-30,
 # dev-sweep-20261130-stages1-*.json): natural dK/dV 98.6 -> 80.7 us (strided-12k), 342.1 -> 287.1 us (strided-64k).
 # 1 stage on the other passes was slower or even (64x64: band fwd 56.8 -> 59.0, dQ 65.5 -> 73.0 us); a 64x32 transposed
-# forward was faster at strided-12k (70.0 -> 62.7 us) but not at strided-64k (186.1 -> 186.9), and stays as it is.
+# forward was faster at strided-12k (70.0 -> 62.7 us) but not at strided-64k (186.1 -> 186.9); it is the default
+# since 2026-12-01 (below).
 TUNING[("natural", 64)]["dkdv"] = (32, 64, 4, 1)
 # Since the 2-stage passes run one loop (common.one_loop), the 64x64 transposed forward takes 192.4 us at strided-64k
 # (186.3 split), and the 64x32 tiles on 1 stage are the faster there too: H200, CONFIGS="64x32/4/2 64x32/4/1" python
