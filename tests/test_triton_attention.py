@@ -526,9 +526,12 @@ def test_gpu_one_loop(name, make, D, dtype, block, one, monkeypatch):
     monkeypatch.setattr(backward, "ONE_LOOP", one)
     monkeypatch.setattr(block_backward, "BLOCK_BWD", block)
     ran = _record(monkeypatch, backward, "launch_kernel", lambda a, kw: (a[4]["ONE_LOOP"], a[4].get("FUSE_DQ")))
+    ran_fwd = _record(monkeypatch, forward, "launch_kernel", lambda a, kw: a[4]["ONE_LOOP"])
     torch.backends.cuda.matmul.allow_tf32 = False
     _check_fresh(*make_qkv(2, 4, 1025, D, dtype, device="cuda"), make(1025), FLOOR[dtype])
-    assert ran and all(loop == one for loop, _ in ran)
+    # (a strided-only layer with the block kernel on runs no generic backward kernel)
+    assert ran_fwd and set(ran_fwd) == {one} and all(loop == one for loop, _ in ran)
+    assert ran or (block and name.startswith("strided-a2"))
     if not block and name.startswith(("strided-both", "split")):
         assert (one, True) in ran  # the fused dK/dV with atomic dQ ran that way
 
