@@ -5,6 +5,7 @@ that spills or needs too much shared memory need not be timed. Usage:
 python bench/compile_probe.py                     # every (kind, head dim, pass) of the current TUNING
 python bench/compile_probe.py 32x32/4/2 64x64/4/3  # those settings (BMxBN/warps/stages) for every kind and pass, d=64
 SPARSE_TRANSFORMER_ONE_LOOP=0|1 python bench/compile_probe.py  # every pass split / one loop (default: Pass.one_loop)
+MAXNREG=96 python bench/compile_probe.py  # with a register cap per thread (more CTAs per SM, maybe spills)
 The device has Triton 3.6; another version compiles differently (a venv with that wheel gives its numbers)."""
 import os
 import re
@@ -47,7 +48,10 @@ def compile_kernel(kernel, args, consts, warps, stages):
             if args[name] % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(kernel, sig, constexprs=cex, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    opts = dict(num_warps=warps, num_stages=stages)
+    if os.environ.get("MAXNREG"):  # a register cap per thread (Triton's maxnreg launch option)
+        opts["maxnreg"] = int(os.environ["MAXNREG"])
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
 def ptxas_report(ptx):

@@ -7,6 +7,7 @@ python bench/dev_probe.py sweep [setup ...]  (per-kernel GPU time for each tile 
 python bench/dev_probe.py order [setup ...]  (program order: heads interleaved or one after another);
 python bench/dev_probe.py oneloop [setup ...]  (forward / backward.ONE_LOOP by the default rule, off and on: per-kernel
 GPU time, graph fwd and fwd+bwd);
+python bench/dev_probe.py maxnreg [setup ...]  (register caps per pass, TUNING's "maxnreg": per-kernel GPU time, graph);
 python bench/dev_probe.py fuse [setup ...]  (dQ fused into dK/dV with atomics, per segment kind and dK/dV tile config in
 FUSE_CONFIGS: per-kernel GPU time and graph-replayed fwd+bwd, against no fusion and the current TUNING)."""
 import json
@@ -289,6 +290,45 @@ def oneloop(names):
     write_rows(rows, "dev_oneloop.json")
 
 
+# register caps that compile without spills for sm_90 under Triton 3.6 (MAXNREG=... python bench/compile_probe.py,
+# 2026-12-01): the band's forward at 96 (from 121-126: 5 programs per SM instead of 4), the transposed 64x32 forward at
+# 88 (from 95); the band's dQ spills 136 bytes at 96 and its dK/dV 452, so they stay uncapped.
+MAXNREG_VARIANTS = {"none": {}, "band fwd 96": {("natural", 64): {"fwd": 96}},
+                    "transposed fwd 88": {("transposed", 64): {"fwd": 88}},
+                    "both": {("natural", 64): {"fwd": 96}, ("transposed", 64): {"fwd": 88}}}
+
+
+def maxnreg(names):
+    """TUNING's per-pass register caps (more programs per SM): per setup, each variant of MAXNREG_VARIANTS, then none
+    and both again: per-kernel GPU time (median of 5) and graph-replayed fwd and fwd+bwd."""
+    from sparse_transformer.attention.triton import function as fn_mod
+
+    base = {kk: dict(vv) for kk, vv in fn_mod.TUNING.items()}
+    rows = []
+    for name in names:
+        lay, q, k, v, go = inputs(name)
+        fwd = lambda: sparse_attention(q, k, v, lay, backend="triton")  # noqa: E731
+        fb = lambda: fwd().backward(go)  # noqa: E731
+        for variant in list(MAXNREG_VARIANTS) + ["none", "both"]:
+            fn_mod.TUNING.update({kk: dict(vv) for kk, vv in base.items()})
+            for kk, caps in MAXNREG_VARIANTS[variant].items():
+                fn_mod.TUNING[kk]["maxnreg"] = caps
+            fn_mod.clear_cache()
+            names_k, ks = median_kernel_times(fb, 5)
+            q.grad = k.grad = v.grad = None
+            g_fwd, g_fb = graph_ms(fwd), graph_ms(fb)
+            q.grad = k.grad = v.grad = None
+            rows.append(dict(setup=name, variant=variant, kernels=names_k, us=ks, graph_fwd_ms=g_fwd,
+                             graph_fwdbwd_ms=g_fb))
+            print(f"{name:12s} {variant:18s} graph fwd {g_fwd:.3f} fwd+bwd {g_fb:.3f} ms | "
+                  + " ".join(f"{x:7.1f}" for x in ks), flush=True)
+        q = k = v = go = None
+        torch.cuda.empty_cache()
+    fn_mod.TUNING.update(base)
+    fn_mod.clear_cache()
+    write_rows(rows, "dev_maxnreg.json")
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     if args[:1] == ["micro"]:
@@ -299,6 +339,8 @@ if __name__ == "__main__":
         fuse(args[1:] or list(SETUPS))
     elif args[:1] == ["oneloop"]:
         oneloop(args[1:] or list(SETUPS))
+    elif args[:1] == ["maxnreg"]:
+        maxnreg(args[1:] or list(SETUPS))
     elif args[:1] == ["order"]:
         order(args[1:] or list(SETUPS))
     else:

@@ -32,6 +32,8 @@
 #                                              # on the Triton gathered kernels; 64x32 tiles; then the attention table
 #   bash bench/device_pending.sh band OUT     # the band as a persistent Gluon forward (bench/gluon_band.py): check, time
 #                                              # against the library's; then every kernel GPU test and test_model's
+#   bash bench/device_pending.sh maxnreg OUT  # written 2026-12-01, not yet run: register caps per pass (more programs
+#                                              # per SM), timing; GPU tests with caps and the forced one loop
 #   bash bench/device_pending.sh ncu OUT       # Nsight Compute: occupancy, throughput, stalls of one strided-12k
 #                                              # fwd+bwd's kernels (bench/ncu_probe.py)
 #   bash bench/device_pending.sh host OUT      # where an eager fwd+bwd's host time goes (bench/host_trace.py)
@@ -40,7 +42,7 @@
 #   bash bench/device_pending.sh verify-model OUT  # test_model's GPU tests, then the table
 # Run from the repository root on the device machine; JSON and logs land in OUT (pass $OUT there).
 set -uo pipefail
-WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, strided-block, stages, final-tests, first, oneloop, rule, band, ncu, host, verify or verify-model}; OUT=${2:?output folder}
+WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, strided-block, stages, final-tests, first, oneloop, rule, band, maxnreg, ncu, host, verify or verify-model}; OUT=${2:?output folder}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 ST="python -m sparse_transformer.cli"
 mkdir -p "$OUT"
@@ -149,6 +151,13 @@ case "$WHAT" in
     timeout 240 $ST bench attention --methods triton sdpa-cudnn sdpa-flash flex --out "$OUT" 2>&1 \
       | tee "$OUT/attention.log"
     ;;
+  maxnreg)
+    OUT="$OUT" timeout 200 python bench/dev_probe.py maxnreg strided-12k strided-64k fixed-12k 2>&1 | grep -v Warn \
+      | tee "$OUT/maxnreg.log"
+    timeout 200 python -m pytest -m gpu tests/test_triton_attention.py -k "maxnreg or gpu_one_loop and one-loop" -q \
+      -n 14 -p no:cacheprovider -rf --tb=line 2>&1 | grep -E "^FAILED|^E |passed|failed" | tail -n 20 \
+      | tee "$OUT/gpu-tests-maxnreg.log"
+    ;;
   band)
     timeout 90 python bench/gluon_band.py check 2>&1 | tee "$OUT/gluon-band-check.log" | tail -n 4
     OUT="$OUT" timeout 120 python bench/gluon_band.py time 2>&1 | tee "$OUT/gluon-band-time.log"
@@ -194,7 +203,7 @@ case "$WHAT" in
     timeout 50 python bench/eager_host.py fixed-12k 2>&1 | tee "$OUT/eager-host.log" | head -n 12
     ;;
   *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles | gather | order | gluon | summary | block |"\
-       "heads | strided-block | stages | final-tests | first | oneloop | rule | band | ncu | host | verify |"\
+       "heads | strided-block | stages | final-tests | first | oneloop | rule | band | maxnreg | ncu | host | verify |"\
        "verify-model)"
      exit 2 ;;
 esac

@@ -138,6 +138,28 @@ def test_one_loop_rule(monkeypatch):
         clear_cache()  # no launch built from the patched TUNING outlives the test
 
 
+@pytest.mark.interpreter
+def test_interpreter_maxnreg(monkeypatch):
+    """TUNING's per-pass register cap reaches exactly that pass's launches (as Triton's maxnreg) and changes nothing
+    computed; without it no launch carries the option."""
+    from sparse_transformer.attention.triton import backward, forward
+    from sparse_transformer.attention.triton.function import TUNING, clear_cache
+
+    lay = layouts.strided(97, 10)  # the band, then the transposed strided part
+    q, k, v = make_qkv(1, 2, lay.n, 16, torch.float32)
+    ran = _record(monkeypatch, forward, "launch_kernel", lambda a, kw: a[4].get("maxnreg"))
+    ran_bwd = _record(monkeypatch, backward, "launch_kernel", lambda a, kw: a[4].get("maxnreg"))
+    _check_fresh(q, k, v, lay, 1e-5)
+    assert ran and set(ran) == {None} and set(ran_bwd) == {None}
+    ran.clear()
+    ran_bwd.clear()
+    monkeypatch.setitem(TUNING, ("natural", 64), dict(TUNING[("natural", 64)], maxnreg={"fwd": 96}))
+    monkeypatch.setitem(TUNING, ("transposed", 64), dict(TUNING[("transposed", 64)], maxnreg={"fwd": 88}))
+    _check_fresh(q, k, v, lay, 1e-5)
+    clear_cache()
+    assert ran == [96, 88] and ran_bwd and set(ran_bwd) == {None}
+
+
 BLOCK_CASES = [  # (name, layout, head dim): block-causal bands the one-kernel backward takes (block_backward)
     ("fixed-n97-l16-c4", lambda: layouts.fixed(97, 16, 4), 16),  # one tile per block, the last block cut by n
     ("fixed-n130-l32-c8-verts", lambda: layouts.fixed(130, 32, 8, heads=2, num_verts=2), 32),  # per-head summaries
@@ -534,6 +556,26 @@ def test_gpu_one_loop(name, make, D, dtype, block, one, monkeypatch):
     assert ran or (block and name.startswith("strided-a2"))
     if not block and name.startswith(("strided-both", "split")):
         assert (one, True) in ran  # the fused dK/dV with atomic dQ ran that way
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,make", [GPU_LAYOUTS[i] for i in (1, 3, 4, 7)],
+                         ids=[GPU_LAYOUTS[i][0] for i in (1, 3, 4, 7)])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gpu_maxnreg(name, make, D, dtype, monkeypatch):
+    """Register caps on the forwards (TUNING's "maxnreg", as bench/dev_probe.py maxnreg times them) against the float64
+    reference, n cut; the capped launches must have run."""
+    from sparse_transformer.attention.triton import forward
+    from sparse_transformer.attention.triton.function import TUNING
+
+    for kind, cap in (("natural", 96), ("transposed", 88)):
+        for d in (64, 128):
+            monkeypatch.setitem(TUNING, (kind, d), dict(TUNING[(kind, d)], maxnreg={"fwd": cap}))
+    ran = _record(monkeypatch, forward, "launch_kernel", lambda a, kw: (a[4]["KIND"], a[4].get("maxnreg")))
+    torch.backends.cuda.matmul.allow_tf32 = False
+    _check_fresh(*make_qkv(2, 4, 1025, D, dtype, device="cuda"), make(1025), FLOOR[dtype])
+    assert ran and all(cap == {0: 96, 1: 88}.get(kind) for kind, cap in ran)  # natural, transposed; gathered: none
 
 
 @pytest.mark.gpu

@@ -28,7 +28,8 @@ from .forward import attn_forward
 # kernel that also adds dQ (None: that kind keeps its dQ kernel). Measured on an H100 with bench/dev_kernels.py;
 # experiments may edit TUNING and call clear_cache().
 # "split": passes that keep two loops (full tiles, then partial ones) on 2+ stages, where the rest run one
-# (common.one_loop).
+# (common.one_loop). An optional "maxnreg" ({pass: registers per thread}) caps a pass's registers, so that more
+# programs fit on an SM (none is set: bench/dev_probe.py maxnreg times it).
 TUNING = {
     (kind, d): dict(fwd=(64, 64, 4, 2), dq=(64, 64, 4, 2), dkdv=(64, 64, 4, 2), fused=None, split=())
     for kind in ("natural", "gather", "transposed") for d in (64, 128)
@@ -99,6 +100,7 @@ class Pass:
     warps: int
     stages: int
     one_loop: bool = False  # full and partial tiles in one loop by default (common.one_loop)
+    maxnreg: int | None = None  # a register cap per thread (Triton's maxnreg), from TUNING's "maxnreg"; None: none
 
 
 @dataclass(frozen=True, eq=False)
@@ -122,6 +124,8 @@ class Launch:
         if cex is None:
             cex = self._cex[key] = dict(extra, **self.flags, IEEE=key[1], BLOCK_M=p.tab.bm, BLOCK_N=p.tab.bn,
                                         HEAD_DIM=key[2], num_warps=p.warps, num_stages=p.stages)
+            if p.maxnreg is not None:
+                cex["maxnreg"] = p.maxnreg
         return cex
 
 
@@ -133,7 +137,7 @@ def clear_cache():
     _LAUNCHES.clear()
 
 
-def _pass(layout, idx, seg, cfg, head_dim, device, block_m, block_n, one_loop=False) -> Pass:
+def _pass(layout, idx, seg, cfg, head_dim, device, block_m, block_n, one_loop=False, maxnreg=None) -> Pass:
     bm, bn, warps, stages = cfg
     if seg.kind == TRANSPOSED and seg.C < max(bm, bn):  # chunks shorter than a tile: shrink the tile to fit
         bm = bn = max(16, 1 << (seg.C.bit_length() - 1))
@@ -142,7 +146,7 @@ def _pass(layout, idx, seg, cfg, head_dim, device, block_m, block_n, one_loop=Fa
         bm, bn = math.gcd(bm, layout.custom_block), math.gcd(bn, layout.custom_block)
     if bm * bn < 64 * 64:
         warps = min(warps, 4)
-    return Pass(get_tables(layout, idx, bm, bn, device), warps, stages, one_loop)
+    return Pass(get_tables(layout, idx, bm, bn, device), warps, stages, one_loop, maxnreg)
 
 
 def get_launches(layout, head_dim, device, block_m=None, block_n=None) -> list[Launch]:
@@ -175,7 +179,8 @@ def _build_launches(layout, head_dim, device, block_m, block_n) -> list[Launch]:
         settings = dict(cfg, fused=fused)
         # one loop where the pass pipelines (2+ stages), unless TUNING keeps it split
         passes = [None if settings[k] is None else _pass(layout, idx, seg, settings[k], head_dim, device, block_m,
-                                                         block_n, settings[k][3] >= 2 and k not in cfg.get("split", ()))
+                                                         block_n, settings[k][3] >= 2 and k not in cfg.get("split", ()),
+                                                         cfg.get("maxnreg", {}).get(k))
                   for k in ("fwd", "dq", "dkdv", "fused")]
         block = _block_length(seg, head_dim, idx) if block_m is None and block_n is None else None
         out.append(Launch(seg, prm, flags, *passes, block=block))
