@@ -258,35 +258,49 @@ def order(names):
     write_rows(rows, "dev_order.json")
 
 
-def oneloop(names):
-    """forward.ONE_LOOP / backward.ONE_LOOP (full and partial tiles in one loop: ptxas keeps the wgmma asynchronous)
-    against the two loops, per setup in the order: the default rule (None: one loop on 2+ stages, common.one_loop),
-    split everywhere, forward only, backward only, both, then the default and split again: per-kernel GPU time
-    (median of 5) and graph-replayed fwd and fwd+bwd."""
-    from sparse_transformer.attention.triton import backward, forward
+def _variant_times(names, variants, apply):
+    """Per setup and variant (apply(variant) sets it up and returns the row's label fields and their text): per-kernel
+    GPU time (median of 5 profiled fwd+bwd) and graph-replayed fwd and fwd+bwd, printed; the rows."""
     from sparse_transformer.attention.triton import function as fn_mod
 
-    was, rows = (forward.ONE_LOOP, backward.ONE_LOOP), []
+    rows = []
     for name in names:
         lay, q, k, v, go = inputs(name)
         fwd = lambda: sparse_attention(q, k, v, lay, backend="triton")  # noqa: E731
         fb = lambda: fwd().backward(go)  # noqa: E731
-        for on_f, on_b in ((None, None), (False, False), (True, False), (False, True), (True, True), (None, None),
-                           (False, False)):
-            forward.ONE_LOOP, backward.ONE_LOOP = on_f, on_b
+        for variant in variants:
+            label, text = apply(variant)
             fn_mod.clear_cache()
             names_k, ks = median_kernel_times(fb, 5)
             q.grad = k.grad = v.grad = None
             g_fwd, g_fb = graph_ms(fwd), graph_ms(fb)
             q.grad = k.grad = v.grad = None
-            rows.append(dict(setup=name, one_loop_fwd=on_f, one_loop_bwd=on_b, kernels=names_k, us=ks,
-                             graph_fwd_ms=g_fwd, graph_fwdbwd_ms=g_fb))
-            print(f"{name:12s} one loop fwd={on_f!s:5s} bwd={on_b!s:5s} graph fwd {g_fwd:.3f} fwd+bwd {g_fb:.3f} ms | "
+            rows.append(dict(setup=name, **label, kernels=names_k, us=ks, graph_fwd_ms=g_fwd, graph_fwdbwd_ms=g_fb))
+            print(f"{name:12s} {text} graph fwd {g_fwd:.3f} fwd+bwd {g_fb:.3f} ms | "
                   + " ".join(f"{x:7.1f}" for x in ks), flush=True)
         q = k = v = go = None
         torch.cuda.empty_cache()
-    forward.ONE_LOOP, backward.ONE_LOOP = was
     fn_mod.clear_cache()
+    return rows
+
+
+def oneloop(names):
+    """forward.ONE_LOOP / backward.ONE_LOOP (full and partial tiles in one loop: ptxas keeps the wgmma asynchronous)
+    against the two loops, per setup in the order: the default rule (None: one loop on 2+ stages, common.one_loop),
+    split everywhere, forward only, backward only, both, then the default and split again."""
+    from sparse_transformer.attention.triton import backward, forward
+
+    def apply(variant):
+        forward.ONE_LOOP, backward.ONE_LOOP = variant
+        return dict(one_loop_fwd=variant[0], one_loop_bwd=variant[1]), \
+            f"one loop fwd={variant[0]!s:5s} bwd={variant[1]!s:5s}"
+
+    was = (forward.ONE_LOOP, backward.ONE_LOOP)
+    try:
+        rows = _variant_times(names, ((None, None), (False, False), (True, False), (False, True), (True, True),
+                                      (None, None), (False, False)), apply)
+    finally:
+        forward.ONE_LOOP, backward.ONE_LOOP = was
     write_rows(rows, "dev_oneloop.json")
 
 
@@ -300,32 +314,22 @@ MAXNREG_VARIANTS = {"none": {}, "band fwd 96": {("natural", 64): {"fwd": 96}},
 
 def maxnreg(names):
     """TUNING's per-pass register caps (more programs per SM): per setup, each variant of MAXNREG_VARIANTS, then none
-    and both again: per-kernel GPU time (median of 5) and graph-replayed fwd and fwd+bwd."""
+    and both again."""
     from sparse_transformer.attention.triton import function as fn_mod
 
     base = {kk: dict(vv) for kk, vv in fn_mod.TUNING.items()}
-    rows = []
-    for name in names:
-        lay, q, k, v, go = inputs(name)
-        fwd = lambda: sparse_attention(q, k, v, lay, backend="triton")  # noqa: E731
-        fb = lambda: fwd().backward(go)  # noqa: E731
-        for variant in list(MAXNREG_VARIANTS) + ["none", "both"]:
-            fn_mod.TUNING.update({kk: dict(vv) for kk, vv in base.items()})
-            for kk, caps in MAXNREG_VARIANTS[variant].items():
-                fn_mod.TUNING[kk]["maxnreg"] = caps
-            fn_mod.clear_cache()
-            names_k, ks = median_kernel_times(fb, 5)
-            q.grad = k.grad = v.grad = None
-            g_fwd, g_fb = graph_ms(fwd), graph_ms(fb)
-            q.grad = k.grad = v.grad = None
-            rows.append(dict(setup=name, variant=variant, kernels=names_k, us=ks, graph_fwd_ms=g_fwd,
-                             graph_fwdbwd_ms=g_fb))
-            print(f"{name:12s} {variant:18s} graph fwd {g_fwd:.3f} fwd+bwd {g_fb:.3f} ms | "
-                  + " ".join(f"{x:7.1f}" for x in ks), flush=True)
-        q = k = v = go = None
-        torch.cuda.empty_cache()
-    fn_mod.TUNING.update(base)
-    fn_mod.clear_cache()
+
+    def apply(variant):
+        fn_mod.TUNING.update({kk: dict(vv) for kk, vv in base.items()})
+        for kk, caps in MAXNREG_VARIANTS[variant].items():
+            fn_mod.TUNING[kk]["maxnreg"] = caps
+        return dict(variant=variant), f"{variant:18s}"
+
+    try:
+        rows = _variant_times(names, list(MAXNREG_VARIANTS) + ["none", "both"], apply)
+    finally:
+        fn_mod.TUNING.update(base)
+        fn_mod.clear_cache()
     write_rows(rows, "dev_maxnreg.json")
 
 
