@@ -12,7 +12,6 @@ import re
 import subprocess
 import sys
 import tempfile
-from types import SimpleNamespace
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -20,7 +19,7 @@ from triton.compiler import ASTSource
 
 from sparse_transformer.attention.triton import function as fn
 from sparse_transformer.attention.triton.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
-from sparse_transformer.attention.triton.common import one_loop
+from sparse_transformer.attention.triton.common import one_loop, one_loop_default
 from sparse_transformer.attention.triton import backward as bwd_mod
 from sparse_transformer.attention.triton import forward as fwd_mod
 from sparse_transformer.attention.triton.forward import _attn_fwd_kernel
@@ -73,7 +72,7 @@ def passes(kind, d, setting, pass_name):
     """(kernel, runtime args, constexprs) of one pass of one segment kind."""
     bm, bn = setting[:2]
     split = fn.TUNING.get((kind, d), {}).get("split", ())
-    default = SimpleNamespace(one_loop=setting[3] >= 2 and pass_name not in split)  # as function.Pass.one_loop
+    default = one_loop_default(setting, "fused" if pass_name.startswith("fused") else pass_name, split)
     nk = NK_GATHER if kind == "gather" else N
     flags = dict(KIND=KINDS[kind], IEEE=False, HAS_DENSE=False, HAS_WIN=kind == "natural", HAS_BLK=False,
                  HAS_STR=kind == "transposed", HAS_SUM=kind == "gather", BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)

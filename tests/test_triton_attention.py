@@ -99,14 +99,11 @@ def test_interpreter_one_loop(name, make, one, monkeypatch):
 def test_one_loop_rule(monkeypatch):
     """By default a pass runs one loop exactly when it pipelines (2+ stages) and TUNING does not keep it split (the
     gathered dK/dV); forcing either way overrides it, and each kernel launches with its pass's choice."""
-    from types import SimpleNamespace
-
     from sparse_transformer.attention.triton import backward, forward
     from sparse_transformer.attention.triton.common import one_loop
     from sparse_transformer.attention.triton.function import TUNING, clear_cache, get_launches
 
-    on, off = SimpleNamespace(one_loop=True), SimpleNamespace(one_loop=False)
-    assert one_loop(None, on) and not one_loop(None, off) and one_loop(True, off) and not one_loop(False, on)
+    assert one_loop(None, True) and not one_loop(None, False) and one_loop(True, False) and not one_loop(False, True)
     lay = layouts.fixed(97, 16, 4)  # a natural band, then the gathered summary part
     launches = get_launches(lay, 16, torch.device("cpu"), 16, 16)
     assert [launch.seg.kind for launch in launches] == ["natural", "gather"]
@@ -143,7 +140,7 @@ def test_interpreter_maxnreg(monkeypatch):
     """TUNING's per-pass register cap reaches exactly that pass's launches (as Triton's maxnreg) and changes nothing
     computed; without it no launch carries the option."""
     from sparse_transformer.attention.triton import backward, forward
-    from sparse_transformer.attention.triton.function import TUNING, clear_cache
+    from sparse_transformer.attention.triton.function import TUNING
 
     lay = layouts.strided(97, 10)  # the band, then the transposed strided part
     q, k, v = make_qkv(1, 2, lay.n, 16, torch.float32)
@@ -156,7 +153,6 @@ def test_interpreter_maxnreg(monkeypatch):
     monkeypatch.setitem(TUNING, ("natural", 64), dict(TUNING[("natural", 64)], maxnreg={"fwd": 96}))
     monkeypatch.setitem(TUNING, ("transposed", 64), dict(TUNING[("transposed", 64)], maxnreg={"fwd": 88}))
     _check_fresh(q, k, v, lay, 1e-5)
-    clear_cache()
     assert ran == [96, 88] and ran_bwd and set(ran_bwd) == {None}
 
 

@@ -229,7 +229,7 @@ def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, fuse_dq
             q, k, v, o, do, dq, lse, delta, tab.q_ptr, tab.q_mid, tab.q_idx, launch.prm), (qk_scale, scale, *strides,
             H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C, group),
             launch.constexprs(q, launch.dq, T_ON_X=t_on_x, ACCUM=accum, DELTA=first,
-                              ONE_LOOP=one_loop(ONE_LOOP, launch.dq)))
+                              ONE_LOOP=one_loop(ONE_LOOP, launch.dq.one_loop)))
     if not kv_kernel:
         return
     kv_pass = launch.fused if fuse_dq else launch.dkdv
@@ -240,4 +240,4 @@ def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, fuse_dq
         q, k, v, do, dq, dk, dv, lse, delta, tab.k_ptr, tab.k_mid, tab.k_idx, launch.prm), (qk_scale, scale, *strides,
         *dk.stride()[:3], H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nkb, seg.L, seg.C, group),
         launch.constexprs(q, kv_pass, T_ON_X=t_on_x, ACCUM=accum_kv, FUSE_DQ=fuse_dq,
-                          ONE_LOOP=one_loop(ONE_LOOP, kv_pass)))
+                          ONE_LOOP=one_loop(ONE_LOOP, kv_pass.one_loop)))

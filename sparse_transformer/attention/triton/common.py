@@ -24,17 +24,22 @@ NUM_SEG_PARAMS = tl.constexpr(10)
 # forward 56.4 -> 55.5 (strided-12k), 34.1 -> 32.9 (strided-3k, d=128), 46.5 -> 43.9 (fixed-12k); transposed forward
 # 30.4 -> 28.0 (3k), 70.6 -> 70.4 (12k), 186.3 -> 192.2 (64k); band dQ 64.9 -> 63.5, 41.4 -> 38.2, 206.2 -> 203.2; the
 # band's dK/dV 46.1 -> 43.5 on 2 stages (3k), but 82.0 -> 87.9 (12k) and 286.0 -> 312.6 (64k) on its 1 stage.
-_ONE_LOOP_VALUES = {"": None, "0": False, "1": True}
-if os.environ.get("SPARSE_TRANSFORMER_ONE_LOOP", "") not in _ONE_LOOP_VALUES:
-    raise ValueError(f"SPARSE_TRANSFORMER_ONE_LOOP must be 0, 1 or unset, got "
-                     f"{os.environ['SPARSE_TRANSFORMER_ONE_LOOP']!r}")
-ONE_LOOP_ENV = _ONE_LOOP_VALUES[os.environ.get("SPARSE_TRANSFORMER_ONE_LOOP", "")]
+_ENV = os.environ.get("SPARSE_TRANSFORMER_ONE_LOOP", "")
+if _ENV not in ("", "0", "1"):
+    raise ValueError(f"SPARSE_TRANSFORMER_ONE_LOOP must be 0, 1 or unset, got {_ENV!r}")
+ONE_LOOP_ENV = None if _ENV == "" else _ENV == "1"
 
 
-def one_loop(setting, p) -> bool:
-    """Whether pass p (a function.Pass) runs its tiles in one loop: `setting` (forward.ONE_LOOP or
-    backward.ONE_LOOP) when True / False, else the pass's own default."""
-    return p.one_loop if setting is None else bool(setting)
+def one_loop_default(setting, name: str, split) -> bool:
+    """A pass's default: one loop where it pipelines its loads (setting (BM, BN, warps, stages) on 2+ stages), unless
+    its name (fwd, dq, dkdv, fused) is in TUNING's "split"."""
+    return setting[3] >= 2 and name not in split
+
+
+def one_loop(setting, default: bool) -> bool:
+    """Whether a pass runs its tiles in one loop: `setting` (forward.ONE_LOOP or backward.ONE_LOOP) when True /
+    False, else the pass's default (function.Pass.one_loop)."""
+    return default if setting is None else bool(setting)
 
 
 @triton.jit

@@ -198,4 +198,4 @@ def attn_forward(q, k, v, o, lse, launch, scale, merge):
         H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C, group),
         launch.constexprs(q, launch.fwd, T_ON_X=t_on_x, MERGE=merge,
                           FOLD=seg.kind == GATHER and qk_scale >= 2.0 ** -126,
-                          ONE_LOOP=one_loop(ONE_LOOP, launch.fwd)))
+                          ONE_LOOP=one_loop(ONE_LOOP, launch.fwd.one_loop)))

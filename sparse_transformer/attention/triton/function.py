@@ -21,6 +21,7 @@ import torch
 from ..plan import (GATHER, NATURAL, P_ALL, P_BLK, P_CUSTOM, P_STR, P_SUM_L, P_WIN, TRANSPOSED, LRUCache, Segment,
                     Tables, get_segments, get_tables)
 from . import block_backward as _block
+from .common import one_loop_default
 from .backward import attn_backward
 from .forward import attn_forward
 
@@ -99,7 +100,7 @@ class Pass:
     tab: Tables
     warps: int
     stages: int
-    one_loop: bool = False  # full and partial tiles in one loop by default (common.one_loop)
+    one_loop: bool = False  # full and partial tiles in one loop by default (common.one_loop_default)
     maxnreg: int | None = None  # a register cap per thread (Triton's maxnreg), from TUNING's "maxnreg"; None: none
 
 
@@ -177,10 +178,9 @@ def _build_launches(layout, head_dim, device, block_m, block_n) -> list[Launch]:
             if seg.C % fused[0] or seg.C % fused[1] or (smem is not None and smem < cfg.get("fused_smem", 0)):
                 fused = cfg["fused_ragged"]
         settings = dict(cfg, fused=fused)
-        # one loop where the pass pipelines (2+ stages), unless TUNING keeps it split
+        split, caps = cfg.get("split", ()), cfg.get("maxnreg", {})
         passes = [None if settings[k] is None else _pass(layout, idx, seg, settings[k], head_dim, device, block_m,
-                                                         block_n, settings[k][3] >= 2 and k not in cfg.get("split", ()),
-                                                         cfg.get("maxnreg", {}).get(k))
+                                                         block_n, one_loop_default(settings[k], k, split), caps.get(k))
                   for k in ("fwd", "dq", "dkdv", "fused")]
         block = _block_length(seg, head_dim, idx) if block_m is None and block_n is None else None
         out.append(Launch(seg, prm, flags, *passes, block=block))
