@@ -5,7 +5,7 @@ that spills or needs too much shared memory need not be timed. Usage:
 python bench/compile_probe.py                     # every (kind, head dim, pass) of the current TUNING
 python bench/compile_probe.py 32x32/4/2 64x64/4/3  # those settings (BMxBN/warps/stages) for every kind and pass, d=64
 SPARSE_TRANSFORMER_ONE_LOOP=0|1 python bench/compile_probe.py  # every pass split / one loop (default: Pass.one_loop)
-MAXNREG=96 python bench/compile_probe.py  # with a register cap per thread (more CTAs per SM, maybe spills)
+MAXNREG=96 python bench/compile_probe.py  # every pass under this register cap per thread (default: TUNING's caps)
 The device has Triton 3.6; another version compiles differently (a venv with that wheel gives its numbers)."""
 import os
 import re
@@ -29,7 +29,7 @@ KINDS = {"natural": 0, "transposed": 1, "gather": 2}
 N, H, NK_GATHER, L, C = 65536, 8, 8192, 256, 32  # the fixed-64k shapes; the transposed part as strided-64k's
 
 
-def compile_kernel(kernel, args, consts, warps, stages):
+def compile_kernel(kernel, args, consts, warps, stages, maxnreg=None):
     """args: name -> pointer type ('*bf16') or a value, specialized as Triton's launcher would (ints equal to 1 become
     constants, multiples of 16 are marked divisible; pointers 16-byte aligned)."""
     sig, cex, attrs = {}, dict(consts), {}
@@ -48,8 +48,9 @@ def compile_kernel(kernel, args, consts, warps, stages):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(kernel, sig, constexprs=cex, attrs=attrs)
     opts = dict(num_warps=warps, num_stages=stages)
-    if os.environ.get("MAXNREG"):  # a register cap per thread (Triton's maxnreg launch option)
-        opts["maxnreg"] = int(os.environ["MAXNREG"])
+    maxnreg = int(os.environ["MAXNREG"]) if os.environ.get("MAXNREG") else maxnreg
+    if maxnreg:  # a register cap per thread (Triton's maxnreg launch option)
+        opts["maxnreg"] = maxnreg
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
@@ -74,7 +75,7 @@ def passes(kind, d, setting, pass_name):
     split = fn.TUNING.get((kind, d), {}).get("split", ())
     default = one_loop_default(setting, "fused" if pass_name.startswith("fused") else pass_name, split)
     nk = NK_GATHER if kind == "gather" else N
-    flags = dict(KIND=KINDS[kind], IEEE=False, HAS_DENSE=False, HAS_WIN=kind == "natural", HAS_BLK=False,
+    flags = dict(KIND=KINDS[kind], IEEE=False, HAS_DENSE=False, HAS_WIN=(1 + fn.WIN_ALONE) * (kind == "natural"), HAS_BLK=False,
                  HAS_STR=kind == "transposed", HAS_SUM=kind == "gather", BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
     strides = {f"stride_{t}{x}": v for t in "qkvo" for x, v in zip("bhn", (H * N * d, N * d, d))}
     common = dict(strides, H=H, N=N, NQ=N, NK=nk, TH=1, SEG_L=L, SEG_C=C if kind == "gather" else N // L,
@@ -99,7 +100,8 @@ def probe(kind, d, pass_name, setting):
     kernel, args, consts = passes(kind, d, setting, pass_name)
     tag = f"{kind:10s} d={d:<3d} {pass_name:5s} {setting[0]}x{setting[1]}/{setting[2]}/{setting[3]}"
     try:
-        k = compile_kernel(kernel, args, consts, setting[2], setting[3])
+        cap = fn.TUNING.get((kind, d), {}).get("maxnreg", {}).get(pass_name)  # TUNING's (the device is Hopper)
+        k = compile_kernel(kernel, args, consts, setting[2], setting[3], cap)
     except Exception as e:  # e.g. out of shared memory
         print(f"{tag:40s} failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}", flush=True)
         return

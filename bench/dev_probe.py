@@ -8,6 +8,7 @@ python bench/dev_probe.py order [setup ...]  (program order: heads interleaved o
 python bench/dev_probe.py oneloop [setup ...]  (forward / backward.ONE_LOOP by the default rule, off and on: per-kernel
 GPU time, graph fwd and fwd+bwd);
 python bench/dev_probe.py maxnreg [setup ...]  (register caps per pass, TUNING's "maxnreg": per-kernel GPU time, graph);
+python bench/dev_probe.py winmask [setup ...]  (the window-only rule as one unsigned compare, function.WIN_ALONE, on / off);
 python bench/dev_probe.py fuse [setup ...]  (dQ fused into dK/dV with atomics, per segment kind and dK/dV tile config in
 FUSE_CONFIGS: per-kernel GPU time and graph-replayed fwd+bwd, against no fusion and the current TUNING)."""
 import json
@@ -306,7 +307,8 @@ def oneloop(names):
 
 # register caps that compile without spills for sm_90 under Triton 3.6 (MAXNREG=... python bench/compile_probe.py,
 # 2026-12-01): the band's forward at 96 (from 121-126: 5 programs per SM instead of 4), the transposed 64x32 forward at
-# 88 (from 95); the band's dQ spills 136 bytes at 96 and its dK/dV 452, so they stay uncapped.
+# 88 (from 95); the band's dQ spills 136 bytes at 96 and its dK/dV 452, so they stay uncapped. "both" is TUNING's
+# default since 2026-12-01.
 MAXNREG_VARIANTS = {"none": {}, "band fwd 96": {("natural", 64): {"fwd": 96}},
                     "transposed fwd 88": {("transposed", 64): {"fwd": 88}},
                     "both": {("natural", 64): {"fwd": 96}, ("transposed", 64): {"fwd": 88}}}
@@ -319,8 +321,8 @@ def maxnreg(names):
 
     base = {kk: dict(vv) for kk, vv in fn_mod.TUNING.items()}
 
-    def apply(variant):
-        fn_mod.TUNING.update({kk: dict(vv) for kk, vv in base.items()})
+    def apply(variant):  # TUNING without its caps, then the variant's
+        fn_mod.TUNING.update({kk: {p: x for p, x in vv.items() if p != "maxnreg"} for kk, vv in base.items()})
         for kk, caps in MAXNREG_VARIANTS[variant].items():
             fn_mod.TUNING[kk]["maxnreg"] = caps
         return dict(variant=variant), f"{variant:18s}"
@@ -333,6 +335,22 @@ def maxnreg(names):
     write_rows(rows, "dev_maxnreg.json")
 
 
+def winmask(names):
+    """function.WIN_ALONE (a window-only segment's partial tiles as one unsigned compare) on and off, in turn twice."""
+    from sparse_transformer.attention.triton import function as fn_mod
+
+    def apply(variant):
+        fn_mod.WIN_ALONE = variant
+        return dict(win_alone=variant), f"unsigned window {variant!s:5s}"
+
+    was = fn_mod.WIN_ALONE
+    try:
+        rows = _variant_times(names, (True, False, True, False), apply)
+    finally:
+        fn_mod.WIN_ALONE = was
+    write_rows(rows, "dev_winmask.json")
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     if args[:1] == ["micro"]:
@@ -343,6 +361,8 @@ if __name__ == "__main__":
         fuse(args[1:] or list(SETUPS))
     elif args[:1] == ["oneloop"]:
         oneloop(args[1:] or list(SETUPS))
+    elif args[:1] == ["winmask"]:
+        winmask(args[1:] or list(SETUPS))
     elif args[:1] == ["maxnreg"]:
         maxnreg(args[1:] or list(SETUPS))
     elif args[:1] == ["order"]:

@@ -137,9 +137,10 @@ def test_one_loop_rule(monkeypatch):
 
 @pytest.mark.interpreter
 def test_interpreter_maxnreg(monkeypatch):
-    """TUNING's per-pass register cap reaches exactly that pass's launches (as Triton's maxnreg) and changes nothing
-    computed; without it no launch carries the option."""
-    from sparse_transformer.attention.triton import backward, forward
+    """TUNING's per-pass register caps reach exactly that pass's launches (as Triton's maxnreg) and change nothing
+    computed: the default caps on the two forwards where they apply (Hopper; patched in here), none off Hopper (the CPU
+    here), none where TUNING has none."""
+    from sparse_transformer.attention.triton import backward, forward, function
     from sparse_transformer.attention.triton.function import TUNING
 
     lay = layouts.strided(97, 10)  # the band, then the transposed strided part
@@ -147,13 +148,56 @@ def test_interpreter_maxnreg(monkeypatch):
     ran = _record(monkeypatch, forward, "launch_kernel", lambda a, kw: a[4].get("maxnreg"))
     ran_bwd = _record(monkeypatch, backward, "launch_kernel", lambda a, kw: a[4].get("maxnreg"))
     _check_fresh(q, k, v, lay, 1e-5)
-    assert ran and set(ran) == {None} and set(ran_bwd) == {None}
+    assert ran == [None, None] and ran_bwd and set(ran_bwd) == {None}  # not Hopper
     ran.clear()
     ran_bwd.clear()
-    monkeypatch.setitem(TUNING, ("natural", 64), dict(TUNING[("natural", 64)], maxnreg={"fwd": 96}))
-    monkeypatch.setitem(TUNING, ("transposed", 64), dict(TUNING[("transposed", 64)], maxnreg={"fwd": 88}))
+    monkeypatch.setattr(function, "_register_caps", lambda cfg, device: cfg.get("maxnreg", {}))
     _check_fresh(q, k, v, lay, 1e-5)
     assert ran == [96, 88] and ran_bwd and set(ran_bwd) == {None}
+    ran.clear()
+    for kind in ("natural", "transposed"):
+        monkeypatch.setitem(TUNING, (kind, 64), {kk: vv for kk, vv in TUNING[(kind, 64)].items() if kk != "maxnreg"})
+    _check_fresh(q, k, v, lay, 1e-5)
+    assert ran == [None, None]
+
+
+WIN_CASES = [  # (name, layout, HAS_WIN of its natural segment with function.WIN_ALONE)
+    ("local-n50-w7", lambda: layouts.local(50, 7), 2),
+    ("strided-both-n97-l10", lambda: layouts.strided(97, 10), 2),  # the band, then the transposed part
+    ("split-heads-n97-l10", lambda: layouts.stack([layouts.strided(97, 10, "local"),
+                                                   layouts.strided(97, 10, "strided")]), 2),  # a head with W = 0
+    ("mixed-heads-n97", lambda: layouts.stack([layouts.strided(97, 10), layouts.fixed(97, 16, 4)]), 1),  # + blocks
+    ("dense-n33", lambda: layouts.dense(33), 0),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("name,make,want", WIN_CASES, ids=[c[0] for c in WIN_CASES])
+def test_interpreter_window_alone(name, make, want, monkeypatch):
+    """A natural segment whose only rule is the window tests it as one unsigned compare (HAS_WIN=2; heads without a
+    window see nothing from it); with other rules, or function.WIN_ALONE off, the general rule (HAS_WIN=1). Both
+    match the reference and give the same bits."""
+    from sparse_transformer.attention.triton import backward, forward, function
+
+    lay = make()
+    H = 2 if lay.num_heads == 1 else lay.num_heads
+    q, k, v = make_qkv(1, H, lay.n, 16, torch.float32)
+    go = torch.randn_like(q)
+    outs = []
+    for alone in (True, False):
+        monkeypatch.setattr(function, "WIN_ALONE", alone)
+        ran = _record(monkeypatch, forward, "launch_kernel", lambda a, kw: (a[4]["KIND"], a[4]["HAS_WIN"]))
+        ran += _record(monkeypatch, backward, "launch_kernel", lambda a, kw: (a[4]["KIND"], a[4]["HAS_WIN"]))
+        _check_fresh(q, k, v, lay, 1e-5)
+        function.clear_cache()
+        o = sparse_attention_triton(q, k, v, lay, block_m=16, block_n=16)[0]
+        grads = torch.autograd.grad(o, (q, k, v), go)
+        function.clear_cache()
+        outs.append((o.detach(), *grads))
+        natural = {w for kind, w in ran if kind == 0}
+        assert natural == ({want if alone else min(want, 1)} if any(kind == 0 for kind, _ in ran) else set()), ran
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
 
 
 BLOCK_CASES = [  # (name, layout, head dim): block-causal bands the one-kernel backward takes (block_backward)

@@ -84,11 +84,15 @@ def _key_positions(p, N, NK, SEG_L, SEG_C, lo, KIND: tl.constexpr):
 def _tile_mask(i, j, pq, pk, k_ok, prm, SEG_C, KIND: tl.constexpr, HAS_DENSE: tl.constexpr,
                HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr, HAS_SUM: tl.constexpr):
     """The segment's element rule on a partial tile. i, pq: query positions / slots as a column [BM, 1]; j, pk, k_ok:
-    key positions / slots / validity as a row [1, BN]. Per-element work is compares only: divisions act on vectors."""
+    key positions / slots / validity as a row [1, BN]. Per-element work is compares only: divisions act on vectors.
+    HAS_WIN: 0 no head has a window, 1 a window beside other rules, 2 a window and no other rule (a causal band)."""
     if KIND == 1:  # transposed strided part: causal inside a chunk, in slot order (the diagonal is dropped when the
         # band holds it: P_STR_MIN > 0)
         strict = (tl.load(prm + P_STR_MIN) > 0).to(tl.int32)
         vis = ((pq // SEG_C) == (pk // SEG_C)) & (pk + strict <= pq) & (tl.load(prm + P_STR) > 0)
+    elif HAS_WIN == 2:  # the window alone (function.WIN_ALONE): 0 <= i - j < win as one unsigned compare (win 0:
+        # nothing; i - j < 0 wraps to >= 2^31)
+        vis = (i - j).to(tl.uint32) < tl.load(prm + P_WIN).to(tl.uint32)
     else:
         d = i - j
         vis = d < 0  # all False, with the broadcast shape

@@ -29,8 +29,8 @@ from .forward import attn_forward
 # kernel that also adds dQ (None: that kind keeps its dQ kernel). Measured on an H100 with bench/dev_kernels.py;
 # experiments may edit TUNING and call clear_cache().
 # "split": passes that keep two loops (full tiles, then partial ones) on 2+ stages, where the rest run one
-# (common.one_loop). An optional "maxnreg" ({pass: registers per thread}) caps a pass's registers, so that more
-# programs fit on an SM (none is set: bench/dev_probe.py maxnreg times it).
+# (common.one_loop). An optional "maxnreg" ({pass: registers per thread}) caps a pass's registers on Hopper, so that
+# more programs fit on an SM (_register_caps).
 TUNING = {
     (kind, d): dict(fwd=(64, 64, 4, 2), dq=(64, 64, 4, 2), dkdv=(64, 64, 4, 2), fused=None, split=())
     for kind in ("natural", "gather", "transposed") for d in (64, 128)
@@ -65,6 +65,14 @@ TUNING[("natural", 64)]["dkdv"] = (32, 64, 4, 1)
 # bench/dev_probe.py sweep strided-12k strided-64k (2026-12-01, dev-sweep-20261201-64x32.json), transposed forward
 # 70.8 -> 65.2 (2 stages) -> 63.5 us (1 stage) at strided-12k, 192.4 -> 195.3 -> 187.8 at strided-64k.
 TUNING[("transposed", 64)]["fwd"] = (64, 32, 4, 1)
+# Register caps on the forwards: compiled for sm_90 (Triton 3.6, MAXNREG=96 python bench/compile_probe.py), the band's
+# forward fits 96 registers without spills (121 uncapped: 5 programs per SM instead of 4) and the transposed one 88
+# (96 uncapped; at 96 it spills 8 bytes). H200, python bench/dev_probe.py maxnreg (2026-12-01, dev-maxnreg-20261201.json),
+# us, none -> capped: band forward 53.2 / 52.9 -> 50.4 (strided-12k), 179.8 / 181.4 -> 174.5 (strided-64k); transposed
+# forward 63.0 / 63.4 -> 62.1, 186.2 / 186.9 -> 184.2; graph fwd 0.120 -> 0.116 ms (strided-12k). The band's dQ and
+# dK/dV spill at 96 (136 and 452 bytes), so they stay uncapped.
+TUNING[("natural", 64)]["maxnreg"] = {"fwd": 96}
+TUNING[("transposed", 64)]["maxnreg"] = {"fwd": 88}
 # The transposed strided part adds its dQ from the dK/dV kernel (fp32 atomics, no dQ kernel; backward.py), on 64x64
 # tiles. On an H200 (python bench/dev_probe.py fuse, 2026-11-30, bench/results/dev-fuse-20261130-atomics.json;
 # graph-replayed fwd+bwd, the fp32 dQ's final cast included): strided-64k 1.689 -> 1.631 ms, strided-12k 0.553 ->
@@ -130,6 +138,10 @@ class Launch:
         return cex
 
 
+# A segment whose only rule is the window (the strided pattern's band) tests 0 <= i - j < W on partial tiles as one
+# unsigned compare (common._tile_mask, HAS_WIN=2) instead of two signed ones and their logic: the band forward's PTX
+# has 1339 instructions instead of 1402 (sm_90, Triton 3.6). False: the general rule (experiments; clear_cache()).
+WIN_ALONE = True
 _LAUNCHES = LRUCache()
 _KINDS = {"natural": 0, "transposed": 1, "gather": 2}
 
@@ -169,8 +181,10 @@ def _build_launches(layout, head_dim, device, block_m, block_n) -> list[Launch]:
         cfg = TUNING[(seg.kind, 64 if head_dim <= 64 else 128)]
         p = seg.params
         on = lambda *cols: bool((p[:, list(cols)] > 0).any())  # noqa: E731
-        flags = dict(KIND=_KINDS[seg.kind], HAS_DENSE=on(P_ALL, P_CUSTOM), HAS_WIN=on(P_WIN), HAS_BLK=on(P_BLK),
+        flags = dict(KIND=_KINDS[seg.kind], HAS_DENSE=on(P_ALL, P_CUSTOM), HAS_WIN=int(on(P_WIN)), HAS_BLK=on(P_BLK),
                      HAS_STR=on(P_STR), HAS_SUM=on(P_SUM_L))
+        if WIN_ALONE and flags["HAS_WIN"] and not (flags["HAS_DENSE"] or flags["HAS_BLK"] or flags["HAS_SUM"]):
+            flags["HAS_WIN"] = 2  # common._tile_mask: the window as one unsigned compare
         prm = p.to(device=device, dtype=torch.int32).contiguous()
         fused = cfg.get("fused") if idx > 0 else None  # the first segment never fuses
         if fused is not None and seg.kind == TRANSPOSED and cfg.get("fused_ragged"):
@@ -178,13 +192,22 @@ def _build_launches(layout, head_dim, device, block_m, block_n) -> list[Launch]:
             if seg.C % fused[0] or seg.C % fused[1] or (smem is not None and smem < cfg.get("fused_smem", 0)):
                 fused = cfg["fused_ragged"]
         settings = dict(cfg, fused=fused)
-        split, caps = cfg.get("split", ()), cfg.get("maxnreg", {})
+        split, caps = cfg.get("split", ()), _register_caps(cfg, device)
         passes = [None if settings[k] is None else _pass(layout, idx, seg, settings[k], head_dim, device, block_m,
                                                          block_n, one_loop_default(settings[k], k, split), caps.get(k))
                   for k in ("fwd", "dq", "dkdv", "fused")]
         block = _block_length(seg, head_dim, idx) if block_m is None and block_n is None else None
         out.append(Launch(seg, prm, flags, *passes, block=block))
     return out
+
+
+def _register_caps(cfg, device) -> dict:
+    """TUNING's "maxnreg" where it was measured, on Hopper (sm_90: wgmma); elsewhere none (compiled for sm_80, the
+    same caps spill: 108 bytes on the band's forward at 96, 108 on the transposed one at 88)."""
+    device = torch.device(device)
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+        return {}
+    return cfg.get("maxnreg", {})
 
 
 def _block_length(seg, head_dim, idx) -> int | None:
