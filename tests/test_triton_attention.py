@@ -200,6 +200,71 @@ def test_interpreter_window_alone(name, make, want, monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_head_groups_choice(monkeypatch):
+    """Head groups (function._head_groups): a divisor of H heads, or whole batch entries, holding up to GROUP_BYTES of
+    q; none with one group, heads too long, per-head rules, a gathered part, or (by default) outside a CUDA graph."""
+    from sparse_transformer.attention.triton import function
+
+    def groups(B, H, N, D, lay=None, mode="always", nbytes=6 << 20):
+        monkeypatch.setattr(function, "HEAD_GROUPS", mode)
+        monkeypatch.setattr(function, "GROUP_BYTES", nbytes)
+        lay = lay or layouts.strided(N, 8)
+        q = torch.empty(B, H, N, D, dtype=torch.bfloat16)
+        got = function._head_groups(q, lay, function.get_launches(lay, D, "cpu"))
+        return got and [(b.start, b.stop, h.start, h.stop) for b, h in got]
+
+    assert groups(2, 8, 12288, 64) == [(b, b + 1, h, h + 4) for b in (0, 1) for h in (0, 4)]  # 1.5 MB a head
+    assert groups(8, 2, 3072, 128) == [(b, b + 4, None, None) for b in (0, 4)]  # 0.75 MB a head: 4 batch entries
+    assert groups(1, 6, 12288, 64) == [(0, 1, h, h + 3) for h in (0, 3)]  # 4 heads fit: 3 divides 6
+    assert groups(1, 8, 65536, 64) is None  # 8 MB a head
+    assert groups(1, 2, 3072, 64) is None  # everything fits in one group
+    assert groups(2, 8, 12288, 64, mode="graph") is None  # not capturing (no CUDA graph here)
+    assert groups(2, 8, 12288, 64, mode="never") is None
+    for lay in (layouts.fixed(1024, 64, 16), layouts.stack([layouts.strided(1024, 32)] * 8)):
+        assert groups(2, 8, 1024, 16, lay=lay, nbytes=1 << 16) is None  # gathered part; per-head rules
+    assert groups(2, 8, 1024, 16, nbytes=1 << 16) == [(b, b + 1, h, h + 2) for b in (0, 1) for h in (0, 2, 4, 6)]
+
+
+STRIDED_GROUP_CASES = [
+    ("strided-both-n97-l10", lambda: layouts.strided(97, 10)),  # band, then the block kernel on the chunks
+    ("strided-a2-n100-l10", lambda: layouts.strided(100, 10, "strided")),  # chunks alone: the block kernel first
+    ("local-n50-w7", lambda: layouts.local(50, 7)),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("name,make", STRIDED_GROUP_CASES, ids=[c[0] for c in STRIDED_GROUP_CASES])
+@pytest.mark.parametrize("shape", [(2, 4), (4, 1)], ids=["heads", "batch"])
+def test_interpreter_head_groups(name, make, shape, monkeypatch):
+    """Forced head groups (HEAD_GROUPS="always", groups of 2 heads or 2 batch entries) against the reference, and
+    bit-equal to one launch over every head; each kernel ran once per group."""
+    from sparse_transformer.attention.triton import backward, block_backward, forward, function
+
+    lay = make()
+    B, H = shape
+    q, k, v = make_qkv(B, H, lay.n, 16, torch.float32)
+    go = torch.randn_like(q)
+
+    def run():
+        function.clear_cache()
+        o = sparse_attention_triton(q, k, v, lay)[0]
+        return (o.detach(), *torch.autograd.grad(o, (q, k, v), go))
+
+    whole = run()
+    monkeypatch.setattr(function, "HEAD_GROUPS", "always")
+    monkeypatch.setattr(function, "GROUP_BYTES", 2 * lay.n * 16 * 4)  # 2 heads' q
+    ran = _record(monkeypatch, forward, "launch_kernel", lambda a, kw: a[1])
+    ran_blk = _record(monkeypatch, block_backward, "launch_kernel", lambda a, kw: a[1])
+    ran_gen = _record(monkeypatch, backward, "launch_kernel", lambda a, kw: a[1])
+    grouped = run()
+    segments, groups = len(function.get_launches(lay, 16, "cpu")), B * H // 2
+    assert len(ran) == segments * groups, ran
+    assert ran_blk + ran_gen and len(ran_blk) % groups == 0 and len(ran_gen) % groups == 0, (ran_blk, ran_gen)
+    for a, b in zip(whole, grouped):
+        assert torch.equal(a, b)
+    _check_fresh(q, k, v, lay, 1e-5)
+
+
 BLOCK_CASES = [  # (name, layout, head dim): block-causal bands the one-kernel backward takes (block_backward)
     ("fixed-n97-l16-c4", lambda: layouts.fixed(97, 16, 4), 16),  # one tile per block, the last block cut by n
     ("fixed-n130-l32-c8-verts", lambda: layouts.fixed(130, 32, 8, heads=2, num_verts=2), 32),  # per-head summaries
@@ -596,6 +661,84 @@ def test_gpu_one_loop(name, make, D, dtype, block, one, monkeypatch):
     assert ran or (block and name.startswith("strided-a2"))
     if not block and name.startswith(("strided-both", "split")):
         assert (one, True) in ran  # the fused dK/dV with atomic dQ ran that way
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,make", [GPU_LAYOUTS[i] for i in (1, 2, 3)], ids=[GPU_LAYOUTS[i][0] for i in (1, 2, 3)])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("streams", [2, 3])
+def test_gpu_head_groups(name, make, D, dtype, streams, monkeypatch):
+    """Head groups forced outside a graph (HEAD_GROUPS="always", 2 heads a group, on side streams) against the
+    float64 reference, n cut, and bit-equal to one launch over every head."""
+    from sparse_transformer.attention.triton import function
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    lay = make(1025)
+    q, k, v = make_qkv(2, 4, 1025, D, dtype, device="cuda")
+    go = torch.randn_like(q)
+
+    def run():
+        o = sparse_attention_triton(q, k, v, lay)[0]
+        return (o.detach(), *torch.autograd.grad(o, (q, k, v), go))
+
+    whole = run()
+    monkeypatch.setattr(function, "HEAD_GROUPS", "always")
+    monkeypatch.setattr(function, "GROUP_BYTES", 2 * 1025 * D * q.element_size())
+    monkeypatch.setattr(function, "GROUP_STREAMS", streams)
+    grouped = run()
+    torch.cuda.synchronize()
+    for a, b in zip(whole, grouped):
+        assert torch.equal(a, b)
+    _check_fresh(q, k, v, lay, FLOOR[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("setup", [(2, 8, 12288, 64, 128), (8, 2, 3072, 128, 96), (1, 8, 4096, 64, 64)],
+                         ids=["strided-12k", "strided-3k", "one-batch"])
+def test_gpu_head_groups_in_a_cuda_graph(setup, monkeypatch):
+    """By default (HEAD_GROUPS="graph") a captured fwd+bwd runs in head groups on side streams, where they form (not
+    in the one-batch case: its q fits one group): each replay, on new inputs, gives the same bits as an eager call
+    over every head."""
+    from sparse_transformer.attention.triton import forward, function
+    from sparse_transformer.bench import capture_graph
+
+    B, H, n, D, L = setup
+    lay = layouts.strided(n, L)
+    q, k, v = make_qkv(B, H, n, D, torch.bfloat16, device="cuda")
+    go = torch.randn_like(q)
+    segments = len(function.get_launches(lay, D, q.device))
+    with monkeypatch.context() as m:
+        m.setattr(function, "HEAD_GROUPS", "always")
+        groups = len(function._head_groups(q, lay, function.get_launches(lay, D, q.device)) or [None])
+
+    def step():
+        q.grad = k.grad = v.grad = None
+        o = sparse_attention_triton(q, k, v, lay)[0]
+        o.backward(go)
+        return o
+
+    def eager():
+        q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        o = sparse_attention_triton(q2, k2, v2, lay)[0]
+        o.backward(go)
+        return o.detach(), q2.grad, k2.grad, v2.grad
+
+    launches = _record(monkeypatch, forward, "launch_kernel", lambda a, kw: a[1])
+    captured = []
+    g = capture_graph(lambda: captured.append(step()))
+    assert len(launches) == segments * (3 + groups)  # 3 warm-ups over every head, then the capture in groups
+    assert (groups > 1) == (setup[0] > 1)
+    outs = (captured[-1], q.grad, k.grad, v.grad)
+    for _ in range(2):
+        with torch.no_grad():
+            for t in (q, k, v):
+                t.copy_(torch.randn_like(t))
+        want = eager()
+        g.replay()
+        torch.cuda.synchronize()
+        for a, b in zip(want, outs):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.gpu
