@@ -8,7 +8,6 @@ python bench/dev_probe.py order [setup ...]  (program order: heads interleaved o
 python bench/dev_probe.py oneloop [setup ...]  (forward / backward.ONE_LOOP by the default rule, off and on: per-kernel
 GPU time, graph fwd and fwd+bwd);
 python bench/dev_probe.py maxnreg [setup ...]  (register caps per pass, TUNING's "maxnreg": per-kernel GPU time, graph);
-python bench/dev_probe.py groups [setup ...]  (head groups on side streams in a CUDA graph: group size, streams);
 python bench/dev_probe.py winmask [setup ...]  (the window-only rule as one unsigned compare, function.WIN_ALONE, on / off);
 python bench/dev_probe.py fuse [setup ...]  (dQ fused into dK/dV with atomics, per segment kind and dK/dV tile config in
 FUSE_CONFIGS: per-kernel GPU time and graph-replayed fwd+bwd, against no fusion and the current TUNING)."""
@@ -352,29 +351,6 @@ def winmask(names):
     write_rows(rows, "dev_winmask.json")
 
 
-# (HEAD_GROUPS, q's MB per group, streams): head groups on side streams in a CUDA graph (function._head_groups)
-GROUP_VARIANTS = [("never", 6, 2), ("graph", 3, 2), ("graph", 6, 2), ("graph", 12, 2), ("graph", 3, 3),
-                  ("graph", 6, 3), ("graph", 3, 4), ("graph", 6, 4), ("graph", 12, 4), ("never", 6, 2)]
-
-
-def groups(names):
-    """function.HEAD_GROUPS / GROUP_BYTES / GROUP_STREAMS per GROUP_VARIANTS: graph fwd and fwd+bwd (the per-kernel
-    times are eager: never grouped by default)."""
-    from sparse_transformer.attention.triton import function as fn_mod
-
-    def apply(variant):
-        fn_mod.HEAD_GROUPS, mb, fn_mod.GROUP_STREAMS = variant
-        fn_mod.GROUP_BYTES = mb << 20
-        return dict(head_groups=variant[0], group_mb=mb, streams=variant[2]), f"{variant[0]:5s} {mb:2d} MB {variant[2]}"
-
-    was = (fn_mod.HEAD_GROUPS, fn_mod.GROUP_BYTES, fn_mod.GROUP_STREAMS)
-    try:
-        rows = _variant_times(names, GROUP_VARIANTS, apply)
-    finally:
-        fn_mod.HEAD_GROUPS, fn_mod.GROUP_BYTES, fn_mod.GROUP_STREAMS = was
-    write_rows(rows, "dev_groups.json")
-
-
 if __name__ == "__main__":
     args = sys.argv[1:]
     if args[:1] == ["micro"]:
@@ -385,8 +361,6 @@ if __name__ == "__main__":
         fuse(args[1:] or list(SETUPS))
     elif args[:1] == ["oneloop"]:
         oneloop(args[1:] or list(SETUPS))
-    elif args[:1] == ["groups"]:
-        groups(args[1:] or list(SETUPS))
     elif args[:1] == ["winmask"]:
         winmask(args[1:] or list(SETUPS))
     elif args[:1] == ["maxnreg"]:

@@ -176,8 +176,6 @@ def _smem_per_block(device) -> int | None:
 
 
 def _build_launches(layout, head_dim, device, block_m, block_n) -> list[Launch]:
-    if torch.device(device).type == "cuda":
-        _side_streams(device)  # for head groups in a CUDA graph: made here, before any capture
     out = []
     for idx, seg in enumerate(get_segments(layout)):
         cfg = TUNING[(seg.kind, 64 if head_dim <= 64 else 128)]
@@ -230,68 +228,6 @@ def _block_length(seg, head_dim, idx) -> int | None:
     return L if _block.block_tile(L, head_dim) is not None else None
 
 
-# Head groups on CUDA streams. Each kernel of a fwd+bwd reads all of q, k, v (75 MB at strided-12k, more than an H200's
-# 50 MB L2), so each starts cold. Run the heads a group at a time instead, every kernel of a group in turn on one of
-# GROUP_STREAMS streams, and a group's later kernels find its rows in L2 while the other stream's group fills the SMs
-# its small grids leave idle. H200, python bench/l2_probe.py (2026-12-01, dev-l2-20261201.json), graph fwd+bwd over
-# all heads -> groups of 4 heads on 2 streams: strided-12k 0.388 -> 0.370 ms, strided-3k 0.193 -> 0.168; strided-64k
-# (8 MB of q per head) 1.187 -> 1.189. The groups cost host launches, which only a CUDA graph hides: HEAD_GROUPS
-# "graph" groups while one is being captured, "always" always, "never" never. Head-uniform layouts without a gathered
-# part only (the Gluon kernels and per-head rules are not sliced).
-HEAD_GROUPS = "graph"
-GROUP_BYTES = 6 << 20  # q's bytes per group (heads whose q holds more run alone or not grouped)
-GROUP_STREAMS = 2
-_STREAMS: dict = {}
-
-
-def _head_groups(q, layout, launches) -> list | None:
-    """(batch slice, head slice) of each head group, or None: every head in one launch per kernel."""
-    if HEAD_GROUPS == "never" or (HEAD_GROUPS == "graph" and not (q.is_cuda and torch.cuda.is_current_stream_capturing())):
-        return None
-    if layout.num_heads != 1 or any(launch.seg.kind == GATHER for launch in launches):
-        return None
-    B, H, N, D = q.shape
-    g = GROUP_BYTES // (N * D * q.element_size())
-    if g < 1:
-        return None
-    if g < H:  # a divisor of H heads of one batch entry
-        g = max(x for x in range(1, g + 1) if H % x == 0)
-        return [(slice(b, b + 1), slice(h, h + g)) for b in range(B) for h in range(0, H, g)]
-    gb = max(x for x in range(1, min(g // H, B) + 1) if B % x == 0)  # whole batch entries
-    return [(slice(b, b + gb), slice(None)) for b in range(0, B, gb)] if gb < B else None
-
-
-def _side_streams(device) -> list:
-    """GROUP_STREAMS streams of a CUDA device, made once (first from _build_launches, outside any graph capture)."""
-    device = torch.device(device)
-    streams = _STREAMS.get(device)
-    if streams is None or len(streams) != GROUP_STREAMS:
-        streams = _STREAMS[device] = [torch.cuda.Stream(device) for _ in range(GROUP_STREAMS)]
-    return streams
-
-
-def _in_groups(q, groups, run):
-    """run(batch slice, head slice) over every group: in turn on GROUP_STREAMS side streams forked from and joined
-    back to the current one (CUDA), in turn on the current stream (elsewhere), or once over everything (None). The
-    tensors the groups use were made on the current stream before the fork and live past the join."""
-    if groups is None:
-        run(slice(None), slice(None))
-        return
-    if not q.is_cuda:
-        for bs, hs in groups:
-            run(bs, hs)
-        return
-    main = torch.cuda.current_stream(q.device)
-    streams = _side_streams(q.device)
-    for s in streams:
-        s.wait_stream(main)
-    for i, (bs, hs) in enumerate(groups):
-        with torch.cuda.stream(streams[i % len(streams)]):
-            run(bs, hs)
-    for s in streams:
-        main.wait_stream(s)
-
-
 class SparseAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, layout, scale, block_m, block_n):
@@ -300,15 +236,10 @@ class SparseAttentionFunction(torch.autograd.Function):
         launches = get_launches(layout, D, q.device, block_m, block_n)
         o = torch.empty(q.shape, device=q.device, dtype=q.dtype)  # contiguous: the backward gives dO its strides
         lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
-        groups = _head_groups(q, layout, launches)
-
-        def run(bs, hs):
-            for idx, launch in enumerate(launches):
-                attn_forward(q[bs, hs], k[bs, hs], v[bs, hs], o[bs, hs], lse[bs, hs], launch, scale, merge=idx > 0)
-
-        _in_groups(q, groups, run)
+        for idx, launch in enumerate(launches):
+            attn_forward(q, k, v, o, lse, launch, scale, merge=idx > 0)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.launches, ctx.scale, ctx.layout = launches, scale, layout
+        ctx.launches, ctx.scale = launches, scale
         ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)  # no zero-filled gradient for lse (one launch fewer); o's always arrives
         return o, lse
@@ -331,20 +262,16 @@ class SparseAttentionFunction(torch.autograd.Function):
         alloc = torch.zeros if gather_only else torch.empty
         dk = alloc(k.shape, device=k.device, dtype=k.dtype)  # contiguous, whatever views k and v are
         dv = alloc(v.shape, device=v.device, dtype=v.dtype)
-
-        def run(bs, hs):
-            g = [t[bs, hs] for t in (q, k, v, o, do, dq, dk, dv, lse, delta)]
-            for idx, launch in enumerate(launches):
-                chunks = launch.seg.kind == TRANSPOSED
-                if launch.block is not None and _block.BLOCK_BWD and (idx > 0 or not chunks or _block.FIRST_CHUNKS):
-                    # one kernel: a block-causal band first (Delta too), or the transposed strided chunks (later:
-                    # adding to the band's gradients; first, a strided-only layer: storing them and Delta)
-                    _block.block_backward(*g, launch.block, ctx.scale, launch if chunks else None, first=idx == 0)
-                    continue
-                attn_backward(*g, launch, ctx.scale, fused[idx], first=idx == 0, accum=idx > 0,
-                              accum_kv=idx > 0 or gather_only)
-
-        _in_groups(q, _head_groups(q, ctx.layout, launches), run)
+        for idx, launch in enumerate(launches):
+            chunks = launch.seg.kind == TRANSPOSED
+            if launch.block is not None and _block.BLOCK_BWD and (idx > 0 or not chunks or _block.FIRST_CHUNKS):
+                # one kernel: a block-causal band first (Delta too), or the transposed strided chunks (later: adding
+                # to the band's gradients; first, a strided-only layer: storing them and Delta)
+                _block.block_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch.block, ctx.scale,
+                                      launch if chunks else None, first=idx == 0)
+                continue
+            attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, ctx.scale, fused[idx], first=idx == 0,
+                          accum=idx > 0, accum_kv=idx > 0 or gather_only)
         return dq.to(q.dtype), dk, dv, None, None, None, None
 
 
