@@ -138,27 +138,33 @@ def test_one_loop_rule(monkeypatch):
 @pytest.mark.interpreter
 def test_interpreter_maxnreg(monkeypatch):
     """TUNING's per-pass register caps reach exactly that pass's launches (as Triton's maxnreg) and change nothing
-    computed: the default caps on the two forwards where they apply (Hopper; patched in here), none off Hopper (the CPU
-    here), none where TUNING has none."""
+    computed: on Hopper (patched in here) the band's and the transposed forwards on their tuned tiles; none off Hopper
+    (the CPU here), on other tiles, on the fixed pattern's block band, or where TUNING has none."""
     from sparse_transformer.attention.triton import backward, forward, function
     from sparse_transformer.attention.triton.function import TUNING
 
-    lay = layouts.strided(97, 10)  # the band, then the transposed strided part
-    q, k, v = make_qkv(1, 2, lay.n, 16, torch.float32)
+    lay = layouts.strided(640, 10)  # the window band, then the transposed part in chunks of 64 (its 64 x 32 tiles)
+    q, k, v = make_qkv(1, 1, lay.n, 16, torch.float32)
     ran = _record(monkeypatch, forward, "launch_kernel", lambda a, kw: a[4].get("maxnreg"))
     ran_bwd = _record(monkeypatch, backward, "launch_kernel", lambda a, kw: a[4].get("maxnreg"))
     _check_fresh(q, k, v, lay, 1e-5)
     assert ran == [None, None] and ran_bwd and set(ran_bwd) == {None}  # not Hopper
     ran.clear()
     ran_bwd.clear()
-    monkeypatch.setattr(function, "_register_caps", lambda cfg, device: cfg.get("maxnreg", {}))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    caps = function._register_caps
+    monkeypatch.setattr(function, "_register_caps", lambda cfg, device, flags: caps(cfg, "cuda", flags))
     _check_fresh(q, k, v, lay, 1e-5)
     assert ran == [96, 88] and ran_bwd and set(ran_bwd) == {None}
-    ran.clear()
+    function.clear_cache()
+    assert [launch.fwd.maxnreg for launch in function.get_launches(lay, 16, "cpu", 32, 32)] == [None, None]
+    assert [launch.fwd.maxnreg for launch in function.get_launches(layouts.fixed(640, 64, 16), 16, "cpu")] == \
+        [None, None]  # the block band, the gathered summary
     for kind in ("natural", "transposed"):
         monkeypatch.setitem(TUNING, (kind, 64), {kk: vv for kk, vv in TUNING[(kind, 64)].items() if kk != "maxnreg"})
-    _check_fresh(q, k, v, lay, 1e-5)
-    assert ran == [None, None]
+    function.clear_cache()
+    assert [launch.fwd.maxnreg for launch in function.get_launches(lay, 16, "cpu")] == [None, None]
+    function.clear_cache()
 
 
 WIN_CASES = [  # (name, layout, HAS_WIN of its natural segment with function.WIN_ALONE)
@@ -599,23 +605,22 @@ def test_gpu_one_loop(name, make, D, dtype, block, one, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name,make", [GPU_LAYOUTS[i] for i in (1, 3, 4, 7)],
+@pytest.mark.parametrize("name,make,want", [(*GPU_LAYOUTS[1], [96, 88]), (*GPU_LAYOUTS[3], [96]),
+                                            (*GPU_LAYOUTS[4], [None]), (*GPU_LAYOUTS[7], [96, 88])],
                          ids=[GPU_LAYOUTS[i][0] for i in (1, 3, 4, 7)])
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_gpu_maxnreg(name, make, D, dtype, monkeypatch):
-    """Register caps on the forwards (TUNING's "maxnreg", as bench/dev_probe.py maxnreg times them) against the float64
-    reference, n cut; the capped launches must have run."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_gpu_maxnreg(name, make, want, dtype, monkeypatch):
+    """The default register caps on the forwards (TUNING's "maxnreg", on Hopper: the window band's and the transposed
+    part's on their tuned tiles; not the fixed pattern's block band) against the float64 reference, n cut, chunks of
+    129 (64 x 32 tiles); the Triton forwards ran with exactly those caps."""
     from sparse_transformer.attention.triton import forward
-    from sparse_transformer.attention.triton.function import TUNING
 
-    for kind, cap in (("natural", 96), ("transposed", 88)):
-        for d in (64, 128):
-            monkeypatch.setitem(TUNING, (kind, d), dict(TUNING[(kind, d)], maxnreg={"fwd": cap}))
-    ran = _record(monkeypatch, forward, "launch_kernel", lambda a, kw: (a[4]["KIND"], a[4].get("maxnreg")))
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the caps apply on Hopper")
+    ran = _record(monkeypatch, forward, "launch_kernel", lambda a, kw: a[4].get("maxnreg"))
     torch.backends.cuda.matmul.allow_tf32 = False
-    _check_fresh(*make_qkv(2, 4, 1025, D, dtype, device="cuda"), make(1025), FLOOR[dtype])
-    assert ran and all(cap == {0: 96, 1: 88}.get(kind) for kind, cap in ran)  # natural, transposed; gathered: none
+    _check_fresh(*make_qkv(1, 4, 4097, 64, dtype, device="cuda"), make(4097), FLOOR[dtype])
+    assert ran == want if want != [None] else ran and set(ran) == {None}  # fixed: the gathered part may run Gluon
 
 
 @pytest.mark.gpu

@@ -159,6 +159,8 @@ def _pass(layout, idx, seg, cfg, head_dim, device, block_m, block_n, one_loop=Fa
         bm, bn = math.gcd(bm, layout.custom_block), math.gcd(bn, layout.custom_block)
     if bm * bn < 64 * 64:
         warps = min(warps, 4)
+    if (bm, bn) != tuple(cfg[:2]):  # a register cap holds for the tile it was measured on (a 128x128 tile under the
+        maxnreg = None  # transposed forward's 88 crashes Triton 3.6's compiler)
     return Pass(get_tables(layout, idx, bm, bn, device), warps, stages, one_loop, maxnreg)
 
 
@@ -192,7 +194,7 @@ def _build_launches(layout, head_dim, device, block_m, block_n) -> list[Launch]:
             if seg.C % fused[0] or seg.C % fused[1] or (smem is not None and smem < cfg.get("fused_smem", 0)):
                 fused = cfg["fused_ragged"]
         settings = dict(cfg, fused=fused)
-        split, caps = cfg.get("split", ()), _register_caps(cfg, device)
+        split, caps = cfg.get("split", ()), _register_caps(cfg, device, flags)
         passes = [None if settings[k] is None else _pass(layout, idx, seg, settings[k], head_dim, device, block_m,
                                                          block_n, one_loop_default(settings[k], k, split), caps.get(k))
                   for k in ("fwd", "dq", "dkdv", "fused")]
@@ -201,11 +203,16 @@ def _build_launches(layout, head_dim, device, block_m, block_n) -> list[Launch]:
     return out
 
 
-def _register_caps(cfg, device) -> dict:
-    """TUNING's "maxnreg" where it was measured, on Hopper (sm_90: wgmma); elsewhere none (compiled for sm_80, the
-    same caps spill: 108 bytes on the band's forward at 96, 108 on the transposed one at 88)."""
+def _register_caps(cfg, device, flags) -> dict:
+    """TUNING's "maxnreg" where it was measured: on Hopper (sm_90: wgmma), and for the natural kind on a band whose
+    only rule is the window (HAS_WIN=2); else none. Compiled for sm_80 the same caps spill (108 bytes on the band's
+    forward at 96, 88 on the transposed one at 88); the fixed pattern's block band needs 153 registers uncapped and
+    spills 52 bytes at 96: H200, python bench/dev_probe.py maxnreg fixed-12k fixed-64k (dev-maxnreg-fixed-20261201.json),
+    its forward 43.9 -> 46.5 us and 133.2 -> 140.4 us capped."""
     device = torch.device(device)
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+        return {}
+    if flags["KIND"] == _KINDS["natural"] and flags["HAS_WIN"] != 2:
         return {}
     return cfg.get("maxnreg", {})
 
