@@ -312,6 +312,11 @@ def oneloop(names):
 MAXNREG_VARIANTS = {"none": {}, "band fwd 96": {("natural", 64): {"fwd": 96}},
                     "transposed fwd 88": {("transposed", 64): {"fwd": 88}},
                     "both": {("natural", 64): {"fwd": 96}, ("transposed", 64): {"fwd": 88}}}
+if os.environ.get("MAXNREG_BWD"):  # the band's dQ / dK/dV at 96 too, although they spill (136 / 452 bytes)
+    MAXNREG_VARIANTS = {"none": {}, "both": MAXNREG_VARIANTS["both"],
+                        "both + band dq 96": {("natural", 64): {"fwd": 96, "dq": 96}, ("transposed", 64): {"fwd": 88}},
+                        "both + band dkdv 96": {("natural", 64): {"fwd": 96, "dkdv": 96},
+                                                ("transposed", 64): {"fwd": 88}}}
 
 
 def maxnreg(names):
