@@ -5,7 +5,7 @@ that spills or needs too much shared memory need not be timed. Usage:
 python bench/compile_probe.py                     # every (kind, head dim, pass) of the current TUNING
 python bench/compile_probe.py 32x32/4/2 64x64/4/3  # those settings (BMxBN/warps/stages) for every kind and pass, d=64
 SPARSE_TRANSFORMER_ONE_LOOP=0|1 python bench/compile_probe.py  # every pass split / one loop (default: Pass.one_loop)
-MAXNREG=96 python bench/compile_probe.py  # every pass under this register cap per thread (default: TUNING's caps)
+MAXNREG=96 python bench/compile_probe.py  # every pass under this register cap (default: TUNING's; MAXNREG=0: none)
 The device has Triton 3.6; another version compiles differently (a venv with that wheel gives its numbers)."""
 import os
 import re
@@ -75,7 +75,8 @@ def passes(kind, d, setting, pass_name):
     split = fn.TUNING.get((kind, d), {}).get("split", ())
     default = one_loop_default(setting, "fused" if pass_name.startswith("fused") else pass_name, split)
     nk = NK_GATHER if kind == "gather" else N
-    flags = dict(KIND=KINDS[kind], IEEE=False, HAS_DENSE=False, HAS_WIN=(1 + fn.WIN_ALONE) * (kind == "natural"), HAS_BLK=False,
+    flags = dict(KIND=KINDS[kind], IEEE=False, HAS_DENSE=False, HAS_BLK=False,
+                 HAS_WIN=(1 + fn.WIN_ALONE) * (kind == "natural"),  # the window band (2: its only rule)
                  HAS_STR=kind == "transposed", HAS_SUM=kind == "gather", BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
     strides = {f"stride_{t}{x}": v for t in "qkvo" for x, v in zip("bhn", (H * N * d, N * d, d))}
     common = dict(strides, H=H, N=N, NQ=N, NK=nk, TH=1, SEG_L=L, SEG_C=C if kind == "gather" else N // L,
@@ -96,11 +97,15 @@ def passes(kind, d, setting, pass_name):
              ONE_LOOP=one_loop(bwd_mod.ONE_LOOP, default))
 
 
-def probe(kind, d, pass_name, setting):
+def probe(kind, d, pass_name, setting, default=False):
+    """default: a pass of TUNING, compiled with TUNING's register cap where it has one (the device is Hopper; on the
+    window band, as compile_probe models the natural kind)."""
     kernel, args, consts = passes(kind, d, setting, pass_name)
     tag = f"{kind:10s} d={d:<3d} {pass_name:5s} {setting[0]}x{setting[1]}/{setting[2]}/{setting[3]}"
     try:
-        cap = fn.TUNING.get((kind, d), {}).get("maxnreg", {}).get(pass_name)  # TUNING's (the device is Hopper)
+        capped = default and (kind != "natural" or fn.WIN_ALONE)  # as function._register_caps
+        cap = fn.TUNING.get((kind, d), {}).get("maxnreg", {}).get(pass_name) if capped else None
+        cap = cap[0] if cap is not None and tuple(cap[1:]) == tuple(setting[:2]) else None  # as function._pass
         k = compile_kernel(kernel, args, consts, setting[2], setting[3], cap)
     except Exception as e:  # e.g. out of shared memory
         print(f"{tag:40s} failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}", flush=True)
@@ -108,6 +113,8 @@ def probe(kind, d, pass_name, setting):
     ptx = k.asm["ptx"]
     regs, spills = ptxas_report(ptx)
     atomics = len(re.findall(r"\b(?:red|atom)[.]global", ptx))  # outside the f-string: Python < 3.12
+    if os.environ.get("MAXNREG") or cap:
+        tag += f" cap {os.environ.get('MAXNREG') or cap}"
     print(f"{tag:40s} regs {regs:4d}  spill st/ld {spills:7s}  smem {k.metadata.shared // 1024:4d} KiB  "
           f"wgmma {ptx.count('wgmma.mma_async'):3d}  mma.sync {len(re.findall(r'mma[.]sync', ptx)):3d}  "
           f"cp.async {ptx.count('cp.async'):3d}  atomics {atomics}", flush=True)
@@ -119,7 +126,7 @@ def main(settings):
         for (kind, d), cfg in fn.TUNING.items():
             for pass_name in ("fwd", "dq", "dkdv", "fused", "fused_ragged"):
                 if cfg.get(pass_name) is not None:
-                    probe(kind, d, pass_name, cfg[pass_name])
+                    probe(kind, d, pass_name, cfg[pass_name], default=True)
         return
     for text in settings:
         tiles, warps, stages = text.split("/")

@@ -7,8 +7,10 @@ python bench/dev_probe.py sweep [setup ...]  (per-kernel GPU time for each tile 
 python bench/dev_probe.py order [setup ...]  (program order: heads interleaved or one after another);
 python bench/dev_probe.py oneloop [setup ...]  (forward / backward.ONE_LOOP by the default rule, off and on: per-kernel
 GPU time, graph fwd and fwd+bwd);
-python bench/dev_probe.py maxnreg [setup ...]  (register caps per pass, TUNING's "maxnreg": per-kernel GPU time, graph);
-python bench/dev_probe.py winmask [setup ...]  (the window-only rule as one unsigned compare, function.WIN_ALONE, on / off);
+python bench/dev_probe.py maxnreg [setup ...]  (register caps per pass, TUNING's "maxnreg": per-kernel GPU time,
+graph; MAXNREG_BWD=1: also the band's dQ and dK/dV capped);
+python bench/dev_probe.py winmask [setup ...]  (the window-only rule as one unsigned compare, function.WIN_ALONE, on
+and off);
 python bench/dev_probe.py fuse [setup ...]  (dQ fused into dK/dV with atomics, per segment kind and dK/dV tile config in
 FUSE_CONFIGS: per-kernel GPU time and graph-replayed fwd+bwd, against no fusion and the current TUNING)."""
 import json
@@ -305,18 +307,24 @@ def oneloop(names):
     write_rows(rows, "dev_oneloop.json")
 
 
-# register caps that compile without spills for sm_90 under Triton 3.6 (MAXNREG=... python bench/compile_probe.py,
-# 2026-12-01): the band's forward at 96 (from 121-126: 5 programs per SM instead of 4), the transposed 64x32 forward at
-# 88 (from 95); the band's dQ spills 136 bytes at 96 and its dK/dV 452, so they stay uncapped. "both" is TUNING's
-# default since 2026-12-01.
-MAXNREG_VARIANTS = {"none": {}, "band fwd 96": {("natural", 64): {"fwd": 96}},
-                    "transposed fwd 88": {("transposed", 64): {"fwd": 88}},
-                    "both": {("natural", 64): {"fwd": 96}, ("transposed", 64): {"fwd": 88}}}
-if os.environ.get("MAXNREG_BWD"):  # the band's dQ / dK/dV at 96 too, although they spill (136 / 452 bytes)
+# register caps (registers, BM, BN: the tile they hold for) that compile without spills for sm_90 under Triton 3.6
+# (MAXNREG=... python bench/compile_probe.py, 2026-12-01): the band's forward at 96 (from 121-126: 5 programs per SM
+# instead of 4), the transposed 64x32 forward at 88 (from 95). "both" is TUNING's default since 2026-12-01.
+BAND, TRANSPOSED = {"fwd": (96, 64, 64)}, {"fwd": (88, 64, 32)}
+MAXNREG_VARIANTS = {"none": {}, "band fwd 96": {("natural", 64): BAND},
+                    "transposed fwd 88": {("transposed", 64): TRANSPOSED},
+                    "both": {("natural", 64): BAND, ("transposed", 64): TRANSPOSED}}
+if os.environ.get("MAXNREG_BWD") == "1":  # the band's dQ / dK/dV at 96 too, although they spill (136 / 452 bytes)
     MAXNREG_VARIANTS = {"none": {}, "both": MAXNREG_VARIANTS["both"],
-                        "both + band dq 96": {("natural", 64): {"fwd": 96, "dq": 96}, ("transposed", 64): {"fwd": 88}},
-                        "both + band dkdv 96": {("natural", 64): {"fwd": 96, "dkdv": 96},
-                                                ("transposed", 64): {"fwd": 88}}}
+                        "both + band dq 96": {("natural", 64): dict(BAND, dq=(96, 64, 64)),
+                                              ("transposed", 64): TRANSPOSED},
+                        "both + band dkdv 96": {("natural", 64): dict(BAND, dkdv=(96, 32, 64)),
+                                                ("transposed", 64): TRANSPOSED}}
+
+
+def _without_caps(fn_mod, base):
+    """TUNING as `base` (a copy), with no register caps."""
+    fn_mod.TUNING.update({kk: {p: x for p, x in vv.items() if p != "maxnreg"} for kk, vv in base.items()})
 
 
 def maxnreg(names):
@@ -327,7 +335,7 @@ def maxnreg(names):
     base = {kk: dict(vv) for kk, vv in fn_mod.TUNING.items()}
 
     def apply(variant):  # TUNING without its caps, then the variant's
-        fn_mod.TUNING.update({kk: {p: x for p, x in vv.items() if p != "maxnreg"} for kk, vv in base.items()})
+        _without_caps(fn_mod, base)
         for kk, caps in MAXNREG_VARIANTS[variant].items():
             fn_mod.TUNING[kk]["maxnreg"] = caps
         return dict(variant=variant), f"{variant:18s}"
@@ -341,8 +349,11 @@ def maxnreg(names):
 
 
 def winmask(names):
-    """function.WIN_ALONE (a window-only segment's partial tiles as one unsigned compare) on and off, in turn twice."""
+    """function.WIN_ALONE (a window-only segment's partial tiles as one unsigned compare) on and off, in turn twice,
+    with no register caps (off, the band's forward would lose its cap too)."""
     from sparse_transformer.attention.triton import function as fn_mod
+
+    base = {kk: dict(vv) for kk, vv in fn_mod.TUNING.items()}
 
     def apply(variant):
         fn_mod.WIN_ALONE = variant
@@ -350,9 +361,12 @@ def winmask(names):
 
     was = fn_mod.WIN_ALONE
     try:
+        _without_caps(fn_mod, base)
         rows = _variant_times(names, (True, False, True, False), apply)
     finally:
         fn_mod.WIN_ALONE = was
+        fn_mod.TUNING.update(base)
+        fn_mod.clear_cache()
     write_rows(rows, "dev_winmask.json")
 
 

@@ -29,8 +29,8 @@ from .forward import attn_forward
 # kernel that also adds dQ (None: that kind keeps its dQ kernel). Measured on an H100 with bench/dev_kernels.py;
 # experiments may edit TUNING and call clear_cache().
 # "split": passes that keep two loops (full tiles, then partial ones) on 2+ stages, where the rest run one
-# (common.one_loop). An optional "maxnreg" ({pass: registers per thread}) caps a pass's registers on Hopper, so that
-# more programs fit on an SM (_register_caps).
+# (common.one_loop). An optional "maxnreg" ({pass: (registers per thread, BM, BN)}) caps a pass's registers where it
+# was measured, so that more programs fit on an SM (_register_caps).
 TUNING = {
     (kind, d): dict(fwd=(64, 64, 4, 2), dq=(64, 64, 4, 2), dkdv=(64, 64, 4, 2), fused=None, split=())
     for kind in ("natural", "gather", "transposed") for d in (64, 128)
@@ -65,14 +65,16 @@ TUNING[("natural", 64)]["dkdv"] = (32, 64, 4, 1)
 # bench/dev_probe.py sweep strided-12k strided-64k (2026-12-01, dev-sweep-20261201-64x32.json), transposed forward
 # 70.8 -> 65.2 (2 stages) -> 63.5 us (1 stage) at strided-12k, 192.4 -> 195.3 -> 187.8 at strided-64k.
 TUNING[("transposed", 64)]["fwd"] = (64, 32, 4, 1)
-# Register caps on the forwards: compiled for sm_90 (Triton 3.6, MAXNREG=96 python bench/compile_probe.py), the band's
-# forward fits 96 registers without spills (121 uncapped: 5 programs per SM instead of 4) and the transposed one 88
-# (96 uncapped; at 96 it spills 8 bytes). H200, python bench/dev_probe.py maxnreg (2026-12-01, dev-maxnreg-20261201.json),
-# us, none -> capped: band forward 53.2 / 52.9 -> 50.4 (strided-12k), 179.8 / 181.4 -> 174.5 (strided-64k); transposed
-# forward 63.0 / 63.4 -> 62.1, 186.2 / 186.9 -> 184.2; graph fwd 0.120 -> 0.116 ms (strided-12k). The band's dQ and
-# dK/dV spill at 96 (136 and 452 bytes), so they stay uncapped.
-TUNING[("natural", 64)]["maxnreg"] = {"fwd": 96}
-TUNING[("transposed", 64)]["maxnreg"] = {"fwd": 88}
+# Register caps on the forwards, with the tile they hold for: compiled for sm_90 (Triton 3.6, MAXNREG=96 python
+# bench/compile_probe.py), the window band's 64x64 forward fits 96 registers without spills (121 uncapped: 5 programs
+# per SM instead of 4) and the transposed 64x32 one 88 (95 uncapped; at 96 it spills 8 bytes). H200, python
+# bench/dev_probe.py maxnreg (2026-12-01, dev-maxnreg-20261201.json), bf16, us, none -> capped: band forward 53.2 /
+# 52.9 -> 50.4 (strided-12k), 179.8 / 181.4 -> 174.5 (strided-64k); transposed forward 63.0 / 63.4 -> 62.1, 186.2 /
+# 186.9 -> 184.2; graph fwd 0.120 -> 0.116 ms (strided-12k). The band's dQ and dK/dV spill at 96 (136 and 452 bytes)
+# and ran slower capped (61.9 -> 76.8 and 80.4 -> 145.9 us at strided-12k, MAXNREG_BWD=1 python bench/dev_probe.py
+# maxnreg, dev-maxnreg-bwd-20261201.json), so they stay uncapped.
+TUNING[("natural", 64)]["maxnreg"] = {"fwd": (96, 64, 64)}
+TUNING[("transposed", 64)]["maxnreg"] = {"fwd": (88, 64, 32)}
 # The transposed strided part adds its dQ from the dK/dV kernel (fp32 atomics, no dQ kernel; backward.py), on 64x64
 # tiles. On an H200 (python bench/dev_probe.py fuse, 2026-11-30, bench/results/dev-fuse-20261130-atomics.json;
 # graph-replayed fwd+bwd, the fp32 dQ's final cast included): strided-64k 1.689 -> 1.631 ms, strided-12k 0.553 ->
@@ -109,7 +111,7 @@ class Pass:
     warps: int
     stages: int
     one_loop: bool = False  # full and partial tiles in one loop by default (common.one_loop_default)
-    maxnreg: int | None = None  # a register cap per thread (Triton's maxnreg), from TUNING's "maxnreg"; None: none
+    maxnreg: int | None = None  # a register cap per thread (Triton's maxnreg) for 16-bit inputs; None: none
 
 
 @dataclass(frozen=True, eq=False)
@@ -133,15 +135,17 @@ class Launch:
         if cex is None:
             cex = self._cex[key] = dict(extra, **self.flags, IEEE=key[1], BLOCK_M=p.tab.bm, BLOCK_N=p.tab.bn,
                                         HEAD_DIM=key[2], num_warps=p.warps, num_stages=p.stages)
-            if p.maxnreg is not None:
+            if p.maxnreg is not None and not key[1]:  # measured on bf16: fp32 spills under the same caps
                 cex["maxnreg"] = p.maxnreg
         return cex
 
 
 # A segment whose only rule is the window (the strided pattern's band) tests 0 <= i - j < W on partial tiles as one
 # unsigned compare (common._tile_mask, HAS_WIN=2) instead of two signed ones and their logic: the band forward's PTX
-# has 1339 instructions instead of 1402 (sm_90, Triton 3.6). False: the general rule (experiments; clear_cache()).
+# has 1339 instructions instead of 1402 (sm_90, Triton 3.6). False: the general rule, and no register cap on the band
+# (_register_caps; experiments; clear_cache()).
 WIN_ALONE = True
+MAXNREG_TRITON = (3, 6)  # the Triton version TUNING's register caps were measured with (3.9 spills the transposed one)
 _LAUNCHES = LRUCache()
 _KINDS = {"natural": 0, "transposed": 1, "gather": 2}
 
@@ -150,7 +154,9 @@ def clear_cache():
     _LAUNCHES.clear()
 
 
-def _pass(layout, idx, seg, cfg, head_dim, device, block_m, block_n, one_loop=False, maxnreg=None) -> Pass:
+def _pass(layout, idx, seg, cfg, head_dim, device, block_m, block_n, one_loop=False, cap=None) -> Pass:
+    """The pass's tiles and launch settings; cap: TUNING's (registers, BM, BN) for it, applied on that tile only (a
+    128x128 transposed forward under 88 registers crashed Triton 3.6's compiler)."""
     bm, bn, warps, stages = cfg
     if seg.kind == TRANSPOSED and seg.C < max(bm, bn):  # chunks shorter than a tile: shrink the tile to fit
         bm = bn = max(16, 1 << (seg.C.bit_length() - 1))
@@ -159,8 +165,7 @@ def _pass(layout, idx, seg, cfg, head_dim, device, block_m, block_n, one_loop=Fa
         bm, bn = math.gcd(bm, layout.custom_block), math.gcd(bn, layout.custom_block)
     if bm * bn < 64 * 64:
         warps = min(warps, 4)
-    if (bm, bn) != tuple(cfg[:2]):  # a register cap holds for the tile it was measured on (a 128x128 tile under the
-        maxnreg = None  # transposed forward's 88 crashes Triton 3.6's compiler)
+    maxnreg = cap[0] if cap is not None and (bm, bn) == tuple(cap[1:]) else None
     return Pass(get_tables(layout, idx, bm, bn, device), warps, stages, one_loop, maxnreg)
 
 
@@ -185,7 +190,8 @@ def _build_launches(layout, head_dim, device, block_m, block_n) -> list[Launch]:
         on = lambda *cols: bool((p[:, list(cols)] > 0).any())  # noqa: E731
         flags = dict(KIND=_KINDS[seg.kind], HAS_DENSE=on(P_ALL, P_CUSTOM), HAS_WIN=int(on(P_WIN)), HAS_BLK=on(P_BLK),
                      HAS_STR=on(P_STR), HAS_SUM=on(P_SUM_L))
-        if WIN_ALONE and flags["HAS_WIN"] and not (flags["HAS_DENSE"] or flags["HAS_BLK"] or flags["HAS_SUM"]):
+        if WIN_ALONE and flags["HAS_WIN"] and not (flags["HAS_DENSE"] or flags["HAS_BLK"] or flags["HAS_SUM"]) \
+                and bool((p[:, P_WIN] >= 0).all()):
             flags["HAS_WIN"] = 2  # common._tile_mask: the window as one unsigned compare
         prm = p.to(device=device, dtype=torch.int32).contiguous()
         fused = cfg.get("fused") if idx > 0 else None  # the first segment never fuses
@@ -204,13 +210,21 @@ def _build_launches(layout, head_dim, device, block_m, block_n) -> list[Launch]:
 
 
 def _register_caps(cfg, device, flags) -> dict:
-    """TUNING's "maxnreg" where it was measured: on Hopper (sm_90: wgmma), and for the natural kind on a band whose
-    only rule is the window (HAS_WIN=2); else none. Compiled for sm_80 the same caps spill (108 bytes on the band's
-    forward at 96, 88 on the transposed one at 88); the fixed pattern's block band needs 153 registers uncapped and
-    spills 52 bytes at 96: H200, python bench/dev_probe.py maxnreg fixed-12k fixed-64k (dev-maxnreg-fixed-20261201.json),
-    its forward 43.9 -> 46.5 us and 133.2 -> 140.4 us capped."""
+    """TUNING's "maxnreg" where it was measured: on Hopper (sm_90: wgmma) with Triton MAXNREG_TRITON, and for the
+    natural kind on a band whose only rule is the window (HAS_WIN=2); else none. Compiled for sm_80 the same caps
+    spill (108 bytes on the band's forward at 96, 108 on the transposed one at 88; Triton 3.6). The fixed pattern's
+    block band needs 153 registers uncapped and spills 52 bytes at 96; with the cap (before it was limited to the
+    window band) its forward ran 43.9 -> 46.5 us (fixed-12k) and 133.2 -> 140.4 us (fixed-64k): H200, python
+    bench/dev_probe.py maxnreg fixed-12k fixed-64k at commit 8bebc0a (dev-maxnreg-fixed-20261201.json)."""
+    import triton
+
     device = torch.device(device)
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+        return {}
+    try:
+        if tuple(int(x) for x in triton.__version__.split(".")[:2]) != MAXNREG_TRITON:
+            return {}
+    except ValueError:  # a development version
         return {}
     if flags["KIND"] == _KINDS["natural"] and flags["HAS_WIN"] != 2:
         return {}
