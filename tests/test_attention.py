@@ -38,6 +38,31 @@ def test_torch_backend_matches_reference(name, lay, dtype):
     check_against_reference(fn, q, k, v, lay, floor=1e-9 if dtype == torch.float64 else 1e-5)
 
 
+LONG_PARTS = [  # parts longer than the sequence, some past int32 (the kernels' parameters)
+    ("local-w2^32", lambda: layouts.local(50, 2**32 + 5)),
+    ("strided-l2^31", lambda: layouts.strided(60, 2**31 + 7)),  # transposed slots would be L x C = 2^31 + 7
+    ("strided-l100-n60", lambda: layouts.strided(60, 100)),
+    ("fixed-local-l2^31", lambda: layouts.fixed(40, 2**31 + 3, 4, "local")),
+]
+
+
+@pytest.mark.parametrize("name,make", LONG_PARTS, ids=[c[0] for c in LONG_PARTS])
+def test_parts_longer_than_the_sequence(name, make):
+    """A window, stride or block of n or more acts as one of n: the plan clamps it (tables O(n), int32 parameters),
+    and the torch backend matches the reference; a summary past int32 is refused with a clear error."""
+    lay = make()
+    P = torch.stack([s.params[:, :8].abs().max(0).values for s in get_segments(lay)])
+    assert P.max() <= lay.n and sum(s.nq for s in get_segments(lay)) <= 2 * lay.n
+    q, k, v = make_qkv(1, 2, lay.n, 16, torch.float32)
+    fn = lambda q, k, v, lay: sparse_attention(q, k, v, lay, backend="torch", return_lse=True)  # noqa: E731
+    check_against_reference(fn, q, k, v, lay, floor=1e-5)
+
+
+def test_summary_past_int32_is_refused():
+    with pytest.raises(ValueError, match="int32"):
+        get_segments(layouts.fixed(70, 2**31 + 3, 4))
+
+
 @pytest.mark.parametrize("D", [16, 64, 128])
 def test_torch_backend_head_dims(D):
     lay = layouts.fixed(70, 16, 4)

@@ -186,6 +186,20 @@ def test_interpreter_maxnreg(monkeypatch):
         function.clear_cache()
 
 
+LONG_PARTS = [  # parts longer than the sequence, past the kernels' int32 parameters (the plan clamps them to n)
+    ("local-w2^32", lambda: layouts.local(50, 2**32 + 5)),
+    ("strided-l2^31", lambda: layouts.strided(60, 2**31 + 7)),
+    ("fixed-local-l2^31", lambda: layouts.fixed(40, 2**31 + 3, 4, "local")),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("name,make", LONG_PARTS, ids=[c[0] for c in LONG_PARTS])
+def test_interpreter_parts_longer_than_the_sequence(name, make):
+    lay = make()
+    check_against_reference(_run(16, 16), *make_qkv(1, 2, lay.n, 16, torch.float32), lay, floor=1e-5)
+
+
 WIN_CASES = [  # (name, layout, HAS_WIN of its natural segment with function.WIN_ALONE)
     ("local-n50-w7", lambda: layouts.local(50, 7), 2),
     ("strided-both-n97-l10", lambda: layouts.strided(97, 10), 2),  # the band, then the transposed part

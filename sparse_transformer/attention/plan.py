@@ -92,6 +92,16 @@ def segment_rule(p, i, j, tile_on=None):
 def make_segments(layout: Layout) -> list[Segment]:
     """Split a layout into its natural / transposed / gather segments (only the non-empty ones)."""
     P = layout.params()
+    n = layout.n
+    # a window or stride of n or more acts as n does (every earlier key; only the diagonal): clamped, they fit the
+    # kernels' int32 parameters, and the transposed part's slots (L x C) stay O(n); so does a block of n or more (one
+    # block), clamped only where it would not fit (a block of n or more keeps the block kernel it has)
+    P[:, P_WIN] = P[:, P_WIN].clamp(max=n)
+    P[:, P_STR] = P[:, P_STR].clamp(max=n)
+    P[:, P_BLK] = torch.where(P[:, P_BLK] > 2**31 - 1, n, P[:, P_BLK])
+    if (P.abs() > 2**31 - 1).any():
+        raise ValueError(f"layout {layout.name}: a part's length does not fit the kernels' int32 parameters "
+                         f"({P.abs().max().item()} > 2^31 - 1)")
     TH = P.shape[0]
     nat = torch.zeros(TH, NUM_SEG_PARAMS, dtype=torch.int64)
     tra, gat = nat.clone(), nat.clone()
@@ -103,7 +113,6 @@ def make_segments(layout: Layout) -> list[Segment]:
         gat[:, col] = P[:, col]
     gat[:, P_SUM_EXCL] = (P[:, P_BLK] > 0).long()
     segs = []
-    n = layout.n
     if (nat[:, [P_ALL, P_WIN, P_BLK, P_CUSTOM]] > 0).any():
         segs.append(Segment(NATURAL, nat, n))
     if (tra[:, P_STR] > 0).any():
