@@ -103,9 +103,8 @@ def probe(kind, d, pass_name, setting, default=False):
     kernel, args, consts = passes(kind, d, setting, pass_name)
     tag = f"{kind:10s} d={d:<3d} {pass_name:5s} {setting[0]}x{setting[1]}/{setting[2]}/{setting[3]}"
     try:
-        capped = default and (kind != "natural" or fn.WIN_ALONE)  # as function._register_caps
-        cap = fn.TUNING.get((kind, d), {}).get("maxnreg", {}).get(pass_name) if capped else None
-        cap = cap[0] if cap is not None and tuple(cap[1:]) == tuple(setting[:2]) else None  # as function._pass
+        caps = fn.caps_for(fn.TUNING.get((kind, d), {}), consts["KIND"], consts["HAS_WIN"]) if default else {}
+        cap = fn.cap_on_tile(caps.get(pass_name), *setting[:2])
         k = compile_kernel(kernel, args, consts, setting[2], setting[3], cap)
     except Exception as e:  # e.g. out of shared memory
         print(f"{tag:40s} failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}", flush=True)

@@ -26,14 +26,14 @@
 #   bash bench/device_pending.sh first OUT     # the block kernel on a first transposed segment (FIRST_CHUNKS, the
 #                                              # strided-only layers): GPU tests, timing (run 2026-11-30 as "window",
 #                                              # with the causal-window kernel since removed)
-#   bash bench/device_pending.sh oneloop OUT   # written 2026-11-30, never run on a GPU: every generic kernel in one loop
+#   bash bench/device_pending.sh oneloop OUT   # (run 2026-12-01) every generic kernel in one loop
 #                                              # (forward / backward.ONE_LOOP, wgmma kept asynchronous): GPU tests, timing
 #   bash bench/device_pending.sh rule OUT      # one loop by stage count (common.one_loop) against split / forced, also
 #                                              # on the Triton gathered kernels; 64x32 tiles; then the attention table
 #   bash bench/device_pending.sh band OUT     # the band as a persistent Gluon forward (bench/gluon_band.py): check, time
 #                                              # against the library's; then every kernel GPU test and test_model's
-#   bash bench/device_pending.sh maxnreg OUT  # written 2026-12-01, not yet run: register caps per pass (more programs
-#                                              # per SM), timing; GPU tests with caps and the forced one loop
+#   bash bench/device_pending.sh maxnreg OUT  # (run 2026-12-01 as dev_probe.py maxnreg) register caps per pass
+#                                              # (more programs per SM), timing; GPU tests with caps, forced one loop
 #   bash bench/device_pending.sh ncu OUT       # Nsight Compute: occupancy, throughput, stalls of one strided-12k
 #                                              # fwd+bwd's kernels (bench/ncu_probe.py)
 #   bash bench/device_pending.sh host OUT      # where an eager fwd+bwd's host time goes (bench/host_trace.py)

@@ -95,8 +95,9 @@ def make_segments(layout: Layout) -> list[Segment]:
     n = layout.n
     # a window or stride of n or more acts as n does (every earlier key; only the diagonal): clamped, they fit the
     # kernels' int32 parameters, and the transposed part's slots (L x C) stay O(n); so does a block of n or more (one
-    # block), clamped only where it would not fit (a block of n or more keeps the block kernel it has)
-    P[:, P_WIN] = P[:, P_WIN].clamp(max=n)
+    # block), clamped only where it would not fit (a block of n or more keeps the block kernel it has). A negative
+    # window sees nothing, as none (the element rule's win > 0).
+    P[:, P_WIN] = P[:, P_WIN].clamp(0, n)
     P[:, P_STR] = P[:, P_STR].clamp(max=n)
     P[:, P_BLK] = torch.where(P[:, P_BLK] > 2**31 - 1, n, P[:, P_BLK])
     if (P.abs() > 2**31 - 1).any():

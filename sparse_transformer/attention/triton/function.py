@@ -23,7 +23,7 @@ from ..plan import (GATHER, NATURAL, P_ALL, P_BLK, P_CUSTOM, P_STR, P_SUM_L, P_W
 from . import block_backward as _block
 from .common import one_loop_default
 from .backward import attn_backward
-from .forward import attn_forward
+from .forward import _triton_version, attn_forward
 
 # Launch settings per (segment kind, head-dim bucket) and kernel: (BM, BN, num_warps, num_stages); "fused" is the dK/dV
 # kernel that also adds dQ (None: that kind keeps its dQ kernel). Measured on an H100 with bench/dev_kernels.py;
@@ -135,7 +135,8 @@ class Launch:
         if cex is None:
             cex = self._cex[key] = dict(extra, **self.flags, IEEE=key[1], BLOCK_M=p.tab.bm, BLOCK_N=p.tab.bn,
                                         HEAD_DIM=key[2], num_warps=p.warps, num_stages=p.stages)
-            if p.maxnreg is not None and not key[1]:  # measured on bf16: fp32 spills under the same caps
+            if p.maxnreg is not None and not key[1]:  # measured on bf16; fp32 spills under them (824 and 2536
+                # bytes, against 16 and 732 uncapped: sm_90, Triton 3.6, bench/compile_probe.py with fp32 inputs)
                 cex["maxnreg"] = p.maxnreg
         return cex
 
@@ -145,7 +146,7 @@ class Launch:
 # has 1339 instructions instead of 1402 (sm_90, Triton 3.6). False: the general rule, and no register cap on the band
 # (_register_caps; experiments; clear_cache()).
 WIN_ALONE = True
-MAXNREG_TRITON = (3, 6)  # the Triton version TUNING's register caps were measured with (3.9 spills the transposed one)
+MAXNREG_TRITON = (3, 6)  # the Triton version TUNING's register caps were measured with (not checked on others)
 _LAUNCHES = LRUCache()
 _KINDS = {"natural": 0, "transposed": 1, "gather": 2}
 
@@ -165,8 +166,12 @@ def _pass(layout, idx, seg, cfg, head_dim, device, block_m, block_n, one_loop=Fa
         bm, bn = math.gcd(bm, layout.custom_block), math.gcd(bn, layout.custom_block)
     if bm * bn < 64 * 64:
         warps = min(warps, 4)
-    maxnreg = cap[0] if cap is not None and (bm, bn) == tuple(cap[1:]) else None
-    return Pass(get_tables(layout, idx, bm, bn, device), warps, stages, one_loop, maxnreg)
+    return Pass(get_tables(layout, idx, bm, bn, device), warps, stages, one_loop, cap_on_tile(cap, bm, bn))
+
+
+def cap_on_tile(cap, bm: int, bn: int) -> int | None:
+    """The registers of a TUNING cap (registers, BM, BN) on a BM x BN tile: its own tile only, else None."""
+    return cap[0] if cap is not None and (bm, bn) == tuple(cap[1:]) else None
 
 
 def get_launches(layout, head_dim, device, block_m=None, block_n=None) -> list[Launch]:
@@ -190,9 +195,8 @@ def _build_launches(layout, head_dim, device, block_m, block_n) -> list[Launch]:
         on = lambda *cols: bool((p[:, list(cols)] > 0).any())  # noqa: E731
         flags = dict(KIND=_KINDS[seg.kind], HAS_DENSE=on(P_ALL, P_CUSTOM), HAS_WIN=int(on(P_WIN)), HAS_BLK=on(P_BLK),
                      HAS_STR=on(P_STR), HAS_SUM=on(P_SUM_L))
-        if WIN_ALONE and flags["HAS_WIN"] and not (flags["HAS_DENSE"] or flags["HAS_BLK"] or flags["HAS_SUM"]) \
-                and bool((p[:, P_WIN] >= 0).all()):
-            flags["HAS_WIN"] = 2  # common._tile_mask: the window as one unsigned compare
+        if WIN_ALONE and flags["HAS_WIN"] and not (flags["HAS_DENSE"] or flags["HAS_BLK"] or flags["HAS_SUM"]):
+            flags["HAS_WIN"] = 2  # common._tile_mask: the window as one unsigned compare (windows are >= 0: plan)
         prm = p.to(device=device, dtype=torch.int32).contiguous()
         fused = cfg.get("fused") if idx > 0 else None  # the first segment never fuses
         if fused is not None and seg.kind == TRANSPOSED and cfg.get("fused_ragged"):
@@ -200,7 +204,7 @@ def _build_launches(layout, head_dim, device, block_m, block_n) -> list[Launch]:
             if seg.C % fused[0] or seg.C % fused[1] or (smem is not None and smem < cfg.get("fused_smem", 0)):
                 fused = cfg["fused_ragged"]
         settings = dict(cfg, fused=fused)
-        split, caps = cfg.get("split", ()), _register_caps(cfg, device, flags)
+        split, caps = cfg.get("split", ()), _register_caps(cfg, device, flags["KIND"], flags["HAS_WIN"])
         passes = [None if settings[k] is None else _pass(layout, idx, seg, settings[k], head_dim, device, block_m,
                                                          block_n, one_loop_default(settings[k], k, split), caps.get(k))
                   for k in ("fwd", "dq", "dkdv", "fused")]
@@ -209,26 +213,23 @@ def _build_launches(layout, head_dim, device, block_m, block_n) -> list[Launch]:
     return out
 
 
-def _register_caps(cfg, device, flags) -> dict:
-    """TUNING's "maxnreg" where it was measured: on Hopper (sm_90: wgmma) with Triton MAXNREG_TRITON, and for the
-    natural kind on a band whose only rule is the window (HAS_WIN=2); else none. Compiled for sm_80 the same caps
+def _register_caps(cfg, device, kind: int, has_win: int) -> dict:
+    """TUNING's "maxnreg" where it was measured: on Hopper (sm_90: wgmma) with Triton MAXNREG_TRITON (caps_for says
+    which segments); else none. Compiled for sm_80 the same caps
     spill (108 bytes on the band's forward at 96, 108 on the transposed one at 88; Triton 3.6). The fixed pattern's
     block band needs 153 registers uncapped and spills 52 bytes at 96; with the cap (before it was limited to the
     window band) its forward ran 43.9 -> 46.5 us (fixed-12k) and 133.2 -> 140.4 us (fixed-64k): H200, python
     bench/dev_probe.py maxnreg fixed-12k fixed-64k at commit 8bebc0a (dev-maxnreg-fixed-20261201.json)."""
-    import triton
-
     device = torch.device(device)
-    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9 or _triton_version() != MAXNREG_TRITON:
         return {}
-    try:
-        if tuple(int(x) for x in triton.__version__.split(".")[:2]) != MAXNREG_TRITON:
-            return {}
-    except ValueError:  # a development version
-        return {}
-    if flags["KIND"] == _KINDS["natural"] and flags["HAS_WIN"] != 2:
-        return {}
-    return cfg.get("maxnreg", {})
+    return caps_for(cfg, kind, has_win)
+
+
+def caps_for(cfg, kind: int, has_win: int) -> dict:
+    """A segment's caps from its TUNING entry: the natural kind's hold for a band whose only rule is the window
+    (HAS_WIN=2: the fixed pattern's block band spills under them)."""
+    return {} if kind == _KINDS["natural"] and has_win != 2 else cfg.get("maxnreg", {})
 
 
 def _block_length(seg, head_dim, idx) -> int | None:
