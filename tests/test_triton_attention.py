@@ -398,6 +398,75 @@ def test_interpreter_block_backward_transposed_matches_reference(name, make, D, 
     assert ran == [(-(-lay.n // 10), "transposed")] and True not in fused
 
 
+QUERY_TILE_CASES = [  # (name, layout, head dim, key tile, query tile) where the block kernel's key tile is 32 or 64
+    ("fixed-n200-l64-c16-q32", lambda: layouts.fixed(200, 64, 16), 32, 64, 32),  # two query tiles per key tile
+    ("fixed-n200-l64-c16-q16", lambda: layouts.fixed(200, 64, 16), 32, 64, 16),  # four, the last block cut by n
+    ("fixed-n130-l32-c8-verts-q16", lambda: layouts.fixed(130, 32, 8, heads=2, num_verts=2), 32, 32, 16),
+    ("strided-n250-l10-q16", lambda: layouts.strided(250, 10), 16, 32, 16),  # C = 25 on one cut 32-row key tile
+    ("strided-n620-l10-q16", lambda: layouts.strided(620, 10), 16, 64, 16),  # C = 62: 64-row key tile, 4 query tiles
+    ("split-heads-n640-l10-q32", lambda: layouts.stack([layouts.strided(640, 10, "local"),
+                                                        layouts.strided(640, 10, "strided")]), 16, 64, 32),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("name,make,D,tile,tq", QUERY_TILE_CASES, ids=[c[0] for c in QUERY_TILE_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_interpreter_block_backward_query_tile(name, make, D, tile, tq, dtype, monkeypatch):
+    """QUERY_TILE: query tiles shorter than the key tiles (keys as the rows of the products, dQ = dS K) in the block
+    kernel, natural band and transposed chunks, against the reference; the launch must have used those tiles."""
+    from sparse_transformer.attention.triton import block_backward
+
+    monkeypatch.setattr(block_backward, "QUERY_TILE", tq)
+    monkeypatch.setattr(block_backward, "RAGGED", True)
+    tiles = _record(monkeypatch, block_backward, "launch_kernel", lambda a, kw: (a[4]["TILE"], a[4]["TQ"]))
+    lay = make()
+    q, k, v = make_qkv(1, 2, lay.n, D, dtype)
+    _check_fresh(q, k, v, lay, 1e-5 if dtype == torch.float32 else 2e-3)
+    assert tiles == [(tile, tq)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("make", [lambda: layouts.fixed(1025, 128, 16), lambda: layouts.fixed(700, 64, 16),
+                                  lambda: layouts.strided(3000, 96), lambda: layouts.strided(6100, 64),
+                                  lambda: layouts.strided(4096, 128, "strided")],
+                         ids=["fixed-n1025-l128", "fixed-n700-l64", "strided-n3000-l96", "strided-n6100-l64",
+                              "strided-only-n4096-l128"])
+@pytest.mark.parametrize("D", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("tq,cap", [(32, 168), (16, 144), (32, None)], ids=["q32-cap168", "q16-cap144", "q32"])
+def test_gpu_block_backward_query_tile(make, D, dtype, tq, cap, monkeypatch):
+    """QUERY_TILE on the GPU with the register caps it is timed with (MAXNREG, d=64 on 64-row key tiles, 16-bit
+    inputs on Hopper only), natural bands, transposed chunks (C = 32, 96 cut by n, and first), q / k / v as views of
+    one projection; the launches must have used those tiles and caps."""
+    from sparse_transformer.attention.triton import block_backward
+
+    monkeypatch.setattr(block_backward, "QUERY_TILE", tq)
+    monkeypatch.setattr(block_backward, "MAXNREG", {(64, 64, tq): cap} if cap else {})
+    runs = _record(monkeypatch, block_backward, "launch_kernel",
+                   lambda a, kw: (a[4]["TILE"], a[4]["TQ"], a[4].get("maxnreg")))
+    lay = make()
+    _check_fresh(*_views(2, lay.n, 2, D, dtype), lay, FLOOR[dtype])
+    assert runs
+    capped = block_backward._capped(torch.empty(1, dtype=dtype, device="cuda"))  # Hopper, Triton 3.6, 16-bit
+    for tile, used_tq, used_cap in runs:
+        assert used_tq == block_backward.query_tile(tile) and (used_tq < tile) == (tile > tq)
+        want = cap if (capped and D == 64 and tile == 64 and used_tq == tq) else None
+        assert used_cap == want
+
+
+def test_query_tile_rule(monkeypatch):
+    """query_tile: QUERY_TILE only where it is at least 16, smaller than the key tile and divides it."""
+    from sparse_transformer.attention.triton import block_backward
+
+    monkeypatch.setattr(block_backward, "QUERY_TILE", None)
+    assert block_backward.query_tile(64) == 64
+    monkeypatch.setattr(block_backward, "QUERY_TILE", 32)
+    assert [block_backward.query_tile(t) for t in (16, 32, 64)] == [16, 32, 32]
+    monkeypatch.setattr(block_backward, "QUERY_TILE", 8)
+    assert block_backward.query_tile(64) == 64
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("n", [470, 480])
 def test_interpreter_block_backward_transposed_cut_tiles(n, monkeypatch):

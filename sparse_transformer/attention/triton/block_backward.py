@@ -22,6 +22,7 @@ Where it runs: function.backward, for a first segment that is exactly block-caus
 head, or a later transposed segment (Launch.block), where block_tile has a tile; SPARSE_TRANSFORMER_BLOCK_BWD=0 turns
 it off.
 """
+import functools
 import os
 
 import torch
@@ -29,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .common import NUM_SEG_PARAMS, P_STR, P_STR_MIN
-from .forward import _dot
+from .forward import _dot, _triton_version
 from .launcher import launch as launch_kernel
 
 BLOCK_BWD = os.environ.get("SPARSE_TRANSFORMER_BLOCK_BWD", "1") != "0"
@@ -58,6 +59,9 @@ RAGGED = True
 # 98, strided-64k 715 against 208 + 340; block-bwd-20261130-193904.json) and was removed (window_backward.py, last
 # in commit 5695b9a).
 FIRST_CHUNKS = os.environ.get("SPARSE_TRANSFORMER_BLOCK_FIRST", "1") != "0"
+QUERY_TILE = None  # query tiles shorter than the key tiles (e.g. 32 beside 64; None: the key tile): fewer registers
+# per program, and less of the diagonal pairs computed in vain (not measured yet)
+MAXNREG = {}  # (head dim, key tile, query tile) -> registers per thread, on Hopper with 16-bit inputs (_capped)
 WARPS = None  # None: 8 where a tile holds more than 64 x 64 elements (d=128), else 4
 
 
@@ -116,6 +120,23 @@ def _tile_pair(q, k, v, do, delta, lse_ptrs, q_ok, i, j, k_ok, lo, hi, dk, dv, q
 
 
 @triton.jit
+def _tile_pair_keys(q, k, v, do, delta, lse_ptrs, q_ok, i, j, k_ok, lo, dk, dv, qk_scale, sm_scale,
+                    IEEE: tl.constexpr):
+    """_tile_pair with keys as the rows of every product (query tiles shorter than key tiles, QUERY_TILE): S^T = K
+    Q^T, dP^T = V dO^T, dV += P^T dO and dK += dS^T Q all have the key tile's rows (64, what one warpgroup's wgmma
+    takes), and only dQ = dS K has the query tile's. Returns dK, dV and this pair's dQ."""
+    lse = tl.load(lse_ptrs, mask=q_ok, other=float("-inf")) * 1.4426950408889634
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that see no key: P = 0
+    pt = tl.math.exp2(_dot(k, tl.trans(q), IEEE) * qk_scale - lse[None, :])  # (key tile, query tile)
+    d = i[None, :] - j[:, None]
+    pt = tl.where((d >= lo) & k_ok[:, None], pt, 0.0)
+    dv += _dot(pt.to(do.dtype), do, IEEE)
+    dst = pt * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
+    dk += _dot(dst.to(q.dtype), q, IEEE)
+    return dk, dv, _dot(tl.trans(dst.to(k.dtype)), k, IEEE) * sm_scale
+
+
+@triton.jit
 def _attn_bwd_block_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr, prm_ptr,
     qk_scale, sm_scale,
@@ -124,7 +145,7 @@ def _attn_bwd_block_kernel(
     stride_gb, stride_gh, stride_gn,  # dk's and dv's
     BH, H, N, BLK, TH, SEG_L,
     IEEE: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr, KIND: tl.constexpr, DELTA: tl.constexpr,
-    ACCUM: tl.constexpr,
+    ACCUM: tl.constexpr, TQ: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = pid % BH
@@ -134,6 +155,7 @@ def _attn_bwd_block_kernel(
         stride_vh, stride_ob, stride_oh)
     row = bh.to(tl.int64) * N  # lse / delta rows (64-bit: B * H * N may pass 2^31)
     offs = tl.arange(0, TILE)
+    offs_q = tl.arange(0, TQ)  # query tiles: TILE, or a divisor of it (QUERY_TILE)
     offs_d = tl.arange(0, HEAD_DIM)
     if KIND == 1:  # transposed strided part: block blk is column blk of the [C, L] view, slot r at r * L + blk
         prm = prm_ptr + (h % TH) * NUM_SEG_PARAMS
@@ -143,12 +165,14 @@ def _attn_bwd_block_kernel(
         dmin = tl.load(prm + P_STR_MIN)  # keys with i - j >= dmin: L when the band holds the diagonal, else 0
         # slots past C in a cut last tile sit at r * L + blk >= C * L >= N: masked as past the sequence
         nt = tl.where(tl.load(prm + P_STR) > 0, tl.cdiv(BLK, TILE), 0)  # heads without the strided part: nothing
+        nqt = tl.cdiv(BLK, TQ)
     else:  # natural block-causal band: block blk is rows blk * L ..
         start = blk * BLK
         step = 1
         first = 0
         dmin = 0
         nt = tl.cdiv(tl.minimum(BLK, N - start), TILE)  # the last block may be cut by N
+        nqt = tl.cdiv(tl.minimum(BLK, N - start), TQ)
     for kt in range(0, nt):
         j = (start + kt * TILE + offs) * step + first
         k_ok = j < N
@@ -156,8 +180,8 @@ def _attn_bwd_block_kernel(
         v = tl.load(v_base + j.to(tl.int64)[:, None] * stride_vn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
         dk = tl.zeros([TILE, HEAD_DIM], tl.float32)
         dv = tl.zeros([TILE, HEAD_DIM], tl.float32)
-        for qt in range(kt, nt):
-            i = (start + qt * TILE + offs) * step + first
+        for qt in range(kt * (TILE // TQ), nqt):
+            i = (start + qt * TQ + offs_q) * step + first
             q_ok = i < N
             g_off = i.to(tl.int64)[:, None] * stride_on + offs_d[None, :]
             q = tl.load(q_base + i.to(tl.int64)[:, None] * stride_qn + offs_d[None, :], mask=q_ok[:, None],
@@ -170,8 +194,12 @@ def _attn_bwd_block_kernel(
             else:  # an earlier segment's kernel stored it
                 delta = tl.load(delta_ptr + row + i, mask=q_ok, other=0.0)
             # keys with i - j >= dmin: causal on the diagonal tile
-            dk, dv, dq = _tile_pair(q, k, v, do, delta, lse_ptr + row + i, q_ok, i, j, k_ok, dmin, 0, dk, dv,
-                                    qk_scale, sm_scale, IEEE, False)
+            if TQ == TILE:
+                dk, dv, dq = _tile_pair(q, k, v, do, delta, lse_ptr + row + i, q_ok, i, j, k_ok, dmin, 0, dk, dv,
+                                        qk_scale, sm_scale, IEEE, False)
+            else:
+                dk, dv, dq = _tile_pair_keys(q, k, v, do, delta, lse_ptr + row + i, q_ok, i, j, k_ok, dmin, dk, dv,
+                                             qk_scale, sm_scale, IEEE)
             if ACCUM or kt > 0:  # add to the earlier key tiles' (and segments') share: this program's own stores
                 dq += tl.load(dq_base + g_off, mask=q_ok[:, None], other=0.0).to(tl.float32)
             tl.store(dq_base + g_off, dq.to(dq_ptr.dtype.element_ty), mask=q_ok[:, None])
@@ -201,13 +229,40 @@ def block_backward(q, k, v, o, do, dq, dk, dv, lse, delta, L, scale, launch=None
     blocks = launch.seg.L if chunks else triton.cdiv(N, L)
     prm = launch.prm if chunks else lse  # natural: never read
     later = chunks and not first
+    tq = query_tile(tile)
+    opts = dict(num_warps=warps, num_stages=_stages(q.dtype, D, tile))
+    cap = MAXNREG.get((D, tile, tq)) if _capped(q) else None
+    if cap:
+        opts["maxnreg"] = cap
     launch_kernel(_attn_bwd_block_kernel, (blocks * B * H,),
                   (q, k, v, o, do, dq, dk, dv, lse, delta, prm),
                   (scale * 1.4426950408889634, scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                    *do.stride()[:3], *dk.stride()[:3], B * H, H, N, L, prm.shape[0] if chunks else 1,
                    launch.seg.L if chunks else 1),
                   dict(IEEE=q.dtype == torch.float32, TILE=tile, HEAD_DIM=D, KIND=int(chunks), DELTA=not later,
-                       ACCUM=later, num_warps=warps, num_stages=_stages(q.dtype, D, tile)))
+                       ACCUM=later, TQ=tq, **opts))
+
+
+def query_tile(tile: int) -> int:
+    """The query tile beside key tile `tile`: QUERY_TILE where it is smaller and divides it (16 at least: the
+    smallest tl.dot), else the key tile."""
+    ok = QUERY_TILE and 16 <= QUERY_TILE < tile and tile % QUERY_TILE == 0
+    return QUERY_TILE if ok else tile
+
+
+def _capped(q) -> bool:
+    """Do MAXNREG's caps apply to these inputs: 16-bit, on Hopper, with the Triton they were measured with (as
+    function._register_caps)?"""
+    if not MAXNREG or q.dtype == torch.float32 or q.device.type != "cuda":
+        return False
+    from .function import MAXNREG_TRITON  # function imports this module
+
+    return _capability(q.device.index) == 9 and _triton_version() == MAXNREG_TRITON
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def _stages(dtype, head_dim, tile) -> int:
