@@ -22,7 +22,7 @@ from sparse_transformer.bench import SETUPS, _time_graph, _versions, kernel_time
 
 # label: block_backward settings; the rest as in DEFAULTS, the bench's baseline (not the
 # modules' defaults: those are 2 stages and cut tiles, the "cut 64-row tiles, 2 stages" variant)
-_NOW = dict(RAGGED=True, STAGES=2, FIRST_CHUNKS=True)  # the modules' defaults before QUERY_TILE
+_NOW = dict(RAGGED=True, STAGES=2, FIRST_CHUNKS=True)  # the modules' defaults before QUERY_TILES
 VARIANTS = {"generic dQ + dK/dV": dict(BLOCK_BWD=False), "block kernel, 64-row tiles": {},
             "block kernel, 128-row tiles": dict(MAX_TILE=128),
             "block kernel, 64-row tiles, 2 stages": dict(STAGES=2),
@@ -37,6 +37,8 @@ VARIANTS = {"generic dQ + dK/dV": dict(BLOCK_BWD=False), "block kernel, 64-row t
             # registers with 64-row query tiles, 204 with 32 and 174 with 16; at 168 none spills, at 144 the 16-row
             # ones spill 56 bytes on the transposed chunks and none on the natural band)
             "defaults (cut 64-row tiles, 2 stages)": _NOW,
+            "query tile 32 on short blocks, 168 registers (default)": dict(
+                _NOW, QUERY_TILES={(64, 64): 32}, MAXNREG={(64, 64, 32): 168}),
             "query tile 32": dict(_NOW, QUERY_TILE=32),
             "query tile 32, 168 registers": dict(_NOW, QUERY_TILE=32, MAXNREG={(64, 64, 32): 168}),
             "query tile 16": dict(_NOW, QUERY_TILE=16),
@@ -44,7 +46,7 @@ VARIANTS = {"generic dQ + dK/dV": dict(BLOCK_BWD=False), "block kernel, 64-row t
             "query tile 16, 144 registers": dict(_NOW, QUERY_TILE=16, MAXNREG={(64, 64, 16): 144}),
             "query tile 32, 168 registers, 1 stage": dict(_NOW, QUERY_TILE=32, STAGES=1, MAXNREG={(64, 64, 32): 168})}
 DEFAULTS = dict(BLOCK_BWD=True, MAX_TILE=64, STAGES=1, WARPS=None, RAGGED=False, FIRST_CHUNKS=False, QUERY_TILE=None,
-                MAXNREG={})
+                QUERY_TILES={}, MAXNREG={})
 # the presets' interleaved strided layers alone (A2: the transposed segment first), beside `bench attention`'s setups
 STRIDED_ONLY = {
     "strided-only-12k": (2, 8, 12288, 64, lambda: layouts.strided(12288, 128, "strided"), "strided-l128-a2"),

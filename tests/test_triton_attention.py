@@ -450,21 +450,26 @@ def test_gpu_block_backward_query_tile(make, D, dtype, tq, cap, monkeypatch):
     assert runs
     capped = block_backward._capped(torch.empty(1, dtype=dtype, device="cuda"))  # Hopper, Triton 3.6, 16-bit
     for tile, used_tq, used_cap in runs:
-        assert used_tq == block_backward.query_tile(tile) and (used_tq < tile) == (tile > tq)
+        assert used_tq == (tq if tile > tq else tile)
         want = cap if (capped and D == 64 and tile == 64 and used_tq == tq) else None
         assert used_cap == want
 
 
 def test_query_tile_rule(monkeypatch):
-    """query_tile: QUERY_TILE only where it is at least 16, smaller than the key tile and divides it."""
+    """query_tile: QUERY_TILES' 32-row query tiles beside 64-row key tiles at d=64 only where the caps apply and the
+    block has at most two key tiles; QUERY_TILE forces a length, kept only where it is at least 16, smaller than the
+    key tile and divides it."""
     from sparse_transformer.attention.triton import block_backward
 
     monkeypatch.setattr(block_backward, "QUERY_TILE", None)
-    assert block_backward.query_tile(64) == 64
+    qt = block_backward.query_tile
+    assert qt(64, 64, 96, True) == 32 and qt(64, 64, 128, True) == 32  # strided-12k's chunks, fixed-12k's blocks
+    assert qt(64, 64, 256, True) == 64 and qt(64, 64, 96, False) == 64  # longer blocks; fp32 / not Hopper
+    assert qt(64, 128, 128, True) == 64 and qt(32, 32, 96, True) == 32  # other head dims, other tiles
     monkeypatch.setattr(block_backward, "QUERY_TILE", 32)
-    assert [block_backward.query_tile(t) for t in (16, 32, 64)] == [16, 32, 32]
+    assert [qt(t, 64, 1024, False) for t in (16, 32, 64)] == [16, 32, 32]
     monkeypatch.setattr(block_backward, "QUERY_TILE", 8)
-    assert block_backward.query_tile(64) == 64
+    assert qt(64, 64, 128, True) == 64
 
 
 @pytest.mark.interpreter

@@ -59,9 +59,18 @@ RAGGED = True
 # 98, strided-64k 715 against 208 + 340; block-bwd-20261130-193904.json) and was removed (window_backward.py, last
 # in commit 5695b9a).
 FIRST_CHUNKS = os.environ.get("SPARSE_TRANSFORMER_BLOCK_FIRST", "1") != "0"
-QUERY_TILE = None  # query tiles shorter than the key tiles (e.g. 32 beside 64; None: the key tile): fewer registers
-# per program, and less of the diagonal pairs computed in vain (not measured yet)
-MAXNREG = {}  # (head dim, key tile, query tile) -> registers per thread, on Hopper with 16-bit inputs (_capped)
+# Query tiles shorter than the key tiles (_tile_pair_keys: the keys are the rows of every product but dQ): on Hopper
+# with Triton 3.6 (the compiler they were measured with) and 16-bit inputs, 32-row query tiles beside 64-row key tiles
+# at d=64, capped at 168 registers: 237 -> 168 with no spill (204 uncapped; Triton 3.6, sm_90), 3 programs per SM
+# instead of 2. Only on blocks of at most SHORT_Q_TILES key tiles. H200, ONLY="query tile;defaults" python
+# bench/block_bwd.py (block-bwd-20261201-055114.json), block kernel us (graph fwd+bwd ms), defaults before -> this:
+# strided-12k (C = 96, 2 key tiles) 128 -> 112 (0.441 -> 0.424), fixed-12k (L = 128) 83 -> 82 (0.977 -> 0.973); on
+# longer blocks it lost: strided-64k (C = 256) 346 -> 387 (1.315 -> 1.354), fixed-64k (L = 256) 303 -> 341. Uncapped
+# 32-row tiles lost everywhere (strided-12k 132), 16-row ones too, capped at 168 or 144 (strided-12k 135, 141).
+QUERY_TILES = {(64, 64): 32}  # (head dim, key tile) -> query tile
+MAXNREG = {(64, 64, 32): 168}  # (head dim, key tile, query tile) -> registers per thread
+SHORT_Q_TILES = 2
+QUERY_TILE = None  # an int forces query tiles of that length wherever they divide the key tile (tests, benchmarks)
 WARPS = None  # None: 8 where a tile holds more than 64 x 64 elements (d=128), else 4
 
 
@@ -229,9 +238,10 @@ def block_backward(q, k, v, o, do, dq, dk, dv, lse, delta, L, scale, launch=None
     blocks = launch.seg.L if chunks else triton.cdiv(N, L)
     prm = launch.prm if chunks else lse  # natural: never read
     later = chunks and not first
-    tq = query_tile(tile)
+    capped = _capped(q)
+    tq = query_tile(tile, D, L, capped)
     opts = dict(num_warps=warps, num_stages=_stages(q.dtype, D, tile))
-    cap = MAXNREG.get((D, tile, tq)) if _capped(q) else None
+    cap = MAXNREG.get((D, tile, tq)) if capped else None
     if cap:
         opts["maxnreg"] = cap
     launch_kernel(_attn_bwd_block_kernel, (blocks * B * H,),
@@ -243,17 +253,21 @@ def block_backward(q, k, v, o, do, dq, dk, dv, lse, delta, L, scale, launch=None
                        ACCUM=later, TQ=tq, **opts))
 
 
-def query_tile(tile: int) -> int:
-    """The query tile beside key tile `tile`: QUERY_TILE where it is smaller and divides it (16 at least: the
-    smallest tl.dot), else the key tile."""
-    ok = QUERY_TILE and 16 <= QUERY_TILE < tile and tile % QUERY_TILE == 0
-    return QUERY_TILE if ok else tile
+def query_tile(tile: int, head_dim: int, L: int, capped: bool) -> int:
+    """The query tile beside key tile `tile` for blocks of L: QUERY_TILE where set, else QUERY_TILES' where the caps
+    apply (capped) and the block has at most SHORT_Q_TILES key tiles; kept only where it is at least 16 (the smallest
+    tl.dot), smaller than the key tile and divides it; else the key tile."""
+    if QUERY_TILE is not None:
+        tq = QUERY_TILE
+    else:
+        tq = QUERY_TILES.get((head_dim, tile)) if capped and L <= SHORT_Q_TILES * tile else None
+    return tq if tq and 16 <= tq < tile and tile % tq == 0 else tile
 
 
 def _capped(q) -> bool:
-    """Do MAXNREG's caps apply to these inputs: 16-bit, on Hopper, with the Triton they were measured with (as
-    function._register_caps)?"""
-    if not MAXNREG or q.dtype == torch.float32 or q.device.type != "cuda":
+    """Do the measured register caps (MAXNREG, and QUERY_TILES with them) apply to these inputs: 16-bit, on Hopper,
+    with the Triton they were measured with (as function._register_caps)?"""
+    if q.dtype == torch.float32 or q.device.type != "cuda":
         return False
     from .function import MAXNREG_TRITON  # function imports this module
 
