@@ -87,7 +87,7 @@ def main(names):
             rows.append(row)
             with open(out, "w") as f:  # after each row: a run stopped at a time limit keeps what it measured
                 json.dump(rows, f, indent=1)
-            print(f"{name:10s} {label:46s} graph fwd {fwd:.3f} ms, fwd+bwd {fwdbwd:.3f} ms, grads vs generic "
+            print(f"{name:10s} {label:46s} graph fwd {fwd:.3f} ms, fwd+bwd {fwdbwd:.3f} ms, grads vs first variant "
                   f"{diff:.1e} | " + "  ".join(f"{a} {b:.0f}" for a, b in kernels), flush=True)
     for name_, value in was.items():
         setattr(block_backward, name_, value)

@@ -64,9 +64,11 @@ FIRST_CHUNKS = os.environ.get("SPARSE_TRANSFORMER_BLOCK_FIRST", "1") != "0"
 # at d=64, capped at 168 registers: 237 -> 168 with no spill (204 uncapped; Triton 3.6, sm_90), 3 programs per SM
 # instead of 2. Only on blocks of at most SHORT_Q_TILES key tiles. H200, ONLY="query tile;defaults" python
 # bench/block_bwd.py (block-bwd-20261201-055114.json), block kernel us (graph fwd+bwd ms), defaults before -> this:
-# strided-12k (C = 96, 2 key tiles) 128 -> 112 (0.441 -> 0.424), fixed-12k (L = 128) 83 -> 82 (0.977 -> 0.973); on
-# longer blocks it lost: strided-64k (C = 256) 346 -> 387 (1.315 -> 1.354), fixed-64k (L = 256) 303 -> 341. Uncapped
-# 32-row tiles lost everywhere (strided-12k 132), 16-row ones too, capped at 168 or 144 (strided-12k 135, 141).
+# strided-12k (C = 96, 2 key tiles) 128 -> 112 (0.441 -> 0.424), fixed-12k (L = 128) even: 83 -> 82 (0.977 ->
+# 0.973); on longer blocks it lost: strided-64k (C = 256) 346 -> 387 (1.315 -> 1.354), fixed-64k (L = 256) 303 -> 341.
+# Uncapped 32-row tiles lost everywhere (strided-12k 132), 16-row ones too, capped at 168 or 144 (strided-12k 135,
+# 141). The rule also takes first chunks (strided-only layers), fp16, L = 64 and chunks of up to 64 on a cut tile,
+# which that run did not time.
 QUERY_TILES = {(64, 64): 32}  # (head dim, key tile) -> query tile
 MAXNREG = {(64, 64, 32): 168}  # (head dim, key tile, query tile) -> registers per thread
 SHORT_Q_TILES = 2
@@ -269,14 +271,15 @@ def _capped(q) -> bool:
     with the Triton they were measured with (as function._register_caps)?"""
     if q.dtype == torch.float32 or q.device.type != "cuda":
         return False
-    from .function import MAXNREG_TRITON  # function imports this module
-
-    return _capability(q.device.index) == 9 and _triton_version() == MAXNREG_TRITON
+    return _hopper_triton(q.device.index)
 
 
 @functools.lru_cache(maxsize=None)
-def _capability(index) -> int:
-    return torch.cuda.get_device_capability(index)[0]
+def _hopper_triton(index) -> bool:
+    """Is device `index` Hopper, and this Triton the one the caps were measured with (cached: per backward call)?"""
+    from .function import MAXNREG_TRITON  # function imports this module
+
+    return torch.cuda.get_device_capability(index)[0] == 9 and _triton_version() == MAXNREG_TRITON
 
 
 def _stages(dtype, head_dim, tile) -> int:
