@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .common import NUM_SEG_PARAMS, P_STR, P_STR_MIN
-from .forward import _dot, _triton_version
+from .forward import _dot
 from .launcher import launch as launch_kernel
 
 BLOCK_BWD = os.environ.get("SPARSE_TRANSFORMER_BLOCK_BWD", "1") != "0"
@@ -268,7 +268,7 @@ def query_tile(tile: int, head_dim: int, L: int, capped: bool) -> int:
 
 def _capped(q) -> bool:
     """Do the measured register caps (MAXNREG, and QUERY_TILES with them) apply to these inputs: 16-bit, on Hopper,
-    with the Triton they were measured with (as function._register_caps)?"""
+    with the Triton they were measured with (function.caps_measured_on, as the forwards' caps)?"""
     if q.dtype == torch.float32 or q.device.type != "cuda":
         return False
     return _hopper_triton(q.device.index)
@@ -276,10 +276,10 @@ def _capped(q) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _hopper_triton(index) -> bool:
-    """Is device `index` Hopper, and this Triton the one the caps were measured with (cached: per backward call)?"""
-    from .function import MAXNREG_TRITON  # function imports this module
+    """function.caps_measured_on for device `index`, cached (it runs on every backward)."""
+    from .function import caps_measured_on  # function imports this module
 
-    return torch.cuda.get_device_capability(index)[0] == 9 and _triton_version() == MAXNREG_TRITON
+    return caps_measured_on(torch.device("cuda", index))
 
 
 def _stages(dtype, head_dim, tile) -> int:

@@ -220,10 +220,15 @@ def _register_caps(cfg, device, kind: int, has_win: int) -> dict:
     block band needs 153 registers uncapped and spills 52 bytes at 96; with the cap (before it was limited to the
     window band) its forward ran 43.9 -> 46.5 us (fixed-12k) and 133.2 -> 140.4 us (fixed-64k): H200, python
     bench/dev_probe.py maxnreg fixed-12k fixed-64k at commit 8bebc0a (dev-maxnreg-fixed-20261201.json)."""
+    return caps_for(cfg, kind, has_win) if caps_measured_on(device) else {}
+
+
+def caps_measured_on(device) -> bool:
+    """Is `device` where the register caps were measured: Hopper (sm_90), with Triton MAXNREG_TRITON? (Also the
+    block kernel's, block_backward._capped.)"""
     device = torch.device(device)
-    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9 or _triton_version() != MAXNREG_TRITON:
-        return {}
-    return caps_for(cfg, kind, has_win)
+    return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+            and _triton_version() == MAXNREG_TRITON)
 
 
 def caps_for(cfg, kind: int, has_win: int) -> dict:
