@@ -1,38 +1,68 @@
-"""Where an eager fwd+bwd spends its host time on the GPU, with the Gluon gathered kernels on and off: per setup, the
-wall time per call with a sync after each (what eager training sees), the time to enqueue one call (no sync; the host
-side alone while the GPU keeps up), and the top functions of a cProfile of 20 calls.
-Usage (on a GPU): python bench/eager_host.py [fixed-12k ...]"""
+"""Where an eager fwd+bwd spends its host time on the GPU, per setup and launch variant, in turn, in ROUNDS rounds
+(4): the Triton gathered kernels (the Gluon ones off), the Gluon kernels with Triton's launcher encoding every TMA descriptor
+on every call (launcher.TMA_DIRECT off), and the Gluon kernels with each descriptor encoded once per address
+(the default). For each: the protocol's eager fwd+bwd (do_bench median, .grad accumulating, as `sparse-transformer
+bench attention`), the wall time per call with a sync after it, the time to enqueue one call (the GPU idle at its
+start), and TMA encodings per call; then a cProfile of 20 calls of the default by own time. JSON under $OUT (or
+bench/results/). Usage (on a GPU): python bench/eager_host.py [fixed-12k strided-12k ...]"""
+import json
+import os
 import sys
+import time
 
 import torch
-from host_trace import cprofile, timings
+import triton
+import triton.testing as tt
+from host_trace import _median, cprofile, timings
 
-from sparse_transformer import layouts, sparse_attention
-from sparse_transformer.attention.triton import forward
+from sparse_transformer.attention.triton import forward, launcher
+from sparse_transformer.bench import SETUPS, _method_fn
 
-SETUPS = {"fixed-12k": (2, 8, 12288, 64, lambda n: layouts.fixed(n, 128, 32)),
-          "strided-12k": (2, 8, 12288, 64, lambda n: layouts.strided(n, 128))}
+VARIANTS = {"triton gather": (False, (0, 0)), "gluon, encode per call": (True, (0, 0)),
+            "gluon, encode once": (True, launcher.TMA_DIRECT)}
+
+
+ROUNDS = int(os.environ.get("ROUNDS", "4"))
 
 
 def main(names):
+    rows = []
+    print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
     for name in names:
-        B, H, n, D, make = SETUPS[name]
-        lay = make(n)
+        B, H, n, D, make, _ = SETUPS[name]
+        lay = make()
         q, k, v = (torch.randn(B, H, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         go = torch.randn_like(q)
+        fn = _method_fn("triton", q, k, v, lay, {})
 
         def fb():
-            sparse_attention(q, k, v, lay, backend="triton").backward(go)
-            q.grad = k.grad = v.grad = None
+            fn().backward(go)
 
-        for on in (False, True):
-            forward.GLUON_GATHER = on
-            for _ in range(3):
-                fb()
-            wall, enq = timings(fb, reps=20)
-            print(f"{name} gluon={on}: wall {wall:.3f} ms, enqueue {enq:.3f} ms", flush=True)
-            cprofile(fb, sort="tottime", lines=14)
-    forward.GLUON_GATHER = True
+        for rnd in range(ROUNDS):
+            for variant, (gluon, direct) in VARIANTS.items():
+                forward.GLUON_GATHER, launcher.TMA_DIRECT = gluon, direct
+                launcher.clear()
+                for _ in range(3):
+                    fb()
+                eager = tt.do_bench(fb, warmup=25, rep=200, return_mode="median")
+                enc = launcher.ENCODED
+                wall, enq = timings(fb)  # 30 calls
+                per_call = (launcher.ENCODED - enc) / 30
+                rows.append(dict(setup=name, variant=variant, round=rnd, eager_ms=eager, wall_ms=wall, enqueue_ms=enq,
+                                 encodings_per_call=per_call))
+                print(f"{name:12s} {variant:24s} round {rnd}: eager {eager:.3f} ms, wall {wall:.3f}, enqueue "
+                      f"{enq:.3f}, encodings / call {per_call:.2f}", flush=True)
+        for variant in VARIANTS:
+            mine = [r for r in rows if r["setup"] == name and r["variant"] == variant]
+            print(f"{name:12s} {variant:24s} medians over {len(mine)} rounds: " + ", ".join(
+                f"{m} {_median([r[m + '_ms'] for r in mine]):.3f}" for m in ("eager", "wall", "enqueue")), flush=True)
+        forward.GLUON_GATHER, launcher.TMA_DIRECT = VARIANTS["gluon, encode once"]
+        cprofile(fb, sort="tottime", lines=25)
+    out = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
+    path = os.path.join(out, f"eager-host-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                   rows=rows), open(path, "w"), indent=1)
+    print("wrote", path)
 
 
 if __name__ == "__main__":

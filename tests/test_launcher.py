@@ -144,3 +144,112 @@ def test_hook_detection_reads_an_empty_chain_as_no_hook():
     chain = types.SimpleNamespace(calls=[])
     assert not launcher._active(None) and not launcher._active(chain)
     assert launcher._active(types.SimpleNamespace(calls=[print])) and launcher._active(print)
+
+
+def _bf16(*shape):
+    return torch.zeros(*shape, dtype=torch.bfloat16)
+
+
+def _tma(base, offset=0, block=(16, 16)):
+    """A Tma over base's last two dims (a real shared-memory layout, as gluon_gather builds them)."""
+    from sparse_transformer.attention.triton.gluon_gather import _layout
+
+    rows = base.numel() // base.shape[-1] - offset // base.shape[-1]
+    return launcher.Tma(base, offset, (rows, base.shape[-1]), (base.shape[-1], 1), block,
+                        _layout(block, base.dtype))
+
+
+class FakeRun:
+    """A compiled kernel's launcher as Triton 3.6 builds it: `launch` closes over the C launcher."""
+
+    global_scratch_size = profile_scratch_size = 0
+    launch_cooperative_grid, launch_pdl = False, True
+
+    def __init__(self, log):
+        launcher = lambda *args: log.append(("raw", args))  # noqa: E731 (the name Triton's closure uses)
+
+        def inner(*args):  # wrap_handle_tensordesc's closure
+            return launcher(*args)
+
+        self.launch = inner
+        self.log = log
+
+    def __call__(self, *args):
+        self.log.append(("direct", args))
+
+
+class FakeTmaKernel(FakeKernel):
+    """Parameters a (a descriptor), b (a tensor), s, n, then X, Y; compiled with descriptor metadata."""
+
+    def __getitem__(self, grid):
+        def call(*args, **kw):
+            self.log.append(("triton", grid, args, kw))
+            ck = FakeCompiled(self.log)
+            ck.run = FakeRun(self.log)
+            ck.metadata = types.SimpleNamespace(tensordesc_meta=[{"swizzle": 128}])
+            return ck
+        return call
+
+
+@pytest.fixture
+def tma_direct(fast, monkeypatch):
+    """The direct path as on Triton 3.6, with make_tensordesc_arg counted and stood in for (it needs a GPU)."""
+    import triton
+    from triton.backends.nvidia import driver
+
+    encoded = []
+
+    def encode(desc, meta, *rest):
+        encoded.append((desc.base.data_ptr(), tuple(desc.shape), meta))
+        return [f"map{len(encoded)}", *desc.shape, *desc.strides]
+
+    monkeypatch.setattr(launcher, "TMA_DIRECT", tuple(int(x) for x in triton.__version__.split(".")[:2]))
+    monkeypatch.setattr(driver, "_BASE_ARGS_FORMAT_LEN", 13, raising=False)
+    monkeypatch.setattr(driver, "make_tensordesc_arg", encode)
+    return encoded
+
+
+def test_tma_arguments_reach_triton_as_descriptors_then_go_raw_with_one_encoding_per_address(tma_direct):
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    kern = FakeTmaKernel()
+    x, y, b = _bf16(64, 16), _bf16(64, 16), torch.zeros(64)
+    cex = dict(X=1, Y=2, num_warps=4)
+    for base, offset in ((x, 0), (x, 0), (y, 0), (x, 0), (x, 256)):
+        launcher.launch(kern, (3,), (_tma(base, offset), b), (0.5, 128), cex)
+    kinds = [e[0] for e in kern.log]
+    assert kinds == ["triton", "raw", "raw", "raw", "raw"]
+    first = kern.log[0][2][0]  # Triton's own path got a TensorDescriptor over the same memory
+    assert isinstance(first, TensorDescriptor) and first.base.data_ptr() == x.data_ptr() and first.shape == [64, 16]
+    # encoded on the first raw call of each (address, geometry): x, y, then x 256 elements (16 rows) further on
+    assert [e[0] for e in tma_direct] == [x.data_ptr(), y.data_ptr(), x.data_ptr() + 256 * 2]
+    assert [e[1] for e in tma_direct] == [(64, 16), (64, 16), (48, 16)] and tma_direct[0][2] == {"swizzle": 128}
+    raw = kern.log[1][1]  # grid, stream, function, cooperative, pdl, 2 scratches, packed metadata, 3 hooks, args
+    assert raw == (3, 1, 1, 7, "fn", False, True, None, None, "meta", None, None, None, "map1", 64, 16, 16, 1, b,
+                   0.5, 128, 1, 2)
+    assert [e[1][13] for e in kern.log[2:]] == ["map2", "map1", "map3"]
+    for codes in (entry[-1].codes for entry in launcher._COMPILED.values()):  # no tensor is held
+        assert not any(isinstance(v, torch.Tensor) for code in codes.values() for v in code)
+
+
+def test_tma_arguments_without_the_checked_launcher_go_through_triton_s_launcher(tma_direct, monkeypatch):
+    """On another Triton version (or with scratch memory) the direct call hands Triton's compiled launcher
+    TensorDescriptors, which it encodes itself."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    monkeypatch.setattr(launcher, "TMA_DIRECT", (0, 0))
+    kern = FakeTmaKernel()
+    x, b = _bf16(64, 16), torch.zeros(64)
+    for _ in range(2):
+        launcher.launch(kern, (3,), (_tma(x), b), (0.5, 128), dict(X=1, Y=2))
+    assert [e[0] for e in kern.log] == ["triton", "direct"] and not tma_direct
+    desc = kern.log[1][1][9]
+    assert isinstance(desc, TensorDescriptor) and desc.base.data_ptr() == x.data_ptr() and desc.block_shape == [16, 16]
+
+
+def test_tma_keys_on_alignment_and_block():
+    x = _bf16(64, 16)
+    assert launcher._arg_key(_tma(x)) == launcher._arg_key(_tma(_bf16(64, 16)))
+    assert launcher._arg_key(_tma(x, 16)) == launcher._arg_key(_tma(x))  # 32 bytes on: still 16-byte aligned
+    assert launcher._arg_key(_tma(x, 2)) != launcher._arg_key(_tma(x))
+    assert launcher._arg_key(_tma(x, block=(32, 16))) != launcher._arg_key(_tma(x))

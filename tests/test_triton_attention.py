@@ -913,6 +913,47 @@ def test_gpu_direct_launch_equals_triton_launch_and_respects_alignment():
         launcher.FAST = True
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("verts", [1, 2], ids=["one-offset", "per-head-offsets"])
+def test_gpu_gluon_direct_launch_encodes_each_address_and_equals_triton_launch(verts, monkeypatch):
+    """The Gluon kernels' direct launches (launcher.Tma: descriptors encoded once per address and geometry) give
+    bit-equal outputs and gradients to Triton's own launch path, on two sets of q, k, v, dO (another address must get
+    its own encoding, never the first set's) and on the first set again (its encodings reused)."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernels are for Hopper (sm_90)")
+    import triton
+
+    from sparse_transformer.attention.triton import forward, gluon_gather, launcher
+
+    monkeypatch.setattr(forward, "GLUON_GATHER", True)
+    monkeypatch.setattr(gluon_gather, "HEAD_OFFSETS", True)
+    launcher.clear()  # no compiled kernel or encoding from an earlier test in this process
+    lay = layouts.fixed(1024, 128, 32, heads=2, num_verts=verts)
+    sets = [(*make_qkv(2, 2, 1024, 64, torch.bfloat16, device="cuda"),
+             torch.randn(2, 2, 1024, 64, dtype=torch.bfloat16, device="cuda")) for _ in range(2)]
+
+    def run(q, k, v, g):
+        o, lse = sparse_attention_triton(q, k, v, lay)
+        return (o, lse, *torch.autograd.grad(o, (q, k, v), g))
+
+    launches, encoded = gluon_gather.LAUNCHES, launcher.ENCODED
+    try:
+        launcher.FAST = False
+        want = [run(*qkvg) for qkvg in sets]
+        launcher.FAST = True
+        got = [run(*qkvg) for qkvg in (*sets, *sets, sets[0])]
+    finally:
+        launcher.FAST = True
+    for i, res in enumerate(got):
+        for a, b in zip(res, want[i % 2]):
+            assert torch.equal(a, b)
+    assert gluon_gather.LAUNCHES == launches + 3 * 7  # forward, dQ and dK / dV on every call
+    if triton.__version__.startswith("3.6."):  # the direct path encodes (launcher.TMA_DIRECT); others pass objects
+        # 11 descriptors per fwd+bwd (forward q, k, v; dQ and dK / dV q, dO, k, v each); a kernel's first fast call
+        # is Triton's own, so set one encodes on its second call, set two on its first, and then nothing new
+        assert launcher.ENCODED - encoded == 2 * 11
+
+
 @pytest.mark.parametrize("n,L,lo,c", [(1000, 128, 96, 32), (4096, 256, 224, 32), (300, 128, 100, 16),
                                        (1000, 256, 128, 128), (1000, 128, 0, 1)])
 def test_gluon_summary_view_holds_the_summary_rows(n, L, lo, c):

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .common import NUM_SEG_PARAMS, P_STR, P_STR_MIN
 from .forward import _dot
-from .launcher import launch as launch_kernel
+from .launcher import cdiv, launch as launch_kernel
 
 BLOCK_BWD = os.environ.get("SPARSE_TRANSFORMER_BLOCK_BWD", "1") != "0"
 # The largest tile: compiled for sm_90 (Triton 3.6, bench/compile_probe.py-style), 64-row tiles do not spill (d=64 on
@@ -237,7 +237,7 @@ def block_backward(q, k, v, o, do, dq, dk, dv, lse, delta, L, scale, launch=None
     chunks = launch is not None
     tile = block_tile(L, D, transposed=chunks)
     warps = WARPS or (8 if tile * D > 64 * 64 else 4)
-    blocks = launch.seg.L if chunks else triton.cdiv(N, L)
+    blocks = launch.seg.L if chunks else cdiv(N, L)
     prm = launch.prm if chunks else lse  # natural: never read
     later = chunks and not first
     capped = _capped(q)

@@ -32,15 +32,13 @@ import os
 import weakref
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma, \
     warpgroup_mma_wait
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..plan import GATHER, P_SUM_EXCL, P_SUM_L, P_SUM_LO
-from .launcher import launch as launch_kernel
+from .launcher import Tma, cdiv, launch as launch_kernel
 
 # per head dim, measured on an H200 (bench/gluon_gather.py time, BENCHMARKS.md): the forward without the in-loop
 # overlap (PIPE 0: 180 registers, 1218 us at fixed-64k) beat PIPE 1 (1298) and PIPE 2 (1338-1372); d=128 on 8 warps
@@ -494,8 +492,7 @@ def _desc(x, rows, memo=None):
         return memo[id(x), rows]
     assert x.is_contiguous(), "a TMA descriptor of rows needs a contiguous tensor"
     D = x.shape[-1]
-    x2 = x.view(-1, D)
-    d = TensorDescriptor(x2, list(x2.shape), [D, 1], [rows, D], _layout((rows, D), x.dtype))
+    d = Tma(x, 0, (x.numel() // D, D), (D, 1), (rows, D), _layout((rows, D), x.dtype))
     if memo is not None:
         memo[id(x), rows] = d
     return d
@@ -510,9 +507,9 @@ def summary_desc(x, L, lo, c, BN, memo=None):
     key = (id(x), "summary", BN, per_head)
     if memo is not None and key in memo:
         return memo[key]
-    view = summary_view(x, L, 0, L) if per_head else summary_view(x, L, lo, c)
+    shape, strides, offset = _summary_geometry(x, L, 0, L) if per_head else _summary_geometry(x, L, lo, c)
     box = (1, 1, *summary_box(c, BN), x.shape[-1])
-    d = TensorDescriptor(view, list(view.shape), list(view.stride()), list(box), _layout(box, x.dtype))
+    d = Tma(x, offset, shape, tuple(strides), box, _layout(box, x.dtype))  # summary_view, without building it
     if memo is not None:
         memo[key] = d
     return d
@@ -538,7 +535,7 @@ def gather_forward(q, k, v, o, lse, L, lo, c, scale, merge, BM=128, BN=64, stage
     B, H, n, D = q.shape
     assert L % BM == 0 and q.is_contiguous() and o.is_contiguous()
     rb, rc = summary_box(c, BN)
-    nqb = triton.cdiv(n, BM)
+    nqb = cdiv(n, BM)
     lo_ptr, th, head_lo, _ = _offsets(lo, lse)
     launch_kernel(_gather_fwd_kernel, (B * H, nqb), (_desc(q, BM), summary_desc(k, L, lo, c, BN),
                   summary_desc(v, L, lo, c, BN), o, lse, lo_ptr),
@@ -555,7 +552,7 @@ def gather_dq(q, do, k, v, lse, delta, dq, L, lo, c, scale, BM=128, BN=64, stage
     B, H, n, D = q.shape
     assert L % BM == 0 and do.is_contiguous() and dq.is_contiguous()
     rb, rc = summary_box(c, BN)
-    nqb = triton.cdiv(n, BM)
+    nqb = cdiv(n, BM)
     lo_ptr, th, head_lo, _ = _offsets(lo, lse)
     launch_kernel(_gather_dq_kernel, (B * H, nqb), (_desc(q, BM, memo), _desc(do, BM, memo),
                   summary_desc(k, L, lo, c, BN, memo), summary_desc(v, L, lo, c, BN, memo), dq, lse, delta, lo_ptr),
@@ -573,7 +570,7 @@ def gather_dkdv(q, do, k, v, lse, delta, dk, dv, L, lo, c, scale, BM=64, BN=64, 
     rb, rc = summary_box(c, BN)
     nb = n // L
     lo_ptr, th, head_lo, seg_lo = _offsets(lo, lse)
-    launch_kernel(_gather_dkdv_kernel, (B * H, triton.cdiv(nb * c, BN)), (
+    launch_kernel(_gather_dkdv_kernel, (B * H, cdiv(nb * c, BN)), (
         _desc(q, BM, memo), _desc(do, BM, memo), summary_desc(k, L, lo, c, BN, memo),
         summary_desc(v, L, lo, c, BN, memo), dk, dv, lse, delta, lo_ptr), (scale * 1.4426950408889634, scale, n, H,
         th, nb, L, seg_lo, c), dict(BM=BM, BN=BN, D=D, RB=rb, RC=rc, STAGES=stages, HEAD_LO=head_lo, num_warps=warps))
@@ -592,8 +589,8 @@ def eligible(q, k, v, seg, scale, merge, others=()) -> bool:
             and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in others)
             and (not q.is_contiguous() or q.data_ptr() % 16 == 0)
             and q.numel() // q.shape[-1] < 2 ** 31
-            and triton.cdiv(q.shape[2], min(SETTINGS[q.shape[-1]]["BM"], DQ_SETTINGS[q.shape[-1]]["BM"])) <= 65535
-            and triton.cdiv(q.shape[2] // seg.L * seg.C, DKDV_SETTINGS[q.shape[-1]]["BN"]) <= 65535
+            and cdiv(q.shape[2], min(SETTINGS[q.shape[-1]]["BM"], DQ_SETTINGS[q.shape[-1]]["BM"])) <= 65535
+            and cdiv(q.shape[2] // seg.L * seg.C, DKDV_SETTINGS[q.shape[-1]]["BN"]) <= 65535
             and scale * 1.4426950408889634 >= 2.0 ** -126 and seg.L % SETTINGS[q.shape[-1]]["BM"] == 0):
         return False
     if _capability(q.device)[0] != 9:

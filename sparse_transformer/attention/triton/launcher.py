@@ -7,8 +7,11 @@ first call with a given key goes through Triton as usual (compiling if needed) a
 returns; later calls with the same key launch it directly. The key is finer than Triton's specialization: the
 constexprs and launch options, the device, the tensors' dtypes and their addresses modulo 16, and the scalar
 arguments' exact values (strides, lengths, scale), so a key seen before always maps to the kernel Triton would pick.
-Gluon kernels' TensorDescriptor arguments key on their base's dtype and alignment, block shape and layout; the
-compiled launcher encodes each one's TMA descriptor per call, as on Triton's path.
+Gluon kernels take their TMA descriptors as `Tma` parts (a TensorDescriptor is built only where Triton's own path
+runs); they key on their base's dtype and alignment, block shape and layout. With Triton 3.6 (TMA_DIRECT) the direct
+call encodes a descriptor once per address and geometry and reuses the encoding (no tensor is held), where Triton's
+compiled launcher encodes every descriptor on every call; elsewhere the direct call hands Triton's launcher
+TensorDescriptors.
 Every call takes Triton's own path under TRITON_INTERPRET=1, with FAST = False (SPARSE_TRANSFORMER_FAST_LAUNCH=0), or
 while anything Triton would honour per call is switched on: launch hooks (e.g. its proton profiler), pre-run hooks,
 TRITON_DEBUG, an instrumentation mode. Launches run on the tensors' device (made current for the call if need be).
@@ -16,6 +19,7 @@ TRITON_DEBUG, an instrumentation mode. Launches run on the tensors' device (made
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -36,6 +40,29 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _MAX_ENTRIES = 4096  # one entry per (kernel, settings, shapes); cleared when full (shapes seen once, e.g. decoding)
 _COMPILED: dict = {}
 SLOW = 0  # launches that went through Triton's own path (first calls of a key, per-call options, FAST off)
+ENCODED = 0  # TMA descriptors the direct path encoded (a new address or geometry); hits reuse an encoding
+_MAX_CODES = 256  # encodings kept per compiled kernel (cleared when full)
+
+
+class Tma(NamedTuple):
+    """A Gluon TMA descriptor argument as its parts: a tensor and the element offset of the descriptor's start in
+    it, the shape and strides the descriptor sees (tuples of ints), its block (box) shape and shared-memory layout."""
+
+    base: torch.Tensor
+    offset: int
+    shape: tuple
+    strides: tuple
+    block: tuple
+    layout: object
+
+    def data_ptr(self) -> int:
+        return self.base.data_ptr() + self.offset * self.base.element_size()
+
+    def descriptor(self):
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+        view = self.base.as_strided(self.shape, self.strides, self.base.storage_offset() + self.offset)
+        return TensorDescriptor(view, list(self.shape), list(self.strides), list(self.block), self.layout)
 
 
 def launch(kernel, grid, tensors, scalars, constexprs):
@@ -44,7 +71,7 @@ def launch(kernel, grid, tensors, scalars, constexprs):
     constexpr parameters (after those in the signature) plus num_warps / num_stages, always built in the same order
     for one kernel."""
     if _INTERPRET:
-        kernel[grid](*tensors, *scalars, **constexprs)
+        kernel[grid](*_descriptors(tensors), *scalars, **constexprs)
         return
     dev = _tensor(tensors[0]).device.index
     if _current_device() != dev:  # Triton compiles for, loads on and launches into the current device
@@ -53,28 +80,102 @@ def launch(kernel, grid, tensors, scalars, constexprs):
     global SLOW
     if not FAST:
         SLOW += 1
-        kernel[grid](*tensors, *scalars, **constexprs)
+        kernel[grid](*_descriptors(tensors), *scalars, **constexprs)
         return
     key = (id(kernel), dev, *constexprs.values(), *[_arg_key(t) for t in tensors], *scalars)
     hit = _COMPILED.get(key)
     if hit is None or _per_call_options(kernel):
         SLOW += 1
-        ck = kernel[grid](*tensors, *scalars, **constexprs)
+        ck = kernel[grid](*_descriptors(tensors), *scalars, **constexprs)
         if ck is None:  # a JIT cache hook took the launch over
             return
         n_run = len(tensors) + len(scalars)
         tail = tuple(constexprs[p.name] for p in kernel.params[n_run:])  # constexpr values, in signature order
         if len(_COMPILED) >= _MAX_ENTRIES:
             _COMPILED.clear()
-        _COMPILED[key] = (ck, ck.function, ck.packed_metadata, ck.run, tail)
+        tma = _TmaLaunch.of(ck) if any(type(t) is Tma for t in tensors) else None
+        _COMPILED[key] = (ck, ck.function, ck.packed_metadata, ck.run, tail, tma)
         return
-    ck, fn, meta, run, tail = hit
-    run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, _stream(dev), fn, meta, None, None,
-        None, *tensors, *scalars, *tail)
+    ck, fn, meta, run, tail, tma = hit
+    gx, gy, gz = grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1
+    if tma is None:
+        run(gx, gy, gz, _stream(dev), fn, meta, None, None, None, *tensors, *scalars, *tail)
+    elif tma.raw is None:  # Triton's compiled launcher encodes the descriptors
+        run(gx, gy, gz, _stream(dev), fn, meta, None, None, None, *_descriptors(tensors), *scalars, *tail)
+    else:
+        tma.raw(gx, gy, gz, _stream(dev), fn, tma.coop, tma.pdl, None, None, meta, None, None, None,
+                *tma.expand(tensors), *scalars, *tail)
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host-side grids (triton.cdiv is a constexpr function: about 10 us a call on the host)."""
+    return -(-a // b)
+
+
+def _descriptors(tensors):
+    """The leading arguments as Triton takes them: each Tma as a TensorDescriptor."""
+    return [t.descriptor() if type(t) is Tma else t for t in tensors]
+
+
+# Triton's CUDA launcher whose layout _TmaLaunch mirrors: 3.6.0 (driver.py: wrap_handle_tensordesc's `inner` closes
+# over the compiled module's launch, which takes 13 leading arguments, then each descriptor as make_tensordesc_arg
+# expands it)
+TMA_DIRECT = (3, 6)
+
+
+class _TmaLaunch:
+    """A compiled Gluon kernel's own C launcher, with its descriptors' encodings cached by address and geometry.
+    raw is None where the layout is not the one checked (another Triton, scratch memory, no descriptor metadata):
+    then Triton's launcher encodes every call."""
+
+    def __init__(self, raw, metas, coop, pdl):
+        self.raw, self.metas, self.coop, self.pdl = raw, metas, coop, pdl
+        self.codes: dict = {}
+
+    @classmethod
+    def of(cls, ck):
+        run = ck.run
+        try:
+            import triton
+            from triton.backends.nvidia import driver
+
+            if tuple(int(x) for x in triton.__version__.split(".")[:2]) != TMA_DIRECT:
+                raise LookupError
+            inner = run.launch
+            cells = dict(zip(inner.__code__.co_freevars, inner.__closure__ or ()))
+            raw = cells["launcher"].cell_contents
+            metas = list(ck.metadata.tensordesc_meta or ())
+            if (driver._BASE_ARGS_FORMAT_LEN != 13 or run.global_scratch_size or run.profile_scratch_size
+                    or not metas or any(m is None for m in metas) or not callable(raw)):
+                raise LookupError
+            return cls(raw, metas, run.launch_cooperative_grid, run.launch_pdl)
+        except (LookupError, AttributeError, ValueError, ImportError):
+            return cls(None, None, None, None)
+
+    def expand(self, tensors):
+        """The kernel's leading arguments with each Tma as its encoding [descriptor, *shape, *strides]."""
+        global ENCODED
+        out, i = [], 0
+        for t in tensors:
+            if type(t) is not Tma:
+                out.append(t)
+                continue
+            key = (i, t.data_ptr(), t.base.dtype, t.shape, t.strides, t.block, t.layout)
+            code = self.codes.get(key)
+            if code is None:
+                from triton.backends.nvidia.driver import make_tensordesc_arg
+
+                if len(self.codes) >= _MAX_CODES:
+                    self.codes.clear()
+                code = self.codes[key] = make_tensordesc_arg(t.descriptor(), self.metas[i])
+                ENCODED += 1
+            out.extend(code)
+            i += 1
+        return out
 
 
 def _tensor(arg):
-    """The tensor behind a leading argument: itself, or a (Gluon) TensorDescriptor's base."""
+    """The tensor behind a leading argument: itself, or a Tma's (or a Gluon TensorDescriptor's) base."""
     return arg if isinstance(arg, torch.Tensor) else arg.base
 
 
@@ -83,6 +184,8 @@ def _arg_key(arg):
     shape and shared-memory layout (its shape and strides are runtime arguments, encoded per launch)."""
     if isinstance(arg, torch.Tensor):
         return arg.dtype, arg.data_ptr() & 15
+    if type(arg) is Tma:
+        return arg.base.dtype, arg.data_ptr() & 15, arg.block, arg.layout
     return arg.base.dtype, arg.base.data_ptr() & 15, tuple(arg.block_shape), repr(arg.layout), arg.padding
 
 
