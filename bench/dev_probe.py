@@ -4,6 +4,8 @@ GPU time within one fwd+bwd (torch.profiler, in launch order). Usage on the devi
 python bench/dev_probe.py [setup ...]  (prints a table, writes $OUT/dev_probe.json or bench/results/);
 python bench/dev_probe.py micro  (host time of one launch and of tiny whole calls, each launch path);
 python bench/dev_probe.py sweep [setup ...]  (per-kernel GPU time for each tile config in CONFIGS);
+python bench/dev_probe.py passes [setup ...]  (per-pass tile settings in PASSES against TUNING: per-kernel GPU time,
+graph fwd and fwd+bwd; also the setup fixed-12k-d128);
 python bench/dev_probe.py order [setup ...]  (program order: heads interleaved or one after another);
 python bench/dev_probe.py oneloop [setup ...]  (forward / backward.ONE_LOOP by the default rule, off and on: per-kernel
 GPU time, graph fwd and fwd+bwd);
@@ -23,7 +25,7 @@ import torch
 import triton.testing as tt
 from torch.profiler import ProfilerActivity, profile
 
-from sparse_transformer import sparse_attention
+from sparse_transformer import layouts, sparse_attention
 from sparse_transformer.attention.triton import launcher
 from sparse_transformer.bench import SETUPS, _versions, capture_graph
 
@@ -64,6 +66,11 @@ def median_kernel_times(f, runs):
     return [x[0] for x in times[0]], [sorted(t[i][1] for t in times)[runs // 2] for i in range(len(times[0]))]
 
 
+# setups beyond the benchmark's, for the probes only: the fixed pattern at d = 128 (its block band takes the natural
+# kind's forward at d = 128, as strided-3k's band does)
+EXTRA = {"fixed-12k-d128": (2, 4, 12288, 128, lambda: layouts.fixed(12288, 128, 32), "fixed-l128-c32")}
+
+
 def write_rows(rows, filename):
     with open(os.path.join(os.environ.get("OUT", "bench/results"), filename), "w") as f:
         json.dump(rows, f, indent=1)
@@ -71,7 +78,7 @@ def write_rows(rows, filename):
 
 def inputs(name):
     """The setup's layout and fresh random bf16 q, k, v (requiring grad) and output gradient."""
-    B, H, n, D, make, _ = SETUPS[name]
+    B, H, n, D, make, _ = SETUPS[name] if name in SETUPS else EXTRA[name]
     q, k, v = (torch.randn(B, H, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     return make(), q, k, v, torch.randn_like(q)
 
@@ -322,6 +329,37 @@ if os.environ.get("MAXNREG_BWD") == "1":  # the band's dQ / dK/dV at 96 too, alt
                                                 ("transposed", 64): TRANSPOSED}}
 
 
+def passes(names):
+    """Per-pass tile settings against TUNING, in turn and then the defaults again: PASSES="natural128.fwd=64x32/4/3
+    natural128.dq=64x32/4/2+natural128.fwd=64x32/4/3 ..." (a variant is "+"-joined kind<d>.<pass>=BMxBN/warps/stages
+    settings, "...=64x32/4/3@88" with a register cap of 88; otherwise a pass's cap is dropped when its tile changes)."""
+    from sparse_transformer.attention.triton import function as fn_mod
+
+    base = {kk: dict(vv) for kk, vv in fn_mod.TUNING.items()}
+    variants = ["defaults"] + os.environ["PASSES"].split() + ["defaults"]
+
+    def apply(variant):
+        fn_mod.TUNING.update({kk: dict(vv) for kk, vv in base.items()})
+        for setting in ([] if variant == "defaults" else variant.split("+")):
+            where, cfg = setting.split("=")
+            kind_d, pss = where.split(".")
+            key = (kind_d.rstrip("0123456789"), int(kind_d[len(kind_d.rstrip("0123456789")):]))
+            entry = fn_mod.TUNING[key]
+            cfg, _, cap = cfg.partition("@")  # "@88": a register cap on that tile
+            entry[pss] = tuple(int(x) for x in re.split("[x/]", cfg))
+            entry["maxnreg"] = {p: c for p, c in entry.get("maxnreg", {}).items() if p != pss}
+            if cap:
+                entry["maxnreg"][pss] = (int(cap), *entry[pss][:2])
+        return dict(variant=variant), f"{variant:48s}"
+
+    try:
+        rows = _variant_times(names, variants, apply)
+    finally:
+        fn_mod.TUNING.update(base)
+        fn_mod.clear_cache()
+    write_rows(rows, "dev_passes.json")
+
+
 def _without_caps(fn_mod, base):
     """TUNING as `base` (a copy), with no register caps."""
     fn_mod.TUNING.update({kk: {p: x for p, x in vv.items() if p != "maxnreg"} for kk, vv in base.items()})
@@ -384,6 +422,8 @@ if __name__ == "__main__":
         winmask(args[1:] or list(SETUPS))
     elif args[:1] == ["maxnreg"]:
         maxnreg(args[1:] or list(SETUPS))
+    elif args[:1] == ["passes"]:
+        passes(args[1:] or list(SETUPS))
     elif args[:1] == ["order"]:
         order(args[1:] or list(SETUPS))
     else:
