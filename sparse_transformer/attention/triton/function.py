@@ -64,7 +64,8 @@ TUNING[("natural", 64)]["dkdv"] = (32, 64, 4, 1)
 # (186.3 split), and the 64x32 tiles on 1 stage are the faster there too: H200, CONFIGS="64x32/4/2 64x32/4/1" python
 # bench/dev_probe.py sweep strided-12k strided-64k (2026-12-01, dev-sweep-20261201-64x32.json), transposed forward
 # 70.8 -> 65.2 (2 stages) -> 63.5 us (1 stage) at strided-12k, 192.4 -> 195.3 -> 187.8 at strided-64k.
-TUNING[("transposed", 64)]["fwd"] = (64, 32, 4, 1)
+# On 3 stages (one loop) since 2026-12-01 (late): strided-64k 188.1 -> 171.8 us (below).
+TUNING[("transposed", 64)]["fwd"] = (64, 32, 4, 3)
 # Register caps on the forwards, with the tile they hold for: compiled for sm_90 (Triton 3.6, MAXNREG=96 python
 # bench/compile_probe.py), the window band's 64x64 forward fits 96 registers without spills (121 uncapped: 5 programs
 # per SM instead of 4) and the transposed 64x32 one 88 (95 uncapped; at 96 it spills 8 bytes). H200, python
@@ -75,6 +76,15 @@ TUNING[("transposed", 64)]["fwd"] = (64, 32, 4, 1)
 # maxnreg, dev-maxnreg-bwd-20261201.json), so they stay uncapped.
 TUNING[("natural", 64)]["maxnreg"] = {"fwd": (96, 64, 64)}
 TUNING[("transposed", 64)]["maxnreg"] = {"fwd": (88, 64, 32)}
+# Per-pass settings at d = 128 and the transposed forward on 3 stages: H200, PASSES=... python bench/dev_probe.py passes
+# (2026-12-01, dev-passes-20261201-d128.json, dev-passes-20261201-transposed.json; graph-replayed fwd+bwd, us per
+# kernel): the band's forward on 64x32 tiles, 3 stages 32.5 -> 26.8 us, its dQ on 64x32, 2 stages 36.8 -> 30.6, its
+# dK/dV on 32x64, 2 stages 43.1 -> 39.8: strided-3k 0.223 -> 0.207 ms; the fixed pattern's block band at d = 128
+# (fixed-12k-d128) 44.0 -> 39.2 us, 1.020 -> 1.017 ms. The 64x32 transposed forward on 3 stages, still under its cap of
+# 88: strided-64k 188.1 -> 171.8 us, 1.322 -> 1.305 ms; strided-12k even (63.4 -> 61.8 us, 0.427 ms). On 3 stages the
+# capped forward spills 8 bytes (compiled for sm_90 under Triton 3.6, bench/compile_probe.py); it measured faster
+# than uncapped there all the same (176.3 us at strided-64k). Sweeps: dev-sweep-20261201-d128.json, -64x32-stages.json.
+TUNING[("natural", 128)].update(fwd=(64, 32, 4, 3), dq=(64, 32, 4, 2), dkdv=(32, 64, 4, 2))
 # The transposed strided part adds its dQ from the dK/dV kernel (fp32 atomics, no dQ kernel; backward.py), on 64x64
 # tiles. On an H200 (python bench/dev_probe.py fuse, 2026-11-30, bench/results/dev-fuse-20261130-atomics.json;
 # graph-replayed fwd+bwd, the fp32 dQ's final cast included): strided-64k 1.689 -> 1.631 ms, strided-12k 0.553 ->
@@ -99,8 +109,9 @@ for _d in (64, 128):
 # The d=128 fused tiling needs 129 KiB of shared memory (python bench/compile_probe.py, Triton 3.6, sm_90), more than
 # sm_86 / sm_89 / sm_120 GPUs give a block (99-101 KiB): there the fused kernel runs the ragged tiling (40 KiB).
 TUNING[("transposed", 128)]["fused_smem"] = 129 << 10
-# The band's forward with d=128 measured faster on 3 stages (strided-3k 35.5 -> 31.9 us, the same sweep), but that
-# needs 112 KiB of shared memory, more than sm_86 / sm_89 GPUs have (99 KiB): it stays on 2 stages.
+# The band's forward with d=128 measured faster on 3 stages with 64x64 tiles (strided-3k 35.5 -> 31.9 us, the same
+# sweep), but that needs 112 KiB of shared memory, more than sm_86 / sm_89 GPUs have (99 KiB); its 64x32 tiles on 3
+# stages (above) need 64 KiB and ran faster still.
 
 
 @dataclass(frozen=True, eq=False)
