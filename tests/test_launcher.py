@@ -237,7 +237,7 @@ def test_tma_arguments_without_the_checked_launcher_go_through_triton_s_launcher
     TensorDescriptors, which it encodes itself."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    monkeypatch.setattr(launcher, "TMA_DIRECT", (0, 0))
+    monkeypatch.setattr(launcher, "TMA_DIRECT", None)
     kern = FakeTmaKernel()
     x, b = _bf16(64, 16), torch.zeros(64)
     for _ in range(2):

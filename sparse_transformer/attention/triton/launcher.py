@@ -119,8 +119,8 @@ def _descriptors(tensors):
 
 # Triton's CUDA launcher whose layout _TmaLaunch mirrors: 3.6.0 (driver.py: wrap_handle_tensordesc's `inner` closes
 # over the compiled module's launch, which takes 13 leading arguments, then each descriptor as make_tensordesc_arg
-# expands it)
-TMA_DIRECT = (3, 6)
+# expands it). None (SPARSE_TRANSFORMER_TMA_ONCE=0): Triton's launcher encodes every descriptor on every call.
+TMA_DIRECT = (3, 6) if os.environ.get("SPARSE_TRANSFORMER_TMA_ONCE", "1") != "0" else None
 
 
 class _TmaLaunch:
