@@ -1118,10 +1118,12 @@ def test_gluon_per_head_offsets_only_when_switched_on(monkeypatch):
     odd = torch.randn(2, 1024, 4 * 64 + 4, dtype=torch.bfloat16)[:, :, :256].view(2, 1024, 4, 64).transpose(1, 2)
     assert not gluon_gather.summary_fits(odd, 128, table, 32, 64)  # rows of 260 elements: 520 bytes
     d = gluon_gather.summary_desc(x, 128, table, 32, 64)  # whole blocks from row 0, boxes of two 32-row summaries
-    assert list(d.shape) == [2, 4, 8, 128, 64] and list(d.block_shape) == [1, 1, 2, 32, 64]
-    assert d.base.data_ptr() == x.data_ptr()
+    assert list(d.shape) == [2, 4, 8, 128, 64] and list(d.block) == [1, 1, 2, 32, 64]
+    assert d.data_ptr() == x.data_ptr()
     d = gluon_gather.summary_desc(x, 128, 96, 32, 64)  # one offset: the view starts at row 96, 32 rows per block
-    assert list(d.shape) == [2, 4, 8, 32, 64] and d.base.data_ptr() == x[:, :, 96:].data_ptr()
+    assert list(d.shape) == [2, 4, 8, 32, 64] and d.data_ptr() == x[:, :, 96:].data_ptr()
+    view = d.descriptor().base  # the TensorDescriptor Triton's own path gets: over summary_view's rows
+    assert view.data_ptr() == d.data_ptr() and torch.equal(view, gluon_gather.summary_view(x, 128, 96, 32))
     summary = seg(layouts.fixed(1024, 128, 32, "summary", heads=4, num_verts=4))  # no band: never this path
     assert gluon_gather._segment_offsets(summary) == (None, None)
 
