@@ -332,10 +332,12 @@ if os.environ.get("MAXNREG_BWD") == "1":  # the band's dQ / dK/dV at 96 too, alt
 def passes(names):
     """Per-pass tile settings against TUNING, in turn and then the defaults again: PASSES="natural128.fwd=64x32/4/3
     natural128.dq=64x32/4/2+natural128.fwd=64x32/4/3 ..." (a variant is "+"-joined kind<d>.<pass>=BMxBN/warps/stages
-    settings, "...=64x32/4/3@88" with a register cap of 88; otherwise a pass's cap is dropped when its tile changes)."""
+    settings, "...=64x32/4/3@88" with a register cap of 88 on that tile; a pass set without one runs uncapped)."""
     from sparse_transformer.attention.triton import function as fn_mod
 
     base = {kk: dict(vv) for kk, vv in fn_mod.TUNING.items()}
+    if not os.environ.get("PASSES"):
+        sys.exit('passes: set PASSES, e.g. PASSES="natural128.fwd=64x32/4/3 transposed64.fwd=64x32/4/3@88"')
     variants = ["defaults"] + os.environ["PASSES"].split() + ["defaults"]
 
     def apply(variant):

@@ -150,26 +150,29 @@ def _bf16(*shape):
     return torch.zeros(*shape, dtype=torch.bfloat16)
 
 
-def _tma(base, offset=0, block=(16, 16)):
-    """A Tma over base's last two dims (a real shared-memory layout, as gluon_gather builds them)."""
+def _tma(base, offset=0, block=(16, 16), rows=None, strides=None):
+    """A Tma over base's last two dims from element `offset` (a real shared-memory layout, as gluon_gather builds
+    them); rows and strides default to the rest of base, row-major."""
     from sparse_transformer.attention.triton.gluon_gather import _layout
 
-    rows = base.numel() // base.shape[-1] - offset // base.shape[-1]
-    return launcher.Tma(base, offset, (rows, base.shape[-1]), (base.shape[-1], 1), block,
-                        _layout(block, base.dtype))
+    D = base.shape[-1]
+    rows = base.numel() // D - offset // D if rows is None else rows
+    return launcher.Tma(base, offset, (rows, D), strides or (D, 1), block, _layout(block, base.dtype))
 
 
 class FakeRun:
-    """A compiled kernel's launcher as Triton 3.6 builds it: `launch` closes over the C launcher."""
+    """A compiled kernel's launcher as Triton 3.6 builds it: `launch` closes over the C launcher and the set of
+    descriptor parameter positions."""
 
     global_scratch_size = profile_scratch_size = 0
     launch_cooperative_grid, launch_pdl = False, True
 
-    def __init__(self, log):
-        launcher = lambda *args: log.append(("raw", args))  # noqa: E731 (the name Triton's closure uses)
+    def __init__(self, log, where):
+        launcher = lambda *args: log.append(("raw", args))  # noqa: E731 (the names Triton's closure uses)
+        tensordesc_indices = set(where)
 
-        def inner(*args):  # wrap_handle_tensordesc's closure
-            return launcher(*args)
+        def inner(*args):  # wrap_handle_tensordesc's closure (never called on the direct path)
+            return launcher(*args, tensordesc_indices)
 
         self.launch = inner
         self.log = log
@@ -179,14 +182,20 @@ class FakeRun:
 
 
 class FakeTmaKernel(FakeKernel):
-    """Parameters a (a descriptor), b (a tensor), s, n, then X, Y; compiled with descriptor metadata."""
+    """Leading parameters as the calls give them (descriptors at `where`), then s, n, X, Y; compiled with one
+    metadata entry per descriptor ({"swizzle": its position})."""
+
+    def __init__(self, where=(0,), leading=2):
+        super().__init__()
+        self.where = where
+        self.params = [types.SimpleNamespace(name=f"t{i}") for i in range(leading)] + FakeKernel.params[2:]
 
     def __getitem__(self, grid):
         def call(*args, **kw):
             self.log.append(("triton", grid, args, kw))
             ck = FakeCompiled(self.log)
-            ck.run = FakeRun(self.log)
-            ck.metadata = types.SimpleNamespace(tensordesc_meta=[{"swizzle": 128}])
+            ck.run = FakeRun(self.log, self.where)
+            ck.metadata = types.SimpleNamespace(tensordesc_meta=[{"swizzle": i} for i in self.where])
             return ck
         return call
 
@@ -200,11 +209,11 @@ def tma_direct(fast, monkeypatch):
     encoded = []
 
     def encode(desc, meta, *rest):
-        encoded.append((desc.base.data_ptr(), tuple(desc.shape), meta))
+        encoded.append((desc.base.data_ptr(), tuple(desc.shape), tuple(desc.strides), meta))
         return [f"map{len(encoded)}", *desc.shape, *desc.strides]
 
     monkeypatch.setattr(launcher, "TMA_DIRECT", tuple(int(x) for x in triton.__version__.split(".")[:2]))
-    monkeypatch.setattr(driver, "_BASE_ARGS_FORMAT_LEN", 13, raising=False)
+    monkeypatch.setattr(driver, "_BASE_ARGS_FORMAT", "iiiKKppOOOOOO", raising=False)
     monkeypatch.setattr(driver, "make_tensordesc_arg", encode)
     return encoded
 
@@ -223,7 +232,7 @@ def test_tma_arguments_reach_triton_as_descriptors_then_go_raw_with_one_encoding
     assert isinstance(first, TensorDescriptor) and first.base.data_ptr() == x.data_ptr() and first.shape == [64, 16]
     # encoded on the first raw call of each (address, geometry): x, y, then x 256 elements (16 rows) further on
     assert [e[0] for e in tma_direct] == [x.data_ptr(), y.data_ptr(), x.data_ptr() + 256 * 2]
-    assert [e[1] for e in tma_direct] == [(64, 16), (64, 16), (48, 16)] and tma_direct[0][2] == {"swizzle": 128}
+    assert [e[1] for e in tma_direct] == [(64, 16), (64, 16), (48, 16)] and tma_direct[0][3] == {"swizzle": 0}
     raw = kern.log[1][1]  # grid, stream, function, cooperative, pdl, 2 scratches, packed metadata, 3 hooks, args
     assert raw == (3, 1, 1, 7, "fn", False, True, None, None, "meta", None, None, None, "map1", 64, 16, 16, 1, b,
                    0.5, 128, 1, 2)
@@ -232,13 +241,55 @@ def test_tma_arguments_reach_triton_as_descriptors_then_go_raw_with_one_encoding
         assert not any(isinstance(v, torch.Tensor) for code in codes.values() for v in code)
 
 
-def test_tma_arguments_without_the_checked_launcher_go_through_triton_s_launcher(tma_direct, monkeypatch):
-    """On another Triton version (or with scratch memory) the direct call hands Triton's compiled launcher
+@pytest.mark.parametrize("change", ["offset", "shape", "strides"])
+def test_tma_encoding_is_not_reused_across_offset_shape_or_strides(tma_direct, change):
+    """The same base with another start (a summary offset moves only the descriptor's start: the kernel's key is the
+    same), or the same address with another shape or strides, gets its own encoding."""
+    kern = FakeTmaKernel()
+    x, b = _bf16(64, 16), torch.zeros(64)
+    a = _tma(x, rows=32)
+    a2 = {"offset": _tma(x, 16 * 16, rows=32), "shape": _tma(x, rows=48),
+          "strides": _tma(x, rows=32, strides=(32, 1))}[change]
+    for t in (a, a, a2, a2, a):
+        launcher.launch(kern, (3,), (t, b), (0.5, 128), dict(X=1, Y=2))
+    assert [e[0] for e in kern.log] == ["triton"] + ["raw"] * 4
+    assert [e[1][13] for e in kern.log[1:]] == ["map1", "map2", "map2", "map1"]
+    want = {"offset": (x.data_ptr() + 512, (32, 16), (16, 1)), "shape": (x.data_ptr(), (48, 16), (16, 1)),
+            "strides": (x.data_ptr(), (32, 16), (32, 1))}[change]
+    assert tma_direct[1][:3] == want
+
+
+def test_two_tma_arguments_each_get_their_own_metadata_in_order(tma_direct):
+    kern = FakeTmaKernel(where=(0, 2), leading=3)
+    x, y, b = _bf16(64, 16), _bf16(32, 16), torch.zeros(64)
+    for _ in range(2):
+        launcher.launch(kern, (3,), (_tma(x), b, _tma(y)), (0.5, 128), dict(X=1, Y=2))
+    assert [e[0] for e in kern.log] == ["triton", "raw"]
+    assert [(e[0], e[3]) for e in tma_direct] == [(x.data_ptr(), {"swizzle": 0}), (y.data_ptr(), {"swizzle": 2})]
+    assert kern.log[1][1][13:] == ("map1", 64, 16, 16, 1, b, "map2", 32, 16, 16, 1, 0.5, 128, 1, 2)
+    # the same descriptor in both places: each place encodes it with its own metadata
+    launcher.launch(kern, (3,), (_tma(x), b, _tma(x)), (0.5, 128), dict(X=1, Y=2))
+    assert tma_direct[2] == (x.data_ptr(), (64, 16), (16, 1), {"swizzle": 2})
+    assert kern.log[2][1][13] == "map1" and kern.log[2][1][19] == "map3"
+
+
+@pytest.mark.parametrize("why", ["version", "scratch", "no metadata", "positions", "argument layout"])
+def test_tma_arguments_without_the_checked_launcher_go_through_triton_s_launcher(tma_direct, monkeypatch, why):
+    """Another Triton version (or scratch memory, a descriptor without metadata, descriptor positions other than
+    the Tma arguments', another leading-argument layout): the direct call hands Triton's compiled launcher
     TensorDescriptors, which it encodes itself."""
+    from triton.backends.nvidia import driver
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    monkeypatch.setattr(launcher, "TMA_DIRECT", None)
-    kern = FakeTmaKernel()
+    kern = FakeTmaKernel(where=(1,) if why == "positions" else (0,))
+    if why == "version":
+        monkeypatch.setattr(launcher, "TMA_DIRECT", None)
+    elif why == "scratch":
+        monkeypatch.setattr(FakeRun, "global_scratch_size", 64)
+    elif why == "argument layout":
+        monkeypatch.setattr(driver, "_BASE_ARGS_FORMAT", "iiiKKppOOOO")
+    elif why == "no metadata":
+        kern.where = ()
     x, b = _bf16(64, 16), torch.zeros(64)
     for _ in range(2):
         launcher.launch(kern, (3,), (_tma(x), b), (0.5, 128), dict(X=1, Y=2))

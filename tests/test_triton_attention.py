@@ -937,13 +937,10 @@ def test_gpu_gluon_direct_launch_encodes_each_address_and_equals_triton_launch(v
         return (o, lse, *torch.autograd.grad(o, (q, k, v), g))
 
     launches, encoded = gluon_gather.LAUNCHES, launcher.ENCODED
-    try:
-        launcher.FAST = False
-        want = [run(*qkvg) for qkvg in sets]
-        launcher.FAST = True
-        got = [run(*qkvg) for qkvg in (*sets, *sets, sets[0])]
-    finally:
-        launcher.FAST = True
+    monkeypatch.setattr(launcher, "FAST", False)
+    want = [run(*qkvg) for qkvg in sets]
+    monkeypatch.setattr(launcher, "FAST", True)
+    got = [run(*qkvg) for qkvg in (*sets, *sets, sets[0])]
     for i, res in enumerate(got):
         for a, b in zip(res, want[i % 2]):
             assert torch.equal(a, b)
@@ -952,6 +949,38 @@ def test_gpu_gluon_direct_launch_encodes_each_address_and_equals_triton_launch(v
         # 11 descriptors per fwd+bwd (forward q, k, v; dQ and dK / dV q, dO, k, v each); a kernel's first fast call
         # is Triton's own, so set one encodes on its second call, set two on its first, and then nothing new
         assert launcher.ENCODED - encoded == 2 * 11
+
+
+@pytest.mark.gpu
+def test_gpu_gluon_direct_launch_tells_summary_offsets_apart(monkeypatch):
+    """Two layouts whose only difference is the summary offset (rows 96..128 or 64..96 of each 128-row block) share
+    the Gluon kernels' compiled entries (the offset moves only the descriptors' start), so only the encodings'
+    addresses keep them apart: each must match Triton's own launch path, called in turn on the same inputs."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernels are for Hopper (sm_90)")
+    from sparse_transformer.attention.triton import forward, gluon_gather, launcher
+
+    monkeypatch.setattr(forward, "GLUON_GATHER", True)
+    launcher.clear()
+    lays = [layouts.Layout(1024, (layouts.HeadPattern(block=128, summary=(128, lo, lo + 32)),), name=f"lo={lo}")
+            for lo in (96, 64)]
+    q, k, v = make_qkv(2, 2, 1024, 64, torch.bfloat16, device="cuda")
+    g = torch.randn_like(q)
+
+    def run(lay):
+        o, lse = sparse_attention_triton(q, k, v, lay)
+        return (o, lse, *torch.autograd.grad(o, (q, k, v), g))
+
+    launches = gluon_gather.LAUNCHES
+    monkeypatch.setattr(launcher, "FAST", False)
+    want = [run(lay) for lay in lays]
+    monkeypatch.setattr(launcher, "FAST", True)
+    got = [run(lays[i % 2]) for i in range(5)]
+    assert not torch.equal(want[0][0], want[1][0])  # the two layouts do differ
+    for i, res in enumerate(got):
+        for a, b in zip(res, want[i % 2]):
+            assert torch.equal(a, b)
+    assert gluon_gather.LAUNCHES == launches + 3 * 7
 
 
 @pytest.mark.parametrize("n,L,lo,c", [(1000, 128, 96, 32), (4096, 256, 224, 32), (300, 128, 100, 16),
