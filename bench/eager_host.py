@@ -16,10 +16,10 @@ import time
 import torch
 import triton
 import triton.testing as tt
-from host_trace import cprofile, timings
+from host_trace import cprofile, setup_inputs, timings
 
 from sparse_transformer.attention.triton import forward, launcher
-from sparse_transformer.bench import SETUPS, _method_fn
+from sparse_transformer.bench import _method_fn
 
 VARIANTS = {"triton gather": (False, None), "gluon, encode per call": (True, None),
             "gluon, encode once": (True, (3, 6))}  # launcher.TMA_DIRECT: reuse needs Triton 3.6
@@ -32,10 +32,7 @@ def main(names):
     rows = []
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
     for name in names:
-        B, H, n, D, make, _ = SETUPS[name]
-        lay = make()
-        q, k, v = (torch.randn(B, H, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-        go = torch.randn_like(q)
+        lay, q, k, v, go = setup_inputs(name)
         fn = _method_fn("triton", q, k, v, lay, {})
 
         def fb():

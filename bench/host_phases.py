@@ -8,9 +8,10 @@ import sys
 import time
 
 import torch
+from host_trace import setup_inputs
 
 from sparse_transformer.attention.triton import backward, block_backward, forward, function, gluon_gather
-from sparse_transformer.bench import SETUPS, _method_fn
+from sparse_transformer.bench import _method_fn
 
 EVENTS: list = []
 
@@ -48,10 +49,7 @@ def main(names):
     _wrap_method(function.SparseAttentionFunction, "backward")
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)
     for name in names:
-        B, H, n, D, make, _ = SETUPS[name]
-        lay = make()
-        q, k, v = (torch.randn(B, H, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-        go = torch.randn_like(q)
+        lay, q, k, v, go = setup_inputs(name)
         fn = _method_fn("triton", q, k, v, lay, {})
         for gluon in ((True, False) if name.startswith("fixed") else (True,)):
             forward.GLUON_GATHER = gluon
