@@ -1,24 +1,27 @@
 """Our Python's share of one attention call: sparse_attention(backend="triton") fwd+bwd with the kernel launches
 stubbed out, on CPU tensors (no GPU, no interpreter), so only the wrapper's own host work is timed. The same shapes as
-`bench/dev_probe.py micro` (strided n=256, l=16, one head of width 64). Usage: python bench/host_python.py [reps]"""
+`bench/dev_probe.py micro` (strided n=256, l=16, one head of width 64); with --gluon also the fixed pattern (n=1024,
+l=128, c=32, two heads, bf16) through the Triton gathered kernels' host code and through the Gluon kernels' (on the
+CPU their eligibility is forced: layout checks, descriptor parts and launch keys run as on a Hopper GPU).
+Usage: python bench/host_python.py [reps] [--gluon]"""
 import sys
 import time
 
 import torch
 
 from sparse_transformer import layouts, sparse_attention
-from sparse_transformer.attention.triton import backward, block_backward, forward
+from sparse_transformer.attention.plan import GATHER
+from sparse_transformer.attention.triton import backward, block_backward, forward, gluon_gather
 
 
-def main(reps: int) -> None:
-    for module in (forward, backward, block_backward):
-        module.launch_kernel = lambda *args, **kwargs: None
-    lay = layouts.strided(256, 16)
-    q, k, v = (torch.randn(1, 1, 256, 64, requires_grad=True) for _ in range(3))
+def per_call_us(lay, shape, dtype, reps):
+    """Median over 5 rounds of reps calls of one fwd+bwd's host time, us."""
+    q, k, v = (torch.randn(*shape, dtype=dtype, requires_grad=True) for _ in range(3))
     go = torch.randn_like(q)
 
     def fb():
         sparse_attention(q, k, v, lay, backend="triton").backward(go)
+        q.grad = k.grad = v.grad = None  # the CPU additions would swamp the host work
 
     fb()
     times = []
@@ -27,8 +30,29 @@ def main(reps: int) -> None:
         for _ in range(reps):
             fb()
         times.append((time.perf_counter() - t0) / reps * 1e6)
-    print(f"our Python per fwd+bwd, kernels stubbed: median {sorted(times)[2]:.0f} us over 5 x {reps} calls")
+    return sorted(times)[2]
+
+
+def main(reps: int, gluon: bool) -> None:
+    for module in (forward, backward, block_backward, gluon_gather):
+        module.launch_kernel = lambda *args, **kwargs: None
+    us = per_call_us(layouts.strided(256, 16), (1, 1, 256, 64), torch.float32, reps)
+    print(f"our Python per fwd+bwd, kernels stubbed: median {us:.0f} us over 5 x {reps} calls")
+    if not gluon:
+        return
+    fixed = layouts.fixed(1024, 128, 32)
+    us = per_call_us(fixed, (1, 2, 1024, 64), torch.bfloat16, reps)
+    print(f"fixed pattern, Triton gathered kernels' host code: median {us:.0f} us")
+    forward.gluon_for = lambda q, seg: gluon_gather if seg.kind == GATHER else None
+    gluon_gather._CAPABILITY[None] = (9, 0)  # CPU tensors' device index
+    torch.Tensor.is_cuda = property(lambda self: True)  # what eligible() asks first; nothing else here reads it
+    try:
+        us = per_call_us(fixed, (1, 2, 1024, 64), torch.bfloat16, reps)
+    finally:
+        del torch.Tensor.is_cuda
+    print(f"fixed pattern, Gluon kernels' host code (eligibility forced): median {us:.0f} us")
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if sys.argv[1:] else 2000)
+    args = [a for a in sys.argv[1:] if a != "--gluon"]
+    main(int(args[0]) if args else 2000, "--gluon" in sys.argv[1:])
