@@ -6,6 +6,7 @@ python bench/compile_probe.py                     # every (kind, head dim, pass)
 python bench/compile_probe.py 32x32/4/2 64x64/4/3  # those settings (BMxBN/warps/stages) for every kind and pass, d=64
 SPARSE_TRANSFORMER_ONE_LOOP=0|1 python bench/compile_probe.py  # every pass split / one loop (default: Pass.one_loop)
 MAXNREG=96 python bench/compile_probe.py  # every pass under this register cap (default: TUNING's; MAXNREG=0: none)
+PTX_DIR=dir python bench/compile_probe.py  # also write each pass's PTX there (to compare two versions of a kernel)
 The device has Triton 3.6; another version compiles differently (a venv with that wheel gives its numbers)."""
 import os
 import re
@@ -110,6 +111,10 @@ def probe(kind, d, pass_name, setting, default=False):
         print(f"{tag:40s} failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}", flush=True)
         return
     ptx = k.asm["ptx"]
+    if os.environ.get("PTX_DIR"):
+        name = re.sub(r"[^A-Za-z0-9=._-]+", "_", tag.strip()) + ".ptx"
+        with open(os.path.join(os.environ["PTX_DIR"], name), "w") as f:
+            f.write(ptx)
     regs, spills = ptxas_report(ptx)
     atomics = len(re.findall(r"\b(?:red|atom)[.]global", ptx))  # outside the f-string: Python < 3.12
     if os.environ.get("MAXNREG") or cap:

@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from . import forward as _forward
-from .common import (ONE_LOOP_ENV, _key_positions, _program_head, _program_tile, _query_positions, _tile_mask,
-                     one_loop)
+from .common import (ONE_LOOP_ENV, _key_positions, _program_head, _program_tile, _query_positions, _rule_on_partial,
+                     _tile_mask, one_loop)
 from .forward import _dot
 from .grid import program_grid
 from .launcher import launch as launch_kernel
@@ -45,15 +45,8 @@ def _dq_tile(q, do, lse, delta, dq, e, i, p_q, k_base, v_base, stride_kn, stride
         k = tl.load(k_base + j.to(tl.int64)[:, None] * stride_kn + offs_d[None, :])
         v = tl.load(v_base + j.to(tl.int64)[:, None] * stride_vn + offs_d[None, :])
     p = tl.math.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])
-    if ONE_LOOP:
-        if partial:
-            vis = _tile_mask(i[:, None], j[None, :], p_q[:, None], p_k[None, :], k_ok[None, :], prm, SEG_C, KIND,
-                             HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM)
-            p = tl.where(vis, p, 0.0)
-    elif MASKED:
-        vis = _tile_mask(i[:, None], j[None, :], p_q[:, None], p_k[None, :], k_ok[None, :], prm, SEG_C, KIND,
-                         HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM)
-        p = tl.where(vis, p, 0.0)
+    p = _rule_on_partial(p, 0.0, i[:, None], j[None, :], p_q[:, None], p_k[None, :], k_ok[None, :], prm, SEG_C,
+                         partial, MASKED, ONE_LOOP, KIND, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM)
     ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
     return dq + _dot(ds.to(k.dtype), k, IEEE)
 
@@ -78,7 +71,7 @@ def _dkdv_tile(k, v, dk, dv, e, j, p_k, k_ok, q_base, do_base, dq_base, lse_base
         delta = tl.load(delta_base + i)
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: P = 0
     pt = tl.math.exp2(_dot(k, tl.trans(q), IEEE) * qk_scale - lse[None, :])  # (BN, BM)
-    if ONE_LOOP:
+    if ONE_LOOP:  # (not _rule_on_partial: q_ok folded into its k_ok changes the PTX, sm_90 / Triton 3.6)
         if partial:
             vis = _tile_mask(i[None, :], j[:, None], p_q[None, :], p_k[:, None], k_ok[:, None], prm, SEG_C, KIND,
                              HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM)

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ..plan import GATHER
-from .common import (ONE_LOOP_ENV, _key_positions, _program_head, _program_tile, _query_positions, _tile_mask,
+from .common import (ONE_LOOP_ENV, _key_positions, _program_head, _program_tile, _query_positions, _rule_on_partial,
                      one_loop)
 from .grid import program_grid
 from .launcher import launch as launch_kernel
@@ -50,15 +50,8 @@ def _fwd_tile(q, acc, m_i, l_i, e, i, p_q, k_base, v_base, stride_kn, stride_vn,
     s = _dot(q, tl.trans(k), IEEE)
     if not FOLD:
         s = s * qk_scale
-    if ONE_LOOP:
-        if partial:
-            vis = _tile_mask(i[:, None], j[None, :], p_q[:, None], p_k[None, :], k_ok[None, :], prm, SEG_C, KIND,
-                             HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM)
-            s = tl.where(vis, s, float("-inf"))
-    elif MASKED:
-        vis = _tile_mask(i[:, None], j[None, :], p_q[:, None], p_k[None, :], k_ok[None, :], prm, SEG_C, KIND,
-                         HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM)
-        s = tl.where(vis, s, float("-inf"))
+    s = _rule_on_partial(s, float("-inf"), i[:, None], j[None, :], p_q[:, None], p_k[None, :], k_ok[None, :], prm,
+                         SEG_C, partial, MASKED, ONE_LOOP, KIND, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM)
     if FOLD:  # qk_scale > 0: the max of the raw scores, scaled; the scale goes into the exponent's FMA below
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     else:
