@@ -16,7 +16,8 @@ import time
 import torch
 import triton
 import triton.testing as tt
-from host_trace import cprofile, setup_inputs, timings
+from dev_probe import inputs
+from host_trace import cprofile, timings
 
 from sparse_transformer.attention.triton import forward, launcher
 from sparse_transformer.bench import _method_fn
@@ -32,7 +33,7 @@ def main(names):
     rows = []
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
     for name in names:
-        lay, q, k, v, go = setup_inputs(name)
+        lay, q, k, v, go = inputs(name)
         fn = _method_fn("triton", q, k, v, lay, {})
 
         def fb():

@@ -8,7 +8,7 @@ import sys
 import time
 
 import torch
-from host_trace import setup_inputs
+from dev_probe import inputs
 
 from sparse_transformer.attention.triton import backward, block_backward, forward, function, gluon_gather
 from sparse_transformer.bench import _method_fn
@@ -49,7 +49,7 @@ def main(names):
     _wrap_method(function.SparseAttentionFunction, "backward")
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)
     for name in names:
-        lay, q, k, v, go = setup_inputs(name)
+        lay, q, k, v, go = inputs(name)
         fn = _method_fn("triton", q, k, v, lay, {})
         for gluon in ((True, False) if name.startswith("fixed") else (True,)):
             forward.GLUON_GATHER = gluon

@@ -17,10 +17,12 @@ import tempfile
 import time
 
 import torch
+from dev_probe import inputs
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from sparse_transformer.attention.triton import launcher
-from sparse_transformer.bench import SETUPS, _method_fn
+from sparse_transformer.bench import _method_fn
+
 
 def _median(xs):
     return sorted(xs)[len(xs) // 2]
@@ -85,18 +87,10 @@ def cprofile(fb, n=20, sort="cumulative", lines=30):
     print("\n".join(out.getvalue().splitlines()[4:lines + 10]), flush=True)
 
 
-def setup_inputs(name):
-    """A `bench attention` setup's layout, fresh random bf16 q, k, v (requiring grad) on the GPU and an output
-    gradient."""
-    B, H, n, D, make, _ = SETUPS[name]
-    q, k, v = (torch.randn(B, H, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    return make(), q, k, v, torch.randn_like(q)
-
-
 def main(names, out, traces=True):
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)
     for name in names:
-        lay, q, k, v, go = setup_inputs(name)
+        lay, q, k, v, go = inputs(name)
         for method in ("triton", "sdpa-cudnn"):
             fn = _method_fn(method, q, k, v, lay, {})
 

@@ -203,7 +203,6 @@ class FakeTmaKernel(FakeKernel):
 @pytest.fixture
 def tma_direct(fast, monkeypatch):
     """The direct path as on Triton 3.6, with make_tensordesc_arg counted and stood in for (it needs a GPU)."""
-    import triton
     from triton.backends.nvidia import driver
 
     encoded = []
@@ -212,7 +211,7 @@ def tma_direct(fast, monkeypatch):
         encoded.append((desc.base.data_ptr(), tuple(desc.shape), tuple(desc.strides), meta))
         return [f"map{len(encoded)}", *desc.shape, *desc.strides]
 
-    monkeypatch.setattr(launcher, "TMA_DIRECT", tuple(int(x) for x in triton.__version__.split(".")[:2]))
+    monkeypatch.setattr(launcher, "TMA_DIRECT", launcher.triton_version())
     monkeypatch.setattr(driver, "_BASE_ARGS_FORMAT", "iiiKKppOOOOOO", raising=False)
     monkeypatch.setattr(driver, "make_tensordesc_arg", encode)
     return encoded

@@ -21,7 +21,7 @@ from ..plan import GATHER
 from .common import (ONE_LOOP_ENV, _key_positions, _program_head, _program_tile, _query_positions, _rule_on_partial,
                      one_loop)
 from .grid import program_grid
-from .launcher import launch as launch_kernel
+from .launcher import launch as launch_kernel, triton_version as _triton_version
 
 
 @triton.jit
@@ -141,13 +141,6 @@ _GLUON_ENV = os.environ.get("SPARSE_TRANSFORMER_GLUON", "")
 GLUON_GATHER = _GLUON_ENV != "0"
 GLUON_TRITON = ((3, 6),)  # (major, minor) of the Triton versions the Gluon kernels were checked on
 _GLUON = []  # the gluon_gather module once decided on, or None
-
-
-def _triton_version():
-    try:
-        return tuple(int(x) for x in triton.__version__.split(".")[:2])
-    except ValueError:  # a development version
-        return None
 
 
 def gluon_module():

@@ -452,6 +452,12 @@ def _summary_geometry(x, L, lo, c):
     return shape, strides, lo * sn
 
 
+def _view_geometry(x, L, lo, c):
+    """_summary_geometry of the view a descriptor of x's summary rows reads: whole blocks for per-head offsets (lo a
+    tensor: the kernels add each head's offset), else rows lo .. lo + c of each block."""
+    return _summary_geometry(x, L, 0, L) if isinstance(lo, torch.Tensor) else _summary_geometry(x, L, lo, c)
+
+
 def summary_view(x, L, lo, c):
     """Rows lo .. lo + c of every whole L-row block of x [B, H, n, D] (last dim contiguous), in place: a
     [B, H, n // L, c, D] view (with lo = 0 and c = L: whole blocks, for per-head offsets). A dimension of size one
@@ -473,8 +479,7 @@ def summary_fits(x, L, lo, c, BN) -> bool:
     one summary offset, or a tensor of per-head offsets (the view sees whole blocks)."""
     if not (BN % c == 0 or c % BN == 0) or x.stride(-1) != 1:
         return False
-    _, strides, offset = _summary_geometry(x, L, 0, L) if isinstance(lo, torch.Tensor) else \
-        _summary_geometry(x, L, lo, c)
+    _, strides, offset = _view_geometry(x, L, lo, c)
     es = x.element_size()
     return (x.data_ptr() + offset * es) % 16 == 0 and all(s > 0 and s * es % 16 == 0 for s in strides[:-1])
 
@@ -507,7 +512,7 @@ def summary_desc(x, L, lo, c, BN, memo=None):
     key = (id(x), "summary", BN, per_head)
     if memo is not None and key in memo:
         return memo[key]
-    shape, strides, offset = _summary_geometry(x, L, 0, L) if per_head else _summary_geometry(x, L, lo, c)
+    shape, strides, offset = _view_geometry(x, L, lo, c)
     box = (1, 1, *summary_box(c, BN), x.shape[-1])
     d = Tma(x, offset, shape, tuple(strides), box, _layout(box, x.dtype))  # summary_view, without building it
     if memo is not None:

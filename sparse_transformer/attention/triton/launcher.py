@@ -24,13 +24,19 @@ from typing import NamedTuple
 import torch
 
 
-def _triton_at_least(major: int, minor: int) -> bool:
+def triton_version() -> tuple | None:
+    """(major, minor) of the installed Triton, or None for an unparsable (development) version."""
     import triton
 
     try:
-        return tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (major, minor)
-    except ValueError:  # an unparsable (development) version: take Triton's own path
-        return False
+        return tuple(int(x) for x in triton.__version__.split(".")[:2])
+    except ValueError:
+        return None
+
+
+def _triton_at_least(major: int, minor: int) -> bool:
+    version = triton_version()  # a development version takes Triton's own path
+    return version is not None and version >= (major, minor)
 
 
 # the direct call mirrors JITFunction.run of Triton 3.6 (checked against the 3.6.0 and 3.9.0 sources); older Triton
@@ -141,10 +147,9 @@ class _TmaLaunch:
         its metadata; else one that hands Triton's launcher descriptors."""
         run = ck.run
         try:
-            import triton
             from triton.backends.nvidia import driver
 
-            if tuple(int(x) for x in triton.__version__.split(".")[:2]) != TMA_DIRECT:
+            if TMA_DIRECT is None or triton_version() != TMA_DIRECT:
                 raise LookupError
             inner = run.launch
             cells = {name: cell.cell_contents for name, cell in
