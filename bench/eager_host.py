@@ -1,11 +1,16 @@
 """Where an eager fwd+bwd spends its host time on the GPU, per setup and launch variant, in turn, in ROUNDS rounds
-(4): the Triton gathered kernels (the Gluon ones off), the Gluon kernels with Triton's launcher encoding every TMA
-descriptor on every call (launcher.TMA_DIRECT off), and the Gluon kernels with each descriptor encoded once per
-address (the default). For each: the protocol's eager fwd+bwd (do_bench median, .grad accumulating, as
-`sparse-transformer bench attention`), the wall time per call with a sync after it, the time to enqueue one call
-(the GPU idle at its start), and the direct path's TMA encodings over those 30 calls after warm-up (0 once each
-address is seen; Triton's own encodings on the per-call variant are not counted); the medians over the rounds; then
-a cProfile of 20 calls of the default by own time. JSON under $OUT (or bench/results/).
+(4). Variants (VARIANTS="default graphs ..." picks some; default: all):
+- triton-gather: the Triton gathered kernels (the Gluon ones off);
+- encode-per-call: the Gluon kernels with Triton's launcher encoding every TMA descriptor on every call
+  (launcher.TMA_DIRECT off);
+- default: the library's defaults (the Gluon kernels, each descriptor encoded once per address);
+- graphs: the defaults with each call's launches replayed from a CUDA graph (replay.ENABLED,
+  SPARSE_TRANSFORMER_GRAPHS=1).
+For each: the protocol's eager fwd+bwd (do_bench median, .grad accumulating, as `sparse-transformer bench
+attention`), the wall time per call with a sync after it, the time to enqueue one call (the GPU idle at its start),
+the direct path's TMA encodings over those 30 calls after warm-up (0 once each address is seen; Triton's own
+encodings on the per-call variant are not counted) and the graph replays among them; the medians over the rounds;
+then a cProfile of 20 calls of the default by own time. JSON under $OUT (or bench/results/).
 Usage (on a GPU): python bench/eager_host.py [fixed-12k strided-12k ...]"""
 import json
 import os
@@ -19,11 +24,13 @@ import triton.testing as tt
 from dev_probe import inputs
 from host_trace import cprofile, timings
 
-from sparse_transformer.attention.triton import forward, launcher
+from sparse_transformer.attention.triton import forward, function, launcher, replay
 from sparse_transformer.bench import _method_fn
 
-VARIANTS = {"triton gather": (False, None), "gluon, encode per call": (True, None),
-            "gluon, encode once": (True, (3, 6))}  # launcher.TMA_DIRECT: reuse needs Triton 3.6
+# (forward.GLUON_GATHER, launcher.TMA_DIRECT, replay.ENABLED); TMA_DIRECT's reuse needs Triton 3.6
+ALL_VARIANTS = {"triton-gather": (False, (3, 6), False), "encode-per-call": (True, None, False),
+                "default": (True, (3, 6), False), "graphs": (True, (3, 6), True)}
+VARIANTS = {v: ALL_VARIANTS[v] for v in os.environ.get("VARIANTS", " ".join(ALL_VARIANTS)).split()}
 
 
 ROUNDS = int(os.environ.get("ROUNDS", "4"))
@@ -40,25 +47,27 @@ def main(names):
             fn().backward(go)
 
         for rnd in range(ROUNDS):
-            for variant, (gluon, direct) in VARIANTS.items():
-                forward.GLUON_GATHER, launcher.TMA_DIRECT = gluon, direct
+            for variant, (gluon, direct, graphs) in VARIANTS.items():
+                forward.GLUON_GATHER, launcher.TMA_DIRECT, replay.ENABLED = gluon, direct, graphs
                 launcher.clear()
+                function.clear_cache()
                 for _ in range(3):
                     fb()
                 eager = tt.do_bench(fb, warmup=25, rep=200, return_mode="median")
-                enc = launcher.ENCODED
+                enc, reps = launcher.ENCODED, replay.REPLAYS
                 wall, enq = timings(fb)  # 30 calls
-                encoded = launcher.ENCODED - enc
+                encoded, replays = launcher.ENCODED - enc, replay.REPLAYS - reps
                 rows.append(dict(setup=name, variant=variant, round=rnd, eager_ms=eager, wall_ms=wall, enqueue_ms=enq,
-                                 direct_encodings=encoded))
-                print(f"{name:12s} {variant:24s} round {rnd}: eager {eager:.3f} ms, wall {wall:.3f}, enqueue "
-                      f"{enq:.3f}, direct encodings in 30 calls {encoded}", flush=True)
+                                 direct_encodings=encoded, replays=replays))
+                print(f"{name:12s} {variant:16s} round {rnd}: eager {eager:.3f} ms, wall {wall:.3f}, enqueue "
+                      f"{enq:.3f}, direct encodings in 30 calls {encoded}, graph replays {replays}", flush=True)
         for variant in VARIANTS:
             mine = [r for r in rows if r["setup"] == name and r["variant"] == variant]
-            print(f"{name:12s} {variant:24s} medians over {len(mine)} rounds: " + ", ".join(
+            print(f"{name:12s} {variant:16s} medians over {len(mine)} rounds: " + ", ".join(
                 f"{m} {statistics.median([r[m + '_ms'] for r in mine]):.3f}" for m in ("eager", "wall", "enqueue")), flush=True)
-        forward.GLUON_GATHER, launcher.TMA_DIRECT = VARIANTS["gluon, encode once"]
+        forward.GLUON_GATHER, launcher.TMA_DIRECT, replay.ENABLED = ALL_VARIANTS["default"]
         launcher.clear()
+        function.clear_cache()
         cprofile(fb, sort="tottime", lines=25)
     out = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
     path = os.path.join(out, f"eager-host-{time.strftime('%Y%m%d-%H%M%S')}.json")

@@ -834,6 +834,46 @@ def test_gpu_gluon_gather_matches_reference(n, L, D, dtype, views, monkeypatch):
     assert gluon_gather.LAUNCHES >= before + 2 * (2 + gluon_gather.DKDV)
 
 
+class _MisalignedGrad(torch.autograd.Function):
+    """Identity whose backward hands the gradient on as a contiguous view 2 bytes into a buffer (not 16-byte
+    aligned)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        out = torch.empty(g.numel() + 1, dtype=g.dtype, device=g.device)[1:].view(g.shape)
+        out.copy_(g)
+        assert out.is_contiguous() and out.data_ptr() % 16 != 0
+        return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned-dO", "misaligned-dO"])
+def test_gpu_gluon_backward_follows_the_forward_and_checks_do(misaligned, monkeypatch):
+    """The backward takes the Gluon kernels where the forward did (it reuses the forward's decision for q, k, v) and
+    dO is 16-byte aligned; a misaligned dO sends the gathered part's backward to the Triton kernels. Both ways
+    match the reference."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel is for Hopper (sm_90)")
+    from sparse_transformer.attention.triton import forward, gluon_gather
+
+    monkeypatch.setattr(forward, "GLUON_GATHER", True)
+    lay = layouts.fixed(1024, 128, 32)
+
+    def run(q, k, v, lay):
+        o, lse = sparse_attention_triton(q, k, v, lay)
+        return (_MisalignedGrad.apply(o) if misaligned else o), lse
+
+    for _ in range(2):  # the second call's launches go through the direct launcher
+        before = gluon_gather.LAUNCHES
+        check_against_reference(run, *make_qkv(2, 3, 1024, 64, torch.bfloat16, device="cuda"), lay,
+                                floor=FLOOR[torch.bfloat16])
+        assert gluon_gather.LAUNCHES - before == (1 if misaligned else 2 + gluon_gather.DKDV)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,L,D", [(4096, 256, 64), (1025, 128, 128)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -1183,3 +1223,80 @@ def test_gluon_summary_offset_of_the_edge_layouts(case, lo):
     segs = [launch.seg for launch in get_launches(lay, 64, "cpu")]
     assert [s.kind == GATHER for s in segs] == [False, True]
     assert gluon_gather._segment_offsets(segs[1])[0] == lo
+
+
+GRAPH_LAYOUTS = [("fixed", lambda: layouts.fixed(2048, 128, 32)), ("strided", lambda: layouts.strided(2048, 128)),
+                 ("fixed-views", lambda: layouts.fixed(2048, 128, 32))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,make", GRAPH_LAYOUTS, ids=[c[0] for c in GRAPH_LAYOUTS])
+def test_gpu_graph_replay_equals_direct_launches(name, make, monkeypatch):
+    """SPARSE_TRANSFORMER_GRAPHS=1 (replay.ENABLED): in a loop over the same tensors the second call captures its
+    forward and backward launches and later calls replay them. Outputs and gradients are bit-equal to direct
+    launches, also after q's values change in place (same address). With views, q is not contiguous (the model's
+    strides): the Gluon path copies it inside the graph."""
+    from sparse_transformer.attention.triton import function, replay
+
+    lay = make()
+    if name.endswith("views"):
+        q, k, v = _views(2, 2048, 4, 64, torch.bfloat16)
+    else:
+        q, k, v = make_qkv(2, 4, 2048, 64, torch.bfloat16, device="cuda")
+    g = torch.randn(q.shape, device="cuda", dtype=q.dtype)
+
+    def call():
+        o, _ = sparse_attention_triton(q, k, v, lay)
+        return [t.clone() for t in (o, *torch.autograd.grad(o, (q, k, v), g))]  # clones: this call's buffers go
+
+    function.clear_cache()
+    monkeypatch.setattr(replay, "ENABLED", False)
+    want = call()
+    monkeypatch.setattr(replay, "ENABLED", True)
+    captures = replay.CAPTURES
+    try:
+        for _ in range(4):  # each call's buffers freed before the next: the allocator gives the same addresses
+            replays = replay.REPLAYS
+            got = call()
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+            del got
+        assert replay.CAPTURES - captures == 2 and replay.REPLAYS - replays == 2  # fwd and bwd, once each
+        with torch.no_grad():
+            q.mul_(0.5)
+            v.add_(1.0)
+        got = call()  # replayed on the new values
+        assert replay.REPLAYS - replays == 4
+        monkeypatch.setattr(replay, "ENABLED", False)
+        want = call()
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    finally:
+        function.clear_cache()
+
+
+@pytest.mark.gpu
+def test_gpu_graph_replay_stays_out_of_a_user_capture(monkeypatch):
+    """Inside someone else's CUDA-graph capture (the benchmark's graph mode) calls launch directly: the user's
+    graph replays the same results."""
+    from sparse_transformer.attention.triton import function, replay
+    from sparse_transformer.bench import capture_graph
+
+    lay = layouts.strided(2048, 128)
+    q, k, v = make_qkv(2, 4, 2048, 64, torch.bfloat16, device="cuda")
+    monkeypatch.setattr(replay, "ENABLED", True)
+    function.clear_cache()
+    out = {}
+
+    def fn():
+        out["o"], _ = sparse_attention_triton(q, k, v, lay)
+
+    try:
+        graph = capture_graph(fn)  # 3 warm-up calls (the second and third capture and replay ours), then the user's
+        captures = replay.CAPTURES
+        graph.replay()
+        torch.cuda.synchronize()
+        assert replay.CAPTURES == captures
+        monkeypatch.setattr(replay, "ENABLED", False)
+        want, _ = sparse_attention_triton(q, k, v, lay)
+        assert torch.equal(out["o"], want)
+    finally:
+        function.clear_cache()

@@ -196,12 +196,13 @@ def _attn_bwd_dkdv_kernel(
     tl.store(dv_ptr + g_off, dv.to(dv_ptr.dtype.element_ty), mask=k_ok[:, None])
 
 
-def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, fuse_dq, first, accum, accum_kv):
+def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, fuse_dq, first, accum, accum_kv, gluon=False):
     """Launch one segment's backward: dQ and dK/dV, or (fuse_dq) one dK/dV kernel on launch.fused's tiles that also
     adds its dQ share with fp32 atomics (never the first segment: its dQ kernel stores every row). q, k, v, o, do:
     [B, H, N, D]; o, do and dq share strides, dk and dv share theirs; dq is fp32 when any segment fuses; lse: fp32
     [B, H, N] of the whole layout; delta: fp32 [B, H, N], written by the first segment's dQ kernel (first), read by
-    the rest; accum / accum_kv: add to what an earlier segment wrote."""
+    the rest; accum / accum_kv: add to what an earlier segment wrote; gluon: the Gluon kernels took this segment's
+    forward (for these q, k, v: gluon_gather.eligible)."""
     B, H, N, D = q.shape
     seg = launch.seg
     assert dq.stride() == do.stride() == o.stride() and dk.stride() == dv.stride()
@@ -209,8 +210,8 @@ def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, fuse_dq
     qk_scale = scale * 1.4426950408889634
     dq_kernel = not fuse_dq
     kv_kernel = True
-    gg = _forward.gluon_for(q, seg) if not (first or fuse_dq) else None
-    if gg is not None and gg.eligible(q, k, v, seg, scale, True, others=(do, dq, dk, dv)):
+    gg = _forward.gluon_module() if gluon and not (first or fuse_dq) else None
+    if gg is not None and gg.rows_fit((do, dq, dk, dv)):
         # the gathered part's dQ and dK / dV in Gluon (Hopper); dK / dV add to the band's
         kv_kernel = not (accum_kv and gg.DKDV)
         gg.backward(q, k, v, do, dq, dk, dv, lse, delta, seg, scale, dq_kernel, not kv_kernel)

@@ -165,16 +165,17 @@ def gluon_for(q, seg):
     return gluon_module()
 
 
-def attn_forward(q, k, v, o, lse, launch, scale, merge):
+def attn_forward(q, k, v, o, lse, launch, scale, merge) -> bool:
     """Launch the forward kernel for one segment. q, k, v, o: [B, H, N, D] (last dim contiguous); lse: fp32 [B, H, N]
     contiguous; launch: a function.Launch (segment, tables, params, settings); merge: fold into the o / lse an
-    earlier segment wrote."""
+    earlier segment wrote. Returns whether the Gluon kernels took it (gluon_gather.eligible: the backward reuses
+    that decision for these q, k, v)."""
     B, H, N, D = q.shape
     seg, tab = launch.seg, launch.fwd.tab
     gg = gluon_for(q, seg)
     if gg is not None and gg.eligible(q, k, v, seg, scale, merge, others=(o,)):
         gg.forward(q, k, v, o, lse, seg, scale, merge)
-        return
+        return True
     qk_scale = scale * 1.4426950408889634
     # FOLD (the scale inside the exponent's FMA) measured faster on the gathered summary part only; it needs a positive
     # scale that stays nonzero in fp32 (else -inf * 0 = NaN on masked scores)
@@ -185,3 +186,4 @@ def attn_forward(q, k, v, o, lse, launch, scale, merge):
         launch.constexprs(q, launch.fwd, T_ON_X=t_on_x, MERGE=merge,
                           FOLD=seg.kind == GATHER and qk_scale >= 2.0 ** -126,
                           ONE_LOOP=one_loop(ONE_LOOP, launch.fwd.one_loop)))
+    return False

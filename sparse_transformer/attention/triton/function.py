@@ -9,7 +9,8 @@ block_backward.py) and launches dQ and dK/dV per segment, each adding to the row
 transposed strided segment whose chunks fit the block kernel runs it (one launch, no atomics); otherwise a later
 segment whose kind has a `fused` tiling launches one dK/dV kernel that also adds its dQ share (fp32 atomics, then dQ is
 cast back), unless torch's deterministic mode is on.
-Tables are built once per (layout, tiles, device) and cached (plan.get_tables).
+Tables are built once per (layout, tiles, device) and cached (plan.get_tables). With SPARSE_TRANSFORMER_GRAPHS=1 each
+direction's launches replay from a CUDA graph once a call's tensors repeat (replay.py).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 from ..plan import (GATHER, NATURAL, P_ALL, P_BLK, P_CUSTOM, P_STR, P_SUM_L, P_WIN, TRANSPOSED, LRUCache, Segment,
                     Tables, get_segments, get_tables)
 from . import block_backward as _block
+from . import replay
 from .common import one_loop_default
 from .backward import attn_backward
 from .forward import _triton_version, attn_forward
@@ -163,7 +165,9 @@ _KINDS = {"natural": 0, "transposed": 1, "gather": 2}
 
 
 def clear_cache():
+    """Drop the launch lists (tables, settings) and the CUDA graphs of them (replay.py): after changing a setting."""
     _LAUNCHES.clear()
+    replay.clear()
 
 
 def _pass(layout, idx, seg, cfg, head_dim, device, block_m, block_n, one_loop=False, cap=None) -> Pass:
@@ -274,10 +278,10 @@ class SparseAttentionFunction(torch.autograd.Function):
         launches = get_launches(layout, D, q.device, block_m, block_n)
         o = torch.empty(q.shape, device=q.device, dtype=q.dtype)  # contiguous: the backward gives dO its strides
         lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
-        for idx, launch in enumerate(launches):
-            attn_forward(q, k, v, o, lse, launch, scale, merge=idx > 0)
+        gluon = replay.run(("fwd", id(launches), scale), (q, k, v, o, lse), launches, lambda: [
+            attn_forward(q, k, v, o, lse, launch, scale, merge=idx > 0) for idx, launch in enumerate(launches)])
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.launches, ctx.scale = launches, scale
+        ctx.launches, ctx.scale, ctx.gluon = launches, scale, gluon
         ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)  # no zero-filled gradient for lse (one launch fewer); o's always arrives
         return o, lse
@@ -300,16 +304,21 @@ class SparseAttentionFunction(torch.autograd.Function):
         alloc = torch.zeros if gather_only else torch.empty
         dk = alloc(k.shape, device=k.device, dtype=k.dtype)  # contiguous, whatever views k and v are
         dv = alloc(v.shape, device=v.device, dtype=v.dtype)
-        for idx, launch in enumerate(launches):
-            chunks = launch.seg.kind == TRANSPOSED
-            if launch.block is not None and _block.BLOCK_BWD and (idx > 0 or not chunks or _block.FIRST_CHUNKS):
-                # one kernel: a block-causal band first (Delta too), or the transposed strided chunks (later: adding
-                # to the band's gradients; first, a strided-only layer: storing them and Delta)
-                _block.block_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch.block, ctx.scale,
-                                      launch if chunks else None, first=idx == 0)
-                continue
-            attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, ctx.scale, fused[idx], first=idx == 0,
-                          accum=idx > 0, accum_kv=idx > 0 or gather_only)
+
+        def launch_all():
+            for idx, launch in enumerate(launches):
+                chunks = launch.seg.kind == TRANSPOSED
+                if launch.block is not None and _block.BLOCK_BWD and (idx > 0 or not chunks or _block.FIRST_CHUNKS):
+                    # one kernel: a block-causal band first (Delta too), or the transposed strided chunks (later:
+                    # adding to the band's gradients; first, a strided-only layer: storing them and Delta)
+                    _block.block_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch.block, ctx.scale,
+                                          launch if chunks else None, first=idx == 0)
+                    continue
+                attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, ctx.scale, fused[idx], first=idx == 0,
+                              accum=idx > 0, accum_kv=idx > 0 or gather_only, gluon=ctx.gluon[idx])
+
+        replay.run(("bwd", id(launches), ctx.scale, deterministic, *ctx.gluon),
+                   (q, k, v, o, do, dq, dk, dv, lse, delta), launches, launch_all)
         return dq.to(q.dtype), dk, dv, None, None, None, None
 
 

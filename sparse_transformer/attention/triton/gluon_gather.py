@@ -591,7 +591,7 @@ def eligible(q, k, v, seg, scale, merge, others=()) -> bool:
     layout whose every head has it, with one summary offset (or, with HEAD_OFFSETS, one per head), after a band that
     holds each query's own block (merge)."""
     if not (merge and seg.kind == GATHER and q.is_cuda and q.dtype in _GL_DTYPES and q.shape[-1] in (64, 128)
-            and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in others)
+            and rows_fit(others)
             and (not q.is_contiguous() or q.data_ptr() % 16 == 0)
             and q.numel() // q.shape[-1] < 2 ** 31
             and cdiv(q.shape[2], min(SETTINGS[q.shape[-1]]["BM"], DQ_SETTINGS[q.shape[-1]]["BM"])) <= 65535
@@ -602,6 +602,12 @@ def eligible(q, k, v, seg, scale, merge, others=()) -> bool:
         return False
     lo = _offsets_of(seg, q.device)
     return lo is not None and all(summary_fits(x, seg.L, lo, seg.C, KV_TILE) for x in (k, v))
+
+
+def rows_fit(tensors) -> bool:
+    """Are these (the output; dO, dQ, dK, dV) contiguous and 16-byte aligned, as the kernels' row descriptors and
+    stores take them? (The backward's part of `eligible`, whose decision for q, k, v it reuses from the forward.)"""
+    return all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)
 
 
 _SEG: dict = {}  # id(segment) -> (segment, one offset or None, per-head offsets or None); segments live in the launch

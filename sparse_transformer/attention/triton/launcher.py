@@ -88,7 +88,9 @@ def launch(kernel, grid, tensors, scalars, constexprs):
         SLOW += 1
         kernel[grid](*_descriptors(tensors), *scalars, **constexprs)
         return
-    key = (id(kernel), dev, *constexprs.values(), *[_arg_key(t) for t in tensors], *scalars)
+    # (a plain tensor's key inline: this runs for every argument of every launch)
+    key = (id(kernel), dev, *constexprs.values(),
+           *[(t.dtype, t.data_ptr() & 15) if type(t) is _TENSOR else _arg_key(t) for t in tensors], *scalars)
     hit = _COMPILED.get(key)
     if hit is None or _per_call_options(kernel):
         SLOW += 1
@@ -173,7 +175,8 @@ class _TmaLaunch:
             if type(t) is not Tma:
                 out.append(t)
                 continue
-            key = (i, t.data_ptr(), t.base.dtype, t.shape, t.strides, t.block, t.layout)
+            # dtype, block and layout are in the launch key that led to this kernel (_arg_key): equal at position i
+            key = (i, t.data_ptr(), t.shape, t.strides)
             code = self.codes.get(key)
             if code is None:
                 from triton.backends.nvidia.driver import make_tensordesc_arg
@@ -200,6 +203,9 @@ def _arg_key(arg):
     if type(arg) is Tma:
         return arg.base.dtype, arg.data_ptr() & 15, arg.block, arg.layout
     return arg.base.dtype, arg.base.data_ptr() & 15, tuple(arg.block_shape), repr(arg.layout), arg.padding
+
+
+_TENSOR = torch.Tensor
 
 
 def _current_device():

@@ -1,0 +1,120 @@
+"""The CUDA-graph replay of a call's launches (attention/triton/replay.py): which calls launch, capture or replay, on
+the CPU with stand-ins for tensors and graphs. test_triton_attention.py::test_gpu_graph_replay_* run it for real."""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from sparse_transformer.attention.triton import replay  # noqa: E402
+
+
+class FakeTensor:
+    """What replay.run reads of a tensor: is_cuda, device, address, dtype, shape, strides."""
+
+    is_cuda = True
+    device = torch.device("cpu")
+
+    def __init__(self, ptr, shape=(2, 3)):
+        self.ptr, self.dtype, self.shape = ptr, torch.bfloat16, torch.Size(shape)
+
+    def data_ptr(self):
+        return self.ptr
+
+    def stride(self):
+        return (self.shape[1], 1)
+
+
+class FakeGraph:
+    def __init__(self, log, launch_all):
+        self.log, self.launch_all = log, launch_all
+
+    def replay(self):
+        self.log.append("replay")
+        self.launch_all()  # what the graph's kernels do
+
+
+@pytest.fixture
+def graphs(monkeypatch):
+    """replay switched on, with captures that record instead of capturing; yields the log."""
+    log = []
+
+    def capture(device, launch_all):
+        log.append("capture")
+        return FakeGraph(log, lambda: log.append("kernels"))
+
+    monkeypatch.setattr(replay, "ENABLED", True)
+    monkeypatch.setattr(replay, "_capture", capture)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # (the CPU torch has no CUDA)
+    replay.clear()
+    yield log
+    replay.clear()
+
+
+def _call(log, tensors, head=("fwd", 1, 0.125), result="r"):
+    return replay.run(head, tensors, None, lambda: log.append("launch") or result)
+
+
+def test_second_call_captures_and_replays_later_ones_replay(graphs):
+    t = [FakeTensor(1024), FakeTensor(2048)]
+    assert [_call(graphs, t) for _ in range(4)] == ["r"] * 4  # the first call's result on every replay
+    assert graphs == ["launch", "capture", "replay", "kernels", "replay", "kernels", "replay", "kernels"]
+
+
+@pytest.mark.parametrize("change", ["address", "shape", "head"])
+def test_anything_in_the_key_that_changes_starts_over(graphs, change):
+    t = [FakeTensor(1024), FakeTensor(2048)]
+    _call(graphs, t)
+    _call(graphs, t)
+    graphs.clear()
+    other = {"address": ([FakeTensor(1024), FakeTensor(4096)], ("fwd", 1, 0.125)),
+             "shape": ([FakeTensor(1024), FakeTensor(2048, (3, 2))], ("fwd", 1, 0.125)),
+             "head": (t, ("fwd", 1, 0.25))}[change]
+    _call(graphs, *other)
+    _call(graphs, *other)
+    assert graphs == ["launch", "capture", "replay", "kernels"]
+
+
+def test_a_failed_capture_launches_directly_from_then_on(graphs, monkeypatch):
+    monkeypatch.setattr(replay, "_capture", lambda device, launch_all: graphs.append("capture") or None)
+    t = [FakeTensor(1024)]
+    for _ in range(4):
+        _call(graphs, t)
+    assert graphs == ["launch", "capture", "launch", "launch", "launch"]
+
+
+def test_off_or_cpu_or_inside_a_capture_always_launches(graphs, monkeypatch):
+    t = [FakeTensor(1024)]
+    monkeypatch.setattr(replay, "ENABLED", False)
+    for _ in range(3):
+        _call(graphs, t)
+    monkeypatch.setattr(replay, "ENABLED", True)
+    cpu = [torch.zeros(4)]
+    for _ in range(3):
+        _call(graphs, cpu)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    for _ in range(3):
+        _call(graphs, t)
+    assert graphs == ["launch"] * 9
+
+
+def test_least_recently_used_keys_are_dropped(graphs, monkeypatch):
+    monkeypatch.setattr(replay, "MAX_GRAPHS", 2)
+    a, b, c = ([FakeTensor(p)] for p in (1024, 2048, 4096))
+    for t in (a, b, a, c):  # a used again (captured) before c arrives: b is dropped
+        _call(graphs, t)
+    graphs.clear()
+    _call(graphs, a)  # kept: replayed
+    _call(graphs, b)  # forgotten: launched and noted again
+    _call(graphs, b)
+    assert graphs == ["replay", "kernels", "launch", "capture", "replay", "kernels"]
+
+
+def test_clear_cache_drops_the_graphs(graphs):
+    from sparse_transformer.attention.triton import function
+
+    t = [FakeTensor(1024)]
+    _call(graphs, t)
+    _call(graphs, t)
+    function.clear_cache()
+    graphs.clear()
+    _call(graphs, t)
+    assert graphs == ["launch"]
