@@ -44,6 +44,7 @@ def graphs(monkeypatch):
     monkeypatch.setattr(replay, "ENABLED", True)
     monkeypatch.setattr(replay, "_capture", capture)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # (the CPU torch has no CUDA)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)  # FakeTensor's device index
     replay.clear()
     yield log
     replay.clear()
@@ -81,7 +82,7 @@ def test_a_failed_capture_launches_directly_from_then_on(graphs, monkeypatch):
     assert graphs == ["launch", "capture", "launch", "launch", "launch"]
 
 
-def test_off_or_cpu_or_inside_a_capture_always_launches(graphs, monkeypatch):
+def test_off_or_cpu_or_inside_a_capture_or_on_another_device_always_launches(graphs, monkeypatch):
     t = [FakeTensor(1024)]
     monkeypatch.setattr(replay, "ENABLED", False)
     for _ in range(3):
@@ -90,10 +91,14 @@ def test_off_or_cpu_or_inside_a_capture_always_launches(graphs, monkeypatch):
     cpu = [torch.zeros(4)]
     for _ in range(3):
         _call(graphs, cpu)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    for _ in range(3):
+        _call(graphs, t)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     for _ in range(3):
         _call(graphs, t)
-    assert graphs == ["launch"] * 9
+    assert graphs == ["launch"] * 12
 
 
 def test_least_recently_used_keys_are_dropped(graphs, monkeypatch):

@@ -11,7 +11,8 @@ scale, flags) and every tensor the kernels touch (address, dtype, shape, strides
 - later ones replay it. The kernels read and write the tensors at those addresses, whatever tensor lives there now,
   so replaying is exact: the same kernels with the same arguments.
 A loop that reuses its buffers (training steps under the caching allocator, benchmarks) hits from its third step on.
-Calls inside someone else's capture (bench graph mode, torch.compile's cudagraphs) launch as usual.
+Calls inside someone else's capture (bench graph mode, torch.compile's cudagraphs), and calls on tensors of a device
+other than the current one, launch as usual.
 
 Each graph keeps `keep` alive (the launch list: its tables are kernel arguments) and a private memory pool that holds
 whatever the launches allocated (the Gluon path's copy of a non-contiguous q). At most MAX_GRAPHS graphs are kept, the
@@ -44,7 +45,8 @@ def run(head: tuple, tensors, keep, launch_all):
     """launch_all()'s result, its launches made directly or replayed from a graph of them (see the module's
     docstring). tensors: every tensor the launches read or write (the first one's device runs them)."""
     global REPLAYS
-    if not ENABLED or not tensors[0].is_cuda or torch.cuda.is_current_stream_capturing():
+    if (not ENABLED or not tensors[0].is_cuda or torch.cuda.is_current_stream_capturing()
+            or tensors[0].device.index != torch.cuda.current_device()):  # (a graph replays on the current device)
         return launch_all()
     key = (*head, *[(t.data_ptr(), t.dtype, t.shape, t.stride()) for t in tensors])
     entry = _ENTRIES.get(key)
