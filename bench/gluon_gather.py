@@ -34,7 +34,11 @@ SETTINGS = [dict(BM=128, BN=64, stages=st, warps=w, pipe=p) for (st, w, p) in
             ((3, 4, 0), (2, 4, 0), (4, 4, 0), (3, 8, 0), (3, 4, 1), (3, 4, 2), (4, 4, 2))] + \
     [dict(BM=64, BN=64, stages=4, warps=4, pipe=0), dict(BM=128, BN=128, stages=3, warps=8, pipe=0)]
 DKDV_SWEEP = [dict(BM=bm, BN=bn, stages=st, warps=w) for (bm, bn, st, w) in
-              ((64, 64, 3, 4), (64, 64, 2, 4), (128, 64, 2, 4), (64, 128, 3, 8), (128, 128, 2, 8))]
+              ((64, 64, 3, 4), (64, 64, 2, 4), (128, 64, 2, 4), (64, 128, 3, 8), (128, 128, 2, 8), (32, 64, 3, 4),
+               (32, 64, 4, 4), (32, 64, 2, 4))]
+DKDV_SWEEP_128 = [LIBRARY_KV[128]] + [s for s in (dict(BM=64, BN=64, stages=2, warps=4), dict(BM=64, BN=128, stages=2,
+                  warps=8), dict(BM=32, BN=64, stages=2, warps=4), dict(BM=32, BN=64, stages=3, warps=4))
+                                     if s != LIBRARY_KV[128]]
 DQ_SWEEP = [dict(BM=bm, BN=64, stages=st, warps=w) for (bm, st, w) in
             ((128, 3, 8), (128, 2, 8), (128, 4, 8), (64, 3, 4), (64, 2, 4), (64, 4, 4))]
 
@@ -100,8 +104,7 @@ def check(full=False):
         rows = torch.arange(n, device="cuda")
         lo_h = torch.tensor(los, device="cuda")[:, None]
         summary = (rows % L >= lo_h) & (rows % L < lo_h + c) & (rows < n // L * L)  # (H, n)
-        for st in DKDV_SWEEP + [LIBRARY_KV[64]] if D == 64 else [LIBRARY_KV[128], dict(BM=64, BN=128, stages=2,
-                                                                                        warps=8)]:
+        for st in DKDV_SWEEP + [LIBRARY_KV[64]] if D == 64 else DKDV_SWEEP_128:
             dk0 = (torch.randn_like(q).float() * ref_dk.abs().max()).to(dt)
             dv0 = (torch.randn_like(q).float() * ref_dv.abs().max()).to(dt)
             dk, dv = dk0.clone(), dv0.clone()
@@ -170,7 +173,7 @@ def time_against_triton():
             runs[f"gluon dq {st}"] = lambda st=st: gather_dq(q, go, k, v, lse_ok, delta, dq, L, L - c, c, D ** -0.5,
                                                              **st)
         dk, dv = torch.zeros_like(q), torch.zeros_like(q)
-        for st in DKDV_SWEEP if D == 64 else [LIBRARY_KV[128], dict(BM=64, BN=128, stages=2, warps=8)]:
+        for st in DKDV_SWEEP if D == 64 else DKDV_SWEEP_128:
             runs[f"gluon dkdv {st}"] = lambda st=st: gather_dkdv(q, go, k, v, lse_ok, delta, dk, dv, L, L - c, c,
                                                                  D ** -0.5, **st)
         for label, f in runs.items():
@@ -225,6 +228,7 @@ def compile_only(which=("fwd", "dq", "dkdv"), c=32, head_lo=False):
         build(_gather_dq_kernel, f"dq {st}", st, sig, dict(BM=st["BM"], BN=st["BN"], D=D, RB=rb, RC=rc,
                                                            STAGES=st["stages"], HEAD_LO=head_lo))
     for st in [s for s in DKDV_SWEEP if "dkdv" in which] + \
+            [dict(s, D=128) for s in DKDV_SWEEP_128[1:] if "dkdv" in which] + \
             [dict(s, D=d, library=True) for d, s in LIBRARY_KV.items() if "dkdv" in which]:
         st = dict(st, D=st.get("D", 64))
         D = st["D"]

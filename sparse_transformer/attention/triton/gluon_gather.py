@@ -47,8 +47,12 @@ SETTINGS = {64: dict(BM=128, BN=64, stages=3, warps=4, pipe=0), 128: dict(BM=128
 # dQ: 64x64 on 4 warps took 1318 us at fixed-64k against 1798 for 128x64 on 8 warps; d=128 the other way round
 # (230 us against 266 at fixed-12k-d128)
 DQ_SETTINGS = {64: dict(BM=64, BN=64, stages=3, warps=4), 128: dict(BM=128, BN=64, stages=3, warps=8)}
-# dK / dV (the summary keys' tiles, BN, against streamed query tiles, BM)
-DKDV_SETTINGS = {64: dict(BM=64, BN=64, stages=3, warps=4), 128: dict(BM=64, BN=64, stages=2, warps=4)}
+# dK / dV (the summary keys' tiles, BN, against streamed query tiles, BM). d=128 on 32-query tiles, 3 stages: compiled
+# for sm_90 (Triton 3.6, python bench/gluon_gather.py compile dkdv) 255 registers and no spills, where 64x64 on 2
+# stages spills 48 bytes; H200, python bench/gluon_gather.py time (gluon-time-dkdv32-20261201.log): 390 -> 362 us at
+# fixed-12k-d128 (B = 2, H = 4). At d=64 32-query tiles need 168 registers (3 programs per SM) but ran slower: 2423
+# -> 2566-2953 us (fixed-64k), 379 -> 397-427 (fixed-12k).
+DKDV_SETTINGS = {64: dict(BM=64, BN=64, stages=3, warps=4), 128: dict(BM=32, BN=64, stages=3, warps=4)}
 KV_TILE = 64  # every kernel's key tile (BN above): summary_fits checks the summary width against it
 assert all(s["BN"] == KV_TILE for t in (SETTINGS, DQ_SETTINGS, DKDV_SETTINGS) for s in t.values())
 # the dK / dV kernel too (SPARSE_TRANSFORMER_GLUON_DKDV=0 leaves dK / dV to the Triton kernel)
