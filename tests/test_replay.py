@@ -6,6 +6,8 @@ import torch
 pytest.importorskip("triton")
 from sparse_transformer.attention.triton import replay  # noqa: E402
 
+_REAL_CAPTURE = replay._capture
+
 
 class FakeTensor:
     """What replay.run reads of a tensor: is_cuda, device, address, dtype, shape, strides."""
@@ -39,7 +41,7 @@ def graphs(monkeypatch):
 
     def capture(device, launch_all):
         log.append("capture")
-        return FakeGraph(log, lambda: log.append("kernels"))
+        return FakeGraph(log, lambda: log.append("kernels")), "r"
 
     monkeypatch.setattr(replay, "ENABLED", True)
     monkeypatch.setattr(replay, "_capture", capture)
@@ -60,14 +62,27 @@ def test_second_call_captures_and_replays_later_ones_replay(graphs):
     assert graphs == ["launch", "capture", "replay", "kernels", "replay", "kernels", "replay", "kernels"]
 
 
-@pytest.mark.parametrize("change", ["address", "shape", "head"])
+def _half(t):
+    t.dtype = torch.float16
+    return t
+
+
+def _strided(t):
+    t.stride = lambda: (1, t.shape[0])
+    return t
+
+
+@pytest.mark.parametrize("change", ["address", "shape", "dtype", "strides", "head"])
 def test_anything_in_the_key_that_changes_starts_over(graphs, change):
     t = [FakeTensor(1024), FakeTensor(2048)]
     _call(graphs, t)
     _call(graphs, t)
     graphs.clear()
-    other = {"address": ([FakeTensor(1024), FakeTensor(4096)], ("fwd", 1, 0.125)),
-             "shape": ([FakeTensor(1024), FakeTensor(2048, (3, 2))], ("fwd", 1, 0.125)),
+    head = ("fwd", 1, 0.125)
+    other = {"address": ([FakeTensor(1024), FakeTensor(4096)], head),
+             "shape": ([FakeTensor(1024), FakeTensor(2048, (3, 2))], head),
+             "dtype": ([FakeTensor(1024), _half(FakeTensor(2048))], head),
+             "strides": ([FakeTensor(1024), _strided(FakeTensor(2048))], head),
              "head": (t, ("fwd", 1, 0.25))}[change]
     _call(graphs, *other)
     _call(graphs, *other)
@@ -75,14 +90,73 @@ def test_anything_in_the_key_that_changes_starts_over(graphs, change):
 
 
 def test_a_failed_capture_launches_directly_from_then_on(graphs, monkeypatch):
-    monkeypatch.setattr(replay, "_capture", lambda device, launch_all: graphs.append("capture") or None)
+    def fail(device, launch_all):  # as _capture does on a failure (its own test below)
+        graphs.append("capture")
+        monkeypatch.setattr(replay, "ENABLED", False)
+
+    monkeypatch.setattr(replay, "_capture", fail)
+    t, u = [FakeTensor(1024)], [FakeTensor(4096)]
+    for args in (t, u, t, t, u, u):
+        _call(graphs, args)
+    assert graphs == ["launch", "launch", "capture", "launch", "launch", "launch", "launch"]
+
+
+def test_a_first_call_that_raises_notes_no_key(graphs):
     t = [FakeTensor(1024)]
-    for _ in range(4):
-        _call(graphs, t)
-    assert graphs == ["launch", "capture", "launch", "launch", "launch"]
+    with pytest.raises(ValueError):
+        replay.run(("fwd", 1, 0.125), t, None, lambda: (_ for _ in ()).throw(ValueError("bad input")))
+    _call(graphs, t)
+    assert graphs == ["launch"]
 
 
-def test_off_or_cpu_or_inside_a_capture_or_on_another_device_always_launches(graphs, monkeypatch):
+class _Stream:
+    def wait_stream(self, other):
+        pass
+
+
+class _CudaGraph:
+    """torch.cuda.CUDAGraph as capture sees it; capture_end raises when `invalid` (an invalidated capture)."""
+
+    invalid = False
+
+    def capture_begin(self, capture_error_mode):
+        assert capture_error_mode == "thread_local"
+
+    def capture_end(self):
+        if self.invalid:
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    def pool(self):
+        return (0, 1)
+
+    def replay(self):
+        self.log.append("replay")
+
+
+@pytest.mark.parametrize("invalid", [False, True], ids=["captured", "invalidated"])
+def test_capture_returns_the_graph_or_warns_and_switches_replay_off(graphs, monkeypatch, invalid):
+    import contextlib
+
+    monkeypatch.setattr(replay, "_capture", _REAL_CAPTURE)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _Stream())
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", type("G", (_CudaGraph,), dict(invalid=invalid, log=graphs)))
+    monkeypatch.setattr(replay, "_STREAMS", {})
+    t = [FakeTensor(1024)]
+    _call(graphs, t)
+    captures = replay.CAPTURES
+    if invalid:
+        with pytest.warns(RuntimeWarning, match="replay is off"):
+            assert _call(graphs, t) == "r"  # launched directly after the failed capture
+        assert not replay.ENABLED and not replay._ENTRIES and replay.CAPTURES == captures
+        assert graphs == ["launch", "launch", "launch"]  # noted; inside the failed capture; directly
+    else:
+        assert _call(graphs, t) == "r" and replay.ENABLED and replay.CAPTURES == captures + 1
+        assert graphs == ["launch", "launch", "replay"]  # noted; inside the capture; the graph's replay
+
+
+def test_off_cpu_another_device_triton_hooks_or_inside_a_capture_always_launch(graphs, monkeypatch):
     t = [FakeTensor(1024)]
     monkeypatch.setattr(replay, "ENABLED", False)
     for _ in range(3):
@@ -95,10 +169,14 @@ def test_off_or_cpu_or_inside_a_capture_or_on_another_device_always_launches(gra
     for _ in range(3):
         _call(graphs, t)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: None)
+    monkeypatch.setattr(replay, "triton_per_call_options", lambda: True)  # e.g. Triton's profiler hooks
+    for _ in range(3):
+        _call(graphs, t)
+    monkeypatch.setattr(replay, "triton_per_call_options", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     for _ in range(3):
         _call(graphs, t)
-    assert graphs == ["launch"] * 12
+    assert graphs == ["launch"] * 15
 
 
 def test_least_recently_used_keys_are_dropped(graphs, monkeypatch):

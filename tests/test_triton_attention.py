@@ -867,11 +867,13 @@ def test_gpu_gluon_backward_follows_the_forward_and_checks_do(misaligned, monkey
         o, lse = sparse_attention_triton(q, k, v, lay)
         return (_MisalignedGrad.apply(o) if misaligned else o), lse
 
+    checks = _record(monkeypatch, gluon_gather, "eligible", lambda a, kw: 1)
     for _ in range(2):  # the second call's launches go through the direct launcher
         before = gluon_gather.LAUNCHES
         check_against_reference(run, *make_qkv(2, 3, 1024, 64, torch.bfloat16, device="cuda"), lay,
                                 floor=FLOOR[torch.bfloat16])
         assert gluon_gather.LAUNCHES - before == (1 if misaligned else 2 + gluon_gather.DKDV)
+    assert len(checks) == 2  # the forward's only: the backward reuses its decision
 
 
 @pytest.mark.gpu
@@ -1275,26 +1277,32 @@ def test_gpu_graph_replay_equals_direct_launches(name, make, monkeypatch):
 
 @pytest.mark.gpu
 def test_gpu_graph_replay_stays_out_of_a_user_capture(monkeypatch):
-    """Inside someone else's CUDA-graph capture (the benchmark's graph mode) calls launch directly: the user's
-    graph replays the same results."""
+    """Inside someone else's CUDA-graph capture (the benchmark's graph mode) calls launch directly: two calls with
+    the same buffers in one user capture note no key and capture nothing of ours, and the user's graph replays the
+    direct launch's output."""
     from sparse_transformer.attention.triton import function, replay
-    from sparse_transformer.bench import capture_graph
 
     lay = layouts.strided(2048, 128)
     q, k, v = make_qkv(2, 4, 2048, 64, torch.bfloat16, device="cuda")
-    monkeypatch.setattr(replay, "ENABLED", True)
     function.clear_cache()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (tables, compiled kernels) off the graph path
+        for _ in range(2):
+            sparse_attention_triton(q, k, v, lay)
+    torch.cuda.current_stream().wait_stream(side)
+    monkeypatch.setattr(replay, "ENABLED", True)
+    monkeypatch.setattr(replay, "_capture", lambda *a: pytest.fail("captured inside the user's capture"))
     out = {}
-
-    def fn():
-        out["o"], _ = sparse_attention_triton(q, k, v, lay)
-
     try:
-        graph = capture_graph(fn)  # 3 warm-up calls (the second and third capture and replay ours), then the user's
-        captures = replay.CAPTURES
+        noted, replays = len(replay._ENTRIES), replay.REPLAYS
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            sparse_attention_triton(q, k, v, lay)  # its buffers return to the capture's pool for the second
+            out["o"], _ = sparse_attention_triton(q, k, v, lay)
+        assert len(replay._ENTRIES) == noted and replay.REPLAYS == replays
         graph.replay()
         torch.cuda.synchronize()
-        assert replay.CAPTURES == captures
         monkeypatch.setattr(replay, "ENABLED", False)
         want, _ = sparse_attention_triton(q, k, v, lay)
         assert torch.equal(out["o"], want)

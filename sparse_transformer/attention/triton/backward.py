@@ -211,7 +211,7 @@ def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, fuse_dq
     dq_kernel = not fuse_dq
     kv_kernel = True
     gg = _forward.gluon_module() if gluon and not (first or fuse_dq) else None
-    if gg is not None and gg.rows_fit((do, dq, dk, dv)):
+    if gg is not None and gg.backward_fits(seg, q.device, (do, dq, dk, dv)):
         # the gathered part's dQ and dK / dV in Gluon (Hopper); dK / dV add to the band's
         kv_kernel = not (accum_kv and gg.DKDV)
         gg.backward(q, k, v, do, dq, dk, dv, lse, delta, seg, scale, dq_kernel, not kv_kernel)

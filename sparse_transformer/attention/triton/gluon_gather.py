@@ -610,8 +610,15 @@ def eligible(q, k, v, seg, scale, merge, others=()) -> bool:
 
 def rows_fit(tensors) -> bool:
     """Are these (the output; dO, dQ, dK, dV) contiguous and 16-byte aligned, as the kernels' row descriptors and
-    stores take them? (The backward's part of `eligible`, whose decision for q, k, v it reuses from the forward.)"""
+    stores take them?"""
     return all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def backward_fits(seg, device, tensors) -> bool:
+    """The backward's part of `eligible`, for a segment whose forward these kernels took (the backward reuses that
+    decision for q, k, v): dO, dQ, dK, dV fit (rows_fit), and the segment still has its offsets here (HEAD_OFFSETS
+    switched off between the two would leave per-head offsets to the Triton kernels)."""
+    return rows_fit(tensors) and _offsets_of(seg, device) is not None
 
 
 _SEG: dict = {}  # id(segment) -> (segment, one offset or None, per-head offsets or None); segments live in the launch

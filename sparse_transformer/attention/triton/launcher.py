@@ -218,11 +218,16 @@ def _stream(device_index):
 
 def _per_call_options(kernel) -> bool:
     """Is anything on that Triton applies per call (hooks, debug mode, instrumentation)? Then launch through Triton."""
+    return bool(getattr(kernel, "pre_run_hooks", None)) or triton_per_call_options()
+
+
+def triton_per_call_options() -> bool:
+    """Is any of Triton's global per-call options on (launch hooks such as its proton profiler, debug mode,
+    instrumentation)? (replay.py launches directly then too.)"""
     from triton import knobs
 
     return (_active(knobs.runtime.launch_enter_hook) or _active(knobs.runtime.launch_exit_hook)
-            or bool(getattr(kernel, "pre_run_hooks", None)) or bool(knobs.runtime.debug)
-            or bool(getattr(knobs.compilation, "instrumentation_mode", "")))
+            or bool(knobs.runtime.debug) or bool(getattr(knobs.compilation, "instrumentation_mode", "")))
 
 
 def _active(hook) -> bool:
