@@ -40,13 +40,16 @@
 #   bash bench/device_pending.sh verify OUT    # every kernel GPU test (GATHER_RULE=1: first the Triton gathered
 #                                              # kernels' one-loop timing, as in "rule")
 #   bash bench/device_pending.sh verify-model OUT  # test_model's GPU tests, then the table
+#   bash bench/device_pending.sh reverse OUT   # (sixth session) the Gluon dK/dV streaming query tiles from the last one
+#                                              # back: check, kernel times; eager host with and without graph replay;
+#                                              # the graph-replay, Gluon and launch GPU tests
 #   bash bench/device_pending.sh graphs OUT    # (run 2026-12-01, fifth session) graph replay (SPARSE_TRANSFORMER_GRAPHS):
 #                                              # eager host default against graphs, the table's triton rows with graphs,
 #                                              # the enwik8 step alternating, the GPU clock per graph protocol, and
 #                                              # every kernel GPU test with graphs on
 # Run from the repository root on the device machine; JSON and logs land in OUT (pass $OUT there).
 set -uo pipefail
-WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, strided-block, stages, final-tests, first, oneloop, rule, band, maxnreg, ncu, host, verify, verify-model or graphs}; OUT=${2:?output folder}
+WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, strided-block, stages, final-tests, first, oneloop, rule, band, maxnreg, ncu, host, verify, verify-model, graphs or reverse}; OUT=${2:?output folder}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 ST="python -m sparse_transformer.cli"
 mkdir -p "$OUT"
@@ -195,10 +198,10 @@ case "$WHAT" in
       | tee "$OUT/attention.log"
     ;;
   graphs)
-    (cd bench && OUT="$OUT" VARIANTS="default graphs" ROUNDS=3 timeout 200 python eager_host.py fixed-12k strided-12k \
-      strided-3k 2>&1 | grep -v "^ \|^-\|Name\|^$" | tee "$OUT/eager-host.log")
-    SPARSE_TRANSFORMER_GRAPHS=1 timeout 80 $ST bench attention --methods triton --out "$OUT" 2>&1 \
-      | tee "$OUT/attention-graphs.log"
+    (cd bench && OUT="$OUT" VARIANTS="no-graphs default" ROUNDS=3 timeout 200 python eager_host.py fixed-12k \
+      strided-12k strided-3k 2>&1 | grep -v "^ \|^-\|Name\|^$" | tee "$OUT/eager-host.log")
+    SPARSE_TRANSFORMER_GRAPHS=0 timeout 80 $ST bench attention --methods triton --out "$OUT" 2>&1 \
+      | tee "$OUT/attention-no-graphs.log"
     for r in 1 2; do for g in 0 1; do echo "GRAPHS=$g"; SPARSE_TRANSFORMER_GRAPHS=$g timeout 60 $ST bench model \
       --preset enwik8 --steps 30 --recompute both --attention ours --no-plot --out "$OUT" 2>&1 | tail -n 4; done; done \
       | tee "$OUT/enwik8-graphs.log"
@@ -206,6 +209,14 @@ case "$WHAT" in
       | tee "$OUT/graph-protocol.log")
     SPARSE_TRANSFORMER_GRAPHS=1 timeout 420 python -m pytest -m gpu tests/test_triton_attention.py \
       tests/test_launcher.py -q -n 16 -p no:cacheprovider -rf 2>&1 | tail -n 20 | tee "$OUT/gpu-tests-kernels-graphs.log"
+    ;;
+  reverse)
+    timeout 100 python bench/gluon_gather.py check 2>&1 | tee "$OUT/gluon-check.log" | tail -n 3
+    timeout 130 python bench/gluon_gather.py time 2>&1 | tee "$OUT/gluon-time.log" | grep "dkdv\|fwd+bwd"
+    (cd bench && OUT="$OUT" VARIANTS="no-graphs default" ROUNDS=2 timeout 170 python eager_host.py fixed-12k \
+      strided-12k strided-3k 2>&1 | grep -v "^ \|^-\|Name\|^$" | tee "$OUT/eager-host.log")
+    timeout 150 python -m pytest -m gpu tests/test_triton_attention.py tests/test_launcher.py -q -n 16 \
+      -p no:cacheprovider -rf -k "graph_replay or gluon or launch" 2>&1 | tail -n 12 | tee "$OUT/gpu-tests-graphs.log"
     ;;
   order)
     OUT="$OUT" timeout 400 python bench/dev_probe.py order 2>&1 | tee "$OUT/order.log"
@@ -221,6 +232,6 @@ case "$WHAT" in
     ;;
   *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles | gather | order | gluon | summary | block |"\
        "heads | strided-block | stages | final-tests | first | oneloop | rule | band | maxnreg | ncu | host | verify |"\
-       "verify-model | graphs)"
+       "verify-model | graphs | reverse)"
      exit 2 ;;
 esac

@@ -1,11 +1,12 @@
 """Where an eager fwd+bwd spends its host time on the GPU, per setup and launch variant, in turn, in ROUNDS rounds
-(4). Variants (VARIANTS="default graphs ..." picks some; default: all):
-- triton-gather: the Triton gathered kernels (the Gluon ones off);
+(4). Variants (VARIANTS="default no-graphs ..." picks some; default: all):
+- triton-gather: the Triton gathered kernels (the Gluon ones off), no graph replay;
 - encode-per-call: the Gluon kernels with Triton's launcher encoding every TMA descriptor on every call
-  (launcher.TMA_DIRECT off);
-- default: the library's defaults (the Gluon kernels, each descriptor encoded once per address);
-- graphs: the defaults with each call's launches replayed from a CUDA graph (replay.ENABLED,
-  SPARSE_TRANSFORMER_GRAPHS=1).
+  (launcher.TMA_DIRECT off), no graph replay;
+- no-graphs: the Gluon kernels, each descriptor encoded once per address, every call's launches made directly
+  (replay.ENABLED off: SPARSE_TRANSFORMER_GRAPHS=0);
+- default: the library's defaults: that, with each call's launches replayed from a CUDA graph once its tensors
+  repeat (replay.py).
 For each: the protocol's eager fwd+bwd (do_bench median, .grad accumulating, as `sparse-transformer bench
 attention`), the wall time per call with a sync after it, the time to enqueue one call (the GPU idle at its start),
 the direct path's TMA encodings over those 30 calls after warm-up (0 once each address is seen; Triton's own
@@ -29,7 +30,7 @@ from sparse_transformer.bench import _method_fn
 
 # (forward.GLUON_GATHER, launcher.TMA_DIRECT, replay.ENABLED); TMA_DIRECT's reuse needs Triton 3.6
 ALL_VARIANTS = {"triton-gather": (False, (3, 6), False), "encode-per-call": (True, None, False),
-                "default": (True, (3, 6), False), "graphs": (True, (3, 6), True)}
+                "no-graphs": (True, (3, 6), False), "default": (True, (3, 6), True)}
 VARIANTS = {v: ALL_VARIANTS[v] for v in os.environ.get("VARIANTS", " ".join(ALL_VARIANTS)).split()}
 
 

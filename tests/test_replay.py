@@ -156,6 +156,44 @@ def test_capture_returns_the_graph_or_warns_and_switches_replay_off(graphs, monk
         assert graphs == ["launch", "launch", "replay"]  # noted; inside the capture; the graph's replay
 
 
+def test_while_torch_profiler_records_calls_launch(graphs):
+    t = [FakeTensor(1024)]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+        for _ in range(3):
+            _call(graphs, t)
+    assert graphs == ["launch"] * 3 and not replay._ENTRIES
+    _call(graphs, t)
+    _call(graphs, t)
+    assert graphs[3:] == ["launch", "capture", "replay", "kernels"]
+
+
+def test_a_strided_q_is_copied_before_the_launches_only_for_the_gluon_kernels(monkeypatch):
+    """function._rows_q: the Gluon path's copy of a strided q is made before replay.run (so outside any graph),
+    only where a gathered segment may take those kernels; a contiguous q is never copied."""
+    from sparse_transformer import layouts
+    from sparse_transformer.attention.triton import function
+
+    fixed = function.get_launches(layouts.fixed(256, 64, 16), 64, "cpu")
+    strided = function.get_launches(layouts.strided(256, 64), 64, "cpu")
+    qkv = torch.randn(1, 256, 3, 2, 64)
+    q = qkv[:, :, 0].transpose(1, 2)  # [1, 2, 256, 64], the model's strides
+    assert function._rows_q(q, fixed) is q  # on the CPU no Gluon kernel runs
+
+    class Hopper:
+        @staticmethod
+        def runs_on(q):
+            return True
+
+    monkeypatch.setattr(function, "gluon_for", lambda q, seg: Hopper if seg.kind == "gather" else None)
+    got = function._rows_q(q, fixed)
+    assert got is not q and got.is_contiguous() and torch.equal(got, q)
+    assert function._rows_q(q, strided) is q  # no gathered segment
+    contiguous = q.contiguous()
+    assert function._rows_q(contiguous, fixed) is contiguous
+    monkeypatch.setattr(Hopper, "runs_on", staticmethod(lambda q: False))  # e.g. fp32, or not a Hopper GPU
+    assert function._rows_q(q, fixed) is q
+
+
 def test_off_cpu_another_device_triton_hooks_or_inside_a_capture_always_launch(graphs, monkeypatch):
     t = [FakeTensor(1024)]
     monkeypatch.setattr(replay, "ENABLED", False)

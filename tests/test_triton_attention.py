@@ -1234,10 +1234,11 @@ GRAPH_LAYOUTS = [("fixed", lambda: layouts.fixed(2048, 128, 32)), ("strided", la
 @pytest.mark.gpu
 @pytest.mark.parametrize("name,make", GRAPH_LAYOUTS, ids=[c[0] for c in GRAPH_LAYOUTS])
 def test_gpu_graph_replay_equals_direct_launches(name, make, monkeypatch):
-    """SPARSE_TRANSFORMER_GRAPHS=1 (replay.ENABLED): in a loop over the same tensors the second call captures its
+    """Graph replay (replay.ENABLED, on by default): in a loop over the same tensors the second call captures its
     forward and backward launches and later calls replay them. Outputs and gradients are bit-equal to direct
-    launches, also after q's values change in place (same address). With views, q is not contiguous (the model's
-    strides): the Gluon path copies it inside the graph."""
+    launches, also after q's values change in place (same address). The captures allocate nothing (a graph's private
+    pool would keep it): with views, q is not contiguous (the model's strides) and the Gluon path's copy of it is
+    made before the capture (function._rows_q)."""
     from sparse_transformer.attention.triton import function, replay
 
     lay = make()
@@ -1255,7 +1256,20 @@ def test_gpu_graph_replay_equals_direct_launches(name, make, monkeypatch):
     monkeypatch.setattr(replay, "ENABLED", False)
     want = call()
     monkeypatch.setattr(replay, "ENABLED", True)
-    captures = replay.CAPTURES
+    captures, allocations = replay.CAPTURES, []
+    capture = replay._capture
+
+    def counted(device, launch_all):  # allocations by the launches while captured (in the graph's private pool;
+        # not torch's own at a process's first capture: the RNG state it registers with the graph)
+        def measured():
+            before = torch.cuda.memory_stats()["allocation.all.allocated"]
+            out = launch_all()
+            allocations.append(torch.cuda.memory_stats()["allocation.all.allocated"] - before)
+            return out
+
+        return capture(device, measured)
+
+    monkeypatch.setattr(replay, "_capture", counted)
     try:
         for _ in range(4):  # each call's buffers freed before the next: the allocator gives the same addresses
             replays = replay.REPLAYS
@@ -1263,6 +1277,7 @@ def test_gpu_graph_replay_equals_direct_launches(name, make, monkeypatch):
             assert all(torch.equal(a, b) for a, b in zip(got, want))
             del got
         assert replay.CAPTURES - captures == 2 and replay.REPLAYS - replays == 2  # fwd and bwd, once each
+        assert allocations == [0, 0]
         with torch.no_grad():
             q.mul_(0.5)
             v.add_(1.0)

@@ -25,7 +25,7 @@ from . import block_backward as _block
 from . import replay
 from .common import one_loop_default
 from .backward import attn_backward
-from .forward import _triton_version, attn_forward
+from .forward import _triton_version, attn_forward, gluon_for
 
 # Launch settings per (segment kind, head-dim bucket) and kernel: (BM, BN, num_warps, num_stages); "fused" is the dK/dV
 # kernel that also adds dQ (None: that kind keeps its dQ kernel). Measured on an H100 with bench/dev_kernels.py;
@@ -270,6 +270,18 @@ def _block_length(seg, head_dim, idx) -> int | None:
     return L if _block.block_tile(L, head_dim) is not None else None
 
 
+def _rows_q(q, launches):
+    """q as the launches read it: a contiguous copy where a gathered segment may take the Gluon kernels (they read q
+    through a row descriptor), else q itself. Copied here, the copy stays out of any CUDA graph of the launches
+    (replay.py), which would otherwise keep it in the graph's private memory pool."""
+    if not q.is_contiguous():
+        for launch in launches:
+            gg = gluon_for(q, launch.seg)
+            if gg is not None and gg.runs_on(q):
+                return q.contiguous()
+    return q
+
+
 class SparseAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, layout, scale, block_m, block_n):
@@ -278,8 +290,9 @@ class SparseAttentionFunction(torch.autograd.Function):
         launches = get_launches(layout, D, q.device, block_m, block_n)
         o = torch.empty(q.shape, device=q.device, dtype=q.dtype)  # contiguous: the backward gives dO its strides
         lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
-        gluon = replay.run(("fwd", id(launches), scale), (q, k, v, o, lse), launches, lambda: [
-            attn_forward(q, k, v, o, lse, launch, scale, merge=idx > 0) for idx, launch in enumerate(launches)])
+        qr = _rows_q(q, launches)  # (saved as q: the backward copies again, as the forward's copy is not kept)
+        gluon = replay.run(("fwd", id(launches), scale), (qr, k, v, o, lse), launches, lambda: [
+            attn_forward(qr, k, v, o, lse, launch, scale, merge=idx > 0) for idx, launch in enumerate(launches)])
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.launches, ctx.scale, ctx.gluon = launches, scale, gluon
         ctx.mark_non_differentiable(lse)
@@ -291,6 +304,7 @@ class SparseAttentionFunction(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         launches = ctx.launches
         do = do.contiguous()
+        q = q.contiguous() if any(ctx.gluon) else q  # as in the forward (_rows_q), outside any graph
         # The first segment keeps its dQ kernel (or the block kernel): it computes Delta = rowsum(dO * O) and stores
         # every row of dQ. Later segments may fuse dQ into dK/dV (fp32 atomics, in no fixed order: torch's
         # deterministic mode turns it off).

@@ -608,6 +608,12 @@ def eligible(q, k, v, seg, scale, merge, others=()) -> bool:
     return lo is not None and all(summary_fits(x, seg.L, lo, seg.C, KV_TILE) for x in (k, v))
 
 
+def runs_on(q) -> bool:
+    """Can these kernels take q's part of `eligible` (a Hopper GPU, fp16 / bf16, head dim 64 or 128)? Cheap: the
+    autograd wrapper asks it before copying a strided q for them (function._rows_q)."""
+    return q.is_cuda and q.dtype in _GL_DTYPES and q.shape[-1] in (64, 128) and _capability(q.device)[0] == 9
+
+
 def rows_fit(tensors) -> bool:
     """Are these (the output; dO, dQ, dK, dV) contiguous and 16-byte aligned, as the kernels' row descriptors and
     stores take them?"""

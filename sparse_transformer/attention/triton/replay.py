@@ -1,4 +1,4 @@
-"""Replay a call's kernel launches from a CUDA graph (SPARSE_TRANSFORMER_GRAPHS=1; off by default).
+"""Replay a call's kernel launches from a CUDA graph (on by default; SPARSE_TRANSFORMER_GRAPHS=0 turns it off).
 
 An eager fwd+bwd of ours launches 4-6 kernels, and on the device machines' CPUs the Python around those launches
 costs more than the GPU time of the smaller setups (BENCHMARKS.md: 0.7-1.2 ms of host time per fwd+bwd at n = 12288,
@@ -12,15 +12,16 @@ scale, flags) and every tensor the kernels touch (address, dtype, shape, strides
   so replaying is exact: the same kernels with the same arguments.
 So a loop that reuses its buffers (training steps under the caching allocator, benchmarks) replays from its second
 call on. Calls launch as usual inside someone else's capture (bench graph mode, torch.compile's cudagraphs), on
-tensors of a device other than the current one, and while Triton's per-call options are on (launch hooks such as its
-profiler, debug mode: launcher.triton_per_call_options).
+tensors of a device other than the current one, while torch's profiler records (it would see one graph launch instead
+of our kernels), and while Triton's per-call options are on (launch hooks such as its profiler, debug mode:
+launcher.triton_per_call_options).
 
 Memory: every noted key keeps `keep` alive (the launch list: its tables are kernel arguments); each graph also keeps a
-private memory pool with whatever its launches allocated: the Gluon path's copy of a non-contiguous q (the model's
-strides), q's size per graph, for as long as the graph lives. At most MAX_GRAPHS keys are kept
-(SPARSE_TRANSFORMER_GRAPHS_MAX, default 128), the least recently used dropped first; a loop with more keys than that
-per turn (e.g. a model of over 42 layers with recomputation: 3 keys per layer) drops each key before it comes again
-and never replays.
+private memory pool with whatever its launches allocated. They allocate nothing: the autograd wrapper makes every
+buffer before it calls run, the Gluon path's copy of a strided q included (function._rows_q). At most MAX_GRAPHS keys
+are kept (SPARSE_TRANSFORMER_GRAPHS_MAX, default 128), the least recently used dropped first; a loop with more keys
+than that per turn (e.g. a model of over 42 layers with recomputation: 3 keys per layer) drops each key before it
+comes again and never replays.
 Settings read at launch time (TUNING, ONE_LOOP, GLUON_GATHER, ...) are baked into a graph: after changing one,
 function.clear_cache() (which clears these too). One lock serializes the calls that take this path (its cache and the
 one side stream per device are shared by threads). A capture that fails (something in the launches that a graph cannot
@@ -37,7 +38,7 @@ import torch
 
 from .launcher import triton_per_call_options
 
-ENABLED = os.environ.get("SPARSE_TRANSFORMER_GRAPHS", "0") == "1"
+ENABLED = os.environ.get("SPARSE_TRANSFORMER_GRAPHS", "1") != "0"
 MAX_GRAPHS = int(os.environ.get("SPARSE_TRANSFORMER_GRAPHS_MAX", "128"))  # 30 layers, recomputation: 90 keys
 CAPTURES = 0  # graphs captured (tests)
 REPLAYS = 0  # calls served by a replay
@@ -58,7 +59,7 @@ def run(head: tuple, tensors, keep, launch_all):
     docstring). tensors: every tensor the launches read or write (the first one's device runs them)."""
     if (not ENABLED or not tensors[0].is_cuda or torch.cuda.is_current_stream_capturing()
             or tensors[0].device.index != torch.cuda.current_device()  # (a graph replays on the current device)
-            or triton_per_call_options()):
+            or torch.autograd._profiler_enabled() or triton_per_call_options()):
         return launch_all()
     key = (*head, *[(t.data_ptr(), t.dtype, t.shape, t.stride()) for t in tensors])
     with _LOCK:
