@@ -12,16 +12,9 @@ import torch
 import triton.testing as tt
 from dev_probe import inputs
 
-from sparse_transformer.bench import _method_fn, _time_graph, _versions, capture_graph
+from sparse_transformer.bench import _method_fn, _time_graph, _versions, capture_graph, gpu_state
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
-
-
-def gpu_state():
-    try:
-        return dict(temp_c=torch.cuda.temperature(), sm_mhz=torch.cuda.clock_rate())
-    except Exception as e:  # no pynvml
-        return dict(state_error=type(e).__name__)
 
 
 def run_setup(name, rows):

@@ -17,7 +17,9 @@ causal SDPA (cuDNN, flash), FlexAttention (compiled, the layout's element rule, 
 backend; prints a table and writes JSON rows (setup, method, n, batch, heads, head_dim, pattern, fwd_ms, fwdbwd_ms,
 density, device, torch, triton) to bench/results/attention-<date>.json. For ours and SDPA the rows also hold
 fwd_graph_ms / fwdbwd_graph_ms: the same calls replayed from a CUDA graph, i.e. GPU time without the host's launch
-cost (which decides the eager times of the short setups).
+cost (which decides the eager times of the short setups). Our rows say whether the eager calls replayed their launches
+(`graphs`: attention/triton/replay.py, on by default); every row has the GPU's SM clock and temperature read right
+after its timings (`sm_mhz`, `temp_c`; where pynvml is installed): compute-bound setups run at a power-limited clock.
 """
 from __future__ import annotations
 
@@ -147,6 +149,14 @@ def _method_fn(method, q, k, v, lay, flex_cache):
     raise ValueError(method)
 
 
+def gpu_state() -> dict:
+    """The GPU's SM clock (MHz) and temperature (C) now, through torch.cuda (pynvml); {} where it cannot say."""
+    try:
+        return dict(sm_mhz=torch.cuda.clock_rate(), temp_c=torch.cuda.temperature())
+    except Exception:  # noqa: BLE001 (no pynvml, or a driver without these counters)
+        return {}
+
+
 def bench_attention(setups, methods=METHODS, out_dir="bench/results", torch_max_n=16384):
     dev, tv, trv = _versions()
     rows = []
@@ -178,6 +188,10 @@ def bench_attention(setups, methods=METHODS, out_dir="bench/results", torch_max_
                 row["fwd_ms"], row["fwdbwd_ms"] = _time(fn, go)
                 if method in GRAPH_METHODS:  # GPU time alone: the same calls replayed from a CUDA graph
                     row["fwd_graph_ms"], row["fwdbwd_graph_ms"] = _time_graph(fn, go)
+                row.update(gpu_state())
+                if method == "triton":
+                    from .attention.triton import replay
+                    row["graphs"] = replay.ENABLED
             except Exception as e:  # a peer that fails to compile is a result, not a crash
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             rows.append(row)

@@ -19,9 +19,9 @@ launcher.triton_per_call_options).
 Memory: every noted key keeps `keep` alive (the launch list: its tables are kernel arguments); each graph also keeps a
 private memory pool with whatever its launches allocated. They allocate nothing: the autograd wrapper makes every
 buffer before it calls run, the Gluon path's copy of a strided q included (function._rows_q). At most MAX_GRAPHS keys
-are kept (SPARSE_TRANSFORMER_GRAPHS_MAX, default 128), the least recently used dropped first; a loop with more keys
-than that per turn (e.g. a model of over 42 layers with recomputation: 3 keys per layer) drops each key before it
-comes again and never replays.
+are kept (SPARSE_TRANSFORMER_GRAPHS_MAX, default 1024: a graph holds no memory of its own, only its few kernel nodes),
+the least recently used dropped first; a loop with more keys than that per turn (a model of over 341 layers with
+recomputation: 3 keys per layer) drops each key before it comes again and never replays.
 Settings read at launch time (TUNING, ONE_LOOP, GLUON_GATHER, ...) are baked into a graph: after changing one,
 function.clear_cache() (which clears these too). One lock serializes the calls that take this path (its cache and the
 one side stream per device are shared by threads). A capture that fails (something in the launches that a graph cannot
@@ -39,7 +39,7 @@ import torch
 from .launcher import triton_per_call_options
 
 ENABLED = os.environ.get("SPARSE_TRANSFORMER_GRAPHS", "1") != "0"
-MAX_GRAPHS = int(os.environ.get("SPARSE_TRANSFORMER_GRAPHS_MAX", "128"))  # 30 layers, recomputation: 90 keys
+MAX_GRAPHS = int(os.environ.get("SPARSE_TRANSFORMER_GRAPHS_MAX", "1024"))  # the cifar10 preset: 128 layers, 384 keys
 CAPTURES = 0  # graphs captured (tests)
 REPLAYS = 0  # calls served by a replay
 _ENTRIES: OrderedDict = OrderedDict()  # key -> _Entry
