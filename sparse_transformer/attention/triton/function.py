@@ -9,8 +9,8 @@ block_backward.py) and launches dQ and dK/dV per segment, each adding to the row
 transposed strided segment whose chunks fit the block kernel runs it (one launch, no atomics); otherwise a later
 segment whose kind has a `fused` tiling launches one dK/dV kernel that also adds its dQ share (fp32 atomics, then dQ is
 cast back), unless torch's deterministic mode is on.
-Tables are built once per (layout, tiles, device) and cached (plan.get_tables). With SPARSE_TRANSFORMER_GRAPHS=1 each
-direction's launches replay from a CUDA graph once a call's tensors repeat (replay.py).
+Tables are built once per (layout, tiles, device) and cached (plan.get_tables). Each direction's launches replay from a
+CUDA graph once a call's tensors repeat (replay.py; SPARSE_TRANSFORMER_GRAPHS=0 turns it off).
 """
 from __future__ import annotations
 
