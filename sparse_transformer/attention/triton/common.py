@@ -30,6 +30,50 @@ if _ENV not in ("", "0", "1"):
 ONE_LOOP_ENV = None if _ENV == "" else _ENV == "1"
 
 
+# Programmatic dependent launch (Hopper+): the kernels after the first of a call's direction are launched as
+# dependents of the one before them (launch_pdl). Every kernel lets its dependent start once all its programs have
+# started (griddepcontrol.launch_dependents), and a dependent waits for the kernel before it (griddepcontrol.wait)
+# before it reads what an earlier kernel wrote or writes anything: the merging forward at its merge, so that its
+# attention runs during the band's last wave; the backward kernels at their start. SPARSE_TRANSFORMER_PDL=0: off.
+PDL = os.environ.get("SPARSE_TRANSFORMER_PDL", "1") != "0"
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_PDL_DEVICES: dict = {}
+
+
+def gdc_mode(t, dependent: bool) -> int:
+    """The kernels' GDC constexpr for a launch on t's device: 0 off (PDL off, the interpreter, not a CUDA GPU of
+    compute capability 9+), 1 the first launch (it only lets its dependent start), 2 a dependent (it waits)."""
+    if not PDL or _INTERPRET or not t.is_cuda:
+        return 0
+    idx = t.device.index
+    ok = _PDL_DEVICES.get(idx)
+    if ok is None:
+        import torch
+
+        ok = _PDL_DEVICES[idx] = torch.cuda.get_device_capability(t.device)[0] >= 9
+    return (2 if dependent else 1) if ok else 0
+
+
+def gdc_options(mode: int) -> dict:
+    """Launch options for a GDC mode: launch_pdl for a dependent."""
+    return {"GDC": mode, "launch_pdl": True} if mode == 2 else {"GDC": mode}
+
+
+@triton.jit
+def _gdc_start(GDC: tl.constexpr):
+    """At a kernel's start: let the dependent kernel start once every program has started (GDC >= 1)."""
+    if GDC >= 1:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _gdc_wait(GDC: tl.constexpr):
+    """A dependent's wait for the kernel before it (its writes visible after it): before reading what an earlier
+    kernel of the call wrote, and before any write (GDC == 2)."""
+    if GDC == 2:
+        tl.extra.cuda.gdc_wait()
+
+
 def one_loop_default(setting, name: str, split) -> bool:
     """A pass's default: one loop where it pipelines its loads (setting (BM, BN, warps, stages) on 2+ stages), unless
     its name (fwd, dq, dkdv, fused) is in TUNING's "split"."""
