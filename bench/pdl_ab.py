@@ -67,13 +67,14 @@ def run_setup(name, rows):
 
 
 def main(names):
+    default = common.PDL
     dev, tv, trv = _versions()
     print(dev, tv, trv, flush=True)
     rows = []
     for name in names:
         run_setup(name, rows)
         torch.cuda.empty_cache()
-    _switch(True)
+    _switch(default)
     out = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
     path = os.path.join(out, f"pdl-ab-{time.strftime('%Y%m%d-%H%M%S')}.json")
     json.dump(dict(device=dev, torch=tv, triton=trv, rows=rows), open(path, "w"), indent=1)

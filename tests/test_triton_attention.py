@@ -1234,11 +1234,11 @@ GRAPH_LAYOUTS = [("fixed", lambda: layouts.fixed(2048, 128, 32)), ("strided", la
 @pytest.mark.gpu
 @pytest.mark.parametrize("name,make", GRAPH_LAYOUTS, ids=[c[0] for c in GRAPH_LAYOUTS])
 def test_gpu_graph_replay_equals_direct_launches(name, make, monkeypatch):
-    """Graph replay (replay.ENABLED, on by default): in a loop over the same tensors the second call captures its
-    forward and backward launches and later calls replay them. Outputs and gradients are bit-equal to direct
-    launches, also after q's values change in place (same address). The captures allocate nothing (a graph's private
-    pool would keep it): with views, q is not contiguous (the model's strides) and the Gluon path's copy of it is
-    made before the capture (function._rows_q)."""
+    """Graph replay (replay.ENABLED, on by default): in a loop over the same tensors a call whose tensors repeat
+    captures its forward and backward launches and later ones replay them. Outputs and gradients are bit-equal to
+    direct launches on every call, also after q's values change in place (same address). The captures allocate
+    nothing (a graph's private pool would keep it): with views, q is not contiguous (the model's strides) and the
+    Gluon path's copy of it is made before the capture (function._rows_q)."""
     from sparse_transformer.attention.triton import function, replay
 
     lay = make()
@@ -1270,22 +1270,30 @@ def test_gpu_graph_replay_equals_direct_launches(name, make, monkeypatch):
         return capture(device, measured)
 
     monkeypatch.setattr(replay, "_capture", counted)
-    try:
-        for _ in range(4):  # each call's buffers freed before the next: the allocator gives the same addresses
-            replays = replay.REPLAYS
+
+    def until_replayed():
+        """Calls until one replays both directions, each checked against `want`. Each call's buffers are freed
+        before the next, and the allocator mostly gives the next call the same addresses, but not always (blocks
+        carved from its segments can move), so a key may need a few calls to come back."""
+        for _ in range(8):
+            before = replay.REPLAYS
             got = call()
             assert all(torch.equal(a, b) for a, b in zip(got, want))
+            if replay.REPLAYS - before == 2:  # forward and backward replayed
+                return
             del got
-        assert replay.CAPTURES - captures == 2 and replay.REPLAYS - replays == 2  # fwd and bwd, once each
-        assert allocations == [0, 0]
+        pytest.fail("no call replayed both directions in 8 calls over the same tensors")
+
+    try:
+        until_replayed()
+        assert replay.CAPTURES - captures >= 2 and allocations and set(allocations) == {0}
         with torch.no_grad():
             q.mul_(0.5)
             v.add_(1.0)
-        got = call()  # replayed on the new values
-        assert replay.REPLAYS - replays == 4
         monkeypatch.setattr(replay, "ENABLED", False)
-        want = call()
-        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        want = call()  # direct launches on the new values
+        monkeypatch.setattr(replay, "ENABLED", True)
+        until_replayed()  # replayed on the new values
     finally:
         function.clear_cache()
 

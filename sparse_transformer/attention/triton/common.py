@@ -30,12 +30,17 @@ if _ENV not in ("", "0", "1"):
 ONE_LOOP_ENV = None if _ENV == "" else _ENV == "1"
 
 
-# Programmatic dependent launch (Hopper+): the kernels after the first of a call's direction are launched as
-# dependents of the one before them (launch_pdl). Every kernel lets its dependent start once all its programs have
-# started (griddepcontrol.launch_dependents), and a dependent waits for the kernel before it (griddepcontrol.wait)
-# before it reads what an earlier kernel wrote or writes anything: the merging forward at its merge, so that its
-# attention runs during the band's last wave; the backward kernels at their start. SPARSE_TRANSFORMER_PDL=0: off.
-PDL = os.environ.get("SPARSE_TRANSFORMER_PDL", "1") != "0"
+# Programmatic dependent launch (Hopper+; SPARSE_TRANSFORMER_PDL=1, off by default): the Triton kernels after the
+# first of a call's direction are launched as dependents of the one before them (launch_pdl). Every kernel lets its
+# dependent start once all its programs have started (griddepcontrol.launch_dependents), and a dependent waits for
+# the kernel before it (griddepcontrol.wait) before it reads what an earlier kernel wrote or writes anything: the
+# merging forward at its merge, so that its attention runs during the band's last wave; the backward kernels at
+# their start. H200, python bench/pdl_ab.py (2026-12-01, pdl-ab-20261201-131722.json; 3 rounds in turn, medians),
+# graph fwd+bwd ms off -> on: strided-3k 0.2055 -> 0.2009, strided-12k 0.4238 -> 0.4196 (lower in every round;
+# forward 0.0590 -> 0.0551 and 0.1156 -> 0.1117), strided-64k 1.3192 -> 1.3196; the fixed setups have no dependent
+# launch on Hopper (their later kernels are Gluon's) and moved with the clock. But strided-3k's eager fwd+bwd (graph
+# replay on) read 0.46 -> 0.55 ms, slower in every round, not explained yet: so off by default.
+PDL = os.environ.get("SPARSE_TRANSFORMER_PDL", "0") == "1"
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _PDL_DEVICES: dict = {}
 
