@@ -40,6 +40,9 @@
 #   bash bench/device_pending.sh verify OUT    # every kernel GPU test (GATHER_RULE=1: first the Triton gathered
 #                                              # kernels' one-loop timing, as in "rule")
 #   bash bench/device_pending.sh verify-model OUT  # test_model's GPU tests, then the table
+#   bash bench/device_pending.sh pending OUT   # the graph-replay test as rewritten after the sixth session's last run,
+#                                              # the PDL tests, then every kernel GPU test
+#   bash bench/device_pending.sh pdl OUT       # programmatic dependent launch off / on (bench/pdl_ab.py)
 #   bash bench/device_pending.sh reverse OUT   # (sixth session) the Gluon dK/dV streaming query tiles from the last one
 #                                              # back: check, kernel times; eager host with and without graph replay;
 #                                              # the graph-replay, Gluon and launch GPU tests
@@ -49,7 +52,7 @@
 #                                              # every kernel GPU test with graphs on
 # Run from the repository root on the device machine; JSON and logs land in OUT (pass $OUT there).
 set -uo pipefail
-WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, strided-block, stages, final-tests, first, oneloop, rule, band, maxnreg, ncu, host, verify, verify-model, graphs or reverse}; OUT=${2:?output folder}
+WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, strided-block, stages, final-tests, first, oneloop, rule, band, maxnreg, ncu, host, verify, verify-model, graphs, reverse, pending or pdl}; OUT=${2:?output folder}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 ST="python -m sparse_transformer.cli"
 mkdir -p "$OUT"
@@ -210,6 +213,17 @@ case "$WHAT" in
     SPARSE_TRANSFORMER_GRAPHS=1 timeout 420 python -m pytest -m gpu tests/test_triton_attention.py \
       tests/test_launcher.py -q -n 16 -p no:cacheprovider -rf 2>&1 | tail -n 20 | tee "$OUT/gpu-tests-kernels-graphs.log"
     ;;
+  pending)
+    # (for the seventh session's first call) what the sixth left unrun on a GPU: the rewritten graph-replay test,
+    # then every kernel test, and the PDL A/B
+    timeout 120 python -m pytest -m gpu tests/test_triton_attention.py -q -n 8 -p no:cacheprovider -rf \
+      -k "graph_replay or dependent_launches" 2>&1 | tail -n 6 | tee "$OUT/gpu-tests-replay.log"
+    timeout 370 python -m pytest -m gpu tests/test_triton_attention.py tests/test_launcher.py -q -n 16 \
+      -p no:cacheprovider -rf 2>&1 | tail -n 15 | tee "$OUT/gpu-tests-kernels.log"
+    ;;
+  pdl)
+    (cd bench && OUT="$OUT" timeout 170 python pdl_ab.py 2>&1 | grep -v "^{" | tee "$OUT/pdl-ab.log")
+    ;;
   reverse)
     timeout 100 python bench/gluon_gather.py check 2>&1 | tee "$OUT/gluon-check.log" | tail -n 3
     timeout 130 python bench/gluon_gather.py time 2>&1 | tee "$OUT/gluon-time.log" | grep "dkdv\|fwd+bwd"
@@ -232,6 +246,6 @@ case "$WHAT" in
     ;;
   *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles | gather | order | gluon | summary | block |"\
        "heads | strided-block | stages | final-tests | first | oneloop | rule | band | maxnreg | ncu | host | verify |"\
-       "verify-model | graphs | reverse)"
+       "verify-model | graphs | reverse | pending | pdl)"
      exit 2 ;;
 esac
