@@ -1,6 +1,7 @@
 """Programmatic dependent launch (attention/triton/common.PDL) off and on, in turn in one process over ROUNDS rounds
 (3): per setup, our fwd+bwd and forward replayed from a CUDA graph (`bench._time_graph`, the table's graph column) and
-the eager fwd+bwd (do_bench, as `bench attention`), with the GPU's SM clock after each. Before the timings each
+the eager fwd+bwd (do_bench, as `bench attention`; with how many of its directions replayed from graphs), with the
+GPU's SM clock after each. Before the timings each
 variant's output and gradients are compared with the off variant's: bit-equal (the same kernels, only overlapped).
 Usage (on a GPU): python bench/pdl_ab.py [strided-12k fixed-12k ...]; JSON under $OUT or bench/results/."""
 import json
@@ -13,7 +14,7 @@ import torch
 import triton.testing as tt
 from dev_probe import inputs
 
-from sparse_transformer.attention.triton import common, function, launcher
+from sparse_transformer.attention.triton import common, function, launcher, replay
 from sparse_transformer.bench import _method_fn, _time_graph, _versions, gpu_state
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
@@ -52,10 +53,11 @@ def run_setup(name, rows):
             _switch(on)
             fb()
             fwd, graph = _time_graph(fn, go)
+            replays = replay.REPLAYS
             eager = tt.do_bench(fb, warmup=25, rep=200, return_mode="median")
             torch.cuda.synchronize()
             row = dict(setup=name, pdl=on, round=rnd, fwd_graph_ms=fwd, fwdbwd_graph_ms=graph, fwdbwd_ms=eager,
-                       **gpu_state())
+                       eager_replays=replay.REPLAYS - replays, **gpu_state())
             rows.append(row)
             print(json.dumps(row), flush=True)
             q.grad = k.grad = v.grad = None

@@ -17,8 +17,9 @@ causal SDPA (cuDNN, flash), FlexAttention (compiled, the layout's element rule, 
 backend; prints a table and writes JSON rows (setup, method, n, batch, heads, head_dim, pattern, fwd_ms, fwdbwd_ms,
 density, device, torch, triton) to bench/results/attention-<date>.json. For ours and SDPA the rows also hold
 fwd_graph_ms / fwdbwd_graph_ms: the same calls replayed from a CUDA graph, i.e. GPU time without the host's launch
-cost (which decides the eager times of the short setups). Our rows say whether the eager calls replayed their launches
-(`graphs`: attention/triton/replay.py, on by default); every row has the GPU's SM clock and temperature read right
+cost (which decides the eager times of the short setups). Our rows say whether graph replay of our launches was on
+(`graphs`: attention/triton/replay.py, on by default) and how many of the eager calls' directions replayed
+(`graph_replays`); every row has the GPU's SM clock and temperature read right
 after its timings (`sm_mhz`, `temp_c`; where pynvml is installed): compute-bound setups run at a power-limited clock.
 """
 from __future__ import annotations
@@ -185,13 +186,15 @@ def bench_attention(setups, methods=METHODS, out_dir="bench/results", torch_max_
                 if method == "triton":  # the fixed pattern's summary part runs Gluon kernels on Hopper
                     row["gluon"] = _gluon_launches() > launched
                 row["setup_s"] = round(time.time() - t0, 2)
+                if method == "triton":  # our eager calls' launches replayed from graphs (replay.py), and how often
+                    from .attention.triton import replay
+                    replays = replay.REPLAYS
                 row["fwd_ms"], row["fwdbwd_ms"] = _time(fn, go)
+                if method == "triton":
+                    row["graphs"], row["graph_replays"] = replay.ENABLED, replay.REPLAYS - replays
                 if method in GRAPH_METHODS:  # GPU time alone: the same calls replayed from a CUDA graph
                     row["fwd_graph_ms"], row["fwdbwd_graph_ms"] = _time_graph(fn, go)
                 row.update(gpu_state())
-                if method == "triton":
-                    from .attention.triton import replay
-                    row["graphs"] = replay.ENABLED
             except Exception as e:  # a peer that fails to compile is a result, not a crash
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             rows.append(row)

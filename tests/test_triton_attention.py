@@ -1344,8 +1344,9 @@ PDL_LAYOUTS = [("strided", lambda: layouts.strided(2048, 128)), ("fixed", lambda
 def test_gpu_dependent_launches_equal_serial_ones(name, make, dtype, monkeypatch):
     """Programmatic dependent launch (common.PDL, Hopper): the kernels after a direction's first one start during
     the kernel before them and wait for it where they read its results. Outputs and gradients are bit-equal to
-    launches one after another (the same kernels, only overlapped), and the dependent launches do carry launch_pdl."""
-    from sparse_transformer.attention.triton import common, function, launcher
+    launches one after another (the same kernels, only overlapped), also replayed from CUDA graphs; dependent launches
+    happen where two Triton kernels follow each other in a direction, and none elsewhere."""
+    from sparse_transformer.attention.triton import common, function, launcher, replay
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs compute capability 9+")
@@ -1366,6 +1367,17 @@ def test_gpu_dependent_launches_equal_serial_ones(name, make, dtype, monkeypatch
         got = call()
         assert all(torch.equal(a, b) for a, b in zip(got, want))
     dependents = [c[0].metadata.launch_pdl for c in launcher._COMPILED.values()]
+    replays = replay.REPLAYS
+    del got
+    for _ in range(8):  # the same calls replayed from CUDA graphs (the default eager path), dependent edges in them
+        o, lse = sparse_attention_triton(q, k, v, lay)
+        got = [o, lse, *torch.autograd.grad(o, (q, k, v), g)]
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        if replay.REPLAYS - replays >= 2:
+            break
+        del o, lse, got
+    else:
+        pytest.fail("no call replayed in 8 calls over the same tensors")
     # two Triton kernels in a row: the strided band and transposed part; the fixed pattern's band and gathered part
     # where the Gluon kernels do not take the latter (fp32); a strided-only layer has one kernel per direction
     assert any(dependents) == (name == "strided" or (name.startswith("fixed") and dtype == torch.float32))

@@ -38,8 +38,9 @@ ONE_LOOP_ENV = None if _ENV == "" else _ENV == "1"
 # their start. H200, python bench/pdl_ab.py (2026-12-01, pdl-ab-20261201-131722.json; 3 rounds in turn, medians),
 # graph fwd+bwd ms off -> on: strided-3k 0.2055 -> 0.2009, strided-12k 0.4238 -> 0.4196 (lower in every round;
 # forward 0.0590 -> 0.0551 and 0.1156 -> 0.1117), strided-64k 1.3192 -> 1.3196; the fixed setups have no dependent
-# launch on Hopper (their later kernels are Gluon's) and moved with the clock. But strided-3k's eager fwd+bwd (graph
-# replay on) read 0.46 -> 0.55 ms, slower in every round, not explained yet: so off by default.
+# launch on Hopper (their later kernels are Gluon's), yet fixed-12k's forward read slower in every round (0.241 ->
+# 0.245). And strided-3k's eager fwd+bwd (graph replay on) read 0.46 -> 0.55 ms, slower in every round. Neither is
+# explained: so off by default.
 PDL = os.environ.get("SPARSE_TRANSFORMER_PDL", "0") == "1"
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _PDL_DEVICES: dict = {}

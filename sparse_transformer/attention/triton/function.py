@@ -275,7 +275,7 @@ def _rows_q(q, launches):
     through a row descriptor), else q itself. Copied here, the copy stays out of any CUDA graph of the launches
     (replay.py), which would otherwise keep it in the graph's private memory pool."""
     if not q.is_contiguous():
-        for launch in launches:
+        for launch in launches[1:]:  # (the Gluon kernels merge into a band: never the first segment)
             gg = gluon_for(q, launch.seg)
             if gg is not None and gg.runs_on(q):
                 return q.contiguous()

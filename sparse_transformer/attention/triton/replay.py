@@ -18,7 +18,8 @@ launcher.triton_per_call_options).
 
 Memory: every noted key keeps `keep` alive (the launch list: its tables are kernel arguments); each graph also keeps a
 private memory pool with whatever its launches allocated. They allocate nothing: the autograd wrapper makes every
-buffer before it calls run, the Gluon path's copy of a strided q included (function._rows_q). At most MAX_GRAPHS keys
+buffer before it calls run, the Gluon path's copy of a strided q included (function._rows_q), and what the launch
+code makes once (the Gluon path's per-head offset table) is made on a key's first, direct call. At most MAX_GRAPHS keys
 are kept (SPARSE_TRANSFORMER_GRAPHS_MAX, default 1024: a graph holds no memory of its own, only its few kernel nodes),
 the least recently used dropped first; a loop with more keys than that per turn (a model of over 341 layers with
 recomputation: 3 keys per layer) drops each key before it comes again and never replays.
@@ -44,7 +45,7 @@ CAPTURES = 0  # graphs captured (tests)
 REPLAYS = 0  # calls served by a replay
 _ENTRIES: OrderedDict = OrderedDict()  # key -> _Entry
 _STREAMS: dict = {}  # device index -> side stream for captures
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()  # (re-entered: a failed capture clears the cache under it)
 
 
 class _Entry:
@@ -122,4 +123,5 @@ def _capture(device, launch_all):
 
 def clear():
     """Drop every graph and noted key (function.clear_cache calls this)."""
-    _ENTRIES.clear()
+    with _LOCK:
+        _ENTRIES.clear()
