@@ -18,8 +18,8 @@ backend; prints a table and writes JSON rows (setup, method, n, batch, heads, he
 density, device, torch, triton) to bench/results/attention-<date>.json. For ours and SDPA the rows also hold
 fwd_graph_ms / fwdbwd_graph_ms: the same calls replayed from a CUDA graph, i.e. GPU time without the host's launch
 cost (which decides the eager times of the short setups). Our rows say whether graph replay of our launches was on
-(`graphs`: attention/triton/replay.py, on by default) and how many of the eager calls' directions replayed
-(`graph_replays`); every row has the GPU's SM clock and temperature read right
+(`graphs`: attention/triton/replay.py, on by default), and of the eager calls' directions how many took its path
+(`attention_calls`) and how many replayed (`graph_replays`); every row has the GPU's SM clock and temperature read right
 after its timings (`sm_mhz`, `temp_c`; where pynvml is installed): compute-bound setups run at a power-limited clock.
 """
 from __future__ import annotations
@@ -150,6 +150,20 @@ def _method_fn(method, q, k, v, lay, flex_cache):
     raise ValueError(method)
 
 
+def replay_counts(before=None) -> dict:
+    """The graph replay of our launches (attention/triton/replay.py): with before=None the counters now, else what
+    happened since `before`: whether replay is on (`graphs`), the calls' directions that took its path
+    (`attention_calls`) and those that replayed (`graph_replays`). {} without Triton."""
+    try:
+        from .attention.triton import replay
+    except ImportError:
+        return {}
+    now = dict(attention_calls=replay.CALLS, graph_replays=replay.REPLAYS)
+    if before is None:
+        return now
+    return dict(graphs=replay.ENABLED, **{k: now[k] - before.get(k, 0) for k in now})
+
+
 def gpu_state() -> dict:
     """The GPU's SM clock (MHz) and temperature (C) now, through torch.cuda (pynvml); {} where it cannot say."""
     try:
@@ -186,12 +200,10 @@ def bench_attention(setups, methods=METHODS, out_dir="bench/results", torch_max_
                 if method == "triton":  # the fixed pattern's summary part runs Gluon kernels on Hopper
                     row["gluon"] = _gluon_launches() > launched
                 row["setup_s"] = round(time.time() - t0, 2)
-                if method == "triton":  # our eager calls' launches replayed from graphs (replay.py), and how often
-                    from .attention.triton import replay
-                    replays = replay.REPLAYS
+                before = replay_counts()
                 row["fwd_ms"], row["fwdbwd_ms"] = _time(fn, go)
-                if method == "triton":
-                    row["graphs"], row["graph_replays"] = replay.ENABLED, replay.REPLAYS - replays
+                if method == "triton":  # our eager calls' launches replayed from graphs (replay.py), and how often
+                    row.update(replay_counts(before))
                 if method in GRAPH_METHODS:  # GPU time alone: the same calls replayed from a CUDA graph
                     row["fwd_graph_ms"], row["fwdbwd_graph_ms"] = _time_graph(fn, go)
                 row.update(gpu_state())
@@ -268,7 +280,8 @@ def time_train_step(cfg, n, batch=1, steps=5, device="cuda", compile=False):
     """Build the model on `device`, run one untimed step (tables, kernels, optimizer state), then `steps` timed steps.
 
     Returns dict(step_ms (median), tokens_per_s, peak_mem_gb (CUDA: peak allocated over the timed steps, weights and
-    optimizer state included; None on CPU), params, setup_s). Raises torch.OutOfMemoryError like the step does.
+    optimizer state included; None on CPU), params, setup_s, and over the timed steps our attention's calls through
+    graph replay and how many replayed (replay_counts)). Raises torch.OutOfMemoryError like the step does.
     compile: torch.compile each block, as `train --set train.compile=true` does (the compile time is in setup_s)."""
     from . import SparseTransformer
 
@@ -288,7 +301,7 @@ def time_train_step(cfg, n, batch=1, steps=5, device="cuda", compile=False):
     setup_s = time.perf_counter() - t_setup
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, replays = [], replay_counts()
     for _ in range(steps):
         if cuda:
             t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -304,7 +317,7 @@ def time_train_step(cfg, n, batch=1, steps=5, device="cuda", compile=False):
     ms = sorted(times)[len(times) // 2]
     return dict(step_ms=ms, tokens_per_s=batch * n / ms * 1e3,
                 peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-                params=model.num_params(), setup_s=round(setup_s, 2))
+                params=model.num_params(), setup_s=round(setup_s, 2), **replay_counts(replays))
 
 
 def is_oom(e: BaseException) -> bool:

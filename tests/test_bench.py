@@ -3,6 +3,7 @@ search and the command-line flags."""
 import json
 
 import pytest
+import torch
 
 from sparse_transformer import bench, presets
 from sparse_transformer.cli import build_parser
@@ -149,3 +150,26 @@ def test_gluon_launches_reads_the_launch_count(monkeypatch):
     assert bench._gluon_launches() == 0
     monkeypatch.setattr(forward, "_GLUON", [types.SimpleNamespace(LAUNCHES=7)])
     assert bench._gluon_launches() == 7
+
+
+def test_replay_counts_report_what_happened_since(monkeypatch):
+    """bench rows count our attention's calls through graph replay and the replayed ones (replay.CALLS / REPLAYS)
+    over their timings; a CPU model step takes the torch backend: no call."""
+    pytest.importorskip("triton")
+    from sparse_transformer.attention.triton import replay
+
+    monkeypatch.setattr(replay, "CALLS", 10)
+    monkeypatch.setattr(replay, "REPLAYS", 4)
+    before = bench.replay_counts()
+    assert before == dict(attention_calls=10, graph_replays=4)
+    monkeypatch.setattr(replay, "CALLS", 16)
+    monkeypatch.setattr(replay, "REPLAYS", 9)
+    assert bench.replay_counts(before) == dict(graphs=replay.ENABLED, attention_calls=6, graph_replays=5)
+    replay.run(("fwd", 0, 1.0), (torch.zeros(2),), None, lambda: None)  # a CPU call: counted, launched directly
+    assert replay.CALLS == 17 and replay.REPLAYS == 9
+
+
+def test_model_step_rows_count_replays(tiny_preset):
+    pytest.importorskip("triton")
+    row = bench.time_train_step(bench.model_config(tiny_preset, 64), 64, steps=1, device="cpu")
+    assert row["attention_calls"] == 0 and row["graph_replays"] == 0 and "graphs" in row

@@ -43,6 +43,7 @@ ENABLED = os.environ.get("SPARSE_TRANSFORMER_GRAPHS", "1") != "0"
 MAX_GRAPHS = int(os.environ.get("SPARSE_TRANSFORMER_GRAPHS_MAX", "1024"))  # the cifar10 preset: 128 layers, 384 keys
 CAPTURES = 0  # graphs captured (tests)
 REPLAYS = 0  # calls served by a replay
+CALLS = 0  # calls of run, replayed or not (benchmarks count the share that replayed)
 _ENTRIES: OrderedDict = OrderedDict()  # key -> _Entry
 _STREAMS: dict = {}  # device index -> side stream for captures
 _LOCK = threading.RLock()  # (re-entered: a failed capture clears the cache under it)
@@ -58,6 +59,8 @@ class _Entry:
 def run(head: tuple, tensors, keep, launch_all):
     """launch_all()'s result, its launches made directly or replayed from a graph of them (see the module's
     docstring). tensors: every tensor the launches read or write (the first one's device runs them)."""
+    global CALLS
+    CALLS += 1
     if (not ENABLED or not tensors[0].is_cuda or torch.cuda.is_current_stream_capturing()
             or tensors[0].device.index != torch.cuda.current_device()  # (a graph replays on the current device)
             or torch.autograd._profiler_enabled() or triton_per_call_options()):
