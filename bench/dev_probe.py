@@ -76,6 +76,23 @@ def write_rows(rows, filename):
         json.dump(rows, f, indent=1)
 
 
+def run_setups(names, run_setup, label):
+    """run_setup(name, rows) for each setup, the GPU's cache freed after each; then the rows with the device and
+    versions as JSON under $OUT (or bench/results/), label-<date>.json. Returns the rows."""
+    dev, tv, trv = _versions()
+    print(dev, tv, trv, flush=True)
+    rows = []
+    for name in names:
+        run_setup(name, rows)
+        torch.cuda.empty_cache()
+    out = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
+    path = os.path.join(out, f"{label}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    with open(path, "w") as f:
+        json.dump(dict(device=dev, torch=tv, triton=trv, rows=rows), f, indent=1)
+    print("wrote", path)
+    return rows
+
+
 def inputs(name):
     """The setup's layout and fresh random bf16 q, k, v (requiring grad) and output gradient."""
     B, H, n, D, make, _ = SETUPS[name] if name in SETUPS else EXTRA[name]

@@ -6,13 +6,12 @@ Usage (on a GPU): python bench/graph_protocol.py [fixed-64k strided-64k ...]; JS
 import json
 import os
 import sys
-import time
 
 import torch
 import triton.testing as tt
-from dev_probe import inputs
+from dev_probe import inputs, run_setups
 
-from sparse_transformer.bench import _method_fn, _time_graph, _versions, capture_graph, gpu_state
+from sparse_transformer.bench import _method_fn, _time_graph, capture_graph, gpu_state
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 
@@ -39,16 +38,7 @@ def run_setup(name, rows):
 
 
 def main(names):
-    dev, tv, trv = _versions()
-    print(dev, tv, trv, flush=True)
-    rows = []
-    for name in names:
-        run_setup(name, rows)
-        torch.cuda.empty_cache()
-    out = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
-    path = os.path.join(out, f"graph-protocol-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    json.dump(dict(device=dev, torch=tv, triton=trv, rows=rows), open(path, "w"), indent=1)
-    print("wrote", path)
+    run_setups(names, run_setup, "graph-protocol")
 
 
 if __name__ == "__main__":

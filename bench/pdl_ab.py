@@ -8,14 +8,13 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 import triton.testing as tt
-from dev_probe import inputs
+from dev_probe import inputs, run_setups
 
 from sparse_transformer.attention.triton import common, function, launcher, replay
-from sparse_transformer.bench import _method_fn, _time_graph, _versions, gpu_state
+from sparse_transformer.bench import _method_fn, _time_graph, gpu_state
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 
@@ -70,17 +69,10 @@ def run_setup(name, rows):
 
 def main(names):
     default = common.PDL
-    dev, tv, trv = _versions()
-    print(dev, tv, trv, flush=True)
-    rows = []
-    for name in names:
-        run_setup(name, rows)
-        torch.cuda.empty_cache()
-    _switch(default)
-    out = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
-    path = os.path.join(out, f"pdl-ab-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    json.dump(dict(device=dev, torch=tv, triton=trv, rows=rows), open(path, "w"), indent=1)
-    print("wrote", path)
+    try:
+        run_setups(names, run_setup, "pdl-ab")
+    finally:
+        _switch(default)
 
 
 if __name__ == "__main__":
