@@ -20,7 +20,7 @@ Memory: every noted key keeps `keep` alive (the launch list: its tables are kern
 private memory pool with whatever its launches allocated. They allocate nothing: the autograd wrapper makes every
 buffer before it calls run, the Gluon path's copy of a strided q included (function._rows_q), and what the launch
 code makes once (the Gluon path's per-head offset table) is made on a key's first, direct call. At most MAX_GRAPHS keys
-are kept (SPARSE_TRANSFORMER_GRAPHS_MAX, default 1024: a graph holds no memory of its own, only its few kernel nodes),
+are kept (SPARSE_TRANSFORMER_GRAPHS_MAX, default 1024: a graph's pool stays empty, the graph is a few kernel nodes),
 the least recently used dropped first; a loop with more keys than that per turn (a model of over 341 layers with
 recomputation: 3 keys per layer) drops each key before it comes again and never replays.
 Settings read at launch time (TUNING, ONE_LOOP, GLUON_GATHER, ...) are baked into a graph: after changing one,
