@@ -1,5 +1,5 @@
 """Programmatic dependent launch (attention/triton/common.PDL) off and on, in turn in one process over ROUNDS rounds
-(3): per setup, our fwd+bwd and forward replayed from a CUDA graph (`bench._time_graph`, the table's graph column) and
+(3; off first in even rounds, on first in odd ones): per setup, our fwd+bwd and forward replayed from a CUDA graph (`bench._time_graph`, the table's graph column) and
 the eager fwd+bwd (do_bench, as `bench attention`; with how many of its directions replayed from graphs), with the
 GPU's SM clock after each. Before the timings each
 variant's output and gradients are compared with the off variant's: bit-equal (the same kernels, only overlapped).
@@ -48,7 +48,8 @@ def run_setup(name, rows):
         if not same:
             raise SystemExit(f"{name}: PDL on differs from off")
     for rnd in range(ROUNDS):
-        for on in (False, True):
+        for on in ((False, True) if rnd % 2 == 0 else (True, False)):  # the order alternates (a GPU warming up
+            # within a round would otherwise always favour the first)
             _switch(on)
             fb()
             fwd, graph = _time_graph(fn, go)
