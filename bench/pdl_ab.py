@@ -1,8 +1,8 @@
 """Programmatic dependent launch (attention/triton/common.PDL) off and on, in turn in one process over ROUNDS rounds
-(3; off first in even rounds, on first in odd ones): per setup, our fwd+bwd and forward replayed from a CUDA graph (`bench._time_graph`, the table's graph column) and
-the eager fwd+bwd (do_bench, as `bench attention`; with how many of its directions replayed from graphs), with the
-GPU's SM clock after each. Before the timings each
-variant's output and gradients are compared with the off variant's: bit-equal (the same kernels, only overlapped).
+(3; off first in even rounds, on first in odd ones): per setup, our fwd+bwd and forward replayed from a CUDA graph
+(`bench._time_graph`, the table's graph column) and the eager fwd+bwd (do_bench, as `bench attention`; with how many
+of its directions replayed from graphs), with the GPU's SM clock after each. Before the timings each variant's output
+and gradients are compared with the off variant's: bit-equal (the same kernels, only overlapped).
 Usage (on a GPU): python bench/pdl_ab.py [strided-12k fixed-12k ...]; JSON under $OUT or bench/results/."""
 import json
 import os
