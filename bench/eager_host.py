@@ -1,5 +1,5 @@
 """Where an eager fwd+bwd spends its host time on the GPU, per setup and launch variant, in turn, in ROUNDS rounds
-(4). Variants (VARIANTS="default no-graphs ..." picks some; default: all):
+(4; the order reversed in odd rounds). Variants (VARIANTS="default no-graphs ..." picks some; default: all):
 - triton-gather: the Triton gathered kernels (the Gluon ones off), no graph replay;
 - encode-per-call: the Gluon kernels with Triton's launcher encoding every TMA descriptor on every call
   (launcher.TMA_DIRECT off), no graph replay;
@@ -48,7 +48,8 @@ def main(names):
             fn().backward(go)
 
         for rnd in range(ROUNDS):
-            for variant, (gluon, direct, graphs) in VARIANTS.items():
+            order = list(VARIANTS.items())  # reversed in odd rounds: a drift within a round favours no variant
+            for variant, (gluon, direct, graphs) in (order if rnd % 2 == 0 else order[::-1]):
                 forward.GLUON_GATHER, launcher.TMA_DIRECT, replay.ENABLED = gluon, direct, graphs
                 launcher.clear()
                 function.clear_cache()
