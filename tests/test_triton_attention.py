@@ -1382,3 +1382,28 @@ def test_gpu_dependent_launches_equal_serial_ones(name, make, dtype, monkeypatch
     # where the Gluon kernels do not take the latter (fp32); a strided-only layer has one kernel per direction
     assert any(dependents) == (name == "strided" or (name.startswith("fixed") and dtype == torch.float32))
     check_against_reference(_run(), q, k, v, lay, floor=FLOOR[dtype])
+
+
+def test_gdc_mode_marks_dependent_launches_only_where_pdl_runs(monkeypatch):
+    """common.gdc_mode: off (0) unless PDL is on, outside the interpreter, on a CUDA GPU of compute capability 9+; there
+    a direction's first launch only lets its dependent start (1) and a dependent waits (2) and is launched with
+    launch_pdl."""
+    import types
+
+    from sparse_transformer.attention.triton import common
+
+    cpu = torch.zeros(1)
+    gpu = types.SimpleNamespace(is_cuda=True, device=types.SimpleNamespace(index=7))
+    monkeypatch.setattr(common, "_INTERPRET", False)
+    monkeypatch.setattr(common, "PDL", False)
+    assert common.gdc_mode(gpu, True) == 0
+    monkeypatch.setattr(common, "PDL", True)
+    assert common.gdc_mode(cpu, True) == 0
+    for major, want in ((8, (0, 0)), (9, (1, 2)), (10, (1, 2))):
+        monkeypatch.setattr(common, "_PDL_DEVICES", {})
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, major=major: (major, 0))
+        assert (common.gdc_mode(gpu, False), common.gdc_mode(gpu, True)) == want
+    monkeypatch.setattr(common, "_INTERPRET", True)
+    assert common.gdc_mode(gpu, True) == 0
+    assert common.gdc_options(2) == {"GDC": 2, "launch_pdl": True}
+    assert common.gdc_options(1) == {"GDC": 1} and common.gdc_options(0) == {"GDC": 0}
