@@ -14,7 +14,7 @@ import torch
 
 from sparse_transformer import layouts, sparse_attention
 from sparse_transformer.attention.plan import GATHER
-from sparse_transformer.attention.triton import backward, block_backward, forward, gluon_gather, launcher
+from sparse_transformer.attention.triton import backward, block_backward, forward, gluon_gather, launcher, replay
 
 
 def per_call_us(lay, shape, dtype, reps):
@@ -96,6 +96,7 @@ def _through_launcher():
 
 
 def main(reps: int, gluon: bool, through_launcher: bool) -> None:
+    replay.ENABLED = False  # the direct launches' host code (CPU tensors posing as CUDA ones below: no graphs here)
     launch = _through_launcher() if through_launcher else (lambda *args, **kwargs: None)
     for module in (forward, backward, block_backward, gluon_gather):
         module.launch_kernel = launch
@@ -108,7 +109,7 @@ def main(reps: int, gluon: bool, through_launcher: bool) -> None:
     print(f"fixed pattern, Triton gathered kernels' host code: median {us:.0f} us")
     forward.gluon_for = lambda q, seg: gluon_gather if seg.kind == GATHER else None
     forward._GLUON[:] = [gluon_gather]  # the backward asks gluon_module() (None off Triton 3.6)
-    gluon_gather._CAPABILITY[None] = (9, 0)  # CPU tensors' device index
+    launcher._CAPABILITY[None] = (9, 0)  # CPU tensors' device index
     torch.Tensor.is_cuda = property(lambda self: True)  # what eligible() asks first; nothing else here reads it
     try:
         us = per_call_us(fixed, (1, 2, 1024, 64), torch.bfloat16, reps)

@@ -1390,20 +1390,20 @@ def test_gdc_mode_marks_dependent_launches_only_where_pdl_runs(monkeypatch):
     launch_pdl."""
     import types
 
-    from sparse_transformer.attention.triton import common
+    from sparse_transformer.attention.triton import common, launcher
 
     cpu = torch.zeros(1)
     gpu = types.SimpleNamespace(is_cuda=True, device=types.SimpleNamespace(index=7))
-    monkeypatch.setattr(common, "_INTERPRET", False)
+    monkeypatch.setattr(launcher, "_INTERPRET", False)
     monkeypatch.setattr(common, "PDL", False)
     assert common.gdc_mode(gpu, True) == 0
     monkeypatch.setattr(common, "PDL", True)
     assert common.gdc_mode(cpu, True) == 0
     for major, want in ((8, (0, 0)), (9, (1, 2)), (10, (1, 2))):
-        monkeypatch.setattr(common, "_PDL_DEVICES", {})
+        monkeypatch.setattr(launcher, "_CAPABILITY", {})
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, major=major: (major, 0))
         assert (common.gdc_mode(gpu, False), common.gdc_mode(gpu, True)) == want
-    monkeypatch.setattr(common, "_INTERPRET", True)
+    monkeypatch.setattr(launcher, "_INTERPRET", True)
     assert common.gdc_mode(gpu, True) == 0
     assert common.gdc_options(2) == {"GDC": 2, "launch_pdl": True}
     assert common.gdc_options(1) == {"GDC": 1} and common.gdc_options(0) == {"GDC": 0}

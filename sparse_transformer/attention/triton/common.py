@@ -9,6 +9,8 @@ import os
 import triton
 import triton.language as tl
 
+from . import launcher
+
 # Column indices of the per-head rule table (see layouts.P_* and plan.P_STR_MIN / P_SUM_EXCL); constexpr globals so
 # that jit functions can read them.
 P_ALL, P_WIN, P_BLK, P_STR, P_SUM_L, P_SUM_LO, P_SUM_HI, P_CUSTOM, P_STR_MIN, P_SUM_EXCL = (tl.constexpr(c) for c in
@@ -42,22 +44,14 @@ ONE_LOOP_ENV = None if _ENV == "" else _ENV == "1"
 # 0.245). And strided-3k's eager fwd+bwd (graph replay on) read 0.46 -> 0.55 ms, slower in every round. Neither is
 # explained: so off by default.
 PDL = os.environ.get("SPARSE_TRANSFORMER_PDL", "0") == "1"
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_PDL_DEVICES: dict = {}
 
 
 def gdc_mode(t, dependent: bool) -> int:
     """The kernels' GDC constexpr for a launch on t's device: 0 off (PDL off, the interpreter, not a CUDA GPU of
     compute capability 9+), 1 the first launch (it only lets its dependent start), 2 a dependent (it waits)."""
-    if not PDL or _INTERPRET or not t.is_cuda:
+    if not PDL or launcher._INTERPRET or not t.is_cuda or launcher.capability(t.device)[0] < 9:
         return 0
-    idx = t.device.index
-    ok = _PDL_DEVICES.get(idx)
-    if ok is None:
-        import torch
-
-        ok = _PDL_DEVICES[idx] = torch.cuda.get_device_capability(t.device)[0] >= 9
-    return (2 if dependent else 1) if ok else 0
+    return 2 if dependent else 1
 
 
 def gdc_options(mode: int) -> dict:

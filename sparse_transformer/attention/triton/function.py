@@ -25,7 +25,8 @@ from . import block_backward as _block
 from . import replay
 from .common import one_loop_default
 from .backward import attn_backward
-from .forward import _triton_version, attn_forward, gluon_for
+from .forward import attn_forward, gluon_for
+from .launcher import triton_version
 
 # Launch settings per (segment kind, head-dim bucket) and kernel: (BM, BN, num_warps, num_stages); "fused" is the dK/dV
 # kernel that also adds dQ (None: that kind keeps its dQ kernel). Measured on an H100 with bench/dev_kernels.py;
@@ -243,7 +244,7 @@ def caps_measured_on(device) -> bool:
     block kernel's, block_backward._capped.)"""
     device = torch.device(device)
     return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
-            and _triton_version() == MAXNREG_TRITON)
+            and triton_version() == MAXNREG_TRITON)
 
 
 def caps_for(cfg, kind: int, has_win: int) -> dict:

@@ -38,7 +38,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
     warpgroup_mma_wait
 
 from ..plan import GATHER, P_SUM_EXCL, P_SUM_L, P_SUM_LO
-from .launcher import Tma, cdiv, launch as launch_kernel
+from .launcher import Tma, capability, cdiv, launch as launch_kernel
 
 # per head dim, measured on an H200 (bench/gluon_gather.py time, BENCHMARKS.md): the forward without the in-loop
 # overlap (PIPE 0: 180 registers, 1218 us at fixed-64k) beat PIPE 1 (1298) and PIPE 2 (1338-1372); d=128 on 8 warps
@@ -594,24 +594,21 @@ def eligible(q, k, v, seg, scale, merge, others=()) -> bool:
     that it divides), a positive scale (the kernel scales the row max of the raw scores), the gathered part of a
     layout whose every head has it, with one summary offset (or, with HEAD_OFFSETS, one per head), after a band that
     holds each query's own block (merge)."""
-    if not (merge and seg.kind == GATHER and q.is_cuda and q.dtype in _GL_DTYPES and q.shape[-1] in (64, 128)
-            and rows_fit(others)
+    if not (merge and seg.kind == GATHER and runs_on(q) and rows_fit(others)
             and (not q.is_contiguous() or q.data_ptr() % 16 == 0)
             and q.numel() // q.shape[-1] < 2 ** 31
             and cdiv(q.shape[2], min(SETTINGS[q.shape[-1]]["BM"], DQ_SETTINGS[q.shape[-1]]["BM"])) <= 65535
             and cdiv(q.shape[2] // seg.L * seg.C, DKDV_SETTINGS[q.shape[-1]]["BN"]) <= 65535
             and scale * 1.4426950408889634 >= 2.0 ** -126 and seg.L % SETTINGS[q.shape[-1]]["BM"] == 0):
         return False
-    if _capability(q.device)[0] != 9:
-        return False
     lo = _offsets_of(seg, q.device)
     return lo is not None and all(summary_fits(x, seg.L, lo, seg.C, KV_TILE) for x in (k, v))
 
 
 def runs_on(q) -> bool:
-    """Can these kernels take q's part of `eligible` (a Hopper GPU, fp16 / bf16, head dim 64 or 128)? Cheap: the
-    autograd wrapper asks it before copying a strided q for them (function._rows_q)."""
-    return q.is_cuda and q.dtype in _GL_DTYPES and q.shape[-1] in (64, 128) and _capability(q.device)[0] == 9
+    """Can these kernels take q at all (a Hopper GPU, fp16 / bf16, head dim 64 or 128)? Part of `eligible`, and asked
+    alone by the autograd wrapper before it copies a strided q for them (function._rows_q)."""
+    return q.is_cuda and q.dtype in _GL_DTYPES and q.shape[-1] in (64, 128) and capability(q.device)[0] == 9
 
 
 def rows_fit(tensors) -> bool:
@@ -631,7 +628,6 @@ _SEG: dict = {}  # id(segment) -> (segment, one offset or None, per-head offsets
 # segment -> {device: int32 tensor of its per-head offsets}: a table lives as long as its segment (in function's launch
 # cache, like the segment's tile tables), so a kernel or a captured graph never reads a table freed under it
 _HEAD_LO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_CAPABILITY: dict = {}
 
 
 def _segment_offsets(seg):
@@ -660,12 +656,6 @@ def _offsets_of(seg, device):
     if key not in tables:
         tables[key] = torch.tensor(offsets, dtype=torch.int32, device=device)
     return tables[key]
-
-
-def _capability(device):
-    if device.index not in _CAPABILITY:
-        _CAPABILITY[device.index] = torch.cuda.get_device_capability(device)
-    return _CAPABILITY[device.index]
 
 
 def backward(q, k, v, do, dq, dk, dv, lse, delta, seg, scale, with_dq, with_dkdv):

@@ -208,6 +208,18 @@ def _arg_key(arg):
 _TENSOR = torch.Tensor
 
 
+_CAPABILITY: dict = {}
+
+
+def capability(device) -> tuple:
+    """A CUDA device's compute capability (major, minor), cached per device index (asked on every call by the
+    launch code)."""
+    hit = _CAPABILITY.get(device.index)
+    if hit is None:
+        hit = _CAPABILITY[device.index] = torch.cuda.get_device_capability(device)
+    return hit
+
+
 def _current_device():
     return torch.cuda.current_device()
 
