@@ -1,7 +1,8 @@
 """Where an eager fwd+bwd's host time goes between our kernel launches, without a profiler: timestamps (perf_counter)
 at the entry and exit of SparseAttentionFunction.forward / .backward and around each launcher.launch call, for 30
 calls with the GPU idle at each call's start and .grad accumulating (the benchmark's protocol); medians per event, in
-us from the call's start. Setups as `sparse-transformer bench attention`'s, Gluon gathered kernels on and off.
+us from the call's start. Setups as `sparse-transformer bench attention`'s, Gluon gathered kernels on and off; graph
+replay off (replay.py: a replayed call launches nothing to time).
 Usage (on a GPU): python bench/host_phases.py [fixed-12k strided-12k ...]"""
 import statistics
 import sys
@@ -10,7 +11,7 @@ import time
 import torch
 from dev_probe import inputs
 
-from sparse_transformer.attention.triton import backward, block_backward, forward, function, gluon_gather
+from sparse_transformer.attention.triton import backward, block_backward, forward, function, gluon_gather, replay
 from sparse_transformer.bench import _method_fn
 
 EVENTS: list = []
@@ -43,6 +44,7 @@ def _wrap_method(cls, name):
 
 
 def main(names):
+    replay.ENABLED = False  # the direct launches (a replayed call has none to time)
     for module in (forward, backward, block_backward, gluon_gather):
         _wrap_launch(module)
     _wrap_method(function.SparseAttentionFunction, "forward")
