@@ -41,8 +41,8 @@
 #                                              # kernels' one-loop timing, as in "rule")
 #   bash bench/device_pending.sh verify-model OUT  # test_model's GPU tests, then the table
 #   bash bench/device_pending.sh pending OUT   # the graph-replay test as rewritten after the sixth session's last run,
-#                                              # the PDL tests, every kernel GPU test, and how many of the enwik8 and
-#                                              # cifar10 steps' attention calls replay
+#                                              # the PDL tests, every kernel GPU test, and how many of the enwik8
+#                                              # step's attention calls replay, step by step
 #   bash bench/device_pending.sh pdl OUT       # programmatic dependent launch off / on (bench/pdl_ab.py)
 #   bash bench/device_pending.sh reverse OUT   # (sixth session) the Gluon dK/dV streaming query tiles from the last one
 #                                              # back: check, kernel times; eager host with and without graph replay;
@@ -217,12 +217,14 @@ case "$WHAT" in
   pending)
     # (for the seventh session's first call) what the sixth left unrun on a GPU: the rewritten graph-replay test,
     # then every kernel test, and the PDL A/B
-    timeout 120 python -m pytest -m gpu tests/test_triton_attention.py -q -n 8 -p no:cacheprovider -rf \
+    timeout 100 python -m pytest -m gpu tests/test_triton_attention.py -q -n 8 -p no:cacheprovider -rf \
       -k "graph_replay or dependent_launches" 2>&1 | tail -n 6 | tee "$OUT/gpu-tests-replay.log"
-    timeout 370 python -m pytest -m gpu tests/test_triton_attention.py tests/test_launcher.py -q -n 16 \
+    timeout 340 python -m pytest -m gpu tests/test_triton_attention.py tests/test_launcher.py -q -n 16 \
       -p no:cacheprovider -rf 2>&1 | tail -n 15 | tee "$OUT/gpu-tests-kernels.log"
-    for p in enwik8 cifar10; do timeout 60 $ST bench model --preset $p --steps 8 --recompute both --attention ours \
-      --no-plot --out "$OUT" 2>&1 | grep "graph_replays\|step ms" | cut -c1-400; done | tee "$OUT/model-replays.log"
+    timeout 70 $ST bench model --preset enwik8 --steps 10 --recompute on --attention ours --no-plot --out "$OUT" \
+      2>&1 | tail -n 5 | cut -c1-400 | tee "$OUT/model-replays.log"
+    python -c "import json,glob; r=json.load(open(sorted(glob.glob('$OUT/model-*.json'))[-1])); \
+      print([(x.get('step_ms'), x.get('graph_replays'), x.get('graph_replays_per_step')) for x in r])"
     ;;
   pdl)
     (cd bench && OUT="$OUT" timeout 170 python pdl_ab.py 2>&1 | grep -v "^{" | tee "$OUT/pdl-ab.log")

@@ -281,7 +281,7 @@ def time_train_step(cfg, n, batch=1, steps=5, device="cuda", compile=False):
 
     Returns dict(step_ms (median), tokens_per_s, peak_mem_gb (CUDA: peak allocated over the timed steps, weights and
     optimizer state included; None on CPU), params, setup_s, and over the timed steps our attention's calls through
-    graph replay and how many replayed (replay_counts)). Raises torch.OutOfMemoryError like the step does.
+    graph replay and how many replayed (replay_counts), and the replays of each timed step (graph_replays_per_step)). Raises torch.OutOfMemoryError like the step does.
     compile: torch.compile each block, as `train --set train.compile=true` does (the compile time is in setup_s)."""
     from . import SparseTransformer
 
@@ -301,8 +301,9 @@ def time_train_step(cfg, n, batch=1, steps=5, device="cuda", compile=False):
     setup_s = time.perf_counter() - t_setup
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times, replays = [], replay_counts()
+    times, replays, per_step = [], replay_counts(), []
     for _ in range(steps):
+        before = replay_counts()
         if cuda:
             t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             t0.record()
@@ -314,10 +315,12 @@ def time_train_step(cfg, n, batch=1, steps=5, device="cuda", compile=False):
             t0 = time.perf_counter()
             step()
             times.append((time.perf_counter() - t0) * 1e3)
+        per_step.append(replay_counts(before).get("graph_replays"))
     ms = sorted(times)[len(times) // 2]
     return dict(step_ms=ms, tokens_per_s=batch * n / ms * 1e3,
                 peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-                params=model.num_params(), setup_s=round(setup_s, 2), **replay_counts(replays))
+                params=model.num_params(), setup_s=round(setup_s, 2), **replay_counts(replays),
+                **({"graph_replays_per_step": per_step} if per_step and per_step[0] is not None else {}))
 
 
 def is_oom(e: BaseException) -> bool:

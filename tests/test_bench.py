@@ -171,5 +171,6 @@ def test_replay_counts_report_what_happened_since(monkeypatch):
 
 def test_model_step_rows_count_replays(tiny_preset):
     pytest.importorskip("triton")
-    row = bench.time_train_step(bench.model_config(tiny_preset, 64), 64, steps=1, device="cpu")
+    row = bench.time_train_step(bench.model_config(tiny_preset, 64), 64, steps=2, device="cpu")
     assert row["attention_calls"] == 0 and row["graph_replays"] == 0 and "graphs" in row
+    assert row["graph_replays_per_step"] == [0, 0]
