@@ -43,6 +43,7 @@
 #   bash bench/device_pending.sh pending OUT   # the graph-replay test as rewritten after the sixth session's last run,
 #                                              # the PDL tests, every kernel GPU test, and how many of the enwik8
 #                                              # step's attention calls replay, step by step
+#   bash bench/device_pending.sh replay-pdl OUT  # the replay / PDL tests with durations; PDL A/B, 4 alternating rounds
 #   bash bench/device_pending.sh pdl OUT       # programmatic dependent launch off / on (bench/pdl_ab.py)
 #   bash bench/device_pending.sh reverse OUT   # (sixth session) the Gluon dK/dV streaming query tiles from the last one
 #                                              # back: check, kernel times; eager host with and without graph replay;
@@ -53,7 +54,7 @@
 #                                              # every kernel GPU test with graphs on
 # Run from the repository root on the device machine; JSON and logs land in OUT (pass $OUT there).
 set -uo pipefail
-WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, strided-block, stages, final-tests, first, oneloop, rule, band, maxnreg, ncu, host, verify, verify-model, graphs, reverse, pending or pdl}; OUT=${2:?output folder}
+WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, strided-block, stages, final-tests, first, oneloop, rule, band, maxnreg, ncu, host, verify, verify-model, graphs, reverse, pending, replay-pdl or pdl}; OUT=${2:?output folder}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 ST="python -m sparse_transformer.cli"
 mkdir -p "$OUT"
@@ -225,6 +226,15 @@ case "$WHAT" in
       2>&1 | tail -n 5 | cut -c1-400 | tee "$OUT/model-replays.log"
     python -c "import json,glob; r=json.load(open(sorted(glob.glob('$OUT/model-*.json'))[-1])); \
       print([(x.get('step_ms'), x.get('graph_replays'), x.get('graph_replays_per_step')) for x in r])"
+    ;;
+  replay-pdl)
+    # (seventh session) the replay / PDL tests one per worker with their durations (the sixth and seventh sessions'
+    # runs cut them short: slow or hung?), then PDL off / on alternating over 4 rounds on the strided setups
+    timeout 280 python -m pytest -m gpu tests/test_triton_attention.py -v -n 12 -p no:cacheprovider --durations=15 \
+      -k "graph_replay or dependent_launches" 2>&1 | grep -E "PASSED|FAILED|SKIPPED|passed|failed|s call|s setup|^E " \
+      | tee "$OUT/gpu-tests-replay.log"
+    (cd bench && OUT="$OUT" ROUNDS=4 timeout 250 python pdl_ab.py strided-3k strided-12k strided-64k 2>&1 \
+      | grep -v "^{" | tee "$OUT/pdl-ab.log")
     ;;
   pdl)
     (cd bench && OUT="$OUT" timeout 170 python pdl_ab.py 2>&1 | grep -v "^{" | tee "$OUT/pdl-ab.log")
