@@ -70,18 +70,13 @@ def ptxas_report(ptx):
     return (int(regs.group(1)) if regs else -1), (f"{spill.group(1)}/{spill.group(2)}" if spill else "?")
 
 
-# the kernels' programmatic-dependent-launch mode (common.gdc_mode): 2 as the library's dependent launches compile
-# (wait and trigger), 1 as a direction's first launch, 0 off (the interpreter, PDL off: the code before PDL)
-GDC = int(os.environ.get("GDC", "2"))
-
-
 def passes(kind, d, setting, pass_name):
     """(kernel, runtime args, constexprs) of one pass of one segment kind."""
     bm, bn = setting[:2]
     split = fn.TUNING.get((kind, d), {}).get("split", ())
     default = one_loop_default(setting, "fused" if pass_name.startswith("fused") else pass_name, split)
     nk = NK_GATHER if kind == "gather" else N
-    flags = dict(KIND=KINDS[kind], IEEE=False, HAS_DENSE=False, HAS_BLK=False, GDC=GDC,
+    flags = dict(KIND=KINDS[kind], IEEE=False, HAS_DENSE=False, HAS_BLK=False,
                  HAS_WIN=(1 + fn.WIN_ALONE) * (kind == "natural"),  # the window band (2: its only rule)
                  HAS_STR=kind == "transposed", HAS_SUM=kind == "gather", BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
     strides = {f"stride_{t}{x}": v for t in "qkvo" for x, v in zip("bhn", (H * N * d, N * d, d))}

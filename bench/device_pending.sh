@@ -41,10 +41,12 @@
 #                                              # kernels' one-loop timing, as in "rule")
 #   bash bench/device_pending.sh verify-model OUT  # test_model's GPU tests, then the table
 #   bash bench/device_pending.sh pending OUT   # the graph-replay test as rewritten after the sixth session's last run,
-#                                              # the PDL tests, every kernel GPU test, and how many of the enwik8
+#                                              # every kernel GPU test, and how many of the enwik8
 #                                              # step's attention calls replay, step by step
-#   bash bench/device_pending.sh replay-pdl OUT  # the replay / PDL tests with durations; PDL A/B, 4 alternating rounds
-#   bash bench/device_pending.sh pdl OUT       # programmatic dependent launch off / on (bench/pdl_ab.py)
+#   bash bench/device_pending.sh replay OUT    # the graph-replay tests with their durations
+#                                              # (the seventh session ran `replay-pdl`, and the sixth `pdl`: the
+#                                              # dependent-launch tests and bench/pdl_ab.py, removed with PDL, see
+#                                              # BENCHMARKS.md, seventh session)
 #   bash bench/device_pending.sh reverse OUT   # (sixth session) the Gluon dK/dV streaming query tiles from the last one
 #                                              # back: check, kernel times; eager host with and without graph replay;
 #                                              # the graph-replay, Gluon and launch GPU tests
@@ -54,7 +56,7 @@
 #                                              # every kernel GPU test with graphs on
 # Run from the repository root on the device machine; JSON and logs land in OUT (pass $OUT there).
 set -uo pipefail
-WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, strided-block, stages, final-tests, first, oneloop, rule, band, maxnreg, ncu, host, verify, verify-model, graphs, reverse, pending, replay-pdl or pdl}; OUT=${2:?output folder}
+WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, strided-block, stages, final-tests, first, oneloop, rule, band, maxnreg, ncu, host, verify, verify-model, graphs, reverse, pending or replay}; OUT=${2:?output folder}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 ST="python -m sparse_transformer.cli"
 mkdir -p "$OUT"
@@ -217,9 +219,9 @@ case "$WHAT" in
     ;;
   pending)
     # (for the seventh session's first call) what the sixth left unrun on a GPU: the rewritten graph-replay test,
-    # then every kernel test, and the PDL A/B
+    # then every kernel test
     timeout 100 python -m pytest -m gpu tests/test_triton_attention.py -q -n 8 -p no:cacheprovider -rf \
-      -k "graph_replay or dependent_launches" 2>&1 | tail -n 6 | tee "$OUT/gpu-tests-replay.log"
+      -k "graph_replay" 2>&1 | tail -n 6 | tee "$OUT/gpu-tests-replay.log"
     timeout 340 python -m pytest -m gpu tests/test_triton_attention.py tests/test_launcher.py -q -n 16 \
       -p no:cacheprovider -rf 2>&1 | tail -n 15 | tee "$OUT/gpu-tests-kernels.log"
     timeout 70 $ST bench model --preset enwik8 --steps 10 --recompute on --attention ours --no-plot --out "$OUT" \
@@ -227,17 +229,10 @@ case "$WHAT" in
     python -c "import json,glob; r=json.load(open(sorted(glob.glob('$OUT/model-*.json'))[-1])); \
       print([(x.get('step_ms'), x.get('graph_replays'), x.get('graph_replays_per_step')) for x in r])"
     ;;
-  replay-pdl)
-    # (seventh session) the replay / PDL tests one per worker with their durations (the sixth and seventh sessions'
-    # runs cut them short: slow or hung?), then PDL off / on alternating over 4 rounds on the strided setups
-    timeout 280 python -m pytest -m gpu tests/test_triton_attention.py -v -n 12 -p no:cacheprovider --durations=15 \
-      -k "graph_replay or dependent_launches" 2>&1 | grep -E "PASSED|FAILED|SKIPPED|passed|failed|s call|s setup|^E " \
-      | tee "$OUT/gpu-tests-replay.log"
-    (cd bench && OUT="$OUT" ROUNDS=4 timeout 250 python pdl_ab.py strided-3k strided-12k strided-64k 2>&1 \
-      | grep -v "^{" | tee "$OUT/pdl-ab.log")
-    ;;
-  pdl)
-    (cd bench && OUT="$OUT" timeout 170 python pdl_ab.py 2>&1 | grep -v "^{" | tee "$OUT/pdl-ab.log")
+  replay)
+    # (seventh session) the replay tests one per worker with their durations
+    timeout 200 python -m pytest -m gpu tests/test_triton_attention.py -v -n 4 -p no:cacheprovider --durations=5 \
+      -k "graph_replay" 2>&1 | grep -E "PASSED|FAILED|SKIPPED|passed|failed|s call|^E " | tee "$OUT/gpu-tests-replay.log"
     ;;
   reverse)
     timeout 100 python bench/gluon_gather.py check 2>&1 | tee "$OUT/gluon-check.log" | tail -n 3
@@ -261,6 +256,6 @@ case "$WHAT" in
     ;;
   *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles | gather | order | gluon | summary | block |"\
        "heads | strided-block | stages | final-tests | first | oneloop | rule | band | maxnreg | ncu | host | verify |"\
-       "verify-model | graphs | reverse | pending | pdl)"
+       "verify-model | graphs | reverse | pending | replay)"
      exit 2 ;;
 esac

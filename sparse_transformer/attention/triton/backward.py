@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from . import forward as _forward
-from .common import (ONE_LOOP_ENV, _gdc_start, _gdc_wait, _key_positions, _program_head, _program_tile,
-                     _query_positions, _rule_on_partial, _tile_mask, gdc_mode, gdc_options, one_loop)
+from .common import (ONE_LOOP_ENV, _key_positions, _program_head, _program_tile, _query_positions, _rule_on_partial,
+                     _tile_mask, one_loop)
 from .forward import _dot
 from .grid import program_grid
 from .launcher import launch as launch_kernel
@@ -104,9 +104,7 @@ def _attn_bwd_dq_kernel(
     HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr,
     HAS_SUM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, ONE_LOOP: tl.constexpr,
-    GDC: tl.constexpr,
 ):
-    _gdc_start(GDC)
     t, bh = _program_tile(GROUP, T_ON_X)
     qb = NQB - 1 - t
     b, h, th, prm, lo = _program_head(bh, H, TH, prm_ptr)
@@ -120,7 +118,6 @@ def _attn_bwd_dq_kernel(
     lse_off = bh.to(tl.int64) * N + i  # 64-bit: B * H * N may pass 2^31
     lse = tl.load(lse_ptr + lse_off, mask=q_ok, other=float("-inf")) * 1.4426950408889634
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: P = 0
-    _gdc_wait(GDC)  # (a dependent launch: Delta and dQ come from the kernels before it)
     if DELTA:  # the first segment computes Delta = rowsum(dO * O) for its rows (every row) and stores it for the rest
         o = tl.load(o_ptr + g_off, mask=q_ok[:, None], other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
@@ -160,9 +157,7 @@ def _attn_bwd_dkdv_kernel(
     HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr,
     HAS_SUM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, ONE_LOOP: tl.constexpr,
-    GDC: tl.constexpr,
 ):
-    _gdc_start(GDC)
     kb, bh = _program_tile(GROUP, T_ON_X)
     b, h, th, prm, lo = _program_head(bh, H, TH, prm_ptr)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -181,7 +176,6 @@ def _attn_bwd_dkdv_kernel(
     mid = tl.load(mid_ptr + col)
     lse_row = lse_ptr + bh.to(tl.int64) * N  # 64-bit: B * H * N may pass 2^31
     delta_row = delta_ptr + bh.to(tl.int64) * N
-    _gdc_wait(GDC)  # (a dependent launch: Delta, and dQ / dK / dV to add to, come from the kernels before it)
     for t in range(tl.load(col_ptr + col), tl.load(col_ptr + col + 1) if ONE_LOOP else mid):  # as the forward's
         dk, dv = _dkdv_tile(k, v, dk, dv, tl.load(idx_ptr + t), j, p_k, k_ok, q_base, do_base, dq_base, lse_row,
                             delta_row, stride_qn, stride_on, offs_d, prm, qk_scale, sm_scale, N, NQ, SEG_L, SEG_C,
@@ -229,7 +223,7 @@ def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, fuse_dq
             q, k, v, o, do, dq, lse, delta, tab.q_ptr, tab.q_mid, tab.q_idx, launch.prm), (qk_scale, scale, *strides,
             H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C, group),
             launch.constexprs(q, launch.dq, T_ON_X=t_on_x, ACCUM=accum, DELTA=first,
-                              ONE_LOOP=one_loop(ONE_LOOP, launch.dq.one_loop), **gdc_options(gdc_mode(q, not first))))
+                              ONE_LOOP=one_loop(ONE_LOOP, launch.dq.one_loop)))
     if not kv_kernel:
         return
     kv_pass = launch.fused if fuse_dq else launch.dkdv
@@ -240,4 +234,4 @@ def attn_backward(q, k, v, o, do, dq, dk, dv, lse, delta, launch, scale, fuse_dq
         q, k, v, do, dq, dk, dv, lse, delta, tab.k_ptr, tab.k_mid, tab.k_idx, launch.prm), (qk_scale, scale, *strides,
         *dk.stride()[:3], H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nkb, seg.L, seg.C, group),
         launch.constexprs(q, kv_pass, T_ON_X=t_on_x, ACCUM=accum_kv, FUSE_DQ=fuse_dq,
-                          ONE_LOOP=one_loop(ONE_LOOP, kv_pass.one_loop), **gdc_options(gdc_mode(q, True))))
+                          ONE_LOOP=one_loop(ONE_LOOP, kv_pass.one_loop)))

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import NUM_SEG_PARAMS, P_STR, P_STR_MIN, _gdc_start, _gdc_wait, gdc_mode, gdc_options
+from .common import NUM_SEG_PARAMS, P_STR, P_STR_MIN
 from .forward import _dot
 from .launcher import cdiv, launch as launch_kernel
 
@@ -156,10 +156,8 @@ def _attn_bwd_block_kernel(
     stride_gb, stride_gh, stride_gn,  # dk's and dv's
     BH, H, N, BLK, TH, SEG_L,
     IEEE: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr, KIND: tl.constexpr, DELTA: tl.constexpr,
-    ACCUM: tl.constexpr, TQ: tl.constexpr, GDC: tl.constexpr,
+    ACCUM: tl.constexpr, TQ: tl.constexpr,
 ):
-    _gdc_start(GDC)
-    _gdc_wait(GDC)  # (a dependent launch: Delta, dQ, dK, dV come from the kernels before it)
     pid = tl.program_id(0)
     bh = pid % BH
     blk = pid // BH
@@ -244,7 +242,7 @@ def block_backward(q, k, v, o, do, dq, dk, dv, lse, delta, L, scale, launch=None
     later = chunks and not first
     capped = _capped(q)
     tq = query_tile(tile, D, L, capped)
-    opts = dict(num_warps=warps, num_stages=_stages(q.dtype, D, tile), **gdc_options(gdc_mode(q, not first)))
+    opts = dict(num_warps=warps, num_stages=_stages(q.dtype, D, tile))
     cap = MAXNREG.get((D, tile, tq)) if capped else None
     if cap:
         opts["maxnreg"] = cap

@@ -9,7 +9,6 @@ import os
 import triton
 import triton.language as tl
 
-from . import launcher
 
 # Column indices of the per-head rule table (see layouts.P_* and plan.P_STR_MIN / P_SUM_EXCL); constexpr globals so
 # that jit functions can read them.
@@ -30,48 +29,6 @@ _ENV = os.environ.get("SPARSE_TRANSFORMER_ONE_LOOP", "")
 if _ENV not in ("", "0", "1"):
     raise ValueError(f"SPARSE_TRANSFORMER_ONE_LOOP must be 0, 1 or unset, got {_ENV!r}")
 ONE_LOOP_ENV = None if _ENV == "" else _ENV == "1"
-
-
-# Programmatic dependent launch (Hopper+; SPARSE_TRANSFORMER_PDL=1, off by default): the Triton kernels after the
-# first of a call's direction are launched as dependents of the one before them (launch_pdl). Every kernel lets its
-# dependent start once all its programs have started (griddepcontrol.launch_dependents), and a dependent waits for
-# the kernel before it (griddepcontrol.wait) before it reads what an earlier kernel wrote or writes anything: the
-# merging forward at its merge, so that its attention runs during the band's last wave; the backward kernels at
-# their start. H200, python bench/pdl_ab.py (2026-12-01, pdl-ab-20261201-131722.json; 3 rounds in turn, medians),
-# graph fwd+bwd ms off -> on: strided-3k 0.2055 -> 0.2009, strided-12k 0.4238 -> 0.4196 (lower in every round;
-# forward 0.0590 -> 0.0551 and 0.1156 -> 0.1117), strided-64k 1.3192 -> 1.3196; the fixed setups have no dependent
-# launch on Hopper (their later kernels are Gluon's), yet fixed-12k's forward read slower in every round (0.241 ->
-# 0.245). And strided-3k's eager fwd+bwd (graph replay on) read 0.46 -> 0.55 ms, slower in every round. Neither is
-# explained: so off by default.
-PDL = os.environ.get("SPARSE_TRANSFORMER_PDL", "0") == "1"
-
-
-def gdc_mode(t, dependent: bool) -> int:
-    """The kernels' GDC constexpr for a launch on t's device: 0 off (PDL off, the interpreter, not a CUDA GPU of
-    compute capability 9+), 1 the first launch (it only lets its dependent start), 2 a dependent (it waits)."""
-    if not PDL or launcher._INTERPRET or not t.is_cuda or launcher.capability(t.device)[0] < 9:
-        return 0
-    return 2 if dependent else 1
-
-
-def gdc_options(mode: int) -> dict:
-    """Launch options for a GDC mode: launch_pdl for a dependent."""
-    return {"GDC": mode, "launch_pdl": True} if mode == 2 else {"GDC": mode}
-
-
-@triton.jit
-def _gdc_start(GDC: tl.constexpr):
-    """At a kernel's start: let the dependent kernel start once every program has started (GDC >= 1)."""
-    if GDC >= 1:
-        tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
-def _gdc_wait(GDC: tl.constexpr):
-    """A dependent's wait for the kernel before it (its writes visible after it): before reading what an earlier
-    kernel of the call wrote, and before any write (GDC == 2)."""
-    if GDC == 2:
-        tl.extra.cuda.gdc_wait()
 
 
 def one_loop_default(setting, name: str, split) -> bool:

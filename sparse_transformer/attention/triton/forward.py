@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from ..plan import GATHER
-from .common import (ONE_LOOP_ENV, _gdc_start, _gdc_wait, _key_positions, _program_head, _program_tile,
-                     _query_positions, _rule_on_partial, gdc_mode, gdc_options, one_loop)
+from .common import (ONE_LOOP_ENV, _key_positions, _program_head, _program_tile, _query_positions, _rule_on_partial,
+                     one_loop)
 from .grid import program_grid
 from .launcher import launch as launch_kernel, triton_version as _triton_version
 
@@ -78,9 +78,7 @@ def _attn_fwd_kernel(
     HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr,
     HAS_SUM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, ONE_LOOP: tl.constexpr,
-    GDC: tl.constexpr,
 ):
-    _gdc_start(GDC)
     t, bh = _program_tile(GROUP, T_ON_X)
     qb = NQB - 1 - t  # long rows (late query tiles) first
     b, h, th, prm, lo = _program_head(bh, H, TH, prm_ptr)
@@ -117,7 +115,6 @@ def _attn_fwd_kernel(
     lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     o_ptrs = o_ptr + b * stride_ob + h * stride_oh + i.to(tl.int64)[:, None] * stride_on + offs_d[None, :]
     lse_ptrs = lse_ptr + bh.to(tl.int64) * N + i  # 64-bit: B * H * N may pass 2^31
-    _gdc_wait(GDC)  # (a dependent launch: the attention above ran beside the kernel before it)
     if MERGE:  # fold into the earlier segments' result for the same rows
         lse_prev = tl.load(lse_ptrs, mask=q_ok, other=float("-inf"))
         o_prev = tl.load(o_ptrs, mask=q_ok[:, None], other=0.0).to(tl.float32)
@@ -188,5 +185,5 @@ def attn_forward(q, k, v, o, lse, launch, scale, merge) -> bool:
         H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C, group),
         launch.constexprs(q, launch.fwd, T_ON_X=t_on_x, MERGE=merge,
                           FOLD=seg.kind == GATHER and qk_scale >= 2.0 ** -126,
-                          ONE_LOOP=one_loop(ONE_LOOP, launch.fwd.one_loop), **gdc_options(gdc_mode(q, merge))))
+                          ONE_LOOP=one_loop(ONE_LOOP, launch.fwd.one_loop)))
     return False
