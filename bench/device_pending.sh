@@ -44,6 +44,7 @@
 #                                              # every kernel GPU test, and how many of the enwik8
 #                                              # step's attention calls replay, step by step
 #   bash bench/device_pending.sh replay OUT    # the graph-replay tests with their durations
+#   bash bench/device_pending.sh final OUT     # every kernel GPU test, the table, the cifar10 step's replays per step
 #                                              # (the seventh session ran `replay-pdl`, and the sixth `pdl`: the
 #                                              # dependent-launch tests and bench/pdl_ab.py, removed with PDL, see
 #                                              # BENCHMARKS.md, seventh session)
@@ -56,7 +57,7 @@
 #                                              # every kernel GPU test with graphs on
 # Run from the repository root on the device machine; JSON and logs land in OUT (pass $OUT there).
 set -uo pipefail
-WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, strided-block, stages, final-tests, first, oneloop, rule, band, maxnreg, ncu, host, verify, verify-model, graphs, reverse, pending or replay}; OUT=${2:?output folder}
+WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, strided-block, stages, final-tests, first, oneloop, rule, band, maxnreg, ncu, host, verify, verify-model, graphs, reverse, pending, replay or final}; OUT=${2:?output folder}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 ST="python -m sparse_transformer.cli"
 mkdir -p "$OUT"
@@ -229,6 +230,18 @@ case "$WHAT" in
     python -c "import json,glob; r=json.load(open(sorted(glob.glob('$OUT/model-*.json'))[-1])); \
       print([(x.get('step_ms'), x.get('graph_replays'), x.get('graph_replays_per_step')) for x in r])"
     ;;
+  final)
+    # (seventh session's last call) every kernel GPU test on the code without PDL, the table, and how many of the
+    # cifar10 step's attention calls replay, step by step
+    timeout 380 python -m pytest -m gpu tests/test_triton_attention.py tests/test_launcher.py -q -n 16 \
+      -p no:cacheprovider -rf 2>&1 | tail -n 8 | tee "$OUT/gpu-tests-kernels.log"
+    timeout 150 $ST bench attention --methods triton sdpa-cudnn sdpa-flash flex --out "$OUT" 2>&1 \
+      | tee "$OUT/attention.log"
+    timeout 50 $ST bench model --preset cifar10 --steps 4 --recompute on --attention ours --no-plot --out "$OUT" \
+      2>&1 | tail -n 3 | cut -c1-300 | tee "$OUT/model-replays.log"
+    python -c "import json,glob; r=json.load(open(sorted(glob.glob('$OUT/model-*.json'))[-1])); \
+      print([(x.get('step_ms'), x.get('graph_replays'), x.get('graph_replays_per_step')) for x in r])"
+    ;;
   replay)
     # (seventh session) the replay tests one per worker with their durations
     timeout 200 python -m pytest -m gpu tests/test_triton_attention.py -v -n 4 -p no:cacheprovider --durations=5 \
@@ -256,6 +269,6 @@ case "$WHAT" in
     ;;
   *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles | gather | order | gluon | summary | block |"\
        "heads | strided-block | stages | final-tests | first | oneloop | rule | band | maxnreg | ncu | host | verify |"\
-       "verify-model | graphs | reverse | pending | replay)"
+       "verify-model | graphs | reverse | pending | replay | final)"
      exit 2 ;;
 esac
