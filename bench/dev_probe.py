@@ -197,7 +197,8 @@ def sweep(names):
             fn_mod.TUNING.update({kk: dict(vv) for kk, vv in base.items()})
             if cfg is not None:
                 for kk in fn_mod.TUNING:
-                    fn_mod.TUNING[kk] = dict(fwd=cfg, dq=cfg, dkdv=cfg, split=base[kk].get("split", ()))
+                    # (the rest kept: "split", "fused", and "maxnreg", whose caps hold for their own tile only)
+                    fn_mod.TUNING[kk] = dict(base[kk], fwd=cfg, dq=cfg, dkdv=cfg)
             fn_mod.clear_cache()
             try:
                 fb = lambda: sparse_attention(q, k, v, lay, backend="triton").backward(go)  # noqa: E731
