@@ -86,8 +86,7 @@ def passes(kind, d, setting, pass_name):
                    prm_ptr="*i32")
     if pass_name == "fwd":
         return _attn_fwd_kernel, dict(tensors, o_ptr="*bf16", row_ptr="*i32", qk_scale=0.18, NQB=N // bm, **common), \
-            dict(flags, T_ON_X=False, MERGE=True, FOLD=kind == "gather", ONE_LOOP=one_loop(fwd_mod.ONE_LOOP, default),
-                 RCP=fwd_mod.RCP)
+            dict(flags, T_ON_X=False, MERGE=True, FOLD=kind == "gather", ONE_LOOP=one_loop(fwd_mod.ONE_LOOP, default))
     tensors.update(do_ptr="*bf16", delta_ptr="*fp32", qk_scale=0.18, sm_scale=0.125)
     if pass_name == "dq":
         return _attn_bwd_dq_kernel, dict(tensors, o_ptr="*bf16", dq_ptr="*bf16", row_ptr="*i32", NQB=N // bm,

@@ -9,7 +9,6 @@ graph fwd and fwd+bwd; also the setup fixed-12k-d128);
 python bench/dev_probe.py order [setup ...]  (program order: heads interleaved or one after another);
 python bench/dev_probe.py oneloop [setup ...]  (forward / backward.ONE_LOOP by the default rule, off and on: per-kernel
 GPU time, graph fwd and fwd+bwd);
-python bench/dev_probe.py rcp [setup ...]  (forward.RCP on / off: per-kernel GPU time and graph-replayed fwd+bwd);
 python bench/dev_probe.py maxnreg [setup ...]  (register caps per pass, TUNING's "maxnreg": per-kernel GPU time,
 graph; MAXNREG_BWD=1: also the band's dQ and dK/dV capped);
 python bench/dev_probe.py winmask [setup ...]  (the window-only rule as one unsigned compare, function.WIN_ALONE, on
@@ -333,23 +332,6 @@ def oneloop(names):
     write_rows(rows, "dev_oneloop.json")
 
 
-def rcp(names):
-    """forward.RCP (the output normalized and merged through per-row reciprocals) against a division per element, per
-    setup in the order on, off, on, off, on."""
-    from sparse_transformer.attention.triton import forward
-
-    def apply(variant):
-        forward.RCP = variant
-        return dict(rcp=variant), f"rcp={variant!s:5s}"
-
-    was = forward.RCP
-    try:
-        rows = _variant_times(names, (True, False, True, False, True), apply)
-    finally:
-        forward.RCP = was
-    write_rows(rows, "dev_rcp.json")
-
-
 # register caps (registers, BM, BN: the tile they hold for) that compile without spills for sm_90 under Triton 3.6
 # (MAXNREG=... python bench/compile_probe.py, 2026-12-01): the band's forward at 96 (from 121-126: 5 programs per SM
 # instead of 4), the transposed 64x32 forward at 88 (from 95). "both" is TUNING's default since 2026-12-01.
@@ -458,8 +440,6 @@ if __name__ == "__main__":
         oneloop(args[1:] or list(SETUPS))
     elif args[:1] == ["winmask"]:
         winmask(args[1:] or list(SETUPS))
-    elif args[:1] == ["rcp"]:
-        rcp(args[1:] or list(SETUPS))
     elif args[:1] == ["maxnreg"]:
         maxnreg(args[1:] or list(SETUPS))
     elif args[:1] == ["passes"]:

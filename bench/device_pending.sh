@@ -44,7 +44,8 @@
 #                                              # every kernel GPU test, and how many of the enwik8
 #                                              # step's attention calls replay, step by step
 #   bash bench/device_pending.sh replay OUT    # the graph-replay tests with their durations
-#   bash bench/device_pending.sh rcp OUT       # forward.RCP on / off (bench/dev_probe.py rcp), every kernel test
+#   (seventh session, `rcp`: the forward's output through per-row reciprocals, forward.RCP on / off with
+#   bench/dev_probe.py rcp, then every kernel test; the switch and that mode were removed once it won)
 #   bash bench/device_pending.sh final OUT     # every kernel GPU test, the table, the cifar10 step's replays per step
 #                                              # (the seventh session ran `replay-pdl`, and the sixth `pdl`: the
 #                                              # dependent-launch tests and bench/pdl_ab.py, removed with PDL, see
@@ -58,7 +59,7 @@
 #                                              # every kernel GPU test with graphs on
 # Run from the repository root on the device machine; JSON and logs land in OUT (pass $OUT there).
 set -uo pipefail
-WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, strided-block, stages, final-tests, first, oneloop, rule, band, maxnreg, ncu, host, verify, verify-model, graphs, reverse, pending, replay, rcp or final}; OUT=${2:?output folder}
+WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, strided-block, stages, final-tests, first, oneloop, rule, band, maxnreg, ncu, host, verify, verify-model, graphs, reverse, pending, replay or final}; OUT=${2:?output folder}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 ST="python -m sparse_transformer.cli"
 mkdir -p "$OUT"
@@ -243,13 +244,6 @@ case "$WHAT" in
     python -c "import json,glob; r=json.load(open(sorted(glob.glob('$OUT/model-*.json'))[-1])); \
       print([(x.get('step_ms'), x.get('graph_replays'), x.get('graph_replays_per_step')) for x in r])"
     ;;
-  rcp)
-    # (seventh session) the forward's output through per-row reciprocals (forward.RCP) on / off, then every kernel test
-    OUT="$OUT" timeout 200 python bench/dev_probe.py rcp strided-12k strided-3k strided-64k fixed-12k 2>&1 \
-      | grep -v Warn | tee "$OUT/rcp.log"
-    timeout 330 python -m pytest -m gpu tests/test_triton_attention.py tests/test_launcher.py -q -n 16 \
-      -p no:cacheprovider -rf 2>&1 | tail -n 8 | tee "$OUT/gpu-tests-kernels.log"
-    ;;
   replay)
     # (seventh session) the replay tests one per worker with their durations
     timeout 200 python -m pytest -m gpu tests/test_triton_attention.py -v -n 4 -p no:cacheprovider --durations=5 \
@@ -277,6 +271,6 @@ case "$WHAT" in
     ;;
   *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles | gather | order | gluon | summary | block |"\
        "heads | strided-block | stages | final-tests | first | oneloop | rule | band | maxnreg | ncu | host | verify |"\
-       "verify-model | graphs | reverse | pending | replay | rcp | final)"
+       "verify-model | graphs | reverse | pending | replay | final)"
      exit 2 ;;
 esac

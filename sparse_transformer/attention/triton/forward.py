@@ -78,7 +78,6 @@ def _attn_fwd_kernel(
     HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr,
     HAS_SUM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, ONE_LOOP: tl.constexpr,
-    RCP: tl.constexpr,
 ):
     t, bh = _program_tile(GROUP, T_ON_X)
     qb = NQB - 1 - t  # long rows (late query tiles) first
@@ -115,44 +114,31 @@ def _attn_fwd_kernel(
     lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     o_ptrs = o_ptr + b * stride_ob + h * stride_oh + i.to(tl.int64)[:, None] * stride_on + offs_d[None, :]
     lse_ptrs = lse_ptr + bh.to(tl.int64) * N + i  # 64-bit: B * H * N may pass 2^31
-    if RCP:  # per row a reciprocal, per element one multiply (and one FMA merging): a division per element costs
-        # ptxas four instructions or more (range checks around the reciprocal)
-        w_acc = 1.0 / l_safe  # O = acc * w_acc [+ O_prev * w_prev]
-        if MERGE:  # fold into the earlier segments' result for the same rows
-            lse_prev = tl.load(lse_ptrs, mask=q_ok, other=float("-inf"))
-            o_prev = tl.load(o_ptrs, mask=q_ok[:, None], other=0.0).to(tl.float32)
-            mx = tl.maximum(lse_prev, lse)
-            mx = tl.where(mx == float("-inf"), 0.0, mx)
-            w_prev = tl.exp(lse_prev - mx)
-            w_new = tl.exp(lse - mx)
-            tot = w_prev + w_new
-            tot_safe = tl.where(tot > 0, tot, 1.0)
-            inv_tot = 1.0 / tot_safe
-            o = o_prev * (w_prev * inv_tot)[:, None] + acc * (w_new * inv_tot * w_acc)[:, None]
-            lse = tl.where(tot > 0, mx + tl.log(tot_safe), float("-inf"))
-        else:
-            o = acc * w_acc[:, None]
+    # per row a reciprocal, per element one multiply (and one FMA merging): a division per element costs ptxas four
+    # instructions or more (range checks around the reciprocal). H200, bench/dev_probe.py rcp at commit f47906e
+    # (2026-12-01, dev-rcp-20261201.json; division -> reciprocal, us): band forward 50.5 -> 49.6 (strided-12k), 173.9
+    # -> 171.5 (strided-64k); the merging transposed forward 61.3 -> 59.5, 171.4 -> 166.4
+    w_acc = 1.0 / l_safe  # O = acc * w_acc [+ O_prev * w_prev]
+    if MERGE:  # fold into the earlier segments' result for the same rows
+        lse_prev = tl.load(lse_ptrs, mask=q_ok, other=float("-inf"))
+        o_prev = tl.load(o_ptrs, mask=q_ok[:, None], other=0.0).to(tl.float32)
+        mx = tl.maximum(lse_prev, lse)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        w_prev = tl.exp(lse_prev - mx)
+        w_new = tl.exp(lse - mx)
+        tot = w_prev + w_new
+        tot_safe = tl.where(tot > 0, tot, 1.0)
+        inv_tot = 1.0 / tot_safe
+        o = o_prev * (w_prev * inv_tot)[:, None] + acc * (w_new * inv_tot * w_acc)[:, None]
+        lse = tl.where(tot > 0, mx + tl.log(tot_safe), float("-inf"))
     else:
-        o = acc / l_safe[:, None]
-        if MERGE:  # fold into the earlier segments' result for the same rows
-            lse_prev = tl.load(lse_ptrs, mask=q_ok, other=float("-inf"))
-            o_prev = tl.load(o_ptrs, mask=q_ok[:, None], other=0.0).to(tl.float32)
-            mx = tl.maximum(lse_prev, lse)
-            mx = tl.where(mx == float("-inf"), 0.0, mx)
-            w_prev = tl.exp(lse_prev - mx)
-            w_new = tl.exp(lse - mx)
-            tot = w_prev + w_new
-            tot_safe = tl.where(tot > 0, tot, 1.0)
-            o = (o_prev * w_prev[:, None] + o * w_new[:, None]) / tot_safe[:, None]
-            lse = tl.where(tot > 0, mx + tl.log(tot_safe), float("-inf"))
+        o = acc * w_acc[:, None]
     tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=q_ok[:, None])
     tl.store(lse_ptrs, lse, mask=q_ok)
 
 
 # one loop for full and partial key tiles: None = each pass's default (common.one_loop), True / False forced
 ONE_LOOP = ONE_LOOP_ENV
-# the output normalized (and merged) through per-row reciprocals (A/B switch, bench/dev_probe.py rcp)
-RCP = True
 
 # the fixed pattern's gathered summary part (forward, dQ, dK/dV) as Gluon kernels on Hopper where they apply
 # (gluon_gather.py, 1.1-1.6x faster than the Triton kernels for that part). Gluon's API changes between Triton
@@ -206,5 +192,5 @@ def attn_forward(q, k, v, o, lse, launch, scale, merge) -> bool:
         H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C, group),
         launch.constexprs(q, launch.fwd, T_ON_X=t_on_x, MERGE=merge,
                           FOLD=seg.kind == GATHER and qk_scale >= 2.0 ** -126,
-                          ONE_LOOP=one_loop(ONE_LOOP, launch.fwd.one_loop), RCP=RCP))
+                          ONE_LOOP=one_loop(ONE_LOOP, launch.fwd.one_loop)))
     return False
