@@ -281,7 +281,8 @@ def time_train_step(cfg, n, batch=1, steps=5, device="cuda", compile=False):
 
     Returns dict(step_ms (median), tokens_per_s, peak_mem_gb (CUDA: peak allocated over the timed steps, weights and
     optimizer state included; None on CPU), params, setup_s, and over the timed steps our attention's calls through
-    graph replay and how many replayed (replay_counts), and the replays of each timed step (graph_replays_per_step)). Raises torch.OutOfMemoryError like the step does.
+    graph replay and how many replayed (replay_counts), and the replays of each timed step (graph_replays_per_step)).
+    Raises torch.OutOfMemoryError like the step does.
     compile: torch.compile each block, as `train --set train.compile=true` does (the compile time is in setup_s)."""
     from . import SparseTransformer
 
