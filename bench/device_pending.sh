@@ -229,7 +229,7 @@ case "$WHAT" in
       -p no:cacheprovider -rf 2>&1 | tail -n 15 | tee "$OUT/gpu-tests-kernels.log"
     timeout 70 $ST bench model --preset enwik8 --steps 10 --recompute on --attention ours --no-plot --out "$OUT" \
       2>&1 | tail -n 5 | cut -c1-400 | tee "$OUT/model-replays.log"
-    python -c "import json,glob; r=json.load(open(sorted(glob.glob('$OUT/model-*.json'))[-1])); \
+    python -c "import json,glob; r=[x for f in sorted(glob.glob('$OUT/model-*.json'))[-1:] for x in json.load(open(f))]; \
       print([(x.get('step_ms'), x.get('graph_replays'), x.get('graph_replays_per_step')) for x in r])"
     ;;
   final)
@@ -241,7 +241,7 @@ case "$WHAT" in
       | tee "$OUT/attention.log"
     timeout 50 $ST bench model --preset cifar10 --steps 4 --recompute on --attention ours --no-plot --out "$OUT" \
       2>&1 | tail -n 3 | cut -c1-300 | tee "$OUT/model-replays.log"
-    python -c "import json,glob; r=json.load(open(sorted(glob.glob('$OUT/model-*.json'))[-1])); \
+    python -c "import json,glob; r=[x for f in sorted(glob.glob('$OUT/model-*.json'))[-1:] for x in json.load(open(f))]; \
       print([(x.get('step_ms'), x.get('graph_replays'), x.get('graph_replays_per_step')) for x in r])"
     ;;
   replay)
