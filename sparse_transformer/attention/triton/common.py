@@ -9,7 +9,6 @@ import os
 import triton
 import triton.language as tl
 
-
 # Column indices of the per-head rule table (see layouts.P_* and plan.P_STR_MIN / P_SUM_EXCL); constexpr globals so
 # that jit functions can read them.
 P_ALL, P_WIN, P_BLK, P_STR, P_SUM_L, P_SUM_LO, P_SUM_HI, P_CUSTOM, P_STR_MIN, P_SUM_EXCL = (tl.constexpr(c) for c in
