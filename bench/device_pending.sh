@@ -44,6 +44,8 @@
 #                                              # every kernel GPU test, and how many of the enwik8
 #                                              # step's attention calls replay, step by step
 #   bash bench/device_pending.sh replay OUT    # the graph-replay tests with their durations
+#   bash bench/device_pending.sh ab OUT        # bench/ab_rev.py: the working tree against an exported revision, in
+#                                              # turn (ORDER, AB_SETUPS), and the Gluon kernels' check
 #   (seventh session, `rcp`: the forward's output through per-row reciprocals, forward.RCP on / off with
 #   bench/dev_probe.py rcp, then every kernel test; the switch and that mode were removed once it won)
 #   bash bench/device_pending.sh final OUT     # every kernel GPU test, the table, the cifar10 step's replays per step
@@ -59,7 +61,7 @@
 #                                              # every kernel GPU test with graphs on
 # Run from the repository root on the device machine; JSON and logs land in OUT (pass $OUT there).
 set -uo pipefail
-WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, strided-block, stages, final-tests, first, oneloop, rule, band, maxnreg, ncu, host, verify, verify-model, graphs, reverse, pending, replay or final}; OUT=${2:?output folder}
+WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, strided-block, stages, final-tests, first, oneloop, rule, band, maxnreg, ncu, host, verify, verify-model, graphs, reverse, pending, replay, ab or final}; OUT=${2:?output folder}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 ST="python -m sparse_transformer.cli"
 mkdir -p "$OUT"
@@ -244,6 +246,12 @@ case "$WHAT" in
     python -c "import json,glob; r=[x for f in sorted(glob.glob('$OUT/model-*.json'))[-1:] for x in json.load(open(f))]; \
       print([(x.get('step_ms'), x.get('graph_replays'), x.get('graph_replays_per_step')) for x in r])"
     ;;
+  ab)
+    # (eighth session) the working tree against the revision exported to bench/.ab_old (python bench/ab_rev.py export
+    # REV; carried), in turn in one process; then the Gluon kernels' check against a float32 reference
+    OUT="$OUT" timeout 330 python bench/ab_rev.py time ${AB_SETUPS:-} 2>&1 | tee "$OUT/ab-rev.log"
+    timeout 150 python bench/gluon_gather.py check 2>&1 | tail -n 12 | tee "$OUT/gluon-check.log"
+    ;;
   replay)
     # (seventh session) the replay tests one per worker with their durations
     timeout 200 python -m pytest -m gpu tests/test_triton_attention.py -v -n 4 -p no:cacheprovider --durations=5 \
@@ -271,6 +279,6 @@ case "$WHAT" in
     ;;
   *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles | gather | order | gluon | summary | block |"\
        "heads | strided-block | stages | final-tests | first | oneloop | rule | band | maxnreg | ncu | host | verify |"\
-       "verify-model | graphs | reverse | pending | replay | final)"
+       "verify-model | graphs | reverse | pending | replay | ab | final)"
      exit 2 ;;
 esac

@@ -225,8 +225,9 @@ def test_interpreter_window_alone(name, make, want, monkeypatch):
     q, k, v = make_qkv(1, H, lay.n, 16, torch.float32)
     go = torch.randn_like(q)
     outs = []
-    for alone in (True, False):
+    for alone, keys in ((True, True), (True, False), (False, True)):
         monkeypatch.setattr(function, "WIN_ALONE", alone)
+        monkeypatch.setattr(function, "RULE_KEYS", keys)
         ran_f = _record(monkeypatch, forward, "launch_kernel", lambda a, kw: (a[4]["KIND"], a[4]["HAS_WIN"]))
         ran_b = _record(monkeypatch, backward, "launch_kernel", lambda a, kw: (a[4]["KIND"], a[4]["HAS_WIN"]))
         _check_fresh(q, k, v, lay, 1e-5)
@@ -237,8 +238,54 @@ def test_interpreter_window_alone(name, make, want, monkeypatch):
         outs.append((o.detach(), *grads))
         ran = ran_f + ran_b
         natural = {w for kind, w in ran if kind == 0}
-        assert natural == ({want if alone else min(want, 1)} if any(kind == 0 for kind, _ in ran) else set()), ran
+        expect = min(want, 1) if not alone else 3 if want == 2 and keys else want
+        assert natural == ({expect} if any(kind == 0 for kind, _ in ran) else set()), ran
         assert want == 0 or any(kind == 0 for kind, _ in ran_b), ran_b  # the backward's too
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a, b)
+
+
+RULE_KEY_CASES = [  # (name, layout, tiles): transposed chunks straddling tiles, n not a multiple of the stride
+    ("strided-n97-l10", lambda: layouts.strided(97, 10), (16, 16)),
+    ("strided-n100-l7-32x16", lambda: layouts.strided(100, 7), (32, 16)),  # tiles longer than the chunks of 15
+    ("strided-only-n90-l12", lambda: layouts.strided(90, 12, "strided"), (16, 32)),  # the transposed part first
+    ("local-n77-w9", lambda: layouts.local(77, 9), (16, 16)),
+    ("strided-n64-l8-aligned", lambda: layouts.strided(64, 8), (16, 16)),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("name,make,tiles", RULE_KEY_CASES, ids=[c[0] for c in RULE_KEY_CASES])
+def test_interpreter_rule_keys(name, make, tiles, monkeypatch):
+    """function.RULE_KEYS: the window band's partial tiles without the key-validity mask (HAS_WIN=3) and the
+    transposed part's rule against each query's chunk start (HAS_STR=2, the dK/dV kernels against each key's chunk
+    end), again without that mask. On explicit tiles (so the generic transposed dQ and fused dK/dV kernels run, not the
+    block kernel) it matches the reference and gives the same bits as the rule with divisions and the mask."""
+    from sparse_transformer.attention.triton import backward, forward, function
+
+    lay = make()
+    q, k, v = make_qkv(2, 2, lay.n, 16, torch.float32)
+    go = torch.randn_like(q)
+    outs = []
+    for keys in (True, False):
+        monkeypatch.setattr(function, "RULE_KEYS", keys)
+        flags = lambda a, kw: (a[4]["KIND"], a[4]["HAS_WIN"], a[4]["HAS_STR"])  # noqa: E731
+        ran = _record(monkeypatch, forward, "launch_kernel", flags)
+        ran_b = _record(monkeypatch, backward, "launch_kernel", flags)
+        function.clear_cache()
+        try:
+            check_against_reference(_run(*tiles), q, k, v, lay, floor=1e-5)
+            o = sparse_attention_triton(q, k, v, lay, block_m=tiles[0], block_n=tiles[1])[0]
+            outs.append((o.detach(), *torch.autograd.grad(o, (q, k, v), go)))
+        finally:
+            function.clear_cache()
+        kinds = {kind: (w, s) for kind, w, s in ran + ran_b}
+        if 1 in kinds:
+            assert kinds[1][1] == (2 if keys else 1), kinds
+        if 0 in kinds:
+            assert kinds[0][0] == (3 if keys else 2), kinds
+        assert any(kind == 1 for kind, _, _ in ran_b) or 1 not in kinds, ran_b  # the transposed backward ran
     for a, b in zip(*outs):
         assert torch.equal(a, b)
 

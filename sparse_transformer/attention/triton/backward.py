@@ -74,11 +74,11 @@ def _dkdv_tile(k, v, dk, dv, e, j, p_k, k_ok, q_base, do_base, dq_base, lse_base
     if ONE_LOOP:  # (not _rule_on_partial: q_ok folded into its k_ok changes the PTX, sm_90 / Triton 3.6)
         if partial:
             vis = _tile_mask(i[None, :], j[:, None], p_q[None, :], p_k[:, None], k_ok[:, None], prm, SEG_C, KIND,
-                             HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM)
+                             HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, True)
             pt = tl.where(vis & q_ok[None, :], pt, 0.0)
     elif MASKED:
         vis = _tile_mask(i[None, :], j[:, None], p_q[None, :], p_k[:, None], k_ok[:, None], prm, SEG_C, KIND,
-                         HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM)
+                         HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, True)
         pt = tl.where(vis & q_ok[None, :], pt, 0.0)
     dv += _dot(pt.to(do.dtype), do, IEEE)
     dst = pt * (_dot(v, tl.trans(do), IEEE) - delta[None, :])

@@ -61,9 +61,20 @@ def _program_head(bh, H, TH, prm_ptr):
 
 
 @triton.jit
+def _divmod(p, c):
+    """(p // c, p % c) for slots p >= 0 and c > 0, in unsigned arithmetic: a signed division by a runtime value costs
+    ptxas sign fix-ups on every element besides the unsigned one."""
+    pu = p.to(tl.uint32)
+    cu = tl.cast(c, tl.uint32)
+    q = pu // cu
+    return q.to(tl.int32), (pu - q * cu).to(tl.int32)
+
+
+@triton.jit
 def _query_positions(p, N, NQ, SEG_L, SEG_C, KIND: tl.constexpr):
     if KIND == 1:
-        i = (p % SEG_C) * SEG_L + p // SEG_C
+        col, r = _divmod(p, SEG_C)
+        i = r * SEG_L + col
     else:
         i = p
     return i, (p < NQ) & (i < N)
@@ -72,9 +83,11 @@ def _query_positions(p, N, NQ, SEG_L, SEG_C, KIND: tl.constexpr):
 @triton.jit
 def _key_positions(p, N, NK, SEG_L, SEG_C, lo, KIND: tl.constexpr):
     if KIND == 1:
-        j = (p % SEG_C) * SEG_L + p // SEG_C
+        col, r = _divmod(p, SEG_C)
+        j = r * SEG_L + col
     elif KIND == 2:
-        j = (p // SEG_C) * SEG_L + lo + p % SEG_C
+        blk, r = _divmod(p, SEG_C)
+        j = blk * SEG_L + lo + r
     else:
         j = p
     return j, (p < NK) & (j < N)
@@ -82,15 +95,26 @@ def _key_positions(p, N, NK, SEG_L, SEG_C, lo, KIND: tl.constexpr):
 
 @triton.jit
 def _tile_mask(i, j, pq, pk, k_ok, prm, SEG_C, KIND: tl.constexpr, HAS_DENSE: tl.constexpr,
-               HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr, HAS_SUM: tl.constexpr):
+               HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr, HAS_STR: tl.constexpr, HAS_SUM: tl.constexpr,
+               KEY_ROWS: tl.constexpr = False):
     """The segment's element rule on a partial tile. i, pq: query positions / slots as a column [BM, 1]; j, pk, k_ok:
     key positions / slots / validity as a row [1, BN]. Per-element work is compares only: divisions act on vectors.
-    HAS_WIN: 0 no head has a window, 1 a window beside other rules, 2 a window and no other rule (a causal band)."""
+    HAS_WIN: 0 no head has a window, 1 a window beside other rules, 2 a window and no other rule (a causal band), 3
+    that on natural keys (KIND 0), where it needs no key-validity mask: a key past the sequence (j >= N) is later than
+    every query that is stored (i < N), so i - j wraps in the unsigned compare. HAS_STR: 2 the transposed part's
+    rule as two compares per element against each query's chunk start (KEY_ROWS: each key's chunk end, where the
+    keys are the program's own rows and the queries change per tile), and no key-validity mask either (a key slot at
+    or before a stored query in its chunk is in the sequence: j = r' L + c <= r L + c = i < N)."""
     if KIND == 1:  # transposed strided part: causal inside a chunk, in slot order (the diagonal is dropped when the
         # band holds it: P_STR_MIN > 0)
         strict = (tl.load(prm + P_STR_MIN) > 0).to(tl.int32)
-        vis = ((pq // SEG_C) == (pk // SEG_C)) & (pk + strict <= pq) & (tl.load(prm + P_STR) > 0)
-    elif HAS_WIN == 2:  # the window alone (function.WIN_ALONE): 0 <= i - j < win as one unsigned compare (win 0:
+        if HAS_STR == 2 and KEY_ROWS:  # queries up to the key's chunk end: divisions on the program's keys only
+            vis = (pq <= pk - _divmod(pk, SEG_C)[1] + (SEG_C - 1)) & (pk + strict <= pq) & (tl.load(prm + P_STR) > 0)
+        elif HAS_STR == 2:  # keys from the query's chunk start on: divisions on the program's queries only
+            vis = (pk >= pq - _divmod(pq, SEG_C)[1]) & (pk + strict <= pq) & (tl.load(prm + P_STR) > 0)
+        else:
+            vis = ((pq // SEG_C) == (pk // SEG_C)) & (pk + strict <= pq) & (tl.load(prm + P_STR) > 0)
+    elif HAS_WIN >= 2:  # the window alone (function.WIN_ALONE): 0 <= i - j < win as one unsigned compare (win 0:
         # nothing; i - j < 0 wraps to >= 2^31)
         vis = (i - j).to(tl.uint32) < tl.load(prm + P_WIN).to(tl.uint32)
     else:
@@ -113,7 +137,9 @@ def _tile_mask(i, j, pq, pk, k_ok, prm, SEG_C, KIND: tl.constexpr, HAS_DENSE: tl
             excl = (tl.load(prm + P_SUM_EXCL) > 0) & (i // sl1 == j // sl1)
             vis = vis | (insum & ~excl)
         vis = vis & (d >= 0)
-    return vis & k_ok
+    if HAS_WIN != 3 and HAS_STR != 2:  # (3, 2: keys past the sequence fail the rule for every stored query)
+        vis = vis & k_ok
+    return vis
 
 
 @triton.jit

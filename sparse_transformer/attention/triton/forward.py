@@ -139,6 +139,8 @@ def _attn_fwd_kernel(
 
 # one loop for full and partial key tiles: None = each pass's default (common.one_loop), True / False forced
 ONE_LOOP = ONE_LOOP_ENV
+# segment kinds whose forward folds the softmax scale into the exponent's FMA (FOLD)
+FOLD_KINDS = (GATHER,)
 
 # the fixed pattern's gathered summary part (forward, dQ, dK/dV) as Gluon kernels on Hopper where they apply
 # (gluon_gather.py, 1.1-1.6x faster than the Triton kernels for that part). Gluon's API changes between Triton
@@ -191,6 +193,6 @@ def attn_forward(q, k, v, o, lse, launch, scale, merge) -> bool:
         qk_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         H, N, seg.nq, seg.nk, launch.prm.shape[0], tab.nqb, seg.L, seg.C, group),
         launch.constexprs(q, launch.fwd, T_ON_X=t_on_x, MERGE=merge,
-                          FOLD=seg.kind == GATHER and qk_scale >= 2.0 ** -126,
+                          FOLD=seg.kind in FOLD_KINDS and qk_scale >= 2.0 ** -126,
                           ONE_LOOP=one_loop(ONE_LOOP, launch.fwd.one_loop)))
     return False

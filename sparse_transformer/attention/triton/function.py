@@ -160,6 +160,10 @@ class Launch:
 # has 1339 instructions instead of 1402 (sm_90, Triton 3.6). False: the general rule, and no register cap on the band
 # (_register_caps; experiments; clear_cache()).
 WIN_ALONE = True
+# Partial tiles without the key-validity mask where the rule already hides keys past the sequence from stored
+# queries: the window band on natural keys (HAS_WIN=3), and the transposed part, whose rule also compares each key
+# slot with its query's chunk start instead of dividing every key slot by C (HAS_STR=2) (common._tile_mask).
+RULE_KEYS = True
 MAXNREG_TRITON = (3, 6)  # the Triton version TUNING's register caps were measured with (not checked on others)
 _LAUNCHES = LRUCache()
 _KINDS = {"natural": 0, "transposed": 1, "gather": 2}
@@ -213,6 +217,10 @@ def _build_launches(layout, head_dim, device, block_m, block_n) -> list[Launch]:
                      HAS_STR=on(P_STR), HAS_SUM=on(P_SUM_L))
         if WIN_ALONE and flags["HAS_WIN"] and not (flags["HAS_DENSE"] or flags["HAS_BLK"] or flags["HAS_SUM"]):
             flags["HAS_WIN"] = 2  # common._tile_mask: the window as one unsigned compare (windows are >= 0: plan)
+            if RULE_KEYS and seg.kind == NATURAL:
+                flags["HAS_WIN"] = 3
+        if RULE_KEYS and seg.kind == TRANSPOSED and flags["HAS_STR"]:
+            flags["HAS_STR"] = 2
         prm = p.to(device=device, dtype=torch.int32).contiguous()
         fused = cfg.get("fused") if idx > 0 else None  # the first segment never fuses
         if fused is not None and seg.kind == TRANSPOSED and cfg.get("fused_ragged"):
@@ -249,8 +257,8 @@ def caps_measured_on(device) -> bool:
 
 def caps_for(cfg, kind: int, has_win: int) -> dict:
     """A segment's caps from its TUNING entry: the natural kind's hold for a band whose only rule is the window
-    (HAS_WIN=2: the fixed pattern's block band spills under them)."""
-    return {} if kind == _KINDS["natural"] and has_win != 2 else cfg.get("maxnreg", {})
+    (HAS_WIN 2 or 3: the fixed pattern's block band spills under them)."""
+    return {} if kind == _KINDS["natural"] and has_win < 2 else cfg.get("maxnreg", {})
 
 
 def _block_length(seg, head_dim, idx) -> int | None:

@@ -252,7 +252,7 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, lo_ptr, qk_scale,
         mbarrier.invalidate(kv_bar.index(s))
     has = l_i > 0
     l_safe = gl.where(has, l_i, 1.0)
-    o = acc / gl.expand_dims(gl.convert_layout(l_safe, row_o), 1)
+    w_acc = 1.0 / l_safe  # per row a reciprocal, per element a multiply (as forward._attn_fwd_kernel)
     lse = gl.where(has, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     rows_o = q0 + gl.arange(0, BM, layout=row_o)
     offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
@@ -268,10 +268,13 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, lo_ptr, qk_scale,
         w_new = gl.exp(lse - mx)
         tot = w_prev + w_new
         tot_safe = gl.where(tot > 0, tot, 1.0)
+        inv_tot = 1.0 / tot_safe
         o_prev = gl.load(o_ptrs, mask=o_ok, other=0.0).to(gl.float32)
-        o = (o_prev * gl.expand_dims(gl.convert_layout(w_prev / tot_safe, row_o), 1)
-             + o * gl.expand_dims(gl.convert_layout(w_new / tot_safe, row_o), 1))
+        o = (o_prev * gl.expand_dims(gl.convert_layout(w_prev * inv_tot, row_o), 1)
+             + acc * gl.expand_dims(gl.convert_layout(w_new * inv_tot * w_acc, row_o), 1))
         lse = gl.where(tot > 0, mx + gl.log(tot_safe), float("-inf"))
+    else:
+        o = acc * gl.expand_dims(gl.convert_layout(w_acc, row_o), 1)
     gl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=o_ok)
     gl.store(lse_ptrs, lse, mask=rows_s < N)
 
