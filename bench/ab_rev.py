@@ -83,6 +83,7 @@ def time_sides(names, order=tuple(os.environ.get("ORDER", "new old new old new")
             o.backward(go)
             grads[side] = [o.detach().float()] + [t.grad.float() for t in (q, k, v)]
             q.grad = k.grad = v.grad = None
+            del o  # (an output kept alive keeps its AccumulateGrad nodes, of the default stream: graph capture fails)
             clear()
             leave()
         ref = grads.get("old") or next(iter(grads.values()))
