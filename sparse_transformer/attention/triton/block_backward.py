@@ -72,6 +72,9 @@ FIRST_CHUNKS = os.environ.get("SPARSE_TRANSFORMER_BLOCK_FIRST", "1") != "0"
 QUERY_TILES = {(64, 64): 32}  # (head dim, key tile) -> query tile
 MAXNREG = {(64, 64, 32): 168}  # (head dim, key tile, query tile) -> registers per thread
 SHORT_Q_TILES = 2
+# Each pair's dQ rows (the earlier key tiles' and segments' share) loaded at the top of the pair, before its products,
+# instead of after them (where the load's latency stalls the store).
+DQ_EARLY = True
 QUERY_TILE = None  # an int forces query tiles of that length wherever they divide the key tile (tests, benchmarks)
 WARPS = None  # None: 8 where a tile holds more than 64 x 64 elements (d=128), else 4
 
@@ -111,19 +114,16 @@ def _head_bases(bh, H, q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, dq_ptr, stride_qb, st
 
 
 @triton.jit
-def _tile_pair(q, k, v, do, delta, lse_ptrs, q_ok, i, j, k_ok, lo, hi, dk, dv, qk_scale, sm_scale,
-               IEEE: tl.constexpr, HAS_HI: tl.constexpr):
+def _tile_pair(q, k, v, do, delta, lse_ptrs, q_ok, i, j, lo, dk, dv, qk_scale, sm_scale, IEEE: tl.constexpr):
     """One (query tile, key tile) pair of a backward that owns its rows: P = exp2(S - LSE) from the saved log-sum-exp
-    of the whole layout, kept where lo <= i - j (< hi with HAS_HI) on valid keys; dV += P^T dO, dS = P * (dO V^T -
-    Delta), dK += dS^T Q. Returns dK, dV and this pair's share of dQ (dS K, scaled)."""
+    of the whole layout, kept where i >= j + lo (one compare per element, j + lo per key). Keys past the sequence need
+    no mask of their own: they come after every stored query (in a transposed chunk, j = r' L + c >= N > i = r L + c
+    means r' > r), and queries past it have P = 0 (their LSE reads as +inf). dV += P^T dO, dS = P * (dO V^T - Delta),
+    dK += dS^T Q. Returns dK, dV and this pair's share of dQ (dS K, scaled)."""
     lse = tl.load(lse_ptrs, mask=q_ok, other=float("-inf")) * 1.4426950408889634
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that see no key: P = 0
     p = tl.math.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])  # (TILE queries, TILE keys)
-    d = i[:, None] - j[None, :]
-    vis = (d >= lo) & k_ok[None, :]
-    if HAS_HI:
-        vis = vis & (d < hi)
-    p = tl.where(vis, p, 0.0)
+    p = tl.where(i[:, None] >= (j + lo)[None, :], p, 0.0)
     dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
     ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
     dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
@@ -131,16 +131,14 @@ def _tile_pair(q, k, v, do, delta, lse_ptrs, q_ok, i, j, k_ok, lo, hi, dk, dv, q
 
 
 @triton.jit
-def _tile_pair_keys(q, k, v, do, delta, lse_ptrs, q_ok, i, j, k_ok, lo, dk, dv, qk_scale, sm_scale,
-                    IEEE: tl.constexpr):
+def _tile_pair_keys(q, k, v, do, delta, lse_ptrs, q_ok, i, j, lo, dk, dv, qk_scale, sm_scale, IEEE: tl.constexpr):
     """_tile_pair with keys as the rows of every product (query tiles shorter than key tiles, QUERY_TILE): S^T = K
     Q^T, dP^T = V dO^T, dV += P^T dO and dK += dS^T Q all have the key tile's rows (64, what one warpgroup's wgmma
     takes), and only dQ = dS K has the query tile's. Returns dK, dV and this pair's dQ."""
     lse = tl.load(lse_ptrs, mask=q_ok, other=float("-inf")) * 1.4426950408889634
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that see no key: P = 0
     pt = tl.math.exp2(_dot(k, tl.trans(q), IEEE) * qk_scale - lse[None, :])  # (key tile, query tile)
-    d = i[None, :] - j[:, None]
-    pt = tl.where((d >= lo) & k_ok[:, None], pt, 0.0)
+    pt = tl.where(i[None, :] >= (j + lo)[:, None], pt, 0.0)  # (the mask of _tile_pair)
     dv += _dot(pt.to(do.dtype), do, IEEE)
     dst = pt * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
     dk += _dot(dst.to(q.dtype), q, IEEE)
@@ -156,7 +154,7 @@ def _attn_bwd_block_kernel(
     stride_gb, stride_gh, stride_gn,  # dk's and dv's
     BH, H, N, BLK, TH, SEG_L,
     IEEE: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr, KIND: tl.constexpr, DELTA: tl.constexpr,
-    ACCUM: tl.constexpr, TQ: tl.constexpr,
+    ACCUM: tl.constexpr, TQ: tl.constexpr, DQ_EARLY: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = pid % BH
@@ -198,6 +196,9 @@ def _attn_bwd_block_kernel(
             q = tl.load(q_base + i.to(tl.int64)[:, None] * stride_qn + offs_d[None, :], mask=q_ok[:, None],
                         other=0.0)
             do = tl.load(do_base + g_off, mask=q_ok[:, None], other=0.0)
+            if DQ_EARLY:  # the dQ rows this pair adds to, loaded before its products (their latency under them)
+                dq_ok = q_ok if ACCUM else q_ok & (kt > 0)
+                dq_prev = tl.load(dq_base + g_off, mask=dq_ok[:, None], other=0.0)
             if DELTA:
                 o = tl.load(o_base + g_off, mask=q_ok[:, None], other=0.0)
                 delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
@@ -206,12 +207,14 @@ def _attn_bwd_block_kernel(
                 delta = tl.load(delta_ptr + row + i, mask=q_ok, other=0.0)
             # keys with i - j >= dmin: causal on the diagonal tile
             if TQ == TILE:
-                dk, dv, dq = _tile_pair(q, k, v, do, delta, lse_ptr + row + i, q_ok, i, j, k_ok, dmin, 0, dk, dv,
-                                        qk_scale, sm_scale, IEEE, False)
+                dk, dv, dq = _tile_pair(q, k, v, do, delta, lse_ptr + row + i, q_ok, i, j, dmin, dk, dv, qk_scale,
+                                        sm_scale, IEEE)
             else:
-                dk, dv, dq = _tile_pair_keys(q, k, v, do, delta, lse_ptr + row + i, q_ok, i, j, k_ok, dmin, dk, dv,
+                dk, dv, dq = _tile_pair_keys(q, k, v, do, delta, lse_ptr + row + i, q_ok, i, j, dmin, dk, dv,
                                              qk_scale, sm_scale, IEEE)
-            if ACCUM or kt > 0:  # add to the earlier key tiles' (and segments') share: this program's own stores
+            if DQ_EARLY:
+                dq += dq_prev.to(tl.float32)
+            elif ACCUM or kt > 0:  # add to the earlier key tiles' (and segments') share: this program's own stores
                 dq += tl.load(dq_base + g_off, mask=q_ok[:, None], other=0.0).to(tl.float32)
             tl.store(dq_base + g_off, dq.to(dq_ptr.dtype.element_ty), mask=q_ok[:, None])
         g = b * stride_gb + h * stride_gh + j.to(tl.int64)[:, None] * stride_gn + offs_d[None, :]
@@ -252,7 +255,7 @@ def block_backward(q, k, v, o, do, dq, dk, dv, lse, delta, L, scale, launch=None
                    *do.stride()[:3], *dk.stride()[:3], B * H, H, N, L, prm.shape[0] if chunks else 1,
                    launch.seg.L if chunks else 1),
                   dict(IEEE=q.dtype == torch.float32, TILE=tile, HEAD_DIM=D, KIND=int(chunks), DELTA=not later,
-                       ACCUM=later, TQ=tq, **opts))
+                       ACCUM=later, TQ=tq, DQ_EARLY=DQ_EARLY, **opts))
 
 
 def query_tile(tile: int, head_dim: int, L: int, capped: bool) -> int:
