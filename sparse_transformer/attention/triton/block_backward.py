@@ -72,9 +72,6 @@ FIRST_CHUNKS = os.environ.get("SPARSE_TRANSFORMER_BLOCK_FIRST", "1") != "0"
 QUERY_TILES = {(64, 64): 32}  # (head dim, key tile) -> query tile
 MAXNREG = {(64, 64, 32): 168}  # (head dim, key tile, query tile) -> registers per thread
 SHORT_Q_TILES = 2
-# Each pair's dQ rows (the earlier key tiles' and segments' share) loaded at the top of the pair, before its products,
-# instead of after them (where the load's latency stalls the store).
-DQ_EARLY = True
 QUERY_TILE = None  # an int forces query tiles of that length wherever they divide the key tile (tests, benchmarks)
 WARPS = None  # None: 8 where a tile holds more than 64 x 64 elements (d=128), else 4
 
@@ -154,7 +151,7 @@ def _attn_bwd_block_kernel(
     stride_gb, stride_gh, stride_gn,  # dk's and dv's
     BH, H, N, BLK, TH, SEG_L,
     IEEE: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr, KIND: tl.constexpr, DELTA: tl.constexpr,
-    ACCUM: tl.constexpr, TQ: tl.constexpr, DQ_EARLY: tl.constexpr,
+    ACCUM: tl.constexpr, TQ: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = pid % BH
@@ -196,9 +193,12 @@ def _attn_bwd_block_kernel(
             q = tl.load(q_base + i.to(tl.int64)[:, None] * stride_qn + offs_d[None, :], mask=q_ok[:, None],
                         other=0.0)
             do = tl.load(do_base + g_off, mask=q_ok[:, None], other=0.0)
-            if DQ_EARLY:  # the dQ rows this pair adds to, loaded before its products (their latency under them)
-                dq_ok = q_ok if ACCUM else q_ok & (kt > 0)
-                dq_prev = tl.load(dq_base + g_off, mask=dq_ok[:, None], other=0.0)
+            # the dQ rows this pair adds to (the earlier key tiles' and segments' share: this program's own stores),
+            # loaded before its products, so that their latency hides under them (H200, bench/ab_rev.py, 2026-12-01,
+            # ab-rev-20261201-152018-block.json: block kernel us, loaded after -> before, strided-64k 345.4 -> 335.1,
+            # strided-3k 47.1 -> 46.3; strided-12k even)
+            dq_ok = q_ok if ACCUM else q_ok & (kt > 0)
+            dq_prev = tl.load(dq_base + g_off, mask=dq_ok[:, None], other=0.0)
             if DELTA:
                 o = tl.load(o_base + g_off, mask=q_ok[:, None], other=0.0)
                 delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
@@ -212,10 +212,7 @@ def _attn_bwd_block_kernel(
             else:
                 dk, dv, dq = _tile_pair_keys(q, k, v, do, delta, lse_ptr + row + i, q_ok, i, j, dmin, dk, dv,
                                              qk_scale, sm_scale, IEEE)
-            if DQ_EARLY:
-                dq += dq_prev.to(tl.float32)
-            elif ACCUM or kt > 0:  # add to the earlier key tiles' (and segments') share: this program's own stores
-                dq += tl.load(dq_base + g_off, mask=q_ok[:, None], other=0.0).to(tl.float32)
+            dq += dq_prev.to(tl.float32)
             tl.store(dq_base + g_off, dq.to(dq_ptr.dtype.element_ty), mask=q_ok[:, None])
         g = b * stride_gb + h * stride_gh + j.to(tl.int64)[:, None] * stride_gn + offs_d[None, :]
         dk = dk * sm_scale
@@ -255,7 +252,7 @@ def block_backward(q, k, v, o, do, dq, dk, dv, lse, delta, L, scale, launch=None
                    *do.stride()[:3], *dk.stride()[:3], B * H, H, N, L, prm.shape[0] if chunks else 1,
                    launch.seg.L if chunks else 1),
                   dict(IEEE=q.dtype == torch.float32, TILE=tile, HEAD_DIM=D, KIND=int(chunks), DELTA=not later,
-                       ACCUM=later, TQ=tq, DQ_EARLY=DQ_EARLY, **opts))
+                       ACCUM=later, TQ=tq, **opts))
 
 
 def query_tile(tile: int, head_dim: int, L: int, capped: bool) -> int:

@@ -139,7 +139,10 @@ def _attn_fwd_kernel(
 
 # one loop for full and partial key tiles: None = each pass's default (common.one_loop), True / False forced
 ONE_LOOP = ONE_LOOP_ENV
-# segment kinds whose forward folds the softmax scale into the exponent's FMA (FOLD)
+# segment kinds whose forward folds the softmax scale into the exponent's FMA (FOLD). On the window band too it took
+# 30 of 516 instructions off a tile (sm_90, Triton 3.6) but did not pay: H200, bench/ab_rev.py (2026-12-01,
+# ab-rev-20261201-151420-rulekeys-fold.json), band forward us, without -> with: strided-12k 48.8 -> 47.8,
+# strided-3k 25.2 -> 25.6, strided-64k 168.4-175.6 -> 169.7-170.5; graph fwd+bwd even (0.4078 -> 0.4071 ms).
 FOLD_KINDS = (GATHER,)
 
 # the fixed pattern's gathered summary part (forward, dQ, dK/dV) as Gluon kernels on Hopper where they apply

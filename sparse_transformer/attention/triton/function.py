@@ -162,7 +162,12 @@ class Launch:
 WIN_ALONE = True
 # Partial tiles without the key-validity mask where the rule already hides keys past the sequence from stored
 # queries: the window band on natural keys (HAS_WIN=3), and the transposed part, whose rule also compares each key
-# slot with its query's chunk start instead of dividing every key slot by C (HAS_STR=2) (common._tile_mask).
+# slot with its query's chunk start instead of dividing every key slot by C (HAS_STR=2) (common._tile_mask). Same
+# bits either way. SASS per tile (sm_90, Triton 3.6, with the unsigned slot maps, common._divmod): transposed forward
+# 564 -> 397 instructions, band forward 552 -> 516, band dQ 455 -> 419. H200, python bench/ab_rev.py against commit
+# f924de7 (2026-12-01, ab-rev-20261201-151420-rulekeys-fold.json; graph fwd+bwd ms, us per kernel): strided-12k
+# 0.4195 -> 0.4078 (transposed forward 59.3 -> 53.9, band dK/dV 80.8 -> 75.7), strided-3k 0.2042 -> 0.2020,
+# strided-64k transposed forward 169.0 -> 157.4.
 RULE_KEYS = True
 MAXNREG_TRITON = (3, 6)  # the Triton version TUNING's register caps were measured with (not checked on others)
 _LAUNCHES = LRUCache()
