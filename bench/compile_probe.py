@@ -65,7 +65,8 @@ def ptxas_report(ptx):
         os.unlink(f.name)
     regs = re.search(r"Used (\d+) registers", err)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", err)
-    if "C7514" in err or "C7515" in err:  # ptxas made asynchronous wgmma synchronous: the pipelining is lost
+    if "C7512" in err or "C7514" in err or "C7515" in err:  # ptxas made asynchronous wgmma synchronous (C7512: for
+        # want of registers, as under a register cap): the pipelining is lost
         print("  ptxas: wgmma serialized: " + err[err.find("C75"):][:160].replace("\n", " "), flush=True)
     return (int(regs.group(1)) if regs else -1), (f"{spill.group(1)}/{spill.group(2)}" if spill else "?")
 

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from . import forward as _forward
 from .common import (ONE_LOOP_ENV, _key_positions, _program_head, _program_tile, _query_positions, _rule_on_partial,
-                     _tile_mask, one_loop)
+                     one_loop)
 from .forward import _dot
 from .grid import program_grid
 from .launcher import launch as launch_kernel
@@ -71,15 +71,9 @@ def _dkdv_tile(k, v, dk, dv, e, j, p_k, k_ok, q_base, do_base, dq_base, lse_base
         delta = tl.load(delta_base + i)
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: P = 0
     pt = tl.math.exp2(_dot(k, tl.trans(q), IEEE) * qk_scale - lse[None, :])  # (BN, BM)
-    if ONE_LOOP:  # (not _rule_on_partial: q_ok folded into its k_ok changes the PTX, sm_90 / Triton 3.6)
-        if partial:
-            vis = _tile_mask(i[None, :], j[:, None], p_q[None, :], p_k[:, None], k_ok[:, None], prm, SEG_C, KIND,
-                             HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, True)
-            pt = tl.where(vis & q_ok[None, :], pt, 0.0)
-    elif MASKED:
-        vis = _tile_mask(i[None, :], j[:, None], p_q[None, :], p_k[:, None], k_ok[:, None], prm, SEG_C, KIND,
-                         HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, True)
-        pt = tl.where(vis & q_ok[None, :], pt, 0.0)
+    # queries past the segment need no mask here: their LSE reads as +inf, so P = 0 (and dO = 0) on their columns
+    pt = _rule_on_partial(pt, 0.0, i[None, :], j[:, None], p_q[None, :], p_k[:, None], k_ok[:, None], prm, SEG_C,
+                          partial, MASKED, ONE_LOOP, KIND, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM, True)
     dv += _dot(pt.to(do.dtype), do, IEEE)
     dst = pt * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
     dk += _dot(dst.to(q.dtype), q, IEEE)

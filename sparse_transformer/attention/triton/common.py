@@ -145,14 +145,14 @@ def _tile_mask(i, j, pq, pk, k_ok, prm, SEG_C, KIND: tl.constexpr, HAS_DENSE: tl
 @triton.jit
 def _rule_on_partial(x, fill, i, j, pq, pk, k_ok, prm, SEG_C, partial, MASKED: tl.constexpr, ONE_LOOP: tl.constexpr,
                      KIND: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_WIN: tl.constexpr, HAS_BLK: tl.constexpr,
-                     HAS_STR: tl.constexpr, HAS_SUM: tl.constexpr):
+                     HAS_STR: tl.constexpr, HAS_SUM: tl.constexpr, KEY_ROWS: tl.constexpr = False):
     """x where the element rule (_tile_mask, same arguments) holds, else fill, on a partial tile: with ONE_LOOP the
     runtime flag `partial` says so, else MASKED (constexpr); a full tile's x comes back as it is."""
     if ONE_LOOP:
         if partial:
             x = tl.where(_tile_mask(i, j, pq, pk, k_ok, prm, SEG_C, KIND, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR,
-                                    HAS_SUM), x, fill)
+                                    HAS_SUM, KEY_ROWS), x, fill)
     elif MASKED:
-        x = tl.where(_tile_mask(i, j, pq, pk, k_ok, prm, SEG_C, KIND, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM),
-                     x, fill)
+        x = tl.where(_tile_mask(i, j, pq, pk, k_ok, prm, SEG_C, KIND, HAS_DENSE, HAS_WIN, HAS_BLK, HAS_STR, HAS_SUM,
+                                KEY_ROWS), x, fill)
     return x
