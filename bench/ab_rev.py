@@ -6,7 +6,8 @@ Usage (two steps: the device has no git history):
   python bench/ab_rev.py export REV      # here: REV's package as bench/.ab_old/sparse_transformer_old (git-ignored)
   python bench/ab_rev.py time [setup ...]  # on the device, carrying bench/.ab_old; JSON in $OUT or bench/results/
 ORDER="new old fold ..." sets the order; a side "MOD.ATTR=EXPR" (e.g. "forward.FOLD_KINDS=('gather','natural')") is the
-working tree with attribute ATTR of sparse_transformer.attention.triton.MOD set to EXPR while that side runs.
+working tree with attribute ATTR of sparse_transformer.attention.triton.MOD set to EXPR (evaluated in that module, no
+spaces) while that side runs, e.g. "function.TUNING={**TUNING,('natural',64):{**TUNING[('natural',64)],'maxnreg':{}}}".
 """
 import importlib
 import os
@@ -54,7 +55,7 @@ def _patched(side):
     mod_name, attr = target.rsplit(".", 1)
     mod = importlib.import_module("sparse_transformer.attention.triton." + mod_name)
     was = getattr(mod, attr)
-    return (lambda: setattr(mod, attr, eval(expr))), (lambda: setattr(mod, attr, was))
+    return (lambda: setattr(mod, attr, eval(expr, vars(mod)))), (lambda: setattr(mod, attr, was))
 
 
 def time_sides(names, order=tuple(os.environ.get("ORDER", "new old new old new").split())):

@@ -65,9 +65,6 @@ DKDV = os.environ.get("SPARSE_TRANSFORMER_GLUON_DKDV", "1") != "0"
 # step: 67.4 / 66.4 ms against 74.3 / 64.4, bench model --preset enwik8, alternating).
 HEAD_OFFSETS = os.environ.get("SPARSE_TRANSFORMER_GLUON_HEADS", "1") != "0"
 LAUNCHES = 0  # kernels launched through this path (tests check that it ran)
-# The element rule in the forward and dQ only on a row's last summary tile, the one that may reach past its summary
-# keys (EDGES; False: on every tile).
-MASK_EDGES = True
 
 
 @gluon.jit
@@ -150,7 +147,7 @@ def _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, tile, b, h, lo, SEG_C, pred
 def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, lo_ptr, qk_scale, N, H, TH, G, NQB, SEG_L, SEG_C,
                        BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, RB: gl.constexpr, RC: gl.constexpr,
                        STAGES: gl.constexpr, PIPE: gl.constexpr, MERGE: gl.constexpr, HEAD_LO: gl.constexpr,
-                       EDGES: gl.constexpr, num_warps: gl.constexpr):
+                       num_warps: gl.constexpr):
     """PIPE 0: each tile's Q K^T, softmax and P V one after another; 1: the next tile's Q K^T issued before this tile's
     softmax; 2 (FlashAttention-3's order): each iteration issues the next tile's Q K^T and this tile's P V, then runs
     the next tile's softmax while the P V runs, and waits for it before the loop turns (an accumulator still being
@@ -225,12 +222,10 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, lo_ptr, qk_scale,
                 mbarrier.wait(kv_bar.index(nxt % STAGES), (nxt // STAGES) & 1)
                 s_next = warpgroup_mma(q_smem, k_smem.index(nxt % STAGES).permute((1, 0)),
                                        gl.zeros([BM, BN], gl.float32, s_layout), use_acc=False, is_async=True)
-            if EDGES:  # only a row's last tile reaches past its summary keys
-                sc = s_cur
-                if (j + 1) * BN > kv_len:
-                    sc = gl.where(gl.expand_dims(j * BN + cols < kv_len, 0), s_cur, float("-inf"))
-            else:
-                sc = gl.where(gl.expand_dims(j * BN + cols < kv_len, 0), s_cur, float("-inf"))
+            # (on every tile: only a row's last can reach past kv_len, but with the rule behind a branch on that
+            # this forward ran 1246 -> 1316-1428 us at fixed-64k, and dQ alike 1339 -> 1538-1658: H200, bench/ab_rev.py,
+            # 2026-12-01, ab-rev-20261201-152759-edges.json)
+            sc = gl.where(gl.expand_dims(j * BN + cols < kv_len, 0), s_cur, float("-inf"))
             # every row sees a key in tile 0 (kv_len > 0)
             m_new = gl.maximum(m_i, gl.max(sc, 1) * qk_scale)
             alpha = gl.exp2(m_i - m_new)
@@ -290,8 +285,7 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, lo_ptr, qk_scale,
 @gluon.jit
 def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_ptr, lo_ptr, qk_scale, sm_scale, N, H,
                       TH, G, NQB, SEG_L, SEG_C, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, RB: gl.constexpr,
-                      RC: gl.constexpr, STAGES: gl.constexpr, HEAD_LO: gl.constexpr, EDGES: gl.constexpr,
-                      num_warps: gl.constexpr):
+                      RC: gl.constexpr, STAGES: gl.constexpr, HEAD_LO: gl.constexpr, num_warps: gl.constexpr):
     """dQ of the gathered part, added to the dQ an earlier segment stored (which also stored Delta = rowsum(dO * O)):
     per key tile S = Q K^T and dP = dO V^T, then dS = P * (dP - Delta) and dQ += dS K. The next tile's two products
     are issued before this tile's element-wise work and run during it; dQ's product is waited within the iteration."""
@@ -340,11 +334,7 @@ def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_pt
         dp_next = warpgroup_mma(do_smem, v_smem.index(nxt % STAGES).permute((1, 0)), zero_s, use_acc=False,
                                 is_async=True)
         p = gl.exp2(s_cur * qk_scale - gl.expand_dims(lse, 1))
-        if EDGES:  # only a row's last tile reaches past its summary keys
-            if (j + 1) * BN > kv_len:
-                p = gl.where(gl.expand_dims(j * BN + cols < kv_len, 0), p, 0.0)
-        else:
-            p = gl.where(gl.expand_dims(j * BN + cols < kv_len, 0), p, 0.0)
+        p = gl.where(gl.expand_dims(j * BN + cols < kv_len, 0), p, 0.0)
         ds = p * (dp_cur - gl.expand_dims(delta, 1))
         dq = warpgroup_mma(gl.convert_layout(ds.to(k_desc.dtype), ds_layout), k_smem.index(stage), dq,
                            is_async=True)
@@ -432,8 +422,7 @@ def _gather_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr
         delta_next = gl.load(delta_ptr + base + rows_next, mask=rows_next < N, other=0.0)
         rows = q_start + j * BM + cols
         p = gl.exp2(s_cur * qk_scale - gl.expand_dims(lse_cur, 0))
-        p = gl.where(gl.expand_dims(rows, 0) >= first_row, p, 0.0)  # (on every tile: behind a branch, as in the
-        # forward and dQ (EDGES), this kernel spills 48 bytes and ptxas serializes its wgmma, sm_90, Triton 3.6)
+        p = gl.where(gl.expand_dims(rows, 0) >= first_row, p, 0.0)
         ds = p * (dp_cur - gl.expand_dims(delta_cur, 0))
         dv = warpgroup_mma(gl.convert_layout(p.to(q_desc.dtype), op_layout), do_smem.index(stage), dv, is_async=True)
         dk = warpgroup_mma(gl.convert_layout(ds.to(q_desc.dtype), op_layout), q_smem.index(stage), dk, is_async=True)
@@ -567,7 +556,7 @@ def gather_forward(q, k, v, o, lse, L, lo, c, scale, merge, BM=128, BN=64, stage
                   summary_desc(v, L, lo, c, BN), o, lse, lo_ptr),
                   (scale * 1.4426950408889634, n, H, th, n // L * c, nqb, L, c),
                   dict(BM=BM, BN=BN, D=D, RB=rb, RC=rc, STAGES=stages, PIPE=pipe, MERGE=merge, HEAD_LO=head_lo,
-                       EDGES=MASK_EDGES, num_warps=warps))
+                       num_warps=warps))
     LAUNCHES += 1
 
 
@@ -583,8 +572,7 @@ def gather_dq(q, do, k, v, lse, delta, dq, L, lo, c, scale, BM=128, BN=64, stage
     launch_kernel(_gather_dq_kernel, (B * H, nqb), (_desc(q, BM, memo), _desc(do, BM, memo),
                   summary_desc(k, L, lo, c, BN, memo), summary_desc(v, L, lo, c, BN, memo), dq, lse, delta, lo_ptr),
                   (scale * 1.4426950408889634, scale, n, H, th, n // L * c, nqb, L, c),
-                  dict(BM=BM, BN=BN, D=D, RB=rb, RC=rc, STAGES=stages, HEAD_LO=head_lo, EDGES=MASK_EDGES,
-                       num_warps=warps))
+                  dict(BM=BM, BN=BN, D=D, RB=rb, RC=rc, STAGES=stages, HEAD_LO=head_lo, num_warps=warps))
     LAUNCHES += 1
 
 
