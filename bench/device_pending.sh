@@ -46,6 +46,7 @@
 #   bash bench/device_pending.sh replay OUT    # the graph-replay tests with their durations
 #   bash bench/device_pending.sh ab OUT        # bench/ab_rev.py: the working tree against an exported revision, in
 #                                              # turn (ORDER, AB_SETUPS), and the Gluon kernels' check
+#   bash bench/device_pending.sh final26 OUT   # every kernel GPU test, the table, test_model's GPU tests
 #   (seventh session, `rcp`: the forward's output through per-row reciprocals, forward.RCP on / off with
 #   bench/dev_probe.py rcp, then every kernel test; the switch and that mode were removed once it won)
 #   bash bench/device_pending.sh final OUT     # every kernel GPU test, the table, the cifar10 step's replays per step
@@ -61,7 +62,7 @@
 #                                              # every kernel GPU test with graphs on
 # Run from the repository root on the device machine; JSON and logs land in OUT (pass $OUT there).
 set -uo pipefail
-WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, strided-block, stages, final-tests, first, oneloop, rule, band, maxnreg, ncu, host, verify, verify-model, graphs, reverse, pending, replay, ab or final}; OUT=${2:?output folder}
+WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, strided-block, stages, final-tests, first, oneloop, rule, band, maxnreg, ncu, host, verify, verify-model, graphs, reverse, pending, replay, ab, final or final26}; OUT=${2:?output folder}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 ST="python -m sparse_transformer.cli"
 mkdir -p "$OUT"
@@ -252,6 +253,15 @@ case "$WHAT" in
     OUT="$OUT" timeout 330 python bench/ab_rev.py time ${AB_SETUPS:-} 2>&1 | tee "$OUT/ab-rev.log"
     timeout 150 python bench/gluon_gather.py check 2>&1 | tail -n 12 | tee "$OUT/gluon-check.log"
     ;;
+  final26)
+    # (eighth session's last call) every kernel GPU test, the table, test_model's GPU tests
+    timeout 380 python -m pytest -m gpu tests/test_triton_attention.py tests/test_launcher.py -q -n 16 \
+      -p no:cacheprovider -rf 2>&1 | tail -n 8 | tee "$OUT/gpu-tests-kernels.log"
+    timeout 150 $ST bench attention --methods triton sdpa-cudnn sdpa-flash flex --out "$OUT" 2>&1 \
+      | tee "$OUT/attention.log"
+    timeout 50 python -m pytest -m gpu tests/test_model.py -q -n 8 -p no:cacheprovider -rf 2>&1 | tail -n 4 \
+      | tee "$OUT/gpu-tests-model.log"
+    ;;
   replay)
     # (seventh session) the replay tests one per worker with their durations
     timeout 200 python -m pytest -m gpu tests/test_triton_attention.py -v -n 4 -p no:cacheprovider --durations=5 \
@@ -279,6 +289,6 @@ case "$WHAT" in
     ;;
   *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles | gather | order | gluon | summary | block |"\
        "heads | strided-block | stages | final-tests | first | oneloop | rule | band | maxnreg | ncu | host | verify |"\
-       "verify-model | graphs | reverse | pending | replay | ab | final)"
+       "verify-model | graphs | reverse | pending | replay | ab | final | final26)"
      exit 2 ;;
 esac

@@ -79,14 +79,19 @@ TUNING[("transposed", 64)]["fwd"] = (64, 32, 4, 3)
 # maxnreg, dev-maxnreg-bwd-20261201.json), so they stay uncapped.
 TUNING[("natural", 64)]["maxnreg"] = {"fwd": (96, 64, 64)}
 TUNING[("transposed", 64)]["maxnreg"] = {"fwd": (88, 64, 32)}
+# Both caps cost the asynchronous wgmma (ptxas C7512: serialized for want of registers) and still win. Rechecked after
+# RULE_KEYS (below) took instructions off both: H200, bench/ab_rev.py (2026-12-01, ab-rev-20261201-153112-caps.json),
+# us per kernel, in turn: the band forward uncapped 50.9-51.0 against 48.5-49.0 capped (strided-12k), 176.7-182.1
+# against 168.4-176.6 (strided-64k); the transposed forward at 80 registers (6 programs per SM instead of 5) 55.7-55.8
+# against 54.9-55.5 at 88 (strided-12k), even at strided-64k.
 # Per-pass settings at d = 128 and the transposed forward on 3 stages: H200, PASSES=... python bench/dev_probe.py passes
 # (2026-12-01, dev-passes-20261201-d128.json, dev-passes-20261201-transposed.json; graph-replayed fwd+bwd, us per
 # kernel): the band's forward on 64x32 tiles, 3 stages 32.5 -> 26.8 us, its dQ on 64x32, 2 stages 36.8 -> 30.6, its
 # dK/dV on 32x64, 2 stages 43.1 -> 39.8: strided-3k 0.223 -> 0.207 ms; the fixed pattern's block band at d = 128
 # (fixed-12k-d128) 44.0 -> 39.2 us, 1.020 -> 1.017 ms. The 64x32 transposed forward on 3 stages, still under its cap of
 # 88: strided-64k 188.1 -> 171.8 us, 1.322 -> 1.305 ms; strided-12k even (63.4 -> 61.8 us, 0.427 ms). On 3 stages the
-# capped forward spills 8 bytes (compiled for sm_90 under Triton 3.6, bench/compile_probe.py); it measured faster
-# than uncapped there all the same (176.3 us at strided-64k). Sweeps: dev-sweep-20261201-d128.json, -64x32-stages.json.
+# capped forward spilled 8 bytes (compiled for sm_90 under Triton 3.6, bench/compile_probe.py; none since RULE_KEYS);
+# it measured faster than uncapped there all the same (176.3 us at strided-64k). Sweeps: dev-sweep-20261201-d128.json, -64x32-stages.json.
 TUNING[("natural", 128)].update(fwd=(64, 32, 4, 3), dq=(64, 32, 4, 2), dkdv=(32, 64, 4, 2))
 # The transposed strided part adds its dQ from the dK/dV kernel (fp32 atomics, no dQ kernel; backward.py), on 64x64
 # tiles. On an H200 (python bench/dev_probe.py fuse, 2026-11-30, bench/results/dev-fuse-20261130-atomics.json;
