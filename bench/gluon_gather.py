@@ -183,16 +183,11 @@ def time_against_triton():
 def compile_only(which=("fwd", "dq", "dkdv"), c=32, head_lo=False):
     """Compile every setting (d=64) and the library's settings for sm_90 without a GPU and report registers / spills
     (ptxas -v), shared memory, and whether ptxas serialized the asynchronous wgmma (which undoes the pipelining);
-    c: the summary width the key / value descriptors' boxes are cut for; head_lo: the per-head offset variant; EDGES=0 /
-    1 in the environment: the forward's and dQ's rule on every tile / on a row's last only (default: MASK_EDGES)."""
+    c: the summary width the key / value descriptors' boxes are cut for; head_lo: the per-head offset variant."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from sparse_transformer.attention.triton import gluon_gather as library
-
-    edges = library.MASK_EDGES if os.environ.get("EDGES", "") == "" else os.environ["EDGES"] != "0"
-    print(f"triton {triton.__version__}, target sm_90, summary width c={c}{', per-head offsets' if head_lo else ''}"
-          f", the rule on edge tiles only (EDGES): {edges}")
+    print(f"triton {triton.__version__}, target sm_90, summary width c={c}{', per-head offsets' if head_lo else ''}")
 
     def descs(st, D):
         box = (1, 1, *summary_box(c, st["BN"]), D)
@@ -217,10 +212,10 @@ def compile_only(which=("fwd", "dq", "dkdv"), c=32, head_lo=False):
         sig = dict(q_desc=qd, k_desc=kd, v_desc=kd, o_ptr="*bf16", lse_ptr="*fp32", lo_ptr="*i32", qk_scale="fp32",
                    **scalars, G="i32", NQB="i32", SEG_L="i32", SEG_C="i32", BM="constexpr", BN="constexpr",
                    D="constexpr", RB="constexpr", RC="constexpr", STAGES="constexpr", PIPE="constexpr",
-                   MERGE="constexpr", HEAD_LO="constexpr", EDGES="constexpr", num_warps="constexpr")
+                   MERGE="constexpr", HEAD_LO="constexpr", num_warps="constexpr")
         build(_gather_fwd_kernel, f"fwd {st}", st, sig, dict(BM=st["BM"], BN=st["BN"], D=D, RB=rb, RC=rc,
                                                              STAGES=st["stages"], PIPE=st["pipe"], MERGE=True,
-                                                             HEAD_LO=head_lo, EDGES=edges))
+                                                             HEAD_LO=head_lo))
     for st in [dict(s, D=64) for s in DQ_SWEEP if "dq" in which] + \
             [dict(s, D=d, library=True) for d, s in LIBRARY_DQ.items() if "dq" in which]:
         D = st["D"]
@@ -229,9 +224,9 @@ def compile_only(which=("fwd", "dq", "dkdv"), c=32, head_lo=False):
         sig = dict(q_desc=qd, do_desc=qd, k_desc=kd, v_desc=kd, dq_ptr="*fp32", lse_ptr="*fp32", delta_ptr="*fp32",
                    lo_ptr="*i32", qk_scale="fp32", sm_scale="fp32", **scalars, G="i32", NQB="i32", SEG_L="i32",
                    SEG_C="i32", BM="constexpr", BN="constexpr", D="constexpr", RB="constexpr", RC="constexpr",
-                   STAGES="constexpr", HEAD_LO="constexpr", EDGES="constexpr", num_warps="constexpr")
+                   STAGES="constexpr", HEAD_LO="constexpr", num_warps="constexpr")
         build(_gather_dq_kernel, f"dq {st}", st, sig, dict(BM=st["BM"], BN=st["BN"], D=D, RB=rb, RC=rc,
-                                                           STAGES=st["stages"], HEAD_LO=head_lo, EDGES=edges))
+                                                           STAGES=st["stages"], HEAD_LO=head_lo))
     for st in [s for s in DKDV_SWEEP if "dkdv" in which] + \
             [dict(s, D=128) for s in DKDV_SWEEP_128[1:] if "dkdv" in which] + \
             [dict(s, D=d, library=True) for d, s in LIBRARY_KV.items() if "dkdv" in which]:

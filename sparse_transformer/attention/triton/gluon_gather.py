@@ -65,9 +65,6 @@ DKDV = os.environ.get("SPARSE_TRANSFORMER_GLUON_DKDV", "1") != "0"
 # step: 67.4 / 66.4 ms against 74.3 / 64.4, bench model --preset enwik8, alternating).
 HEAD_OFFSETS = os.environ.get("SPARSE_TRANSFORMER_GLUON_HEADS", "1") != "0"
 LAUNCHES = 0  # kernels launched through this path (tests check that it ran)
-# The element rule in the forward and dQ only on a row's last summary tile (the one that may reach past its summary
-# keys), peeled off after their loop over the others (EDGES; False: every tile masked, in one loop).
-MASK_EDGES = True
 
 
 @gluon.jit
@@ -147,39 +144,10 @@ def _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, tile, b, h, lo, SEG_C, pred
 
 
 @gluon.jit
-def _fwd_step(j, s_cur, acc, m_i, l_i, q_smem, k_smem, v_smem, kv_bar, k_desc, v_desc, b, h, lo, SEG_C, kv_len, n_tiles,
-              cols, qk_scale, s_layout: gl.constexpr, p_layout: gl.constexpr, row_o: gl.constexpr,
-              STAGES: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, RB: gl.constexpr,
-              RC: gl.constexpr, MASK: gl.constexpr):
-    """One key tile j of the forward's PIPE 0 loop (its softmax, P V, the next loads and the next tile's Q K^T); MASK:
-    the columns past kv_len masked (only a row's last tile reaches there)."""
-    stage = j % STAGES
-    sc = s_cur
-    if MASK:
-        sc = gl.where(gl.expand_dims(j * BN + cols < kv_len, 0), s_cur, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(sc, 1) * qk_scale)  # (every row sees a key in tile 0: kv_len > 0)
-    alpha = gl.exp2(m_i - m_new)
-    p = gl.exp2(sc * qk_scale - gl.expand_dims(m_new, 1))
-    l_i = l_i * alpha + gl.sum(p, 1)
-    acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
-    acc = warpgroup_mma(gl.convert_layout(p.to(v_desc.dtype), p_layout), v_smem.index(stage), acc, is_async=True)
-    acc = warpgroup_mma_wait(0, deps=(acc,))
-    # tile j's stage is free: load tile j + STAGES into it
-    _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, j + STAGES, b, h, lo, SEG_C, j + STAGES < n_tiles, STAGES, BN, D,
-             RB, RC)
-    nxt = gl.minimum(j + 1, n_tiles - 1)
-    mbarrier.wait(kv_bar.index(nxt % STAGES), (nxt // STAGES) & 1)
-    s_cur = warpgroup_mma(q_smem, k_smem.index(nxt % STAGES).permute((1, 0)), gl.zeros([BM, BN], gl.float32, s_layout),
-                          use_acc=False, is_async=True)
-    s_cur = warpgroup_mma_wait(0, deps=(s_cur,))
-    return s_cur, acc, m_new, l_i
-
-
-@gluon.jit
 def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, lo_ptr, qk_scale, N, H, TH, G, NQB, SEG_L, SEG_C,
                        BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, RB: gl.constexpr, RC: gl.constexpr,
                        STAGES: gl.constexpr, PIPE: gl.constexpr, MERGE: gl.constexpr, HEAD_LO: gl.constexpr,
-                       EDGES: gl.constexpr, num_warps: gl.constexpr):
+                       num_warps: gl.constexpr):
     """PIPE 0: each tile's Q K^T, softmax and P V one after another; 1: the next tile's Q K^T issued before this tile's
     softmax; 2 (FlashAttention-3's order): each iteration issues the next tile's Q K^T and this tile's P V, then runs
     the next tile's softmax while the P V runs, and waits for it before the loop turns (an accumulator still being
@@ -243,17 +211,6 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, lo_ptr, qk_scale,
             # tile j's stage is free: load tile j + STAGES into it
             _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, j + STAGES, b, h, lo, SEG_C, j + STAGES < n_tiles, STAGES,
                      BN, D, RB, RC)
-    elif PIPE == 0 and EDGES:  # every tile but the last unmasked, the last (which may reach past kv_len) masked
-        m_i = gl.full([BM], float("-inf"), gl.float32, row_s)
-        l_i = gl.zeros([BM], gl.float32, row_s)
-        for j in range(n_tiles - 1):
-            s_cur, acc, m_i, l_i = _fwd_step(j, s_cur, acc, m_i, l_i, q_smem, k_smem, v_smem, kv_bar, k_desc, v_desc,
-                                             b, h, lo, SEG_C, kv_len, n_tiles, cols, qk_scale, s_layout, p_layout,
-                                             row_o, STAGES, BM, BN, D, RB, RC, False)
-        if n_tiles > 0:
-            s_cur, acc, m_i, l_i = _fwd_step(n_tiles - 1, s_cur, acc, m_i, l_i, q_smem, k_smem, v_smem, kv_bar,
-                                             k_desc, v_desc, b, h, lo, SEG_C, kv_len, n_tiles, cols, qk_scale,
-                                             s_layout, p_layout, row_o, STAGES, BM, BN, D, RB, RC, True)
     else:
         m_i = gl.full([BM], float("-inf"), gl.float32, row_s)
         l_i = gl.zeros([BM], gl.float32, row_s)
@@ -267,7 +224,9 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, lo_ptr, qk_scale,
                                        gl.zeros([BM, BN], gl.float32, s_layout), use_acc=False, is_async=True)
             # (on every tile: only a row's last can reach past kv_len, but with the rule behind a branch on that
             # this forward ran 1246 -> 1316-1428 us at fixed-64k, and dQ alike 1339 -> 1538-1658: H200, bench/ab_rev.py,
-            # 2026-12-01, ab-rev-20261201-152759-edges.json)
+            # 2026-12-01, ab-rev-20261201-152759-edges.json; with the last tile peeled off after a loop over the
+            # others, dQ 1322-1325 -> 1506-1556 us and the forward even at fixed-64k, 199 -> 205-208 at fixed-12k,
+            # ab-rev-20261201-154332-peel.json)
             sc = gl.where(gl.expand_dims(j * BN + cols < kv_len, 0), s_cur, float("-inf"))
             # every row sees a key in tile 0 (kv_len > 0)
             m_new = gl.maximum(m_i, gl.max(sc, 1) * qk_scale)
@@ -326,33 +285,9 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, lo_ptr, qk_scale,
 
 
 @gluon.jit
-def _dq_step(j, s_cur, dp_cur, dq, lse, delta, q_smem, do_smem, k_smem, v_smem, kv_bar, k_desc, v_desc, b, h, lo, SEG_C,
-             kv_len, n_tiles, cols, qk_scale, zero_s, ds_layout: gl.constexpr, STAGES: gl.constexpr, BN: gl.constexpr,
-             D: gl.constexpr, RB: gl.constexpr, RC: gl.constexpr, MASK: gl.constexpr):
-    """One key tile j of the dQ loop: the next tile's two products issued, this tile's dS and dQ += dS K, the next
-    loads; MASK: the columns past kv_len masked (only a row's last tile reaches there)."""
-    stage = j % STAGES
-    nxt = gl.minimum(j + 1, n_tiles - 1)  # the last iteration redoes its own tile, unread
-    mbarrier.wait(kv_bar.index(nxt % STAGES), (nxt // STAGES) & 1)
-    s_next = warpgroup_mma(q_smem, k_smem.index(nxt % STAGES).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    dp_next = warpgroup_mma(do_smem, v_smem.index(nxt % STAGES).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    p = gl.exp2(s_cur * qk_scale - gl.expand_dims(lse, 1))
-    if MASK:
-        p = gl.where(gl.expand_dims(j * BN + cols < kv_len, 0), p, 0.0)
-    ds = p * (dp_cur - gl.expand_dims(delta, 1))
-    dq = warpgroup_mma(gl.convert_layout(ds.to(k_desc.dtype), ds_layout), k_smem.index(stage), dq, is_async=True)
-    dq, s_cur, dp_cur = warpgroup_mma_wait(0, deps=(dq, s_next, dp_next))
-    # tile j's stage is free: load tile j + STAGES into it
-    _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, j + STAGES, b, h, lo, SEG_C, j + STAGES < n_tiles, STAGES, BN, D,
-             RB, RC)
-    return s_cur, dp_cur, dq
-
-
-@gluon.jit
 def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_ptr, lo_ptr, qk_scale, sm_scale, N, H,
                       TH, G, NQB, SEG_L, SEG_C, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, RB: gl.constexpr,
-                      RC: gl.constexpr, STAGES: gl.constexpr, HEAD_LO: gl.constexpr, EDGES: gl.constexpr,
-                      num_warps: gl.constexpr):
+                      RC: gl.constexpr, STAGES: gl.constexpr, HEAD_LO: gl.constexpr, num_warps: gl.constexpr):
     """dQ of the gathered part, added to the dQ an earlier segment stored (which also stored Delta = rowsum(dO * O)):
     per key tile S = Q K^T and dP = dO V^T, then dS = P * (dP - Delta) and dQ += dS K. The next tile's two products
     are issued before this tile's element-wise work and run during it; dQ's product is waited within the iteration."""
@@ -392,16 +327,23 @@ def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_pt
     s_cur = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
     dp_cur = warpgroup_mma(do_smem, v_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
     s_cur, dp_cur = warpgroup_mma_wait(0, deps=(s_cur, dp_cur))
-    # every tile but the last unmasked, the last (which may reach past kv_len) masked (EDGES; else every tile)
-    for j in range(n_tiles - 1 if EDGES else n_tiles):
-        s_cur, dp_cur, dq = _dq_step(j, s_cur, dp_cur, dq, lse, delta, q_smem, do_smem, k_smem, v_smem, kv_bar, k_desc,
-                                     v_desc, b, h, lo, SEG_C, kv_len, n_tiles, cols, qk_scale, zero_s, ds_layout,
-                                     STAGES, BN, D, RB, RC, not EDGES)
-    if EDGES:
-        if n_tiles > 0:
-            s_cur, dp_cur, dq = _dq_step(n_tiles - 1, s_cur, dp_cur, dq, lse, delta, q_smem, do_smem, k_smem, v_smem,
-                                         kv_bar, k_desc, v_desc, b, h, lo, SEG_C, kv_len, n_tiles, cols, qk_scale,
-                                         zero_s, ds_layout, STAGES, BN, D, RB, RC, True)
+    for j in range(n_tiles):
+        stage = j % STAGES
+        nxt = gl.minimum(j + 1, n_tiles - 1)  # the last iteration redoes its own tile, unread
+        mbarrier.wait(kv_bar.index(nxt % STAGES), (nxt // STAGES) & 1)
+        s_next = warpgroup_mma(q_smem, k_smem.index(nxt % STAGES).permute((1, 0)), zero_s, use_acc=False,
+                               is_async=True)
+        dp_next = warpgroup_mma(do_smem, v_smem.index(nxt % STAGES).permute((1, 0)), zero_s, use_acc=False,
+                                is_async=True)
+        p = gl.exp2(s_cur * qk_scale - gl.expand_dims(lse, 1))
+        p = gl.where(gl.expand_dims(j * BN + cols < kv_len, 0), p, 0.0)
+        ds = p * (dp_cur - gl.expand_dims(delta, 1))
+        dq = warpgroup_mma(gl.convert_layout(ds.to(k_desc.dtype), ds_layout), k_smem.index(stage), dq,
+                           is_async=True)
+        dq, s_cur, dp_cur = warpgroup_mma_wait(0, deps=(dq, s_next, dp_next))
+        # tile j's stage is free: load tile j + STAGES into it
+        _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, j + STAGES, b, h, lo, SEG_C, j + STAGES < n_tiles, STAGES, BN,
+                 D, RB, RC)
     mbarrier.invalidate(q_bar)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(kv_bar.index(s))
@@ -411,35 +353,6 @@ def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_pt
     ok = gl.expand_dims(rows_o < N, 1)
     dq = dq * sm_scale + gl.load(dq_ptrs, mask=ok, other=0.0).to(gl.float32)  # added to the band's dQ
     gl.store(dq_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=ok)
-
-
-@gluon.jit
-def _dkdv_step(j, s_cur, dp_cur, lse_cur, delta_cur, dk, dv, k_smem, v_smem, q_smem, do_smem, q_bar, q_desc, do_desc,
-               lse_ptr, delta_ptr, base, q_start, row0, N, n_tiles, cols, first_row, qk_scale, zero_st,
-               op_layout: gl.constexpr, STAGES: gl.constexpr, BM: gl.constexpr, D: gl.constexpr, MASK: gl.constexpr):
-    """One query tile j of the dK / dV loop: the next tile's two products issued, this tile's P, dS, dV += P^T dO and
-    dK += dS^T Q, the next loads; MASK: the queries before each slot's first row masked."""
-    stage = j % STAGES
-    nxt = gl.minimum(j + 1, n_tiles - 1)  # the last iteration redoes its own tile, unread
-    mbarrier.wait(q_bar.index(nxt % STAGES), (nxt // STAGES) & 1)
-    s_next = warpgroup_mma(k_smem, q_smem.index(nxt % STAGES).permute((1, 0)), zero_st, use_acc=False, is_async=True)
-    dp_next = warpgroup_mma(v_smem, do_smem.index(nxt % STAGES).permute((1, 0)), zero_st, use_acc=False,
-                            is_async=True)
-    rows_next = q_start + (j + 1) * BM + cols
-    lse_next = gl.load(lse_ptr + base + rows_next, mask=rows_next < N, other=float("-inf")) * 1.4426950408889634
-    delta_next = gl.load(delta_ptr + base + rows_next, mask=rows_next < N, other=0.0)
-    p = gl.exp2(s_cur * qk_scale - gl.expand_dims(lse_cur, 0))
-    if MASK:
-        rows = q_start + j * BM + cols
-        p = gl.where(gl.expand_dims(rows, 0) >= first_row, p, 0.0)
-    ds = p * (dp_cur - gl.expand_dims(delta_cur, 0))
-    dv = warpgroup_mma(gl.convert_layout(p.to(q_desc.dtype), op_layout), do_smem.index(stage), dv, is_async=True)
-    dk = warpgroup_mma(gl.convert_layout(ds.to(q_desc.dtype), op_layout), q_smem.index(stage), dk, is_async=True)
-    dv, dk, s_cur, dp_cur = warpgroup_mma_wait(0, deps=(dv, dk, s_next, dp_next))
-    lse_cur = gl.where(lse_next == float("-inf"), float("inf"), lse_next)
-    # tile j's stage is free: load tile j + STAGES into it
-    _load_rows(q_desc, do_desc, q_smem, do_smem, q_bar, j + STAGES, row0, j + STAGES < n_tiles, STAGES, BM, D)
-    return s_cur, dp_cur, lse_cur, delta_next, dk, dv
 
 
 @gluon.jit
@@ -498,14 +411,28 @@ def _gather_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr
     s_cur = warpgroup_mma(k_smem, q_smem.index(0).permute((1, 0)), zero_st, use_acc=False, is_async=True)
     dp_cur = warpgroup_mma(v_smem, do_smem.index(0).permute((1, 0)), zero_st, use_acc=False, is_async=True)
     s_cur, dp_cur = warpgroup_mma_wait(0, deps=(s_cur, dp_cur))
-    # every query tile masked (only those before the tile's last slot's first row need it, but in a loop of their
-    # own, before the others' loop, this kernel spills 8 bytes at d = 64 and ptxas serializes its wgmma, C7512; sm_90,
-    # Triton 3.6)
     for j in range(n_tiles):
-        s_cur, dp_cur, lse_cur, delta_cur, dk, dv = _dkdv_step(
-            j, s_cur, dp_cur, lse_cur, delta_cur, dk, dv, k_smem, v_smem, q_smem, do_smem, q_bar, q_desc, do_desc,
-            lse_ptr, delta_ptr, base, q_start, row0, N, n_tiles, cols, first_row, qk_scale, zero_st, op_layout, STAGES,
-            BM, D, True)
+        stage = j % STAGES
+        nxt = gl.minimum(j + 1, n_tiles - 1)  # the last iteration redoes its own tile, unread
+        mbarrier.wait(q_bar.index(nxt % STAGES), (nxt // STAGES) & 1)
+        s_next = warpgroup_mma(k_smem, q_smem.index(nxt % STAGES).permute((1, 0)), zero_st, use_acc=False,
+                               is_async=True)
+        dp_next = warpgroup_mma(v_smem, do_smem.index(nxt % STAGES).permute((1, 0)), zero_st, use_acc=False,
+                                is_async=True)
+        rows_next = q_start + (j + 1) * BM + cols
+        lse_next = gl.load(lse_ptr + base + rows_next, mask=rows_next < N, other=float("-inf")) * 1.4426950408889634
+        delta_next = gl.load(delta_ptr + base + rows_next, mask=rows_next < N, other=0.0)
+        rows = q_start + j * BM + cols
+        p = gl.exp2(s_cur * qk_scale - gl.expand_dims(lse_cur, 0))
+        p = gl.where(gl.expand_dims(rows, 0) >= first_row, p, 0.0)
+        ds = p * (dp_cur - gl.expand_dims(delta_cur, 0))
+        dv = warpgroup_mma(gl.convert_layout(p.to(q_desc.dtype), op_layout), do_smem.index(stage), dv, is_async=True)
+        dk = warpgroup_mma(gl.convert_layout(ds.to(q_desc.dtype), op_layout), q_smem.index(stage), dk, is_async=True)
+        dv, dk, s_cur, dp_cur = warpgroup_mma_wait(0, deps=(dv, dk, s_next, dp_next))
+        lse_cur = gl.where(lse_next == float("-inf"), float("inf"), lse_next)
+        delta_cur = delta_next
+        # tile j's stage is free: load tile j + STAGES into it
+        _load_rows(q_desc, do_desc, q_smem, do_smem, q_bar, j + STAGES, row0, j + STAGES < n_tiles, STAGES, BM, D)
     mbarrier.invalidate(k_bar)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(q_bar.index(s))
@@ -631,7 +558,7 @@ def gather_forward(q, k, v, o, lse, L, lo, c, scale, merge, BM=128, BN=64, stage
                   summary_desc(v, L, lo, c, BN), o, lse, lo_ptr),
                   (scale * 1.4426950408889634, n, H, th, n // L * c, nqb, L, c),
                   dict(BM=BM, BN=BN, D=D, RB=rb, RC=rc, STAGES=stages, PIPE=pipe, MERGE=merge, HEAD_LO=head_lo,
-                       EDGES=MASK_EDGES, num_warps=warps))
+                       num_warps=warps))
     LAUNCHES += 1
 
 
@@ -647,8 +574,7 @@ def gather_dq(q, do, k, v, lse, delta, dq, L, lo, c, scale, BM=128, BN=64, stage
     launch_kernel(_gather_dq_kernel, (B * H, nqb), (_desc(q, BM, memo), _desc(do, BM, memo),
                   summary_desc(k, L, lo, c, BN, memo), summary_desc(v, L, lo, c, BN, memo), dq, lse, delta, lo_ptr),
                   (scale * 1.4426950408889634, scale, n, H, th, n // L * c, nqb, L, c),
-                  dict(BM=BM, BN=BN, D=D, RB=rb, RC=rc, STAGES=stages, HEAD_LO=head_lo, EDGES=MASK_EDGES,
-                       num_warps=warps))
+                  dict(BM=BM, BN=BN, D=D, RB=rb, RC=rc, STAGES=stages, HEAD_LO=head_lo, num_warps=warps))
     LAUNCHES += 1
 
 
