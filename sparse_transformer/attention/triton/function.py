@@ -91,7 +91,8 @@ TUNING[("transposed", 64)]["maxnreg"] = {"fwd": (88, 64, 32)}
 # (fixed-12k-d128) 44.0 -> 39.2 us, 1.020 -> 1.017 ms. The 64x32 transposed forward on 3 stages, still under its cap of
 # 88: strided-64k 188.1 -> 171.8 us, 1.322 -> 1.305 ms; strided-12k even (63.4 -> 61.8 us, 0.427 ms). On 3 stages the
 # capped forward spilled 8 bytes (compiled for sm_90 under Triton 3.6, bench/compile_probe.py; none since RULE_KEYS);
-# it measured faster than uncapped there all the same (176.3 us at strided-64k). Sweeps: dev-sweep-20261201-d128.json, -64x32-stages.json.
+# it measured faster than uncapped there all the same (176.3 us at strided-64k). Sweeps: dev-sweep-20261201-d128.json,
+# -64x32-stages.json.
 TUNING[("natural", 128)].update(fwd=(64, 32, 4, 3), dq=(64, 32, 4, 2), dkdv=(32, 64, 4, 2))
 # The transposed strided part adds its dQ from the dK/dV kernel (fp32 atomics, no dQ kernel; backward.py), on 64x64
 # tiles. On an H200 (python bench/dev_probe.py fuse, 2026-11-30, bench/results/dev-fuse-20261130-atomics.json;

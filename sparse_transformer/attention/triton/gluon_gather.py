@@ -223,7 +223,7 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, lo_ptr, qk_scale,
                 s_next = warpgroup_mma(q_smem, k_smem.index(nxt % STAGES).permute((1, 0)),
                                        gl.zeros([BM, BN], gl.float32, s_layout), use_acc=False, is_async=True)
             # (on every tile: only a row's last can reach past kv_len, but with the rule behind a branch on that
-            # this forward ran 1246 -> 1316-1428 us at fixed-64k, and dQ alike 1339 -> 1538-1658: H200, bench/ab_rev.py,
+            # this forward ran 1246-1268 -> 1316-1428 us at fixed-64k, dQ 1339-1342 -> 1538-1658: H200, bench/ab_rev.py,
             # 2026-12-01, ab-rev-20261201-152759-edges.json; with the last tile peeled off after a loop over the
             # others, dQ 1322-1325 -> 1506-1556 us and the forward even at fixed-64k, 199 -> 205-208 at fixed-12k,
             # ab-rev-20261201-154332-peel.json)
