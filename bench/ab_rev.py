@@ -23,22 +23,26 @@ OLD_DIR = os.path.join(HERE, ".ab_old")
 OLD_NAME = "sparse_transformer_old"
 
 
-def export(rev):
-    """REV's sparse_transformer package, renamed, under bench/.ab_old (the package imports itself relatively only)."""
-    shutil.rmtree(OLD_DIR, ignore_errors=True)
-    os.makedirs(OLD_DIR)
+def export(rev, dest=OLD_DIR):
+    """REV's sparse_transformer package, renamed, under dest (the package imports itself relatively only)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    os.makedirs(dest)
+    root = os.path.dirname(HERE)
     with tempfile.TemporaryDirectory() as tmp:
-        tar = subprocess.run(["git", "archive", rev, "sparse_transformer"], check=True, capture_output=True).stdout
+        tar = subprocess.run(["git", "archive", rev, "sparse_transformer"], check=True, capture_output=True,
+                             cwd=root).stdout
         subprocess.run(["tar", "-x", "-C", tmp], input=tar, check=True)
-        shutil.move(os.path.join(tmp, "sparse_transformer"), os.path.join(OLD_DIR, OLD_NAME))
-    with open(os.path.join(OLD_DIR, "REV"), "w") as f:
-        f.write(subprocess.run(["git", "rev-parse", rev], check=True, capture_output=True, text=True).stdout)
-    print("exported", rev, "to", os.path.join(OLD_DIR, OLD_NAME))
+        shutil.move(os.path.join(tmp, "sparse_transformer"), os.path.join(dest, OLD_NAME))
+    with open(os.path.join(dest, "REV"), "w") as f:
+        f.write(subprocess.run(["git", "rev-parse", rev], check=True, capture_output=True, text=True,
+                               cwd=root).stdout)
+    print("exported", rev, "to", os.path.join(dest, OLD_NAME))
 
 
-def sides():
-    """{"new": (layouts, sparse_attention, clear_cache), "old": (...)}: the working tree's package and the exported one."""
-    sys.path.insert(0, OLD_DIR)
+def sides(dest=OLD_DIR):
+    """{"new": (layouts, sparse_attention, clear_cache), "old": (...)}: the working tree's package and the one
+    exported to dest."""
+    sys.path.insert(0, dest)
     out = {}
     for side, name in (("new", "sparse_transformer"), ("old", OLD_NAME)):
         pkg = importlib.import_module(name)

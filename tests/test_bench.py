@@ -1,6 +1,7 @@
 """The model and max-length benchmarks on CPU (their GPU numbers come from the device): rows, JSON, plot, the length
 search and the command-line flags."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,3 +175,40 @@ def test_model_step_rows_count_replays(tiny_preset):
     row = bench.time_train_step(bench.model_config(tiny_preset, 64), 64, steps=2, device="cpu")
     assert row["attention_calls"] == 0 and row["graph_replays"] == 0 and "graphs" in row
     assert row["graph_replays_per_step"] == [0, 0]
+
+
+def test_ab_rev_exports_a_revision_and_patches_a_side(tmp_path):
+    """bench/ab_rev.py: a revision's package exported under another name imports beside ours and computes the same
+    attention (torch backend, CPU); a side "MOD.ATTR=EXPR" sets the attribute while it runs and restores it."""
+    import importlib.util
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or subprocess.run(["git", "rev-parse", "HEAD"], cwd=root,
+                                                     capture_output=True).returncode != 0:
+        pytest.skip("needs a git checkout")
+    spec = importlib.util.spec_from_file_location("ab_rev", root / "bench" / "ab_rev.py")
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    ab.export("HEAD", dest=str(tmp_path))
+    assert (tmp_path / "REV").read_text().strip() == subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    both = ab.sides(dest=str(tmp_path))
+    assert both["old"][1].__module__.startswith(ab.OLD_NAME) and both["new"][1].__module__.startswith("sparse_")
+    from sparse_transformer.bench import SETUPS
+
+    make = SETUPS["strided-3k"][4]
+    lay_new, lay_old = (ab._layout(both[side][0], make) for side in ("new", "old"))
+    assert type(lay_old).__module__ == ab.OLD_NAME + ".layouts" and lay_old.n == lay_new.n == 3072
+    q, k, v = (torch.randn(1, 2, 3072, 16) for _ in range(3))
+    outs = [both[side][1](q, k, v, lay, backend="torch") for side, lay in (("new", lay_new), ("old", lay_old))]
+    torch.testing.assert_close(outs[0], outs[1])
+    from sparse_transformer.attention.triton import forward
+
+    was = forward.FOLD_KINDS
+    enter, leave = ab._patched("forward.FOLD_KINDS=FOLD_KINDS+('natural',)")
+    enter()
+    assert forward.FOLD_KINDS == was + ("natural",)
+    leave()
+    assert forward.FOLD_KINDS == was
