@@ -5,8 +5,8 @@ the same q, k, v; before timing, the two sides' outputs and gradients are compar
 Usage (two steps: the device has no git history):
   python bench/ab_rev.py export REV      # here: REV's package as bench/.ab_old/sparse_transformer_old (git-ignored)
   python bench/ab_rev.py time [setup ...]  # on the device, carrying bench/.ab_old; JSON in $OUT or bench/results/
-ORDER="new old fold ..." sets the order; a side "MOD.ATTR=EXPR" (e.g. "forward.FOLD_KINDS=('gather','natural')") is the
-working tree with attribute ATTR of sparse_transformer.attention.triton.MOD set to EXPR (evaluated in that module, no
+ORDER="new old new ..." sets the order; besides "new" and "old", a side "MOD.ATTR=EXPR" (e.g.
+"forward.FOLD_KINDS=('gather','natural')") is the working tree with attribute ATTR of sparse_transformer.attention.triton.MOD set to EXPR (evaluated in that module, no
 spaces) while that side runs, e.g. "function.TUNING={**TUNING,('natural',64):{**TUNING[('natural',64)],'maxnreg':{}}}".
 """
 import importlib
@@ -52,9 +52,11 @@ def sides(dest=OLD_DIR):
 
 
 def _patched(side):
-    """(enter, leave) for a side "MOD.ATTR=EXPR" (see the usage), else two no-ops."""
-    if "=" not in side:
+    """(enter, leave) for a side "MOD.ATTR=EXPR" (see the usage); two no-ops for "new" and "old"."""
+    if side in ("new", "old"):
         return (lambda: None), (lambda: None)
+    if "=" not in side:
+        raise ValueError(f"a side is new, old or MOD.ATTR=EXPR, got {side!r}")
     target, expr = side.split("=", 1)
     mod_name, attr = target.rsplit(".", 1)
     mod = importlib.import_module("sparse_transformer.attention.triton." + mod_name)

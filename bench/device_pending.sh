@@ -47,7 +47,8 @@
 #   bash bench/device_pending.sh ab OUT        # bench/ab_rev.py: the working tree against an exported revision, in
 #                                              # turn (ORDER, AB_SETUPS), and the Gluon kernels' check
 #   bash bench/device_pending.sh final26 OUT   # every kernel GPU test, the table, test_model's GPU tests
-#   bash bench/device_pending.sh edges OUT     # the Gluon rule on edge tiles: check, A/B, fixed GPU tests, fixed rows
+#   (eighth session, `edges`: the Gluon forward's and dQ's rule on a row's last tile only, gluon_gather.MASK_EDGES:
+#   check, A/B, fixed GPU tests and rows; removed with that code, which lost)
 #   (seventh session, `rcp`: the forward's output through per-row reciprocals, forward.RCP on / off with
 #   bench/dev_probe.py rcp, then every kernel test; the switch and that mode were removed once it won)
 #   bash bench/device_pending.sh final OUT     # every kernel GPU test, the table, the cifar10 step's replays per step
@@ -63,7 +64,7 @@
 #                                              # every kernel GPU test with graphs on
 # Run from the repository root on the device machine; JSON and logs land in OUT (pass $OUT there).
 set -uo pipefail
-WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, strided-block, stages, final-tests, first, oneloop, rule, band, maxnreg, ncu, host, verify, verify-model, graphs, reverse, pending, replay, ab, edges, final or final26}; OUT=${2:?output folder}
+WHAT=${1:?decode, long, step, kernels, table, tiles, gather, order, gluon, summary, block, heads, strided-block, stages, final-tests, first, oneloop, rule, band, maxnreg, ncu, host, verify, verify-model, graphs, reverse, pending, replay, ab, final or final26}; OUT=${2:?output folder}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 ST="python -m sparse_transformer.cli"
 mkdir -p "$OUT"
@@ -263,17 +264,6 @@ case "$WHAT" in
     timeout 50 python -m pytest -m gpu tests/test_model.py -q -n 8 -p no:cacheprovider -rf 2>&1 | tail -n 4 \
       | tee "$OUT/gpu-tests-model.log"
     ;;
-  edges)
-    # (eighth session) the Gluon kernels' element rule on edge tiles only: check, A/B against bench/.ab_old on the
-    # fixed setups, the fixed pattern's GPU tests, the fixed rows of the table
-    timeout 100 python bench/gluon_gather.py check 2>&1 | tail -n 4 | tee "$OUT/gluon-check.log"
-    OUT="$OUT" ORDER="new old new old new" timeout 130 python bench/ab_rev.py time fixed-12k fixed-64k 2>&1 \
-      | grep -v "Warning\|_warn_once\|run_backward" | tee "$OUT/ab-rev.log"
-    timeout 150 python -m pytest -m gpu tests/test_triton_attention.py -k "fixed or gluon" -q -n 16 \
-      -p no:cacheprovider -rf 2>&1 | tail -n 4 | tee "$OUT/gpu-tests-fixed.log"
-    timeout 70 $ST bench attention --setups fixed-12k fixed-64k --methods triton sdpa-cudnn --out "$OUT" 2>&1 \
-      | tail -n 8 | tee "$OUT/attention.log"
-    ;;
   replay)
     # (seventh session) the replay tests one per worker with their durations
     timeout 200 python -m pytest -m gpu tests/test_triton_attention.py -v -n 4 -p no:cacheprovider --durations=5 \
@@ -301,6 +291,6 @@ case "$WHAT" in
     ;;
   *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles | gather | order | gluon | summary | block |"\
        "heads | strided-block | stages | final-tests | first | oneloop | rule | band | maxnreg | ncu | host | verify |"\
-       "verify-model | graphs | reverse | pending | replay | ab | edges | final | final26)"
+       "verify-model | graphs | reverse | pending | replay | ab | final | final26)"
      exit 2 ;;
 esac

@@ -195,7 +195,7 @@ def test_ab_rev_exports_a_revision_and_patches_a_side(tmp_path):
     assert (tmp_path / "REV").read_text().strip() == subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
     both = ab.sides(dest=str(tmp_path))
-    assert both["old"][1].__module__.startswith(ab.OLD_NAME) and both["new"][1].__module__.startswith("sparse_")
+    assert [both[side][1].__module__.split(".")[0] for side in ("new", "old")] == ["sparse_transformer", ab.OLD_NAME]
     from sparse_transformer.bench import SETUPS
 
     make = SETUPS["strided-3k"][4]
@@ -212,3 +212,5 @@ def test_ab_rev_exports_a_revision_and_patches_a_side(tmp_path):
     assert forward.FOLD_KINDS == was + ("natural",)
     leave()
     assert forward.FOLD_KINDS == was
+    with pytest.raises(ValueError):
+        ab._patched("fold")
