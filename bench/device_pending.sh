@@ -255,6 +255,16 @@ case "$WHAT" in
     OUT="$OUT" timeout 330 python bench/ab_rev.py time ${AB_SETUPS:-} 2>&1 | tee "$OUT/ab-rev.log"
     timeout 150 python bench/gluon_gather.py check 2>&1 | tail -n 12 | tee "$OUT/gluon-check.log"
     ;;
+  gluon27)
+    # (ninth session) the Gluon dQ / dK/dV variants (unrolled by two, without the next tile's products issued early,
+    # the dK/dV rule per key row): check against a float32 reference, kernel times, then the library against the
+    # revision in bench/.ab_old on the fixed setups
+    timeout 200 python bench/gluon_gather.py check > "$OUT/gluon-check.log" 2>&1; echo "check rc $?"
+    grep -i "within bounds\|false\|error" "$OUT/gluon-check.log" | tail -n 20
+    timeout 170 python bench/gluon_gather.py time 2>&1 | tee "$OUT/gluon-time.log"
+    OUT="$OUT" timeout 170 python bench/ab_rev.py time ${AB_SETUPS:-fixed-12k fixed-64k} 2>&1 | tee "$OUT/ab-rev.log" \
+      | tail -n 30
+    ;;
   final26)
     # (eighth session's last call) every kernel GPU test, the table, test_model's GPU tests
     timeout 380 python -m pytest -m gpu tests/test_triton_attention.py tests/test_launcher.py -q -n 16 \
