@@ -265,8 +265,8 @@ case "$WHAT" in
     OUT="$OUT" timeout 170 python bench/ab_rev.py time ${AB_SETUPS:-fixed-12k fixed-64k} 2>&1 | tee "$OUT/ab-rev.log" \
       | tail -n 30
     ;;
-  final26)
-    # (eighth session's last call) every kernel GPU test, the table, test_model's GPU tests
+  final26|final27)
+    # (eighth and ninth sessions' last calls) every kernel GPU test, the table, test_model's GPU tests
     timeout 380 python -m pytest -m gpu tests/test_triton_attention.py tests/test_launcher.py -q -n 16 \
       -p no:cacheprovider -rf 2>&1 | tail -n 8 | tee "$OUT/gpu-tests-kernels.log"
     timeout 150 $ST bench attention --methods triton sdpa-cudnn sdpa-flash flex --out "$OUT" 2>&1 \

@@ -33,22 +33,14 @@ def reference(q, k, v, L, lo, c, scale):
 SETTINGS = [dict(BM=128, BN=64, stages=st, warps=w, pipe=p) for (st, w, p) in
             ((3, 4, 0), (2, 4, 0), (4, 4, 0), (3, 8, 0), (3, 4, 1), (3, 4, 2), (4, 4, 2))] + \
     [dict(BM=64, BN=64, stages=4, warps=4, pipe=0), dict(BM=128, BN=128, stages=3, warps=8, pipe=0)]
-DKDV_SWEEP = [dict(BM=bm, BN=bn, stages=st, warps=w, unroll=u, prefetch=f) for (bm, bn, st, w, u, f) in
-              ((64, 64, 3, 4, 1, 1), (64, 64, 3, 4, 2, 1), (64, 64, 3, 4, 1, 0), (64, 64, 3, 4, 2, 0),
-               (64, 64, 4, 4, 2, 0), (64, 64, 2, 4, 2, 0), (64, 128, 3, 8, 2, 0), (32, 64, 3, 4, 2, 1))]
-DKDV_SWEEP_128 = [LIBRARY_KV[128]] + [s for s in (dict(BM=64, BN=64, stages=2, warps=4, unroll=1),
-                                                   dict(BM=32, BN=64, stages=2, warps=4, unroll=1),
-                                                   dict(BM=32, BN=64, stages=3, warps=4, unroll=1),
-                                                   dict(BM=32, BN=64, stages=3, warps=4, unroll=2),
-                                                   dict(BM=32, BN=64, stages=3, warps=4, unroll=2, prefetch=0))
+DKDV_SWEEP = [dict(BM=bm, BN=bn, stages=st, warps=w) for (bm, bn, st, w) in
+              ((64, 64, 3, 4), (64, 64, 2, 4), (128, 64, 2, 4), (64, 128, 3, 8), (128, 128, 2, 8), (32, 64, 3, 4),
+               (32, 64, 4, 4), (32, 64, 2, 4))]
+DKDV_SWEEP_128 = [LIBRARY_KV[128]] + [s for s in (dict(BM=64, BN=64, stages=2, warps=4), dict(BM=64, BN=128, stages=2,
+                  warps=8), dict(BM=32, BN=64, stages=2, warps=4), dict(BM=32, BN=64, stages=3, warps=4))
                                      if s != LIBRARY_KV[128]]
-DQ_SWEEP_128 = [LIBRARY_DQ[128]] + [s for s in (dict(BM=128, BN=64, stages=3, warps=8, unroll=2, prefetch=1),
-                                               dict(BM=128, BN=64, stages=3, warps=8, unroll=1, prefetch=0),
-                                               dict(BM=64, BN=64, stages=3, warps=4, unroll=2, prefetch=0))
-                                 if s != LIBRARY_DQ[128]]
-DQ_SWEEP = [dict(BM=bm, BN=64, stages=st, warps=w, unroll=u, prefetch=f) for (bm, st, w, u, f) in
-            ((128, 3, 8, 1, 1), (128, 3, 8, 1, 0), (128, 3, 8, 2, 0), (64, 3, 4, 1, 1), (64, 3, 4, 2, 1),
-             (64, 3, 4, 1, 0), (64, 3, 4, 2, 0), (64, 4, 4, 2, 0))]
+DQ_SWEEP = [dict(BM=bm, BN=64, stages=st, warps=w) for (bm, st, w) in
+            ((128, 3, 8), (128, 2, 8), (128, 4, 8), (64, 3, 4), (64, 2, 4), (64, 4, 4))]
 
 
 def check(full=False):
@@ -96,7 +88,7 @@ def check(full=False):
         do = torch.randn_like(q)
         ref_dq, ref_dk, ref_dv = torch.autograd.grad(ref, (qf, kf, vf), do.float())
         delta = (do.float() * ref.detach()).sum(-1).contiguous()
-        for st in DQ_SWEEP + [LIBRARY_DQ[64]] if D == 64 else DQ_SWEEP_128:
+        for st in (DQ_SWEEP if full else [LIBRARY_DQ[64]]) if D == 64 else [LIBRARY_DQ[128]]:
             for dq_dtype in (torch.float32, dt):
                 if L % st["BM"]:
                     continue
@@ -177,7 +169,7 @@ def time_against_triton():
         lse_ok = torch.where(lse > float("-inf"), lse, 0.0)  # rows that see no summary key: any finite value
         delta = torch.randn_like(lse)
         dq = torch.zeros(q.shape, device="cuda", dtype=torch.float32)
-        for st in DQ_SWEEP if D == 64 else DQ_SWEEP_128:
+        for st in [LIBRARY_DQ[D]]:
             runs[f"gluon dq {st}"] = lambda st=st: gather_dq(q, go, k, v, lse_ok, delta, dq, L, L - c, c, D ** -0.5,
                                                              **st)
         dk, dv = torch.zeros_like(q), torch.zeros_like(q)
@@ -225,7 +217,6 @@ def compile_only(which=("fwd", "dq", "dkdv"), c=32, head_lo=False):
                                                              STAGES=st["stages"], PIPE=st["pipe"], MERGE=True,
                                                              HEAD_LO=head_lo))
     for st in [dict(s, D=64) for s in DQ_SWEEP if "dq" in which] + \
-            [dict(s, D=128) for s in DQ_SWEEP_128[1:] if "dq" in which] + \
             [dict(s, D=d, library=True) for d, s in LIBRARY_DQ.items() if "dq" in which]:
         D = st["D"]
         qd, kd = descs(st, D)
@@ -233,11 +224,9 @@ def compile_only(which=("fwd", "dq", "dkdv"), c=32, head_lo=False):
         sig = dict(q_desc=qd, do_desc=qd, k_desc=kd, v_desc=kd, dq_ptr="*fp32", lse_ptr="*fp32", delta_ptr="*fp32",
                    lo_ptr="*i32", qk_scale="fp32", sm_scale="fp32", **scalars, G="i32", NQB="i32", SEG_L="i32",
                    SEG_C="i32", BM="constexpr", BN="constexpr", D="constexpr", RB="constexpr", RC="constexpr",
-                   STAGES="constexpr", HEAD_LO="constexpr", UNROLL="constexpr", PREFETCH="constexpr",
-                   num_warps="constexpr")
+                   STAGES="constexpr", HEAD_LO="constexpr", num_warps="constexpr")
         build(_gather_dq_kernel, f"dq {st}", st, sig, dict(BM=st["BM"], BN=st["BN"], D=D, RB=rb, RC=rc,
-                                                           STAGES=st["stages"], HEAD_LO=head_lo, UNROLL=st["unroll"],
-                                                           PREFETCH=st.get("prefetch", 1)))
+                                                           STAGES=st["stages"], HEAD_LO=head_lo))
     for st in [s for s in DKDV_SWEEP if "dkdv" in which] + \
             [dict(s, D=128) for s in DKDV_SWEEP_128[1:] if "dkdv" in which] + \
             [dict(s, D=d, library=True) for d, s in LIBRARY_KV.items() if "dkdv" in which]:
@@ -248,11 +237,9 @@ def compile_only(which=("fwd", "dq", "dkdv"), c=32, head_lo=False):
         sig = dict(q_desc=qd, do_desc=qd, k_desc=kd, v_desc=kd, dk_ptr="*bf16", dv_ptr="*bf16", lse_ptr="*fp32",
                    delta_ptr="*fp32", lo_ptr="*i32", qk_scale="fp32", sm_scale="fp32", **scalars, NB="i32",
                    SEG_L="i32", SEG_LO="i32", SEG_C="i32", BM="constexpr", BN="constexpr", D="constexpr",
-                   RB="constexpr", RC="constexpr", STAGES="constexpr", HEAD_LO="constexpr", UNROLL="constexpr",
-                   PREFETCH="constexpr", num_warps="constexpr")
+                   RB="constexpr", RC="constexpr", STAGES="constexpr", HEAD_LO="constexpr", num_warps="constexpr")
         build(_gather_dkdv_kernel, f"dkdv {st}", st, sig, dict(BM=st["BM"], BN=st["BN"], D=D, RB=rb, RC=rc,
-                                                               STAGES=st["stages"], HEAD_LO=head_lo,
-                                                               UNROLL=st["unroll"], PREFETCH=st.get("prefetch", 1)))
+                                                               STAGES=st["stages"], HEAD_LO=head_lo))
 
 
 def _report(label, k):

@@ -46,15 +46,13 @@ from .launcher import Tma, capability, cdiv, launch as launch_kernel
 SETTINGS = {64: dict(BM=128, BN=64, stages=3, warps=4, pipe=0), 128: dict(BM=128, BN=64, stages=3, warps=8, pipe=0)}
 # dQ: 64x64 on 4 warps took 1318 us at fixed-64k against 1798 for 128x64 on 8 warps; d=128 the other way round
 # (230 us against 266 at fixed-12k-d128)
-DQ_SETTINGS = {64: dict(BM=64, BN=64, stages=3, warps=4, unroll=2, prefetch=1),
-               128: dict(BM=128, BN=64, stages=3, warps=8, unroll=1, prefetch=1)}
+DQ_SETTINGS = {64: dict(BM=64, BN=64, stages=3, warps=4), 128: dict(BM=128, BN=64, stages=3, warps=8)}
 # dK / dV (the summary keys' tiles, BN, against streamed query tiles, BM). d=128 on 32-query tiles, 3 stages: compiled
 # for sm_90 (Triton 3.6, python bench/gluon_gather.py compile dkdv) 255 registers and no spills, where 64x64 on 2
 # stages spills 48 bytes; H200, python bench/gluon_gather.py time (gluon-time-dkdv32-20261201.log): 390 -> 362 us at
 # fixed-12k-d128 (B = 2, H = 4). At d=64 32-query tiles need 168 registers (3 programs per SM) but ran slower: 2423
 # -> 2566-2953 us (fixed-64k), 379 -> 397-427 (fixed-12k).
-DKDV_SETTINGS = {64: dict(BM=64, BN=64, stages=3, warps=4, unroll=1, prefetch=1),
-                 128: dict(BM=32, BN=64, stages=3, warps=4, unroll=1, prefetch=1)}
+DKDV_SETTINGS = {64: dict(BM=64, BN=64, stages=3, warps=4), 128: dict(BM=32, BN=64, stages=3, warps=4)}
 KV_TILE = 64  # every kernel's key tile (BN above): summary_fits checks the summary width against it
 assert all(s["BN"] == KV_TILE for t in (SETTINGS, DQ_SETTINGS, DKDV_SETTINGS) for s in t.values())
 # the dK / dV kernel too (SPARSE_TRANSFORMER_GLUON_DKDV=0 leaves dK / dV to the Triton kernel)
@@ -289,14 +287,12 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, lo_ptr, qk_scale,
 @gluon.jit
 def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_ptr, lo_ptr, qk_scale, sm_scale, N, H,
                       TH, G, NQB, SEG_L, SEG_C, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, RB: gl.constexpr,
-                      RC: gl.constexpr, STAGES: gl.constexpr, HEAD_LO: gl.constexpr, UNROLL: gl.constexpr,
-                      PREFETCH: gl.constexpr, num_warps: gl.constexpr):
+                      RC: gl.constexpr, STAGES: gl.constexpr, HEAD_LO: gl.constexpr, num_warps: gl.constexpr):
     """dQ of the gathered part, added to the dQ an earlier segment stored (which also stored Delta = rowsum(dO * O)):
     per key tile S = Q K^T and dP = dO V^T, then dS = P * (dP - Delta) and dQ += dS K. The next tile's two products
     are issued before this tile's element-wise work and run during it; dQ's product is waited within the iteration."""
     gl.static_assert(STAGES >= 2)
     bh, b, h, lo, q0, kv_len, n_tiles = _query_tile(NQB, G, SEG_L, SEG_C, H, lo_ptr, TH, BM, BN, HEAD_LO)
-    n_tiles = gl.cdiv(n_tiles, UNROLL) * UNROLL  # a tile past kv_len: masked, nothing added
 
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                         instr_shape=[16, BN, 16])
@@ -327,56 +323,27 @@ def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_pt
     dq = gl.zeros([BM, D], gl.float32, o_layout)
     zero_s = gl.zeros([BM, BN], gl.float32, s_layout)
     mbarrier.wait(q_bar, 0)
-    if PREFETCH:
-        mbarrier.wait(kv_bar.index(0), 0, pred=n_tiles > 0)
-        s_cur = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        dp_cur = warpgroup_mma(do_smem, v_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        s_cur, dp_cur = warpgroup_mma_wait(0, deps=(s_cur, dp_cur))
-        for j2 in range(0, n_tiles, UNROLL):
-            for u in gl.static_range(UNROLL):
-                j = j2 + u
-                stage = j % STAGES
-                nxt = gl.minimum(j + 1, n_tiles - 1)  # the last iteration redoes its own tile, unread
-                mbarrier.wait(kv_bar.index(nxt % STAGES), (nxt // STAGES) & 1)
-                s_next = warpgroup_mma(q_smem, k_smem.index(nxt % STAGES).permute((1, 0)), zero_s, use_acc=False,
-                                       is_async=True)
-                dp_next = warpgroup_mma(do_smem, v_smem.index(nxt % STAGES).permute((1, 0)), zero_s, use_acc=False,
-                                        is_async=True)
-                p = gl.exp2(s_cur * qk_scale - gl.expand_dims(lse, 1))
-                p = gl.where(gl.expand_dims(j * BN + cols < kv_len, 0), p, 0.0)
-                ds = p * (dp_cur - gl.expand_dims(delta, 1))
-                dq = warpgroup_mma(gl.convert_layout(ds.to(k_desc.dtype), ds_layout), k_smem.index(stage), dq,
-                                   is_async=True)
-                dq, s_cur, dp_cur = warpgroup_mma_wait(0, deps=(dq, s_next, dp_next))
-                # tile j's stage is free: load tile j + STAGES into it
-                _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, j + STAGES, b, h, lo, SEG_C, j + STAGES < n_tiles, STAGES, BN,
-                         D, RB, RC)
-    else:
-        # each iteration issues the previous tile's dQ product and this tile's S and dP, waits for all three (nothing
-        # in flight across the loop's back edge), then runs this tile's element-wise work; the first iteration's
-        # "previous tile" is zeros
-        ds_op = gl.zeros([BM, BN], k_desc.dtype, ds_layout)
-        for j2 in range(0, n_tiles, UNROLL):
-            for u in gl.static_range(UNROLL):
-                j = j2 + u
-                stage = j % STAGES
-                prev = (j + STAGES - 1) % STAGES
-                mbarrier.wait(kv_bar.index(stage), (j // STAGES) & 1)
-                dq = warpgroup_mma(ds_op, k_smem.index(prev), dq, is_async=True)
-                s_t = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), zero_s, use_acc=False,
-                                    is_async=True)
-                dp_t = warpgroup_mma(do_smem, v_smem.index(stage).permute((1, 0)), zero_s, use_acc=False,
-                                     is_async=True)
-                dq, s_t, dp_t = warpgroup_mma_wait(0, deps=(dq, s_t, dp_t))
-                # tile j - 1's stage is free: load tile j - 1 + STAGES into it
-                _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, j - 1 + STAGES, b, h, lo, SEG_C,
-                         (j > 0) & (j - 1 + STAGES < n_tiles), STAGES, BN, D, RB, RC)
-                p = gl.exp2(s_t * qk_scale - gl.expand_dims(lse, 1))
-                p = gl.where(gl.expand_dims(j * BN + cols < kv_len, 0), p, 0.0)
-                ds = p * (dp_t - gl.expand_dims(delta, 1))
-                ds_op = gl.convert_layout(ds.to(k_desc.dtype), ds_layout)
-        dq = warpgroup_mma(ds_op, k_smem.index((n_tiles + STAGES - 1) % STAGES), dq, is_async=True)
-        dq = warpgroup_mma_wait(0, deps=(dq,))
+    mbarrier.wait(kv_bar.index(0), 0, pred=n_tiles > 0)
+    s_cur = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    dp_cur = warpgroup_mma(do_smem, v_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    s_cur, dp_cur = warpgroup_mma_wait(0, deps=(s_cur, dp_cur))
+    for j in range(n_tiles):
+        stage = j % STAGES
+        nxt = gl.minimum(j + 1, n_tiles - 1)  # the last iteration redoes its own tile, unread
+        mbarrier.wait(kv_bar.index(nxt % STAGES), (nxt // STAGES) & 1)
+        s_next = warpgroup_mma(q_smem, k_smem.index(nxt % STAGES).permute((1, 0)), zero_s, use_acc=False,
+                               is_async=True)
+        dp_next = warpgroup_mma(do_smem, v_smem.index(nxt % STAGES).permute((1, 0)), zero_s, use_acc=False,
+                                is_async=True)
+        p = gl.exp2(s_cur * qk_scale - gl.expand_dims(lse, 1))
+        p = gl.where(gl.expand_dims(j * BN + cols < kv_len, 0), p, 0.0)
+        ds = p * (dp_cur - gl.expand_dims(delta, 1))
+        dq = warpgroup_mma(gl.convert_layout(ds.to(k_desc.dtype), ds_layout), k_smem.index(stage), dq,
+                           is_async=True)
+        dq, s_cur, dp_cur = warpgroup_mma_wait(0, deps=(dq, s_next, dp_next))
+        # tile j's stage is free: load tile j + STAGES into it
+        _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, j + STAGES, b, h, lo, SEG_C, j + STAGES < n_tiles, STAGES, BN,
+                 D, RB, RC)
     mbarrier.invalidate(q_bar)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(kv_bar.index(s))
@@ -392,7 +359,7 @@ def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_pt
 def _gather_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr, delta_ptr, lo_ptr, qk_scale, sm_scale,
                         N, H, TH, NB, SEG_L, SEG_LO, SEG_C, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
                         RB: gl.constexpr, RC: gl.constexpr, STAGES: gl.constexpr, HEAD_LO: gl.constexpr,
-                        UNROLL: gl.constexpr, PREFETCH: gl.constexpr, num_warps: gl.constexpr):
+                        num_warps: gl.constexpr):
     """dK / dV of the gathered part for BN summary keys (slots k0 .. k0 + BN), added to the dK / dV an earlier
     segment stored at their rows: per query tile S^T = K Q^T and dP^T = V dO^T, then P^T = exp(S^T - LSE), dV += P^T dO,
     dS^T = P^T * (dP^T - Delta), dK += dS^T Q. Summary slot s (block s // SEG_C) is seen by the queries of the later
@@ -403,7 +370,6 @@ def _gather_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr
     k0 = gl.program_id(1) * BN  # tile 0 has the most queries: its programs start first
     q_start = (k0 // SEG_C + 1) * SEG_L  # the first query row that sees a key of this tile (BM divides SEG_L)
     n_tiles = gl.cdiv(gl.maximum(N - q_start, 0), BM)
-    n_tiles = gl.cdiv(n_tiles, UNROLL) * UNROLL  # a tile past the end: LSE +inf, P = 0, nothing added
 
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                          instr_shape=[16, BM, 16])
@@ -435,83 +401,40 @@ def _gather_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr
     zero_st = gl.zeros([BN, BM], gl.float32, st_layout)
     dk = gl.zeros([BN, D], gl.float32, kv_layout)
     dv = gl.zeros([BN, D], gl.float32, kv_layout)
+    # LSE (log2) and Delta of the first tile; rows past N (the next head's, or TMA's zeros): LSE = +inf, so P = 0.
+    # Every row from SEG_L on sees a summary key, so its stored LSE is finite: no fix-up of -inf per element.
     lse_row = lse_ptr + base + q_start
     delta_row = delta_ptr + base + q_start
+    lse_cur = gl.load(lse_row + cols, mask=cols < N - q_start, other=float("inf")) * 1.4426950408889634
+    delta_cur = gl.load(delta_row + cols, mask=cols < N - q_start, other=0.0)
     mbarrier.wait(k_bar, 0)
-    if PREFETCH:
-        # LSE (log2) and Delta of the first tile; rows past N (the next head's, or TMA's zeros): LSE = +inf, so P = 0.
-        # Every row from SEG_L on sees a summary key, so a stored LSE is finite.
-        lse_cur = gl.load(lse_row + cols, mask=cols < N - q_start, other=float("inf")) * 1.4426950408889634
-        delta_cur = gl.load(delta_row + cols, mask=cols < N - q_start, other=0.0)
-        mbarrier.wait(q_bar.index(0), 0, pred=n_tiles > 0)
-        s_cur = warpgroup_mma(k_smem, q_smem.index(0).permute((1, 0)), zero_st, use_acc=False, is_async=True)
-        dp_cur = warpgroup_mma(v_smem, do_smem.index(0).permute((1, 0)), zero_st, use_acc=False, is_async=True)
-        s_cur, dp_cur = warpgroup_mma_wait(0, deps=(s_cur, dp_cur))
-        for j2 in range(0, n_tiles, UNROLL):
-            for u in gl.static_range(UNROLL):
-                j = j2 + u
-                stage = j % STAGES
-                nxt = gl.minimum(j + 1, n_tiles - 1)  # the last iteration redoes its own tile, unread
-                mbarrier.wait(q_bar.index(nxt % STAGES), (nxt // STAGES) & 1)
-                s_next = warpgroup_mma(k_smem, q_smem.index(nxt % STAGES).permute((1, 0)), zero_st, use_acc=False,
-                                       is_async=True)
-                dp_next = warpgroup_mma(v_smem, do_smem.index(nxt % STAGES).permute((1, 0)), zero_st, use_acc=False,
-                                        is_async=True)
-                left = N - q_start - (j + 1) * BM  # rows of the next tile before the sequence's end
-                lse_next = gl.load(lse_row + (j + 1) * BM + cols, mask=cols < left, other=float("inf")) * \
-                    1.4426950408889634
-                delta_next = gl.load(delta_row + (j + 1) * BM + cols, mask=cols < left, other=0.0)
-                # the tile's rows lie in one block (BM divides SEG_L), so a slot sees all of them or none
-                p = gl.exp2(s_cur * qk_scale - gl.expand_dims(lse_cur, 0))
-                p = gl.where(gl.expand_dims(q_start + j * BM >= first_row, 1), p, 0.0)
-                ds = p * (dp_cur - gl.expand_dims(delta_cur, 0))
-                dv = warpgroup_mma(gl.convert_layout(p.to(q_desc.dtype), op_layout), do_smem.index(stage), dv,
-                                   is_async=True)
-                dk = warpgroup_mma(gl.convert_layout(ds.to(q_desc.dtype), op_layout), q_smem.index(stage), dk,
-                                   is_async=True)
-                dv, dk, s_cur, dp_cur = warpgroup_mma_wait(0, deps=(dv, dk, s_next, dp_next))
-                lse_cur = lse_next
-                delta_cur = delta_next
-                # tile j's stage is free: load tile j + STAGES into it
-                _load_rows(q_desc, do_desc, q_smem, do_smem, q_bar, j + STAGES, row0, j + STAGES < n_tiles, STAGES,
-                           BM, D)
-    else:
-        # each iteration issues the previous tile's dV and dK products and this tile's S^T and dP^T, waits for all
-        # four (nothing in flight across the loop's back edge), then runs this tile's element-wise work; the first
-        # iteration's "previous tile" is zeros
-        p_op = gl.zeros([BN, BM], q_desc.dtype, op_layout)
-        ds_op = gl.zeros([BN, BM], q_desc.dtype, op_layout)
-        for j2 in range(0, n_tiles, UNROLL):
-            for u in gl.static_range(UNROLL):
-                j = j2 + u
-                stage = j % STAGES
-                prev = (j + STAGES - 1) % STAGES
-                mbarrier.wait(q_bar.index(stage), (j // STAGES) & 1)
-                dv = warpgroup_mma(p_op, do_smem.index(prev), dv, is_async=True)
-                dk = warpgroup_mma(ds_op, q_smem.index(prev), dk, is_async=True)
-                s_t = warpgroup_mma(k_smem, q_smem.index(stage).permute((1, 0)), zero_st, use_acc=False,
-                                    is_async=True)
-                dp_t = warpgroup_mma(v_smem, do_smem.index(stage).permute((1, 0)), zero_st, use_acc=False,
-                                     is_async=True)
-                # rows past N (the next head's, or TMA's zeros): LSE = +inf, so P = 0; every row from SEG_L on sees
-                # a summary key, so a stored LSE is finite
-                left = N - q_start - j * BM
-                lse_t = gl.load(lse_row + j * BM + cols, mask=cols < left, other=float("inf")) * 1.4426950408889634
-                delta_t = gl.load(delta_row + j * BM + cols, mask=cols < left, other=0.0)
-                dv, dk, s_t, dp_t = warpgroup_mma_wait(0, deps=(dv, dk, s_t, dp_t))
-                # tile j - 1's stage is free: load tile j - 1 + STAGES into it
-                _load_rows(q_desc, do_desc, q_smem, do_smem, q_bar, j - 1 + STAGES, row0,
-                           (j > 0) & (j - 1 + STAGES < n_tiles), STAGES, BM, D)
-                # the tile's rows lie in one block (BM divides SEG_L), so a slot sees all of them or none
-                p = gl.exp2(s_t * qk_scale - gl.expand_dims(lse_t, 0))
-                p = gl.where(gl.expand_dims(q_start + j * BM >= first_row, 1), p, 0.0)
-                ds = p * (dp_t - gl.expand_dims(delta_t, 0))
-                p_op = gl.convert_layout(p.to(q_desc.dtype), op_layout)
-                ds_op = gl.convert_layout(ds.to(q_desc.dtype), op_layout)
-        last = (n_tiles + STAGES - 1) % STAGES
-        dv = warpgroup_mma(p_op, do_smem.index(last), dv, is_async=True)
-        dk = warpgroup_mma(ds_op, q_smem.index(last), dk, is_async=True)
-        dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+    mbarrier.wait(q_bar.index(0), 0, pred=n_tiles > 0)
+    s_cur = warpgroup_mma(k_smem, q_smem.index(0).permute((1, 0)), zero_st, use_acc=False, is_async=True)
+    dp_cur = warpgroup_mma(v_smem, do_smem.index(0).permute((1, 0)), zero_st, use_acc=False, is_async=True)
+    s_cur, dp_cur = warpgroup_mma_wait(0, deps=(s_cur, dp_cur))
+    for j in range(n_tiles):
+        stage = j % STAGES
+        nxt = gl.minimum(j + 1, n_tiles - 1)  # the last iteration redoes its own tile, unread
+        mbarrier.wait(q_bar.index(nxt % STAGES), (nxt // STAGES) & 1)
+        s_next = warpgroup_mma(k_smem, q_smem.index(nxt % STAGES).permute((1, 0)), zero_st, use_acc=False,
+                               is_async=True)
+        dp_next = warpgroup_mma(v_smem, do_smem.index(nxt % STAGES).permute((1, 0)), zero_st, use_acc=False,
+                                is_async=True)
+        left = N - q_start - (j + 1) * BM  # rows of the next tile before the sequence's end
+        lse_next = gl.load(lse_row + (j + 1) * BM + cols, mask=cols < left, other=float("inf")) * 1.4426950408889634
+        delta_next = gl.load(delta_row + (j + 1) * BM + cols, mask=cols < left, other=0.0)
+        # the tile's rows lie in one block (BM divides SEG_L), so a key slot sees all of them or none: the rule is
+        # one compare per slot, not per element
+        p = gl.exp2(s_cur * qk_scale - gl.expand_dims(lse_cur, 0))
+        p = gl.where(gl.expand_dims(q_start + j * BM >= first_row, 1), p, 0.0)
+        ds = p * (dp_cur - gl.expand_dims(delta_cur, 0))
+        dv = warpgroup_mma(gl.convert_layout(p.to(q_desc.dtype), op_layout), do_smem.index(stage), dv, is_async=True)
+        dk = warpgroup_mma(gl.convert_layout(ds.to(q_desc.dtype), op_layout), q_smem.index(stage), dk, is_async=True)
+        dv, dk, s_cur, dp_cur = warpgroup_mma_wait(0, deps=(dv, dk, s_next, dp_next))
+        lse_cur = lse_next
+        delta_cur = delta_next
+        # tile j's stage is free: load tile j + STAGES into it
+        _load_rows(q_desc, do_desc, q_smem, do_smem, q_bar, j + STAGES, row0, j + STAGES < n_tiles, STAGES, BM, D)
     mbarrier.invalidate(k_bar)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(q_bar.index(s))
@@ -641,8 +564,7 @@ def gather_forward(q, k, v, o, lse, L, lo, c, scale, merge, BM=128, BN=64, stage
     LAUNCHES += 1
 
 
-def gather_dq(q, do, k, v, lse, delta, dq, L, lo, c, scale, BM=128, BN=64, stages=3, warps=8, unroll=1, prefetch=1,
-              memo=None):
+def gather_dq(q, do, k, v, lse, delta, dq, L, lo, c, scale, BM=128, BN=64, stages=3, warps=8, memo=None):
     """Add the gathered part's dQ to dq [B, H, n, D] (fp32 or q's dtype, contiguous like q and do); lse and delta:
     fp32 [B, H, n], delta already written by the first segment's backward."""
     global LAUNCHES
@@ -654,13 +576,11 @@ def gather_dq(q, do, k, v, lse, delta, dq, L, lo, c, scale, BM=128, BN=64, stage
     launch_kernel(_gather_dq_kernel, (B * H, nqb), (_desc(q, BM, memo), _desc(do, BM, memo),
                   summary_desc(k, L, lo, c, BN, memo), summary_desc(v, L, lo, c, BN, memo), dq, lse, delta, lo_ptr),
                   (scale * 1.4426950408889634, scale, n, H, th, n // L * c, nqb, L, c),
-                  dict(BM=BM, BN=BN, D=D, RB=rb, RC=rc, STAGES=stages, HEAD_LO=head_lo, UNROLL=unroll,
-                       PREFETCH=prefetch, num_warps=warps))
+                  dict(BM=BM, BN=BN, D=D, RB=rb, RC=rc, STAGES=stages, HEAD_LO=head_lo, num_warps=warps))
     LAUNCHES += 1
 
 
-def gather_dkdv(q, do, k, v, lse, delta, dk, dv, L, lo, c, scale, BM=64, BN=64, stages=3, warps=4, unroll=1,
-                prefetch=1, memo=None):
+def gather_dkdv(q, do, k, v, lse, delta, dk, dv, L, lo, c, scale, BM=64, BN=64, stages=3, warps=4, memo=None):
     """Add the gathered part's dK / dV to the summary rows of dk, dv [B, H, n, D] (contiguous); q, do contiguous;
     lse and delta: fp32 [B, H, n] of the whole layout."""
     global LAUNCHES
@@ -672,8 +592,7 @@ def gather_dkdv(q, do, k, v, lse, delta, dk, dv, L, lo, c, scale, BM=64, BN=64, 
     launch_kernel(_gather_dkdv_kernel, (B * H, cdiv(nb * c, BN)), (
         _desc(q, BM, memo), _desc(do, BM, memo), summary_desc(k, L, lo, c, BN, memo),
         summary_desc(v, L, lo, c, BN, memo), dk, dv, lse, delta, lo_ptr), (scale * 1.4426950408889634, scale, n, H,
-        th, nb, L, seg_lo, c), dict(BM=BM, BN=BN, D=D, RB=rb, RC=rc, STAGES=stages, HEAD_LO=head_lo, UNROLL=unroll,
-                                    PREFETCH=prefetch, num_warps=warps))
+        th, nb, L, seg_lo, c), dict(BM=BM, BN=BN, D=D, RB=rb, RC=rc, STAGES=stages, HEAD_LO=head_lo, num_warps=warps))
     LAUNCHES += 1
 
 
