@@ -265,6 +265,24 @@ case "$WHAT" in
     OUT="$OUT" timeout 170 python bench/ab_rev.py time ${AB_SETUPS:-fixed-12k fixed-64k} 2>&1 | tee "$OUT/ab-rev.log" \
       | tail -n 30
     ;;
+  staged27)
+    # (ninth session) the Gluon dK/dV with LSE / Delta staged through shared memory, unrolled by two: check against a
+    # float32 reference, kernel times, then in one process against bench/.ab_old (the unstaged kernel), the staged
+    # kernel not unrolled, and the Gluon forward under a register cap of 168
+    timeout 150 python bench/gluon_gather.py check > "$OUT/gluon-check.log" 2>&1; echo "check rc $?"
+    grep -i "within bounds\|false\|error\|nan" "$OUT/gluon-check.log" | tail -n 20
+    timeout 140 python bench/gluon_gather.py time 2>&1 | tee "$OUT/gluon-time.log" | grep "dkdv\|fwd+bwd, Gluon gathered fwd, dQ"
+    U1="gluon_gather.DKDV_SETTINGS={64:{**DKDV_SETTINGS[64],'unroll':1},128:{**DKDV_SETTINGS[128],'unroll':1}}"
+    CAP="gluon_gather.SETTINGS={**SETTINGS,64:{**SETTINGS[64],'maxnreg':168}}"
+    OUT="$OUT" ORDER="new old $U1 $CAP new old $U1 $CAP new" timeout 200 python bench/ab_rev.py time \
+      ${AB_SETUPS:-fixed-12k fixed-64k} 2>&1 | tee "$OUT/ab-rev.log" | tail -n 24
+    ;;
+  cap27)
+    # (ninth session) the Gluon forward under a register cap of 168 (3 programs per SM) against none, in one process
+    OUT="$OUT" ORDER="new gluon_gather.SETTINGS={**SETTINGS,64:{**SETTINGS[64],'maxnreg':168}} new \
+gluon_gather.SETTINGS={**SETTINGS,64:{**SETTINGS[64],'maxnreg':168}} new" timeout 200 python bench/ab_rev.py time \
+      ${AB_SETUPS:-fixed-12k fixed-64k} 2>&1 | tee "$OUT/ab-rev.log" | tail -n 30
+    ;;
   final26|final27)
     # (eighth and ninth sessions' last calls) every kernel GPU test, the table, test_model's GPU tests
     timeout 380 python -m pytest -m gpu tests/test_triton_attention.py tests/test_launcher.py -q -n 16 \
