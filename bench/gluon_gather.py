@@ -33,12 +33,11 @@ def reference(q, k, v, L, lo, c, scale):
 SETTINGS = [dict(BM=128, BN=64, stages=st, warps=w, pipe=p) for (st, w, p) in
             ((3, 4, 0), (2, 4, 0), (4, 4, 0), (3, 8, 0), (3, 4, 1), (3, 4, 2), (4, 4, 2))] + \
     [dict(BM=64, BN=64, stages=4, warps=4, pipe=0), dict(BM=128, BN=128, stages=3, warps=8, pipe=0)]
-DKDV_SWEEP = [dict(BM=bm, BN=bn, stages=st, warps=w, unroll=u, staged=sg) for (bm, bn, st, w, u, sg) in
-              ((64, 64, 3, 4, 1, False), (64, 64, 3, 4, 1, True), (64, 64, 3, 4, 2, True), (64, 64, 2, 4, 2, True),
-               (64, 64, 4, 4, 2, True), (32, 64, 3, 4, 2, True))]
-DKDV_SWEEP_128 = [LIBRARY_KV[128]] + [s for s in (dict(BM=32, BN=64, stages=3, warps=4, unroll=1, staged=False),
-                                                   dict(BM=32, BN=64, stages=3, warps=4, unroll=1, staged=True),
-                                                   dict(BM=32, BN=64, stages=2, warps=4, unroll=2, staged=True))
+DKDV_SWEEP = [dict(BM=bm, BN=bn, stages=st, warps=w) for (bm, bn, st, w) in
+              ((64, 64, 3, 4), (64, 64, 2, 4), (128, 64, 2, 4), (64, 128, 3, 8), (128, 128, 2, 8), (32, 64, 3, 4),
+               (32, 64, 4, 4), (32, 64, 2, 4))]
+DKDV_SWEEP_128 = [LIBRARY_KV[128]] + [s for s in (dict(BM=64, BN=64, stages=2, warps=4), dict(BM=64, BN=128, stages=2,
+                  warps=8), dict(BM=32, BN=64, stages=2, warps=4), dict(BM=32, BN=64, stages=3, warps=4))
                                      if s != LIBRARY_KV[128]]
 DQ_SWEEP = [dict(BM=bm, BN=64, stages=st, warps=w) for (bm, st, w) in
             ((128, 3, 8), (128, 2, 8), (128, 4, 8), (64, 3, 4), (64, 2, 4), (64, 4, 4))]
@@ -238,11 +237,9 @@ def compile_only(which=("fwd", "dq", "dkdv"), c=32, head_lo=False):
         sig = dict(q_desc=qd, do_desc=qd, k_desc=kd, v_desc=kd, dk_ptr="*bf16", dv_ptr="*bf16", lse_ptr="*fp32",
                    delta_ptr="*fp32", lo_ptr="*i32", qk_scale="fp32", sm_scale="fp32", **scalars, NB="i32",
                    SEG_L="i32", SEG_LO="i32", SEG_C="i32", BM="constexpr", BN="constexpr", D="constexpr",
-                   RB="constexpr", RC="constexpr", STAGES="constexpr", HEAD_LO="constexpr", UNROLL="constexpr",
-                   STAGED="constexpr", num_warps="constexpr")
+                   RB="constexpr", RC="constexpr", STAGES="constexpr", HEAD_LO="constexpr", num_warps="constexpr")
         build(_gather_dkdv_kernel, f"dkdv {st}", st, sig, dict(BM=st["BM"], BN=st["BN"], D=D, RB=rb, RC=rc,
-                                                               STAGES=st["stages"], HEAD_LO=head_lo,
-                                                               UNROLL=st["unroll"], STAGED=st["staged"]))
+                                                               STAGES=st["stages"], HEAD_LO=head_lo))
 
 
 def _report(label, k):

@@ -52,8 +52,7 @@ DQ_SETTINGS = {64: dict(BM=64, BN=64, stages=3, warps=4), 128: dict(BM=128, BN=6
 # stages spills 48 bytes; H200, python bench/gluon_gather.py time (gluon-time-dkdv32-20261201.log): 390 -> 362 us at
 # fixed-12k-d128 (B = 2, H = 4). At d=64 32-query tiles need 168 registers (3 programs per SM) but ran slower: 2423
 # -> 2566-2953 us (fixed-64k), 379 -> 397-427 (fixed-12k).
-DKDV_SETTINGS = {64: dict(BM=64, BN=64, stages=3, warps=4, unroll=2, staged=True),
-                 128: dict(BM=32, BN=64, stages=3, warps=4, unroll=2, staged=True)}
+DKDV_SETTINGS = {64: dict(BM=64, BN=64, stages=3, warps=4), 128: dict(BM=32, BN=64, stages=3, warps=4)}
 KV_TILE = 64  # every kernel's key tile (BN above): summary_fits checks the summary width against it
 assert all(s["BN"] == KV_TILE for t in (SETTINGS, DQ_SETTINGS, DKDV_SETTINGS) for s in t.values())
 # the dK / dV kernel too (SPARSE_TRANSFORMER_GLUON_DKDV=0 leaves dK / dV to the Triton kernel)
@@ -360,7 +359,7 @@ def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_pt
 def _gather_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr, delta_ptr, lo_ptr, qk_scale, sm_scale,
                         N, H, TH, NB, SEG_L, SEG_LO, SEG_C, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
                         RB: gl.constexpr, RC: gl.constexpr, STAGES: gl.constexpr, HEAD_LO: gl.constexpr,
-                        UNROLL: gl.constexpr, STAGED: gl.constexpr, num_warps: gl.constexpr):
+                        num_warps: gl.constexpr):
     """dK / dV of the gathered part for BN summary keys (slots k0 .. k0 + BN), added to the dK / dV an earlier
     segment stored at their rows: per query tile S^T = K Q^T and dP^T = V dO^T, then P^T = exp(S^T - LSE), dV += P^T dO,
     dS^T = P^T * (dP^T - Delta), dK += dS^T Q. Summary slot s (block s // SEG_C) is seen by the queries of the later
@@ -371,7 +370,6 @@ def _gather_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr
     k0 = gl.program_id(1) * BN  # tile 0 has the most queries: its programs start first
     q_start = (k0 // SEG_C + 1) * SEG_L  # the first query row that sees a key of this tile (BM divides SEG_L)
     n_tiles = gl.cdiv(gl.maximum(N - q_start, 0), BM)
-    n_tiles = gl.cdiv(n_tiles, UNROLL) * UNROLL  # a tile past the end: LSE +inf, P = 0, nothing added
 
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                          instr_shape=[16, BM, 16])
@@ -407,64 +405,36 @@ def _gather_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr
     # Every row from SEG_L on sees a summary key, so its stored LSE is finite: no fix-up of -inf per element.
     lse_row = lse_ptr + base + q_start
     delta_row = delta_ptr + base + q_start
-    if STAGED:
-        # each tile's LSE / Delta pass through shared memory (two slots): one load per thread of the next tile's
-        # values during this tile, read back in the tile's column layout; nothing of the next tile held in registers
-        flat: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
-        ld_smem = gl.allocate_shared_memory(gl.float32, [4, BM], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-        idx = gl.arange(0, BM, layout=flat)
-        ld_smem.index(0).store(gl.load(lse_row + idx, mask=idx < N - q_start, other=float("inf"))
-                                        * 1.4426950408889634)
-        ld_smem.index(1).store(gl.load(delta_row + idx, mask=idx < N - q_start, other=0.0))
-        gl.thread_barrier()
-    else:
-        lse_cur = gl.load(lse_row + cols, mask=cols < N - q_start, other=float("inf")) * 1.4426950408889634
-        delta_cur = gl.load(delta_row + cols, mask=cols < N - q_start, other=0.0)
+    lse_cur = gl.load(lse_row + cols, mask=cols < N - q_start, other=float("inf")) * 1.4426950408889634
+    delta_cur = gl.load(delta_row + cols, mask=cols < N - q_start, other=0.0)
     mbarrier.wait(k_bar, 0)
     mbarrier.wait(q_bar.index(0), 0, pred=n_tiles > 0)
     s_cur = warpgroup_mma(k_smem, q_smem.index(0).permute((1, 0)), zero_st, use_acc=False, is_async=True)
     dp_cur = warpgroup_mma(v_smem, do_smem.index(0).permute((1, 0)), zero_st, use_acc=False, is_async=True)
     s_cur, dp_cur = warpgroup_mma_wait(0, deps=(s_cur, dp_cur))
-    for j2 in range(0, n_tiles, UNROLL):
-        for u in gl.static_range(UNROLL):
-            j = j2 + u
-            stage = j % STAGES
-            nxt = gl.minimum(j + 1, n_tiles - 1)  # the last iteration redoes its own tile, unread
-            mbarrier.wait(q_bar.index(nxt % STAGES), (nxt // STAGES) & 1)
-            s_next = warpgroup_mma(k_smem, q_smem.index(nxt % STAGES).permute((1, 0)), zero_st, use_acc=False,
-                                   is_async=True)
-            dp_next = warpgroup_mma(v_smem, do_smem.index(nxt % STAGES).permute((1, 0)), zero_st, use_acc=False,
-                                    is_async=True)
-            left = N - q_start - (j + 1) * BM  # rows of the next tile before the sequence's end
-            if STAGED:
-                lse_next = gl.load(lse_row + (j + 1) * BM + idx, mask=idx < left, other=float("inf"))
-                delta_next = gl.load(delta_row + (j + 1) * BM + idx, mask=idx < left, other=0.0)
-                lse_cur = ld_smem.index(2 * (j % 2)).load(col_st)
-                delta_cur = ld_smem.index(2 * (j % 2) + 1).load(col_st)
-            else:
-                lse_next = gl.load(lse_row + (j + 1) * BM + cols, mask=cols < left, other=float("inf")) * \
-                    1.4426950408889634
-                delta_next = gl.load(delta_row + (j + 1) * BM + cols, mask=cols < left, other=0.0)
-            # the tile's rows lie in one block (BM divides SEG_L), so a key slot sees all of them or none: the rule
-            # is one compare per slot, not per element
-            p = gl.exp2(s_cur * qk_scale - gl.expand_dims(lse_cur, 0))
-            p = gl.where(gl.expand_dims(q_start + j * BM >= first_row, 1), p, 0.0)
-            ds = p * (dp_cur - gl.expand_dims(delta_cur, 0))
-            dv = warpgroup_mma(gl.convert_layout(p.to(q_desc.dtype), op_layout), do_smem.index(stage), dv,
+    for j in range(n_tiles):
+        stage = j % STAGES
+        nxt = gl.minimum(j + 1, n_tiles - 1)  # the last iteration redoes its own tile, unread
+        mbarrier.wait(q_bar.index(nxt % STAGES), (nxt // STAGES) & 1)
+        s_next = warpgroup_mma(k_smem, q_smem.index(nxt % STAGES).permute((1, 0)), zero_st, use_acc=False,
                                is_async=True)
-            dk = warpgroup_mma(gl.convert_layout(ds.to(q_desc.dtype), op_layout), q_smem.index(stage), dk,
-                               is_async=True)
-            dv, dk, s_cur, dp_cur = warpgroup_mma_wait(0, deps=(dv, dk, s_next, dp_next))
-            if STAGED:  # the other slot was last read a tile ago, before that tile's barrier
-                ld_smem.index(2 * ((j + 1) % 2)).store(lse_next * 1.4426950408889634)
-                ld_smem.index(2 * ((j + 1) % 2) + 1).store(delta_next)
-                gl.thread_barrier()
-            else:
-                lse_cur = lse_next
-                delta_cur = delta_next
-            # tile j's stage is free: load tile j + STAGES into it
-            _load_rows(q_desc, do_desc, q_smem, do_smem, q_bar, j + STAGES, row0, j + STAGES < n_tiles, STAGES, BM,
-                       D)
+        dp_next = warpgroup_mma(v_smem, do_smem.index(nxt % STAGES).permute((1, 0)), zero_st, use_acc=False,
+                                is_async=True)
+        left = N - q_start - (j + 1) * BM  # rows of the next tile before the sequence's end
+        lse_next = gl.load(lse_row + (j + 1) * BM + cols, mask=cols < left, other=float("inf")) * 1.4426950408889634
+        delta_next = gl.load(delta_row + (j + 1) * BM + cols, mask=cols < left, other=0.0)
+        # the tile's rows lie in one block (BM divides SEG_L), so a key slot sees all of them or none: the rule is
+        # one compare per slot, not per element
+        p = gl.exp2(s_cur * qk_scale - gl.expand_dims(lse_cur, 0))
+        p = gl.where(gl.expand_dims(q_start + j * BM >= first_row, 1), p, 0.0)
+        ds = p * (dp_cur - gl.expand_dims(delta_cur, 0))
+        dv = warpgroup_mma(gl.convert_layout(p.to(q_desc.dtype), op_layout), do_smem.index(stage), dv, is_async=True)
+        dk = warpgroup_mma(gl.convert_layout(ds.to(q_desc.dtype), op_layout), q_smem.index(stage), dk, is_async=True)
+        dv, dk, s_cur, dp_cur = warpgroup_mma_wait(0, deps=(dv, dk, s_next, dp_next))
+        lse_cur = lse_next
+        delta_cur = delta_next
+        # tile j's stage is free: load tile j + STAGES into it
+        _load_rows(q_desc, do_desc, q_smem, do_smem, q_bar, j + STAGES, row0, j + STAGES < n_tiles, STAGES, BM, D)
     mbarrier.invalidate(k_bar)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(q_bar.index(s))
@@ -576,7 +546,7 @@ def _offsets(lo, lse):
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
-def gather_forward(q, k, v, o, lse, L, lo, c, scale, merge, BM=128, BN=64, stages=3, warps=4, pipe=0, maxnreg=None):
+def gather_forward(q, k, v, o, lse, L, lo, c, scale, merge, BM=128, BN=64, stages=3, warps=4, pipe=0):
     """Attention of each query over the summary keys (rows lo .. lo + c of each L-row block of k, v, read in place;
     lo an int, or an int32 tensor of per-head offsets, head h using lo[h % len(lo)]) of the blocks before its own,
     written to o [B, H, n, D] and lse fp32 [B, H, n] (contiguous, like q), or merged into what they hold (merge)."""
@@ -590,7 +560,7 @@ def gather_forward(q, k, v, o, lse, L, lo, c, scale, merge, BM=128, BN=64, stage
                   summary_desc(v, L, lo, c, BN), o, lse, lo_ptr),
                   (scale * 1.4426950408889634, n, H, th, n // L * c, nqb, L, c),
                   dict(BM=BM, BN=BN, D=D, RB=rb, RC=rc, STAGES=stages, PIPE=pipe, MERGE=merge, HEAD_LO=head_lo,
-                       num_warps=warps, **({"maxnreg": maxnreg} if maxnreg else {})))
+                       num_warps=warps))
     LAUNCHES += 1
 
 
@@ -610,8 +580,7 @@ def gather_dq(q, do, k, v, lse, delta, dq, L, lo, c, scale, BM=128, BN=64, stage
     LAUNCHES += 1
 
 
-def gather_dkdv(q, do, k, v, lse, delta, dk, dv, L, lo, c, scale, BM=64, BN=64, stages=3, warps=4, unroll=1,
-                staged=False, memo=None):
+def gather_dkdv(q, do, k, v, lse, delta, dk, dv, L, lo, c, scale, BM=64, BN=64, stages=3, warps=4, memo=None):
     """Add the gathered part's dK / dV to the summary rows of dk, dv [B, H, n, D] (contiguous); q, do contiguous;
     lse and delta: fp32 [B, H, n] of the whole layout."""
     global LAUNCHES
@@ -623,8 +592,7 @@ def gather_dkdv(q, do, k, v, lse, delta, dk, dv, L, lo, c, scale, BM=64, BN=64, 
     launch_kernel(_gather_dkdv_kernel, (B * H, cdiv(nb * c, BN)), (
         _desc(q, BM, memo), _desc(do, BM, memo), summary_desc(k, L, lo, c, BN, memo),
         summary_desc(v, L, lo, c, BN, memo), dk, dv, lse, delta, lo_ptr), (scale * 1.4426950408889634, scale, n, H,
-        th, nb, L, seg_lo, c), dict(BM=BM, BN=BN, D=D, RB=rb, RC=rc, STAGES=stages, HEAD_LO=head_lo, UNROLL=unroll,
-                                    STAGED=staged, num_warps=warps))
+        th, nb, L, seg_lo, c), dict(BM=BM, BN=BN, D=D, RB=rb, RC=rc, STAGES=stages, HEAD_LO=head_lo, num_warps=warps))
     LAUNCHES += 1
 
 
