@@ -24,8 +24,8 @@ query tile of block b sees slots [0, b * c), a column limit.
 Gluon has no interpreter: `python bench/gluon_gather.py compile` compiles every setting for sm_90 on a CPU machine,
 `check` compares them with a float32 reference on a GPU and `time` times them beside the Triton kernels; the GPU tests
 (test_gpu_gluon_*) check the library path (outputs and gradients) against the float64 reference. On an H200 at
-fixed-64k: forward 1215 us against the Triton kernel's 1738, dQ 1300 against 2086, dK / dV 2429 against 2660
-(BENCHMARKS.md).
+fixed-64k: forward 1212 us against the Triton kernel's 1628, dQ 1309 against 1900, dK / dV 1960 against 2667
+(BENCHMARKS.md, 2026-12-01, ninth session).
 """
 import functools
 import os
