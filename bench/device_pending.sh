@@ -46,7 +46,12 @@
 #   bash bench/device_pending.sh replay OUT    # the graph-replay tests with their durations
 #   bash bench/device_pending.sh ab OUT        # bench/ab_rev.py: the working tree against an exported revision, in
 #                                              # turn (ORDER, AB_SETUPS), and the Gluon kernels' check
-#   bash bench/device_pending.sh final26 OUT   # every kernel GPU test, the table, test_model's GPU tests
+#   bash bench/device_pending.sh final26 OUT   # every kernel GPU test, the table, test_model's GPU tests (final27:
+#                                              # the same, ninth session)
+#   bash bench/device_pending.sh gluon27 OUT   # the Gluon kernels' check and kernel times, then bench/ab_rev.py on
+#                                              # the fixed setups
+#   (ninth session, `staged27` / `cap27`: the Gluon dK/dV with LSE / Delta through shared memory and unrolled, the
+#   Gluon forward under a register cap; removed with that code, which did not win: BENCHMARKS.md)
 #   (eighth session, `edges`: the Gluon forward's and dQ's rule on a row's last tile only, gluon_gather.MASK_EDGES:
 #   check, A/B, fixed GPU tests and rows; removed with that code, which lost)
 #   (seventh session, `rcp`: the forward's output through per-row reciprocals, forward.RCP on / off with
@@ -256,32 +261,14 @@ case "$WHAT" in
     timeout 150 python bench/gluon_gather.py check 2>&1 | tail -n 12 | tee "$OUT/gluon-check.log"
     ;;
   gluon27)
-    # (ninth session) the Gluon dQ / dK/dV variants (unrolled by two, without the next tile's products issued early,
-    # the dK/dV rule per key row): check against a float32 reference, kernel times, then the library against the
-    # revision in bench/.ab_old on the fixed setups
+    # (ninth session) the Gluon kernels' check against a float32 reference (its log in OUT), their kernel times, then
+    # the library against the revision in bench/.ab_old on the fixed setups (it first timed the unrolled and
+    # no-early-products variants of that session, since removed)
     timeout 200 python bench/gluon_gather.py check > "$OUT/gluon-check.log" 2>&1; echo "check rc $?"
     grep -i "within bounds\|false\|error" "$OUT/gluon-check.log" | tail -n 20
     timeout 170 python bench/gluon_gather.py time 2>&1 | tee "$OUT/gluon-time.log"
     OUT="$OUT" timeout 170 python bench/ab_rev.py time ${AB_SETUPS:-fixed-12k fixed-64k} 2>&1 | tee "$OUT/ab-rev.log" \
       | tail -n 30
-    ;;
-  staged27)
-    # (ninth session) the Gluon dK/dV with LSE / Delta staged through shared memory, unrolled by two: check against a
-    # float32 reference, kernel times, then in one process against bench/.ab_old (the unstaged kernel), the staged
-    # kernel not unrolled, and the Gluon forward under a register cap of 168
-    timeout 150 python bench/gluon_gather.py check > "$OUT/gluon-check.log" 2>&1; echo "check rc $?"
-    grep -i "within bounds\|false\|error\|nan" "$OUT/gluon-check.log" | tail -n 20
-    timeout 140 python bench/gluon_gather.py time 2>&1 | tee "$OUT/gluon-time.log" | grep "dkdv\|fwd+bwd, Gluon gathered fwd, dQ"
-    U1="gluon_gather.DKDV_SETTINGS={64:{**DKDV_SETTINGS[64],'unroll':1},128:{**DKDV_SETTINGS[128],'unroll':1}}"
-    CAP="gluon_gather.SETTINGS={**SETTINGS,64:{**SETTINGS[64],'maxnreg':168}}"
-    OUT="$OUT" ORDER="new old $U1 $CAP new old $U1 $CAP new" timeout 200 python bench/ab_rev.py time \
-      ${AB_SETUPS:-fixed-12k fixed-64k} 2>&1 | tee "$OUT/ab-rev.log" | tail -n 24
-    ;;
-  cap27)
-    # (ninth session) the Gluon forward under a register cap of 168 (3 programs per SM) against none, in one process
-    OUT="$OUT" ORDER="new gluon_gather.SETTINGS={**SETTINGS,64:{**SETTINGS[64],'maxnreg':168}} new \
-gluon_gather.SETTINGS={**SETTINGS,64:{**SETTINGS[64],'maxnreg':168}} new" timeout 200 python bench/ab_rev.py time \
-      ${AB_SETUPS:-fixed-12k fixed-64k} 2>&1 | tee "$OUT/ab-rev.log" | tail -n 30
     ;;
   final26|final27)
     # (eighth and ninth sessions' last calls) every kernel GPU test, the table, test_model's GPU tests
@@ -319,6 +306,6 @@ gluon_gather.SETTINGS={**SETTINGS,64:{**SETTINGS[64],'maxnreg':168}} new" timeou
     ;;
   *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles | gather | order | gluon | summary | block |"\
        "heads | strided-block | stages | final-tests | first | oneloop | rule | band | maxnreg | ncu | host | verify |"\
-       "verify-model | graphs | reverse | pending | replay | ab | final | final26)"
+       "verify-model | graphs | reverse | pending | replay | ab | final | final26 | final27 | gluon27)"
      exit 2 ;;
 esac
