@@ -212,10 +212,10 @@ def compile_only(which=("fwd", "dq", "dkdv"), c=32, head_lo=False):
         sig = dict(q_desc=qd, k_desc=kd, v_desc=kd, o_ptr="*bf16", lse_ptr="*fp32", lo_ptr="*i32", qk_scale="fp32",
                    **scalars, G="i32", NQB="i32", SEG_L="i32", SEG_C="i32", BM="constexpr", BN="constexpr",
                    D="constexpr", RB="constexpr", RC="constexpr", STAGES="constexpr", PIPE="constexpr",
-                   MERGE="constexpr", HEAD_LO="constexpr", AREG="constexpr", num_warps="constexpr")
+                   MERGE="constexpr", HEAD_LO="constexpr", num_warps="constexpr")
         build(_gather_fwd_kernel, f"fwd {st}", st, sig, dict(BM=st["BM"], BN=st["BN"], D=D, RB=rb, RC=rc,
                                                              STAGES=st["stages"], PIPE=st["pipe"], MERGE=True,
-                                                             HEAD_LO=head_lo, AREG=st.get("areg", False)))
+                                                             HEAD_LO=head_lo))
     for st in [dict(s, D=64) for s in DQ_SWEEP if "dq" in which] + \
             [dict(s, D=d, library=True) for d, s in LIBRARY_DQ.items() if "dq" in which]:
         D = st["D"]
@@ -224,10 +224,9 @@ def compile_only(which=("fwd", "dq", "dkdv"), c=32, head_lo=False):
         sig = dict(q_desc=qd, do_desc=qd, k_desc=kd, v_desc=kd, dq_ptr="*fp32", lse_ptr="*fp32", delta_ptr="*fp32",
                    lo_ptr="*i32", qk_scale="fp32", sm_scale="fp32", **scalars, G="i32", NQB="i32", SEG_L="i32",
                    SEG_C="i32", BM="constexpr", BN="constexpr", D="constexpr", RB="constexpr", RC="constexpr",
-                   STAGES="constexpr", HEAD_LO="constexpr", AREG="constexpr", num_warps="constexpr")
+                   STAGES="constexpr", HEAD_LO="constexpr", num_warps="constexpr")
         build(_gather_dq_kernel, f"dq {st}", st, sig, dict(BM=st["BM"], BN=st["BN"], D=D, RB=rb, RC=rc,
-                                                           STAGES=st["stages"], HEAD_LO=head_lo,
-                                                           AREG=st.get("areg", False)))
+                                                           STAGES=st["stages"], HEAD_LO=head_lo))
     for st in [s for s in DKDV_SWEEP if "dkdv" in which] + \
             [dict(s, D=128) for s in DKDV_SWEEP_128[1:] if "dkdv" in which] + \
             [dict(s, D=d, library=True) for d, s in LIBRARY_KV.items() if "dkdv" in which]:

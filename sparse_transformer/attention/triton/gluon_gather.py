@@ -43,12 +43,10 @@ from .launcher import Tma, capability, cdiv, launch as launch_kernel
 # per head dim, measured on an H200 (bench/gluon_gather.py time, BENCHMARKS.md): the forward without the in-loop
 # overlap (PIPE 0: 180 registers, 1218 us at fixed-64k) beat PIPE 1 (1298) and PIPE 2 (1338-1372); d=128 on 8 warps
 # (compiled for sm_90: 128 registers, no spills, 128 KiB of shared memory)
-SETTINGS = {64: dict(BM=128, BN=64, stages=3, warps=4, pipe=0, areg=True),
-            128: dict(BM=128, BN=64, stages=3, warps=8, pipe=0, areg=True)}
+SETTINGS = {64: dict(BM=128, BN=64, stages=3, warps=4, pipe=0), 128: dict(BM=128, BN=64, stages=3, warps=8, pipe=0)}
 # dQ: 64x64 on 4 warps took 1318 us at fixed-64k against 1798 for 128x64 on 8 warps; d=128 the other way round
 # (230 us against 266 at fixed-12k-d128)
-DQ_SETTINGS = {64: dict(BM=64, BN=64, stages=3, warps=4, areg=True),
-               128: dict(BM=128, BN=64, stages=3, warps=8, areg=False)}
+DQ_SETTINGS = {64: dict(BM=64, BN=64, stages=3, warps=4), 128: dict(BM=128, BN=64, stages=3, warps=8)}
 # dK / dV (the summary keys' tiles, BN, against streamed query tiles, BM). d=128 on 32-query tiles, 3 stages: compiled
 # for sm_90 (Triton 3.6, python bench/gluon_gather.py compile dkdv) 255 registers and no spills, where 64x64 on 2
 # stages spills 48 bytes; H200, python bench/gluon_gather.py time (gluon-time-dkdv32-20261201.log): 390 -> 362 us at
@@ -149,7 +147,7 @@ def _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, tile, b, h, lo, SEG_C, pred
 def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, lo_ptr, qk_scale, N, H, TH, G, NQB, SEG_L, SEG_C,
                        BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, RB: gl.constexpr, RC: gl.constexpr,
                        STAGES: gl.constexpr, PIPE: gl.constexpr, MERGE: gl.constexpr, HEAD_LO: gl.constexpr,
-                       AREG: gl.constexpr, num_warps: gl.constexpr):
+                       num_warps: gl.constexpr):
     """PIPE 0: each tile's Q K^T, softmax and P V one after another; 1: the next tile's Q K^T issued before this tile's
     softmax; 2 (FlashAttention-3's order): each iteration issues the next tile's Q K^T and this tile's P V, then runs
     the next tile's softmax while the P V runs, and waits for it before the loop turns (an accumulator still being
@@ -179,13 +177,9 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, lo_ptr, qk_scale,
     acc = gl.zeros([BM, D], gl.float32, o_layout)
     cols = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
     mbarrier.wait(q_bar, 0)
-    if AREG:  # Q K^T with Q from registers: each product reads only K from shared memory
-        q_a = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
-    else:
-        q_a = q_smem
     # S of the first tile (when there is none the loop below does not run and this result is masked out or unread)
     mbarrier.wait(kv_bar.index(0), 0, pred=n_tiles > 0)
-    s_cur = warpgroup_mma(q_a, k_smem.index(0).permute((1, 0)), gl.zeros([BM, BN], gl.float32, s_layout),
+    s_cur = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), gl.zeros([BM, BN], gl.float32, s_layout),
                           use_acc=False, is_async=True)
     s_cur = warpgroup_mma_wait(0, deps=(s_cur,))
     if PIPE == 2:
@@ -201,7 +195,7 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, lo_ptr, qk_scale,
             stage = j % STAGES
             nxt = gl.minimum(j + 1, n_tiles - 1)
             mbarrier.wait(kv_bar.index(nxt % STAGES), (nxt // STAGES) & 1)
-            s_next = warpgroup_mma(q_a, k_smem.index(nxt % STAGES).permute((1, 0)),
+            s_next = warpgroup_mma(q_smem, k_smem.index(nxt % STAGES).permute((1, 0)),
                                    gl.zeros([BM, BN], gl.float32, s_layout), use_acc=False, is_async=True)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
             acc = warpgroup_mma(p_op, v_smem.index(stage), acc, is_async=True)
@@ -226,7 +220,7 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, lo_ptr, qk_scale,
                 # redoes its own, unread)
                 nxt = gl.minimum(j + 1, n_tiles - 1)
                 mbarrier.wait(kv_bar.index(nxt % STAGES), (nxt // STAGES) & 1)
-                s_next = warpgroup_mma(q_a, k_smem.index(nxt % STAGES).permute((1, 0)),
+                s_next = warpgroup_mma(q_smem, k_smem.index(nxt % STAGES).permute((1, 0)),
                                        gl.zeros([BM, BN], gl.float32, s_layout), use_acc=False, is_async=True)
             # (on every tile: only a row's last can reach past kv_len, but with the rule behind a branch on that
             # this forward ran 1246-1268 -> 1316-1428 us at fixed-64k, dQ 1339-1342 -> 1538-1658: H200, bench/ab_rev.py,
@@ -254,7 +248,7 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, lo_ptr, qk_scale,
             if PIPE == 0:
                 nxt = gl.minimum(j + 1, n_tiles - 1)
                 mbarrier.wait(kv_bar.index(nxt % STAGES), (nxt // STAGES) & 1)
-                s_cur = warpgroup_mma(q_a, k_smem.index(nxt % STAGES).permute((1, 0)),
+                s_cur = warpgroup_mma(q_smem, k_smem.index(nxt % STAGES).permute((1, 0)),
                                       gl.zeros([BM, BN], gl.float32, s_layout), use_acc=False, is_async=True)
                 s_cur = warpgroup_mma_wait(0, deps=(s_cur,))
 
@@ -293,8 +287,7 @@ def _gather_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, lo_ptr, qk_scale,
 @gluon.jit
 def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_ptr, lo_ptr, qk_scale, sm_scale, N, H,
                       TH, G, NQB, SEG_L, SEG_C, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, RB: gl.constexpr,
-                      RC: gl.constexpr, STAGES: gl.constexpr, HEAD_LO: gl.constexpr, AREG: gl.constexpr,
-                      num_warps: gl.constexpr):
+                      RC: gl.constexpr, STAGES: gl.constexpr, HEAD_LO: gl.constexpr, num_warps: gl.constexpr):
     """dQ of the gathered part, added to the dQ an earlier segment stored (which also stored Delta = rowsum(dO * O)):
     per key tile S = Q K^T and dP = dO V^T, then dS = P * (dP - Delta) and dQ += dS K. The next tile's two products
     are issued before this tile's element-wise work and run during it; dQ's product is waited within the iteration."""
@@ -330,23 +323,17 @@ def _gather_dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_pt
     dq = gl.zeros([BM, D], gl.float32, o_layout)
     zero_s = gl.zeros([BM, BN], gl.float32, s_layout)
     mbarrier.wait(q_bar, 0)
-    if AREG:  # S and dP with Q and dO from registers: each product reads only K or V from shared memory
-        q_a = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
-        do_a = do_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
-    else:
-        q_a = q_smem
-        do_a = do_smem
     mbarrier.wait(kv_bar.index(0), 0, pred=n_tiles > 0)
-    s_cur = warpgroup_mma(q_a, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    dp_cur = warpgroup_mma(do_a, v_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    s_cur = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    dp_cur = warpgroup_mma(do_smem, v_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
     s_cur, dp_cur = warpgroup_mma_wait(0, deps=(s_cur, dp_cur))
     for j in range(n_tiles):
         stage = j % STAGES
         nxt = gl.minimum(j + 1, n_tiles - 1)  # the last iteration redoes its own tile, unread
         mbarrier.wait(kv_bar.index(nxt % STAGES), (nxt // STAGES) & 1)
-        s_next = warpgroup_mma(q_a, k_smem.index(nxt % STAGES).permute((1, 0)), zero_s, use_acc=False,
+        s_next = warpgroup_mma(q_smem, k_smem.index(nxt % STAGES).permute((1, 0)), zero_s, use_acc=False,
                                is_async=True)
-        dp_next = warpgroup_mma(do_a, v_smem.index(nxt % STAGES).permute((1, 0)), zero_s, use_acc=False,
+        dp_next = warpgroup_mma(do_smem, v_smem.index(nxt % STAGES).permute((1, 0)), zero_s, use_acc=False,
                                 is_async=True)
         p = gl.exp2(s_cur * qk_scale - gl.expand_dims(lse, 1))
         p = gl.where(gl.expand_dims(j * BN + cols < kv_len, 0), p, 0.0)
@@ -559,7 +546,7 @@ def _offsets(lo, lse):
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
-def gather_forward(q, k, v, o, lse, L, lo, c, scale, merge, BM=128, BN=64, stages=3, warps=4, pipe=0, areg=False):
+def gather_forward(q, k, v, o, lse, L, lo, c, scale, merge, BM=128, BN=64, stages=3, warps=4, pipe=0):
     """Attention of each query over the summary keys (rows lo .. lo + c of each L-row block of k, v, read in place;
     lo an int, or an int32 tensor of per-head offsets, head h using lo[h % len(lo)]) of the blocks before its own,
     written to o [B, H, n, D] and lse fp32 [B, H, n] (contiguous, like q), or merged into what they hold (merge)."""
@@ -573,11 +560,11 @@ def gather_forward(q, k, v, o, lse, L, lo, c, scale, merge, BM=128, BN=64, stage
                   summary_desc(v, L, lo, c, BN), o, lse, lo_ptr),
                   (scale * 1.4426950408889634, n, H, th, n // L * c, nqb, L, c),
                   dict(BM=BM, BN=BN, D=D, RB=rb, RC=rc, STAGES=stages, PIPE=pipe, MERGE=merge, HEAD_LO=head_lo,
-                       AREG=areg, num_warps=warps))
+                       num_warps=warps))
     LAUNCHES += 1
 
 
-def gather_dq(q, do, k, v, lse, delta, dq, L, lo, c, scale, BM=128, BN=64, stages=3, warps=8, areg=False, memo=None):
+def gather_dq(q, do, k, v, lse, delta, dq, L, lo, c, scale, BM=128, BN=64, stages=3, warps=8, memo=None):
     """Add the gathered part's dQ to dq [B, H, n, D] (fp32 or q's dtype, contiguous like q and do); lse and delta:
     fp32 [B, H, n], delta already written by the first segment's backward."""
     global LAUNCHES
@@ -589,7 +576,7 @@ def gather_dq(q, do, k, v, lse, delta, dq, L, lo, c, scale, BM=128, BN=64, stage
     launch_kernel(_gather_dq_kernel, (B * H, nqb), (_desc(q, BM, memo), _desc(do, BM, memo),
                   summary_desc(k, L, lo, c, BN, memo), summary_desc(v, L, lo, c, BN, memo), dq, lse, delta, lo_ptr),
                   (scale * 1.4426950408889634, scale, n, H, th, n // L * c, nqb, L, c),
-                  dict(BM=BM, BN=BN, D=D, RB=rb, RC=rc, STAGES=stages, HEAD_LO=head_lo, AREG=areg, num_warps=warps))
+                  dict(BM=BM, BN=BN, D=D, RB=rb, RC=rc, STAGES=stages, HEAD_LO=head_lo, num_warps=warps))
     LAUNCHES += 1
 
 
