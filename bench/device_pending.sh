@@ -50,6 +50,7 @@
 #                                              # the same, ninth session)
 #   bash bench/device_pending.sh gluon27 OUT   # the Gluon kernels' check and kernel times, then bench/ab_rev.py on
 #                                              # the fixed setups
+#   bash bench/device_pending.sh model-tests OUT  # test_model's GPU tests alone, with their slowest durations
 #   (ninth session, `staged27` / `cap27`: the Gluon dK/dV with LSE / Delta through shared memory and unrolled, the
 #   Gluon forward under a register cap; removed with that code, which did not win: BENCHMARKS.md)
 #   (eighth session, `edges`: the Gluon forward's and dQ's rule on a row's last tile only, gluon_gather.MASK_EDGES:
@@ -279,6 +280,11 @@ case "$WHAT" in
     timeout 50 python -m pytest -m gpu tests/test_model.py -q -n 8 -p no:cacheprovider -rf 2>&1 | tail -n 4 \
       | tee "$OUT/gpu-tests-model.log"
     ;;
+  model-tests)
+    # (ninth session) test_model's GPU tests alone (about 60 s with the workers' start; final26 / final27 give them 50)
+    timeout 150 python -m pytest -m gpu tests/test_model.py -q -n 8 -p no:cacheprovider -rf --durations=5 2>&1 \
+      | tail -n 14 | tee "$OUT/gpu-tests-model.log"
+    ;;
   replay)
     # (seventh session) the replay tests one per worker with their durations
     timeout 200 python -m pytest -m gpu tests/test_triton_attention.py -v -n 4 -p no:cacheprovider --durations=5 \
@@ -306,6 +312,6 @@ case "$WHAT" in
     ;;
   *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles | gather | order | gluon | summary | block |"\
        "heads | strided-block | stages | final-tests | first | oneloop | rule | band | maxnreg | ncu | host | verify |"\
-       "verify-model | graphs | reverse | pending | replay | ab | final | final26 | final27 | gluon27)"
+       "verify-model | graphs | reverse | pending | replay | ab | final | final26 | final27 | gluon27 | model-tests)"
      exit 2 ;;
 esac
