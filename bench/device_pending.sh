@@ -52,6 +52,7 @@
 #                                              # the fixed setups
 #   bash bench/device_pending.sh model-tests OUT  # test_model's GPU tests alone, with their slowest durations
 #   bash bench/device_pending.sh ncu-gluon OUT # Nsight Compute on the Gluon kernels (fixed-12k): throughput, stalls
+#   bash bench/device_pending.sh ncu-stalls OUT  # the Gluon kernels' stall reasons per issued instruction (fixed-12k)
 #   (ninth session, `staged27` / `cap27`: the Gluon dK/dV with LSE / Delta through shared memory and unrolled, the
 #   Gluon forward under a register cap; removed with that code, which did not win: BENCHMARKS.md)
 #   (eighth session, `edges`: the Gluon forward's and dQ's rule on a row's last tile only, gluon_gather.MASK_EDGES:
@@ -212,6 +213,13 @@ case "$WHAT" in
     grep -E "^  _gather|Duration|Compute \(SM\) Throughput|Memory Throughput|L1/TEX Cache Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|Executed Ipc A|SM Busy|No Eligible|Warp Cycles Per Issued|Stall" \
       "$OUT/ncu-gluon-fixed-12k.txt" | head -n 80
     ;;
+  ncu-stalls)
+    # (ninth session) why the Gluon kernels' warps wait: each stall reason per issued instruction (fixed-12k)
+    timeout 300 ncu --profile-from-start off --clock-control none --target-processes all -k regex:_gather \
+      --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+      python bench/ncu_probe.py fixed-12k > "$OUT/ncu-stalls-fixed-12k.txt" 2>&1
+    grep -E "^  _gather|stalled" "$OUT/ncu-stalls-fixed-12k.txt" | awk '$NF+0 >= 0.05 || /_gather/' | head -n 80
+    ;;
   host)
     OUT="$OUT" timeout 150 python bench/host_trace.py fixed-12k strided-12k strided-3k 2>&1 | tee "$OUT/host-trace.log" \
       | grep "==="
@@ -322,6 +330,6 @@ case "$WHAT" in
     ;;
   *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles | gather | order | gluon | summary | block |"\
        "heads | strided-block | stages | final-tests | first | oneloop | rule | band | maxnreg | ncu | host | verify |"\
-       "verify-model | graphs | reverse | pending | replay | ab | final | final26 | final27 | gluon27 | model-tests | ncu-gluon)"
+       "verify-model | graphs | reverse | pending | replay | ab | final | final26 | final27 | gluon27 | model-tests | ncu-gluon | ncu-stalls)"
      exit 2 ;;
 esac
