@@ -6,8 +6,9 @@ Usage (two steps: the device has no git history):
   python bench/ab_rev.py export REV      # here: REV's package as bench/.ab_old/sparse_transformer_old (git-ignored)
   python bench/ab_rev.py time [setup ...]  # on the device, carrying bench/.ab_old; JSON in $OUT or bench/results/
 ORDER="new old new ..." sets the order; besides "new" and "old", a side "MOD.ATTR=EXPR" (e.g.
-"forward.FOLD_KINDS=('gather','natural')") is the working tree with attribute ATTR of sparse_transformer.attention.triton.MOD set to EXPR (evaluated in that module, no
-spaces) while that side runs, e.g. "function.TUNING={**TUNING,('natural',64):{**TUNING[('natural',64)],'maxnreg':{}}}".
+"forward.FOLD_KINDS=('gather','natural')") is the working tree with attribute ATTR of
+sparse_transformer.attention.triton.MOD set to EXPR (evaluated in that module, no spaces) while that side runs, e.g.
+"function.TUNING={**TUNING,('natural',64):{**TUNING[('natural',64)],'maxnreg':{}}}".
 """
 import importlib
 import os

@@ -80,7 +80,8 @@ def passes(kind, d, setting, pass_name):
     flags = dict(KIND=KINDS[kind], IEEE=False, HAS_DENSE=False, HAS_BLK=False,
                  HAS_WIN=(1 + fn.WIN_ALONE * (1 + fn.RULE_KEYS)) * (kind == "natural"),  # the window band (2, 3:
                  # its only rule; 3 without the key-validity mask)
-                 HAS_STR=(1 + fn.RULE_KEYS) * (kind == "transposed"), HAS_SUM=kind == "gather", BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d)
+                 HAS_STR=(1 + fn.RULE_KEYS) * (kind == "transposed"), HAS_SUM=kind == "gather", BLOCK_M=bm,
+                 BLOCK_N=bn, HEAD_DIM=d)
     strides = {f"stride_{t}{x}": v for t in "qkvo" for x, v in zip("bhn", (H * N * d, N * d, d))}
     common = dict(strides, H=H, N=N, NQ=N, NK=nk, TH=1, SEG_L=L, SEG_C=C if kind == "gather" else N // L,
                   GROUP=H)
@@ -88,7 +89,8 @@ def passes(kind, d, setting, pass_name):
                    prm_ptr="*i32")
     if pass_name == "fwd":
         return _attn_fwd_kernel, dict(tensors, o_ptr="*bf16", row_ptr="*i32", qk_scale=0.18, NQB=N // bm, **common), \
-            dict(flags, T_ON_X=False, MERGE=True, FOLD=kind in fwd_mod.FOLD_KINDS, ONE_LOOP=one_loop(fwd_mod.ONE_LOOP, default))
+            dict(flags, T_ON_X=False, MERGE=True, FOLD=kind in fwd_mod.FOLD_KINDS,
+                 ONE_LOOP=one_loop(fwd_mod.ONE_LOOP, default))
     tensors.update(do_ptr="*bf16", delta_ptr="*fp32", qk_scale=0.18, sm_scale=0.125)
     if pass_name == "dq":
         return _attn_bwd_dq_kernel, dict(tensors, o_ptr="*bf16", dq_ptr="*bf16", row_ptr="*i32", NQB=N // bm,

@@ -146,9 +146,9 @@ ONE_LOOP = ONE_LOOP_ENV
 FOLD_KINDS = (GATHER,)
 
 # the fixed pattern's gathered summary part (forward, dQ, dK/dV) as Gluon kernels on Hopper where they apply
-# (gluon_gather.py, 1.1-1.6x faster than the Triton kernels for that part). Gluon's API changes between Triton
-# releases (3.9 renamed the TMA load these kernels call), so by default they run only on the Triton versions they were
-# checked on, on a GPU; SPARSE_TRANSFORMER_GLUON=0 turns them off, =1 tries them on any Triton
+# (gluon_gather.py, 1.2-1.8x faster than the Triton kernels for that part: BENCHMARKS.md, ninth session). Gluon's API
+# changes between Triton releases (3.9 renamed the TMA load these kernels call), so by default they run only on the
+# Triton versions they were checked on, on a GPU; SPARSE_TRANSFORMER_GLUON=0 turns them off, =1 tries them on any Triton
 _GLUON_ENV = os.environ.get("SPARSE_TRANSFORMER_GLUON", "")
 GLUON_GATHER = _GLUON_ENV != "0"
 GLUON_TRITON = ((3, 6),)  # (major, minor) of the Triton versions the Gluon kernels were checked on

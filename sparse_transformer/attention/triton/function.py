@@ -26,7 +26,7 @@ from . import replay
 from .common import one_loop_default
 from .backward import attn_backward
 from .forward import attn_forward, gluon_for
-from .launcher import triton_version
+from .launcher import capability, triton_version
 
 # Launch settings per (segment kind, head-dim bucket) and kernel: (BM, BN, num_warps, num_stages); "fused" is the dK/dV
 # kernel that also adds dQ (None: that kind keeps its dQ kernel). Measured on an H100 with bench/dev_kernels.py;
@@ -262,8 +262,7 @@ def caps_measured_on(device) -> bool:
     """Is `device` where the register caps were measured: Hopper (sm_90), with Triton MAXNREG_TRITON? (Also the
     block kernel's, block_backward._capped.)"""
     device = torch.device(device)
-    return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
-            and triton_version() == MAXNREG_TRITON)
+    return device.type == "cuda" and capability(device)[0] == 9 and triton_version() == MAXNREG_TRITON
 
 
 def caps_for(cfg, kind: int, has_win: int) -> dict:
