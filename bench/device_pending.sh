@@ -53,6 +53,8 @@
 #   bash bench/device_pending.sh model-tests OUT  # test_model's GPU tests alone, with their slowest durations
 #   bash bench/device_pending.sh ncu-gluon OUT # Nsight Compute on the Gluon kernels (fixed-12k): throughput, stalls
 #   bash bench/device_pending.sh ncu-stalls OUT  # the Gluon kernels' stall reasons per issued instruction (fixed-12k)
+#   bash bench/device_pending.sh floor-probe OUT  # (tenth session) bench/floor.py: the floors computed at this GPU's
+#                                              # copy rate, and measured with byte movers beside our fwd+bwd
 #   (ninth session, `staged27` / `cap27`: the Gluon dK/dV with LSE / Delta through shared memory and unrolled, the
 #   Gluon forward under a register cap; removed with that code, which did not win: BENCHMARKS.md)
 #   (eighth session, `edges`: the Gluon forward's and dQ's rule on a row's last tile only, gluon_gather.MASK_EDGES:
@@ -79,6 +81,11 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 case "$WHAT" in
+  floor-probe)
+    # (tenth session) the floors at this GPU's copy rate, then measured with byte movers beside our fwd+bwd
+    timeout 120 python bench/floor.py 2>&1 | tee "$OUT/floor.log"
+    timeout 300 python bench/floor.py --probe --out "$OUT" 2>&1 | tee "$OUT/floor-probe.log"
+    ;;
   decode)
     timeout 150 python -m pytest -m gpu tests/test_decode.py tests/test_generate.py -q -n 12 -p no:cacheprovider \
       -rf 2>&1 | tail -n 4 | tee "$OUT/gpu-tests-decode.log"
@@ -330,6 +337,7 @@ case "$WHAT" in
     ;;
   *) echo "unknown: $WHAT (decode | long | step | kernels | table | tiles | gather | order | gluon | summary | block |"\
        "heads | strided-block | stages | final-tests | first | oneloop | rule | band | maxnreg | ncu | host | verify |"\
-       "verify-model | graphs | reverse | pending | replay | ab | final | final26 | final27 | gluon27 | model-tests | ncu-gluon | ncu-stalls)"
+       "verify-model | graphs | reverse | pending | replay | ab | final | final26 | final27 | gluon27 | model-tests |"\
+       "ncu-gluon | ncu-stalls | floor-probe)"
      exit 2 ;;
 esac

@@ -16,10 +16,19 @@ strided part or the summary, merged through the log-sum-exp) reads the inputs on
   the second pass reads q, k, v, o and writes o (5); backward, the band reads q, k, v, o, dO and writes dQ, dK, dV (8),
   the second pass reads q, k, v, dO and adds to dQ, dK, dV (read and write: 10); the `.grad` additions (9). The
   gathered summary's pass reads and adds to only the summary rows of K, V, dK, dV (c of every L rows).
-Usage: python bench/floor.py [--table bench/results/attention-*.json] [--bandwidth 4.3e12]"""
+- probe (--probe, on a GPU): the memory floors measured instead of computed. The same protocol runs with every kernel
+  replaced by a byte mover (`_move`: one Triton kernel that reads its input tensors and writes its outputs, no
+  attention math): one pass (forward q, k, v -> o; backward q, k, v, o, dO -> dQ, dK, dV), and for the strided
+  setups two (each direction again: q, k, v, o -> o; q, k, v, dO, dQ, dK, dV -> dQ, dK, dV), then autograd's three
+  `.grad` additions (the `add_` that AccumulateGrad runs). Graph-replayed medians, beside our own fwd+bwd timed the
+  same way in the same run. L2 hits count for the movers as they would for a kernel (a pass reading what the one
+  before it wrote); the fp32 log-sum-exp and Delta rows are left out.
+Usage: python bench/floor.py [--table bench/results/attention-*.json] [--bandwidth 4.3e12] [--probe [--out DIR]]"""
 import argparse
+import datetime
 import glob
 import json
+import os
 
 import torch
 
@@ -60,12 +69,132 @@ def two_pass_tensors(lay) -> float | None:
     return forward + backward + 9
 
 
+def _mover():
+    """The byte mover: `_move(ins, outs)` reads every tensor of `ins` (up to 7, contiguous, same numel) and writes their
+    sum to every tensor of `outs` (up to 3), in one kernel launch. Built on first use (Triton is imported here only)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _move_kernel(i0, i1, i2, i3, i4, i5, i6, o0, o1, o2, numel, NI: tl.constexpr, NO: tl.constexpr,
+                     BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < numel
+        acc = tl.load(i0 + offs, mask=ok, other=0.0).to(tl.float32)
+        if NI > 1:
+            acc += tl.load(i1 + offs, mask=ok, other=0.0).to(tl.float32)
+        if NI > 2:
+            acc += tl.load(i2 + offs, mask=ok, other=0.0).to(tl.float32)
+        if NI > 3:
+            acc += tl.load(i3 + offs, mask=ok, other=0.0).to(tl.float32)
+        if NI > 4:
+            acc += tl.load(i4 + offs, mask=ok, other=0.0).to(tl.float32)
+        if NI > 5:
+            acc += tl.load(i5 + offs, mask=ok, other=0.0).to(tl.float32)
+        if NI > 6:
+            acc += tl.load(i6 + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(o0 + offs, acc.to(o0.dtype.element_ty), mask=ok)
+        if NO > 1:
+            tl.store(o1 + offs, acc.to(o1.dtype.element_ty), mask=ok)
+        if NO > 2:
+            tl.store(o2 + offs, acc.to(o2.dtype.element_ty), mask=ok)
+
+    def move(ins, outs, block=4096):
+        ts = list(ins) + list(outs)
+        if not 1 <= len(ins) <= 7 or not 1 <= len(outs) <= 3:
+            raise ValueError(f"1-7 inputs and 1-3 outputs, got {len(ins)} and {len(outs)}")
+        if any(not t.is_contiguous() or t.numel() != ts[0].numel() for t in ts):
+            raise ValueError("the mover takes contiguous tensors of one size")
+        pad_i = list(ins) + [ins[0]] * (7 - len(ins))
+        pad_o = list(outs) + [outs[0]] * (3 - len(outs))
+        _move_kernel[(triton.cdiv(ts[0].numel(), block),)](*pad_i, *pad_o, ts[0].numel(), NI=len(ins), NO=len(outs),
+                                                          BLOCK=block, num_warps=8)
+
+    return move
+
+
+def protocol_passes(two_pass: bool):
+    """The probe's steps, in order: ("move", inputs, outputs) by tensor name, or ("add", .grad, new gradient)."""
+    steps = [("move", "q k v", "o")]
+    if two_pass:
+        steps.append(("move", "q k v o", "o"))
+    steps.append(("move", "q k v o do", "dq dk dv"))
+    if two_pass:
+        steps.append(("move", "q k v do dq dk dv", "dq dk dv"))
+    return steps + [("add", "gq", "dq"), ("add", "gk", "dk"), ("add", "gv", "dv")]
+
+
+def _probe_setup(name, move) -> dict:
+    """One setup's row of probe(): the movers' and our graph-replayed fwd+bwd, ms."""
+    import triton.testing as tt
+
+    from sparse_transformer.attention import sparse_attention
+    from sparse_transformer.bench import _time_graph, capture_graph
+
+    B, H, n, D, make, _ = SETUPS[name]
+    lay = make()
+    t = {x: torch.randn(B, H, n, D, device="cuda", dtype=torch.bfloat16) for x in "q k v o do dq dk dv gq gk gv".split()}
+    row = dict(setup=name)
+    for label, two in (("one_pass", False), ("two_pass", True)):
+        if two and two_pass_tensors(lay) != 36:  # two segments, the second reading all of K and V (not the
+            continue  # gathered summary, whose second pass reads c of every L rows of them)
+        steps = protocol_passes(two)
+
+        def run(steps=steps):
+            for kind, a, b in steps:
+                if kind == "move":
+                    move([t[x] for x in a.split()], [t[x] for x in b.split()])
+                else:
+                    t[a].add_(t[b])
+
+        row[label + "_ms"] = tt.do_bench(capture_graph(run).replay, warmup=25, rep=200, return_mode="median")
+        row[label + "_tensors"] = sum(len(a.split()) + len(b.split()) + (kind == "add") for kind, a, b in steps)
+    q, k, v = (t[x].clone().requires_grad_() for x in "qkv")
+    for x in (q, k, v):
+        x.grad = torch.randn_like(x)  # the protocol's timed calls add into a .grad already set
+    row["ours_ms"] = _time_graph(lambda: sparse_attention(q, k, v, lay, backend="triton"), t["do"])[1]
+    row["target_ms"] = TARGETS_MS[name]
+    return row
+
+
+def probe(setups, out_dir="bench/results"):
+    """Measured floors (see the docstring) and our fwd+bwd, graph-replayed in one run; rows written as JSON."""
+    from sparse_transformer.bench import _versions
+
+    move = _mover()
+    dev, tv, trv = _versions()
+    rows = []
+    for name in setups:
+        rows.append(dict(_probe_setup(name, move), device=dev, torch=tv, triton=trv))
+        print(json.dumps(rows[-1]), flush=True)
+        torch.cuda.empty_cache()
+    print(f"{'setup':12s} {'1-pass mover ms':>15s} {'2-pass mover ms':>15s} {'ours ms':>8s} {'target ms':>9s} "
+          f"{'target/1-pass':>13s} {'target/2-pass':>13s}")
+    for r in rows:
+        two = r.get("two_pass_ms")
+        print(f"{r['setup']:12s} {r['one_pass_ms']:15.3f} " + (f"{two:15.3f}" if two else f"{'-':>15s}") +
+              f" {r['ours_ms']:8.3f} {r['target_ms']:9.3f} {r['target_ms'] / r['one_pass_ms']:13.2f} " +
+              (f"{r['target_ms'] / two:13.2f}" if two else f"{'-':>13s}"))
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"floor-probe-{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1)
+    print(f"wrote {path}")
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--table", default=latest_table(), help="a `bench attention` JSON (ours and sdpa-cudnn rows)")
     p.add_argument("--bandwidth", type=float, default=None, help="bytes/s when no GPU is here (default 4.3e12, "
                    "an H200's measured copy rate)")
+    p.add_argument("--probe", action="store_true", help="measure the floors with byte movers on this GPU (see the "
+                   "docstring), beside our fwd+bwd")
+    p.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    p.add_argument("--out", default="bench/results", help="where --probe writes its JSON")
     args = p.parse_args()
+    if args.probe:
+        return probe(args.setups, args.out)
     bw = args.bandwidth or (copy_rate() if torch.cuda.is_available() else 4.3e12)
     rows = json.load(open(args.table)) if args.table else []
     ours = {r["setup"]: r for r in rows if r.get("method") == "triton"}

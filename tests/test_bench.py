@@ -214,3 +214,48 @@ def test_ab_rev_exports_a_revision_and_patches_a_side(tmp_path):
     assert forward.FOLD_KINDS == was
     with pytest.raises(ValueError):
         ab._patched("fold")
+
+
+def _floor_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("floor", Path(__file__).resolve().parents[1] / "bench" / "floor.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_floor_probe_steps_move_the_counted_tensors():
+    """bench/floor.py --probe runs, per direction and pass, the reads and writes that its computed floors count: 21
+    tensors for one pass, two_pass_tensors' count (36 on the merged strided pattern) for two."""
+    floor = _floor_module()
+
+    def tensors(steps):
+        return sum(len(a.split()) + len(b.split()) + (kind == "add") for kind, a, b in steps)
+
+    assert tensors(floor.protocol_passes(False)) == 21
+    make = bench.SETUPS["strided-12k"][4]
+    assert tensors(floor.protocol_passes(True)) == floor.two_pass_tensors(make()) == 36
+    assert [s for s in floor.protocol_passes(True) if s[0] == "add"] == [("add", "gq", "dq"), ("add", "gk", "dk"),
+                                                                         ("add", "gv", "dv")]
+
+
+@pytest.mark.interpreter
+def test_floor_mover_writes_the_sum_of_its_inputs():
+    """The probe's byte mover (Triton's interpreter): every output holds the sum of the inputs, for 1 to 7 inputs and
+    1 to 3 outputs, numel not a multiple of its block; in place (an input that is also an output) too."""
+    pytest.importorskip("triton")
+    move = _floor_module()._mover()
+    for ni, no in ((1, 1), (3, 1), (5, 3), (7, 3), (4, 1)):
+        ins = [torch.randn(1000) for _ in range(ni)]
+        want = sum(x.clone() for x in ins)
+        outs = [torch.empty(1000) for _ in range(no)]
+        if (ni, no) == (4, 1):
+            outs = [ins[-1]]  # the second pass's o: read and written
+        move(ins, outs, block=256)
+        for o in outs:
+            torch.testing.assert_close(o, want)
+    with pytest.raises(ValueError, match="contiguous"):
+        move([torch.randn(10, 4).t()], [torch.empty(4, 10)])
+    with pytest.raises(ValueError, match="1-7 inputs"):
+        move([torch.randn(4)] * 8, [torch.empty(4)])
