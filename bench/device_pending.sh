@@ -53,6 +53,8 @@
 #   bash bench/device_pending.sh model-tests OUT  # test_model's GPU tests alone, with their slowest durations
 #   bash bench/device_pending.sh ncu-gluon OUT # Nsight Compute on the Gluon kernels (fixed-12k): throughput, stalls
 #   bash bench/device_pending.sh ncu-stalls OUT  # the Gluon kernels' stall reasons per issued instruction (fixed-12k)
+#   (tenth session, `chunks`: the transposed chunks' backward as a Gluon kernel, bench/gluon_chunks.py: timing
+#   against the block kernel, GPU tests; removed with that code, which gained 3-4%: BENCHMARKS.md)
 #   bash bench/device_pending.sh floor-probe OUT  # (tenth session) bench/floor.py: the floors computed at this GPU's
 #                                              # copy rate, and measured with byte movers beside our fwd+bwd
 #   (ninth session, `staged27` / `cap27`: the Gluon dK/dV with LSE / Delta through shared memory and unrolled, the
