@@ -76,28 +76,14 @@ def _mover():
     import triton.language as tl
 
     @triton.jit
-    def _move_kernel(i0, i1, i2, i3, i4, i5, i6, o0, o1, o2, numel, NI: tl.constexpr, NO: tl.constexpr,
-                     BLOCK: tl.constexpr):
+    def _move_kernel(ins, outs, numel, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < numel
-        acc = tl.load(i0 + offs, mask=ok, other=0.0).to(tl.float32)
-        if NI > 1:
-            acc += tl.load(i1 + offs, mask=ok, other=0.0).to(tl.float32)
-        if NI > 2:
-            acc += tl.load(i2 + offs, mask=ok, other=0.0).to(tl.float32)
-        if NI > 3:
-            acc += tl.load(i3 + offs, mask=ok, other=0.0).to(tl.float32)
-        if NI > 4:
-            acc += tl.load(i4 + offs, mask=ok, other=0.0).to(tl.float32)
-        if NI > 5:
-            acc += tl.load(i5 + offs, mask=ok, other=0.0).to(tl.float32)
-        if NI > 6:
-            acc += tl.load(i6 + offs, mask=ok, other=0.0).to(tl.float32)
-        tl.store(o0 + offs, acc.to(o0.dtype.element_ty), mask=ok)
-        if NO > 1:
-            tl.store(o1 + offs, acc.to(o1.dtype.element_ty), mask=ok)
-        if NO > 2:
-            tl.store(o2 + offs, acc.to(o2.dtype.element_ty), mask=ok)
+        acc = tl.zeros([BLOCK], tl.float32)
+        for i in tl.static_range(len(ins)):
+            acc += tl.load(ins[i] + offs, mask=ok, other=0.0).to(tl.float32)
+        for i in tl.static_range(len(outs)):
+            tl.store(outs[i] + offs, acc.to(outs[i].dtype.element_ty), mask=ok)
 
     def move(ins, outs, block=4096):
         ts = list(ins) + list(outs)
@@ -105,10 +91,8 @@ def _mover():
             raise ValueError(f"1-7 inputs and 1-3 outputs, got {len(ins)} and {len(outs)}")
         if any(not t.is_contiguous() or t.numel() != ts[0].numel() for t in ts):
             raise ValueError("the mover takes contiguous tensors of one size")
-        pad_i = list(ins) + [ins[0]] * (7 - len(ins))
-        pad_o = list(outs) + [outs[0]] * (3 - len(outs))
-        _move_kernel[(triton.cdiv(ts[0].numel(), block),)](*pad_i, *pad_o, ts[0].numel(), NI=len(ins), NO=len(outs),
-                                                          BLOCK=block, num_warps=8)
+        _move_kernel[(triton.cdiv(ts[0].numel(), block),)](tuple(ins), tuple(outs), ts[0].numel(), BLOCK=block,
+                                                          num_warps=8)
 
     return move
 
