@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from sparse_transformer import layouts, sparse_attention
 from sparse_transformer.attention.triton import launcher
-from sparse_transformer.bench import SETUPS, _versions, capture_graph
+from sparse_transformer.bench import SETUPS, _versions, graph_ms
 
 
 def med(f):
@@ -43,10 +43,6 @@ def host_us(f, reps=100):
     t = (time.perf_counter() - t0) / reps * 1e6
     torch.cuda.synchronize()
     return t
-
-
-def graph_ms(f):
-    return med(capture_graph(f).replay)
 
 
 def kernel_times(f):

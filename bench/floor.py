@@ -108,21 +108,24 @@ def protocol_passes(two_pass: bool):
     return steps + [("add", "gq", "dq"), ("add", "gk", "dk"), ("add", "gv", "dv")]
 
 
+def step_tensors(steps) -> int:
+    """B x H x n x d tensors the steps read and write (an addition reads two and writes one)."""
+    return sum(len(a.split()) + len(b.split()) + (kind == "add") for kind, a, b in steps)
+
+
 def _probe_setup(name, move) -> dict:
     """One setup's row of probe(): the movers' and our graph-replayed fwd+bwd, ms."""
-    import triton.testing as tt
-
     from sparse_transformer.attention import sparse_attention
-    from sparse_transformer.bench import _time_graph, capture_graph
+    from sparse_transformer.bench import _time_graph, graph_ms
 
     B, H, n, D, make, _ = SETUPS[name]
     lay = make()
     t = {x: torch.randn(B, H, n, D, device="cuda", dtype=torch.bfloat16) for x in "q k v o do dq dk dv gq gk gv".split()}
     row = dict(setup=name)
     for label, two in (("one_pass", False), ("two_pass", True)):
-        if two and two_pass_tensors(lay) != 36:  # two segments, the second reading all of K and V (not the
-            continue  # gathered summary, whose second pass reads c of every L rows of them)
         steps = protocol_passes(two)
+        if two and two_pass_tensors(lay) != step_tensors(steps):  # two segments, the second reading all of K and V
+            continue  # (not the gathered summary, whose second pass reads c of every L rows of them)
 
         def run(steps=steps):
             for kind, a, b in steps:
@@ -131,8 +134,8 @@ def _probe_setup(name, move) -> dict:
                 else:
                     t[a].add_(t[b])
 
-        row[label + "_ms"] = tt.do_bench(capture_graph(run).replay, warmup=25, rep=200, return_mode="median")
-        row[label + "_tensors"] = sum(len(a.split()) + len(b.split()) + (kind == "add") for kind, a, b in steps)
+        row[label + "_ms"] = graph_ms(run)
+        row[label + "_tensors"] = step_tensors(steps)
     q, k, v = (t[x].clone().requires_grad_() for x in "qkv")
     for x in (q, k, v):
         x.grad = torch.randn_like(x)  # the protocol's timed calls add into a .grad already set

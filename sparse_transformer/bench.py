@@ -115,12 +115,16 @@ def capture_graph(fn, mode="global"):
     return g
 
 
-def _time_graph(fn, go):
-    """Medians of CUDA-graph replays of fn() and of fn().backward(go): GPU time without the host's launch cost."""
+def graph_ms(fn) -> float:
+    """Median ms of CUDA-graph replays of fn(): GPU time without the host's launch cost."""
     import triton.testing as tt
 
-    return tuple(tt.do_bench(capture_graph(f).replay, warmup=25, rep=200, return_mode="median")
-                 for f in (fn, lambda: fn().backward(go)))
+    return tt.do_bench(capture_graph(fn).replay, warmup=25, rep=200, return_mode="median")
+
+
+def _time_graph(fn, go):
+    """graph_ms of fn() and of fn().backward(go)."""
+    return graph_ms(fn), graph_ms(lambda: fn().backward(go))
 
 
 def _method_fn(method, q, k, v, lay, flex_cache):

@@ -229,13 +229,10 @@ def test_floor_probe_steps_move_the_counted_tensors():
     """bench/floor.py --probe runs, per direction and pass, the reads and writes that its computed floors count: 21
     tensors for one pass, two_pass_tensors' count (36 on the merged strided pattern) for two."""
     floor = _floor_module()
-
-    def tensors(steps):
-        return sum(len(a.split()) + len(b.split()) + (kind == "add") for kind, a, b in steps)
-
-    assert tensors(floor.protocol_passes(False)) == 21
+    assert floor.step_tensors(floor.protocol_passes(False)) == 21
     make = bench.SETUPS["strided-12k"][4]
-    assert tensors(floor.protocol_passes(True)) == floor.two_pass_tensors(make()) == 36
+    assert floor.step_tensors(floor.protocol_passes(True)) == floor.two_pass_tensors(make()) == 36
+    assert floor.step_tensors([("move", "q k", "o"), ("add", "gq", "dq")]) == 3 + 3
     assert [s for s in floor.protocol_passes(True) if s[0] == "add"] == [("add", "gq", "dq"), ("add", "gk", "dk"),
                                                                          ("add", "gv", "dv")]
 
